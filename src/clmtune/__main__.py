@@ -1,0 +1,3 @@
+from clmtune.cli import main
+
+raise SystemExit(main())

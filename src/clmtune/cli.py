@@ -1,0 +1,159 @@
+"""Command line: a thin map from arguments to the stage functions. Only this module parses arguments and
+decides exit codes: 0 success, 2 a user error (one line on stderr; ``--debug`` shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from clmtune.errors import ClmtuneError
+
+log = logging.getLogger("clmtune")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clmtune", description=__doc__.split(".")[0] + ".")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune an adapter (and evaluate on the held-out split)",
+                       description="Train with a YAML config (embedded defaults when none is given). "
+                                   "Override any key with --section.key VALUE, e.g. --train.epochs 5.")
+    t.add_argument("--config", help="YAML config file (see configs/)")
+    t.add_argument("--output-dir", help="shortcut for --train.output_dir")
+    t.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    t.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
+
+    e = sub.add_parser("eval", help="evaluate a trained run; write eval.json and predictions.csv")
+    e.add_argument("--run", required=True, help="run folder written by `clmtune train`")
+    e.add_argument("--split", default="eval", choices=["eval", "test"],
+                   help="held-out labelled split (eval) or the unlabelled test file (test -> RAFT ID,Label)")
+    e.add_argument("--data", help="evaluate on this file instead (labelled if it has the label column)")
+    e.add_argument("--method", choices=["rank", "generate"], help="override the run's eval.method")
+    e.add_argument("--out", help="folder for eval.json and predictions.csv")
+
+    g = sub.add_parser("generate", help="continue prompts with a run (base + adapter) or a model folder")
+    g.add_argument("prompts", nargs="+", help="prompt text(s)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder written by `clmtune train`")
+    src.add_argument("--model", help="plain or merged model folder, hub id, or builtin:NAME")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=10)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    x = sub.add_parser("export", help="export the adapter, or a merged full model")
+    x.add_argument("--run", required=True)
+    x.add_argument("--to", required=True, help="destination folder")
+    x.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    x.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.config import load_config, merge, parse_overrides
+    from clmtune.evaluate import evaluate_run
+    from clmtune.train import train
+
+    overrides = parse_overrides(extra)
+    shortcuts = {}
+    if args.output_dir:
+        shortcuts["output_dir"] = args.output_dir
+    if args.overwrite:
+        shortcuts["overwrite"] = True
+    cfg = load_config(args.config, merge(overrides, {"train": {**overrides.get("train", {}), **shortcuts}}))
+    result = train(cfg)
+    out = result.output_dir
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
+          f"{result.final_loss:.4f}")
+    print(f"run folder: {out}\n  adapter:   {out / 'adapter'}\n  tokenizer: {out / 'tokenizer'}\n"
+          f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
+    if result.has_eval_split and not args.no_eval:
+        metrics, where = evaluate_run(out, "eval")
+        _print_eval(metrics, where)
+    return 0
+
+
+def _print_eval(metrics: dict, where: Path) -> None:
+    line = f"eval ({metrics['method']}, n={metrics['n']}):"
+    if "accuracy" in metrics:
+        line += f" accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f},"
+    print(f"{line} invalid {metrics['invalid']}")
+    print(f"  results:     {where / 'eval.json'}\n  predictions: {where / 'predictions.csv'}")
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.evaluate import evaluate_run
+
+    metrics, where = evaluate_run(args.run, args.split, args.data, args.method, args.out)
+    _print_eval(metrics, where)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.config import GenerateConfig, RunConfig
+    from clmtune.generate import generate_texts, load_for_generation
+
+    settings = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, num_return_sequences=args.num_return_sequences, seed=args.seed)
+    RunConfig(generate=settings).validate()
+    model, tok = load_for_generation(args.run, args.model)
+    for prompt, outs in zip(args.prompts, generate_texts(model, tok, args.prompts, settings)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "outputs": outs}, ensure_ascii=False))
+        else:
+            for text in outs:
+                print(f"{prompt}\u2192 {text}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.export import export_run
+
+    to = export_run(args.run, args.to, merge=args.merge, overwrite=args.overwrite)
+    print(f"{'merged model' if args.merge else 'adapter'} written to {to}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep our own progress bars; hide the libraries' per-file loading bars and deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="clmtune: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args, extra)
+    except ClmtuneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"clmtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clmtune: interrupted", file=sys.stderr)
+        return 130
