@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,10 @@ def builtin_model_path(name: str) -> Path:
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        tmp.replace(folder) if not folder.exists() else None
+        try:
+            tmp.replace(folder)  # atomic: a folder that exists is complete
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
