@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -25,3 +26,25 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data folder {SHARED} not found")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """8 tweets, 40 LoRA steps: small enough to overfit, fast enough for every test run."""
+    from clmtune.config import load_config
+    from clmtune.train import train
+
+    tmp = tmp_path_factory.mktemp("run")
+    with open(REPO / "src/clmtune/assets/raft/twitter_complaints/train.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[:8]
+    data = tmp / "tweets.csv"
+    with open(data, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=rows[0].keys())
+        w.writeheader()
+        w.writerows(rows)
+    cfg = load_config(overrides={
+        "data": {"source": str(data), "eval_fraction": 0.0, "labels": ["complaint", "no complaint"]},
+        "train": {"output_dir": str(tmp / "out"), "max_steps": 40, "epochs": 40, "batch_size": 8,
+                  "learning_rate": 1e-2, "seed": 7}})
+    result = train(cfg, progress=False)
+    return cfg, result

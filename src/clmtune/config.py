@@ -121,8 +121,8 @@ class TrainConfig:
     overwrite: bool = False
     """Allow writing into a folder that already holds a finished run."""
 
-    epochs: int = 3
-    """Passes over the training split."""
+    epochs: int = 10
+    """Passes over the training split (50 rows of a RAFT task need several)."""
 
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides ``epochs`` when reached first)."""
@@ -252,6 +252,15 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     """Check a YAML value against a field annotation; ints are accepted for floats."""
     hint = annotation
+    if isinstance(value, RawOverride):
+        if hint is str or (get_origin(hint) in (Union, types.UnionType) and str in get_args(hint)
+                           and not value.strip().lower() in ("null", "~", "none")):
+            return str(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            problems.append(f"{name}={str(value)!r} could not be read as a value (YAML)")
+            return value
     optional = False
     if get_origin(hint) in (Union, types.UnionType):
         optional = type(None) in get_args(hint)
@@ -302,8 +311,13 @@ def from_dict(raw: dict[str, Any] | None) -> RunConfig:
     return RunConfig(**sections)
 
 
+class RawOverride(str):
+    """A command-line value, parsed as YAML only when its field is not a string (so that a template such as
+    ``{text} label :`` stays text instead of becoming a YAML mapping)."""
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["--train.epochs", "3", "--data.labels", "[a, b]"]`` -> nested dict; values are parsed as YAML."""
+    """``["--train.epochs", "3", "--data.labels", "[a, b]"]`` -> nested dict of ``RawOverride`` values."""
     out: dict[str, Any] = {}
     it = iter(pairs)
     for key in it:
@@ -314,7 +328,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except StopIteration:
             raise ConfigError([f"override {key} has no value"]) from None
         section, _, name = key[2:].partition(".")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        out.setdefault(section, {})[name] = RawOverride(value)
     return out
 
 

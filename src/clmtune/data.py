@@ -148,7 +148,7 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """Deterministic split with ``datasets``' own ``train_test_split`` (same rows as the tutorial's call)."""
     if fraction == 0:
         return rows, []
@@ -186,20 +186,23 @@ def load_task(cfg: DataConfig) -> TaskData:
             raise ClmtuneError(f"data.label_column={cfg.label_column!r} is not a column of {train_path} "
                                f"(columns: {list(rows[0])})")
         labels = sorted({normalize_label(r[cfg.label_column]) for r in rows if not _is_missing(r[cfg.label_column])})
-    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
-    train, dropped_train = render_examples(train_rows, cfg, labels, str(train_path), labelled=True)
-    evals, dropped_eval = render_examples(eval_rows, cfg, labels, str(train_path), labelled=True)
+    # Filter first, then split (the tutorial drops empty reviews before train_test_split).
+    examples, dropped = render_examples(rows, cfg, labels, str(train_path), labelled=True)
+    if not examples:
+        raise ClmtuneError(f"no training rows left in {train_path} after dropping {dropped} rows with empty "
+                           "text; check data.template and the file")
+    train, evals = split_rows(examples, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise ClmtuneError(f"data.eval_fraction={cfg.eval_fraction} leaves no training rows out of {len(examples)}; "
+                           "lower it")
     test: list[Example] = []
     dropped_test = 0
     if test_path is not None:
         if not test_path.is_file():
             raise ClmtuneError(f"data.test_file={str(test_path)!r} does not exist")
         test, dropped_test = render_examples(read_table(test_path), cfg, labels, str(test_path), labelled=False)
-    if not train:
-        raise ClmtuneError(f"no training rows left in {train_path} after dropping {dropped_train} rows with empty "
-                           "text; check data.template and the file")
     report = {"rows_read": len(rows), "train": len(train), "eval": len(evals), "test": len(test),
-              "dropped_empty": {"train": dropped_train, "eval": dropped_eval, "test": dropped_test}}
+              "dropped_empty": {"labelled": dropped, "test": dropped_test}}
     return TaskData(train=train, eval=evals, test=test, labels=labels, report=report)
 
 

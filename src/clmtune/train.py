@@ -34,6 +34,8 @@ class TrainResult:
     final_loss: float
     seconds: float
     has_eval_split: bool
+    model: object = None
+    """The trained (unwrapped) model, for callers that go on in the same process."""
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -160,4 +162,4 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
                    "truncated_train_rows": truncated, "labels": task.labels, "data": task.report, **params}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return TrainResult(output_dir=out, steps=step, first_loss=losses[0], final_loss=losses[-1], seconds=seconds,
-                       has_eval_split=bool(task.eval))
+                       has_eval_split=bool(task.eval), model=accelerator.unwrap_model(model))

@@ -1,0 +1,32 @@
+# clmtune: `make demo` installs and runs the embedded demo; `make test` installs and runs the test suite.
+# Everything installs into .venv; torch is pinned to the CPU build through constraints.txt (install step only).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/twitter_complaints
+
+.PHONY: install test demo clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# Embedded defaults: LoRA on the shipped RAFT twitter_complaints task with the built-in tiny (random) OPT model,
+# evaluation on the held-out 20 % and predictions for the unlabelled test split, then generation for two prompts.
+demo: install
+	$(BIN)/clmtune train --output-dir $(RUN) --overwrite
+	$(BIN)/clmtune eval --run $(RUN) --split test
+	$(BIN)/clmtune generate --run $(RUN) --max-new-tokens 6 --temperature 0 \
+		"Tweet text : @comcast my internet has been down for two days label : " \
+		"Tweet text : Thanks @JetBlue, the crew was lovely today label : "
+	@echo "demo finished: everything is in $(RUN)/"
+
+clean:
+	rm -rf $(VENV) runs
