@@ -91,11 +91,10 @@ def test_max_length_too_small_for_the_target_is_an_error():
         enc.encode_train([Example(id="0", prompt="PROMPT", label="no complaint", text="")])
 
 
-def test_bert_character_tokenizer_has_no_cls_or_sep_inside(shared_data):
-    from transformers import BertTokenizer
+def test_bert_character_tokenizer_has_no_cls_or_sep_inside():
+    from clmtune.models import bert_chinese_tokenizer
 
-    lines = (shared_data / "vocab" / "bert-chinese-vocab.txt").read_text(encoding="utf-8").split("\n")[:21128]
-    tok = BertTokenizer(vocab={t: i for i, t in enumerate(lines)}, eos_token="[SEP]", pad_token="[PAD]")
+    tok = bert_chinese_tokenizer()  # the shipped copy of bert-chinese-vocab.txt (Chinese GPT-2's tokenizer)
     assert len(tok) == 21128 and tok.cls_token_id == 101 and tok.sep_token_id == 102 and tok.pad_token_id == 0
     cfg = DataConfig(template="评论：{review} 情感：", max_length=64)
     enc = ClassificationEncoder(tok, cfg)
