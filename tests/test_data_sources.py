@@ -223,3 +223,32 @@ def test_shipped_chnsenticorp_is_the_shared_file(shared_data):
     # the data card's counts are the file's
     rows = read_table(shipped)
     assert len(rows) == 7766 and Counter(r["label"] for r in rows) == {"1": 5322, "0": 2444}
+
+
+def test_hf_dataset_splits_and_classlabel_names(monkeypatch):
+    """What load_dataset returns (a DatasetDict with a ClassLabel column) becomes our splits and label words."""
+    import datasets
+
+    rows = read_table(assets_path("chnsenticorp/ChnSentiCorp_htl_all.csv"))[:40]
+    feats = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["negative", "positive"])})
+
+    def fake_load_dataset(name, subset=None):
+        assert (name, subset) == ("someone/hotel_reviews", "htl")
+        part = {"text": [r["review"] for r in rows], "label": [int(r["label"]) for r in rows]}
+        ds = datasets.Dataset.from_dict(part, features=feats)
+        return datasets.DatasetDict({"train": ds.select(range(30)), "validation": ds.select(range(30, 40))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    task = load_task(DataConfig(source="hf:someone/hotel_reviews:htl", template="{text}", label_column="label"))
+    assert task.labels == ["negative", "positive"]
+    assert len(task.train) == 30 and len(task.eval) == 10 and task.report["eval_from"].endswith("[validation]")
+    assert [e.label for e in task.eval] == [["negative", "positive"][int(r["label"])] for r in rows[30:]]
+
+
+def test_eval_file_replaces_the_fraction_split(tmp_path):
+    rows = _tweets()
+    dev = _write_csv(tmp_path / "dev.csv", rows[:7], ["Tweet text", "Label", "ID"])
+    task = load_task(DataConfig(eval_file=str(dev)))
+    assert len(task.train) == 50 and [e.id for e in task.eval] == [r["ID"] for r in rows[:7]]
+    assert task.report["eval_from"] == str(dev)

@@ -64,8 +64,9 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append(f"task: {report['task']}   pad token: {report['pad_token']['token']!r} (id {report['pad_token']['id']})"
-                 f"   end token: {report['end_token']['token']!r} (id {report['end_token']['id']})"
+    pad, end = report["pad_token"], report["end_token"]
+    lines.append(f"task: {report['task']}   pad token: {pad['token']!r} (id {pad['id']})"
+                 f"   end token: {end['token']!r} (id {end['id']})"
                  f"   prefix: {report['prefix_tokens'] or 'none'}")
     for s, st in report["splits"].items():
         if "block_size" in st:
