@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="clmtune: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "prepare":  # tokenizing is all prepare does: let the fast tokenizer use every core
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     try:
