@@ -118,11 +118,11 @@ def test_rows_with_empty_text_are_dropped_and_counted(tmp_path):
     src = _csv(tmp_path, "text,Label\nhello,a\n,b\n  ,a\nworld,b\n")
     task = load_task(DataConfig(source=src, template="T: {text} L: ", eval_fraction=0))
     assert [e.prompt for e in task.train] == ["T: hello L: ", "T: world L: "]
-    assert task.report["dropped_empty"]["labelled"] == 2 and task.labels == ["a", "b"]
+    assert task.report["dropped_empty"]["train"] == 2 and task.labels == ["a", "b"]
 
 
 @pytest.mark.parametrize("text,cfg,match", [
-    ("text,Label\nx,a\n", dict(template="{tweet}"), r"uses column\(s\) \['tweet'\]"),
+    ("text,Label\nx,a\n", dict(template="{tweet}"), r"uses placeholder\(s\) \['tweet'\]"),
     ("text,Label\nx,a\ny,zzz\n", dict(template="{text}", labels=["a", "b"]), r"label 'zzz' is not in the label set"),
     ("text,Label\n,a\n", dict(template="{text}"), r"no training rows left"),
     ("text,Label\nx,a\n", dict(template="{text}", label_column="y"), r"label_column='y'"),

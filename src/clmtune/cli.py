@@ -29,6 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
 
+    r = sub.add_parser("prepare", help="load, filter, split and tokenize the data; print a summary",
+                       description="Check a config's data in seconds: rows read/dropped/truncated per split, label "
+                                   "counts, token lengths, pad/end tokens. Override keys with --section.key VALUE.")
+    r.add_argument("--config", help="YAML config file (see configs/)")
+    r.add_argument("--save", help="write the tokenized splits (Arrow) here; train reuses them with "
+                                  "--data.prepared DIR")
+    r.add_argument("--overwrite", action="store_true", help="replace the --save folder if it is not empty")
+    r.add_argument("--json", action="store_true", help="print the full report as JSON instead of the table")
+
     e = sub.add_parser("eval", help="evaluate a trained run; write eval.json and predictions.csv")
     e.add_argument("--run", required=True, help="run folder written by `clmtune train`")
     e.add_argument("--split", default="eval", choices=["eval", "test"],
@@ -76,9 +85,27 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
           f"{result.final_loss:.4f}")
     print(f"run folder: {out}\n  adapter:   {out / 'adapter'}\n  tokenizer: {out / 'tokenizer'}\n"
           f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
-    if result.has_eval_split and not args.no_eval:
+    if result.has_eval_split and not args.no_eval and cfg.data.task != "classify":
+        print(f"eval: skipped (clmtune eval scores classification; data.task={cfg.data.task!r})")
+    elif result.has_eval_split and not args.no_eval:
         metrics, where = evaluate_run(out, "eval")
         _print_eval(metrics, where)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.config import load_config, parse_overrides
+    from clmtune.prepare import format_summary, prepare
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    result = prepare(cfg, save=args.save, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(result.report, indent=2, ensure_ascii=False))
+    else:
+        print(format_summary(result.report))
+        print(f"prepared in {result.seconds:.1f}s")
+    if result.saved_to is not None:
+        print(f"saved to {result.saved_to} (train with --data.prepared {result.saved_to})")
     return 0
 
 
@@ -134,17 +161,20 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "prepare"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="clmtune: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "prepare":  # tokenizing is all prepare does: let the fast tokenizer use every core
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     try:

@@ -18,7 +18,8 @@ import yaml
 
 from clmtune.errors import ConfigError
 
-TASKS = ("classify",)
+TASKS = ("classify", "sft", "lm")
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 END_TOKENS = ("eos", "pad")
 TRUNCATION_SIDES = ("left", "right")
 PADDING = ("longest", "max_length")
@@ -30,49 +31,96 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass
 class DataConfig:
     source: str = "builtin:raft/twitter_complaints"
-    """Where the examples come from: a CSV/TSV/JSON/JSONL/Parquet file, a RAFT task folder (``train.csv``,
-    ``test_unlabeled.csv``, ``task.json``), or ``builtin:raft/twitter_complaints`` for the data shipped with
-    clmtune."""
+    """Where the examples come from: a CSV/TSV/JSON/JSONL/Parquet/TXT file; a folder with its own split files
+    (``train.*``, ``dev.*``/``validation.*``, ``test.*``); a RAFT task folder (``train.csv``, ``test_unlabeled.csv``,
+    ``task.json``); a folder of ``.txt`` files; ``hf:NAME`` or ``hf:NAME:SUBSET`` for a Hugging Face dataset (needs
+    network the first time); or ``builtin:NAME`` for data shipped with clmtune (``builtin:raft/twitter_complaints``,
+    ``builtin:raft/banking_77``, ``builtin:chnsenticorp/ChnSentiCorp_htl_all.csv``)."""
 
     task: str = "classify"
-    """Shape of the work. ``classify``: classification as generation (prompt, then the label's words)."""
+    """Shape of the work. ``classify``: classification as generation (prompt, then the label's words);
+    ``sft``: prompt -> response pairs, loss on the response only; ``lm``: plain causal language modelling on
+    ``text_column`` (each text + end token), loss on every real token."""
 
     template: str = "Tweet text : {Tweet text} label : "
-    """Prompt template; ``{column}`` placeholders are filled from each row. The label's words follow it."""
+    """Prompt template (``classify``, ``sft``); ``{column}`` placeholders are filled from each row. The label's
+    words (``classify``) or the response (``sft``) follow it."""
+
+    response_template: str = "{response}"
+    """``sft`` only: template of the response the model learns to write after the prompt (e.g. ``{output}``)."""
+
+    text_column: str = "text"
+    """``lm`` only: column with the text to learn (``.txt`` sources have one column, ``text``)."""
 
     label_column: str = "Label"
-    """Column that holds the gold label (a label name)."""
+    """Column that holds the gold label (a label name, or an index into ``labels``)."""
 
     id_column: str = "ID"
     """Column with a row identifier, used in predictions files; row numbers are used when the column is absent."""
 
     labels: list[str] | None = None
-    """Label names (the words the model learns to write). ``None``: from ``task.json`` of a RAFT folder, else the
-    sorted distinct values of the label column. Underscores become spaces (``no_complaint`` -> ``no complaint``)."""
+    """Label names (the words the model learns to write). ``None``: from ``task.json`` of a RAFT folder or the
+    dataset's ClassLabel names, else the sorted distinct values of the label column. Underscores become spaces
+    (``no_complaint`` -> ``no complaint``). Integer labels map to names by position: with ``[差评, 好评]``, 0 -> 差评
+    and 1 -> 好评; a value that is neither a name nor a valid position is an error."""
 
     test_file: str | None = None
-    """Optional file of unlabelled rows to predict (``clmtune eval --split test``). A RAFT folder's
-    ``test_unlabeled.csv`` is used when this is unset."""
+    """Optional file of rows to predict (``clmtune eval --split test``), labelled or not. A RAFT folder's
+    ``test_unlabeled.csv`` or a folder's ``test.*`` file is used when this is unset."""
+
+    eval_file: str | None = None
+    """Optional file of labelled held-out rows; a folder's ``dev.*``/``validation.*`` file is used when this is
+    unset. When there is one, ``eval_fraction`` is not used."""
 
     eval_fraction: float = 0.2
-    """Fraction of the labelled rows held out for evaluation (deterministic, ``seed``); 0 trains on all rows."""
+    """Fraction of the labelled rows held out for evaluation when the source has no eval split of its own
+    (deterministic, ``seed``); 0 trains on all rows."""
 
     seed: int = 123
     """Seed of the train/eval split (the tutorial's ``train_test_split(0.2, seed=123)``)."""
 
+    stratify: bool = False
+    """``classify`` only: keep the label proportions equal in the train and eval splits."""
+
+    dedup: bool = False
+    """Drop rows whose prompt and target repeat an earlier row (counted in the report); duplicates are kept by
+    default."""
+
+    delimiter: str | None = None
+    """Column separator of CSV/TSV files; ``None``: ``,`` for ``.csv`` and a tab for ``.tsv``."""
+
+    encoding: str = "utf-8"
+    """Text encoding of the source files (e.g. ``gbk`` for files saved by older Chinese Windows tools)."""
+
+    text_sample_by: str = "line"
+    """``.txt`` sources: one example per ``line``, per ``paragraph`` (blank-line separated) or per ``document``
+    (whole file); the same choice as ``datasets``' text loader."""
+
     max_length: int = 64
-    """Longest training sequence in tokens: prompt + label + end token."""
+    """Longest training sequence in tokens: prompt + target + end token (``lm`` without packing: text + end)."""
 
     truncation_side: str = "left"
     """When a row is too long, the side of the *prompt* that is cut (``left`` keeps the prompt's end, next to the
-    label). The label and end token are never cut."""
+    label). A classification label and its end token are never cut; an ``sft`` response is cut on the right once
+    the prompt is down to half of ``max_length``."""
 
     end_token: str = "eos"
-    """Token appended after the label: the tokenizer's ``eos`` token, or its ``pad`` token (the tutorial's)."""
+    """Token appended after the target: the tokenizer's ``eos`` token, or its ``pad`` token (the tutorial's)."""
 
     padding: str = "longest"
     """``longest``: left-pad each batch to its longest row (fast); ``max_length``: pad every row to
     ``max_length`` (the tutorial's recipe)."""
+
+    packing: bool = True
+    """``lm`` only: concatenate all texts (each + end token) and cut them into ``block_size`` blocks; ``false``:
+    one text per row, cut to ``max_length`` and padded."""
+
+    block_size: int | None = None
+    """``lm`` with packing: tokens per block; ``None`` uses ``max_length``. At most the model's context length."""
+
+    prepared: str | None = None
+    """Folder written by ``clmtune prepare --save``: training reuses its tokenized splits instead of tokenizing
+    again. It must have been prepared with the same data settings and tokenizer."""
 
 
 @dataclass
@@ -215,6 +263,7 @@ class RunConfig:
         choice("data.end_token", d.end_token, END_TOKENS)
         choice("data.truncation_side", d.truncation_side, TRUNCATION_SIDES)
         choice("data.padding", d.padding, PADDING)
+        choice("data.text_sample_by", d.text_sample_by, TEXT_SAMPLE_BY)
         choice("peft.method", self.peft.method, PEFT_METHODS)
         choice("eval.method", e.method, EVAL_METHODS)
         choice("train.precision", t.precision, PRECISIONS)
@@ -225,6 +274,18 @@ class RunConfig:
         if d.labels is not None and len(set(d.labels)) != len(d.labels):
             p.append(f"data.labels has duplicates: {d.labels}")
         positive("data.max_length", d.max_length)
+        if d.block_size is not None:
+            positive("data.block_size", d.block_size)
+        if d.task == "sft" and not d.response_template:
+            p.append("data.response_template is empty; give the response column, e.g. '{response}'")
+        if d.task == "lm" and not d.text_column:
+            p.append("data.text_column is empty; give the column with the text to learn, e.g. 'text'")
+        if (d.task == "lm" and d.packing and d.padding == "max_length" and d.block_size is not None
+                and d.block_size > d.max_length):
+            p.append(f"data.block_size={d.block_size} is larger than data.max_length={d.max_length} with "
+                     "data.padding=max_length; make them equal or use data.padding: longest")
+        if d.delimiter is not None and len(d.delimiter) != 1:
+            p.append(f"data.delimiter={d.delimiter!r} must be one character, e.g. ',' or '\\t'")
         positive("peft.r", self.peft.r)
         positive("train.epochs", t.epochs)
         if t.max_steps is not None:

@@ -153,6 +153,24 @@ def ensure_pad_token(tokenizer) -> str:
     return msg
 
 
+def context_length(cfg: ModelConfig) -> int | None:
+    """Positions the model can attend over (``max_position_embeddings`` & co. of its config.json), or None when
+    it has no fixed limit (ALiBi models such as BLOOM) or the config cannot be read here (loading reports that)."""
+    from transformers import AutoConfig
+
+    try:
+        target = resolve_model_path(cfg.name_or_path)
+        mc = AutoConfig.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, ClmtuneError):
+        return None
+    mc = getattr(mc, "text_config", None) or mc
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(mc, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     names = [p.name for p in folder.iterdir()]
     if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from clmtune.config import RunConfig, save_config
-from clmtune.data import IGNORE_INDEX, ClassificationEncoder, collate, load_task
+from clmtune.data import IGNORE_INDEX, collate, prepare_data
 from clmtune.errors import ClmtuneError
-from clmtune.models import apply_peft, forward_inputs, load_model, load_tokenizer
+from clmtune.models import apply_peft, context_length, forward_inputs, load_model, load_tokenizer
 
 log = logging.getLogger("clmtune")
 
@@ -82,13 +82,9 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     set_seed(t_cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    task = load_task(cfg.data)
-    encoder = ClassificationEncoder(tokenizer, cfg.data)
-    features, truncated = encoder.encode_train(task.train)
-    dropped = sum(task.report["dropped_empty"].values())
-    log.info("data: %d train / %d eval / %d test rows; %d rows dropped (empty text); %d training rows had their "
-             "prompt truncated to data.max_length=%d", len(task.train), len(task.eval), len(task.test), dropped,
-             truncated, cfg.data.max_length)
+    data = prepare_data(tokenizer, cfg.data, context_length=context_length(cfg.model), progress=progress and main)
+    features, truncated = data.train, data.report["splits"]["train"]["truncated"]
+    log.info(data.summary_line())
 
     model = apply_peft(load_model(cfg.model), cfg.peft)
     params = trainable_summary(model)
@@ -99,7 +95,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     loader = torch.utils.data.DataLoader(
         features, batch_size=t_cfg.batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(t_cfg.seed),
-        collate_fn=partial(collate, pad_id=encoder.pad_id, length=length))
+        collate_fn=partial(collate, pad_id=data.pad_id, length=length))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t_cfg.learning_rate,
                                   weight_decay=t_cfg.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / t_cfg.gradient_accumulation_steps)
@@ -158,8 +154,9 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         tokenizer.save_pretrained(out / "tokenizer")
         summary = {"steps": step, "epochs": t_cfg.epochs, "seconds": round(seconds, 2),
                    "first_loss": losses[0], "final_loss": losses[-1], "pad_token": {"token": tokenizer.pad_token, "id": tokenizer.pad_token_id},
-                   "end_token": {"token": tokenizer.convert_ids_to_tokens(encoder.end_id), "id": encoder.end_id},
-                   "truncated_train_rows": truncated, "labels": task.labels, "data": task.report, **params}
+                   "end_token": data.report["end_token"],
+                   "truncated_train_rows": truncated, "labels": data.labels, "data": data.report["data"], **params}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return TrainResult(output_dir=out, steps=step, first_loss=losses[0], final_loss=losses[-1], seconds=seconds,
-                       has_eval_split=bool(task.eval), model=accelerator.unwrap_model(model))
+                       has_eval_split=data.eval is not None and len(data.eval) > 0,
+                       model=accelerator.unwrap_model(model))

@@ -1,0 +1,298 @@
+"""The one data entry point of the stages: examples -> tokenized splits + a report of what happened.
+
+``prepare_data(tokenizer, cfg)`` returns train/eval/test features as ``datasets.Dataset`` objects with two columns,
+``input_ids`` and ``labels`` (unpadded lists of ints; ``collate`` pads them on the left), whatever the task:
+
+    classify / sft   labels = [-100]*len(prompt) + target_ids + [end]          (target: label words / response)
+    lm, packing      input_ids = concat(prefix + text_i + [end]) cut into block_size blocks; labels = input_ids
+    lm, no packing   input_ids = (prefix + text + [end])[:max_length];                     labels = input_ids
+
+Tokenization runs in ``datasets.map(batched=True)`` (the fast tokenizer encodes 1,000 texts per call), so a 100k-row
+table prepares in seconds (bench/bench_prepare.py). ``save_prepared``/``load_prepared`` keep the splits as Arrow
+files, so ``train`` can reuse what ``clmtune prepare --save`` wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clmtune.config import DataConfig
+from clmtune.data import (IGNORE_INDEX, SPLIT_ORDER, ClassificationEncoder, Example, TaskData, _cut_prompt,
+                          build_train_example, load_task)
+from clmtune.errors import ClmtuneError
+
+META_FILE = "clmtune_prepared.json"
+PREPARED_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    """Tokenized splits (``None`` when a split has no targets, e.g. an unlabelled RAFT test file) and their report."""
+
+    train: Any
+    eval: Any | None
+    test: Any | None
+    labels: list[str]
+    end_id: int
+    pad_id: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        r = self.report
+        parts = []
+        for s in SPLIT_ORDER:
+            if s in r["splits"]:
+                x = r["splits"][s]
+                parts.append(f"{s} {x['rows']} rows -> {x['features']} sequences ({x['truncated']} truncated)")
+        d = r["data"]
+        dropped = sum(d["dropped_empty"].values())
+        dups = sum(d["dropped_duplicate"].values())
+        return (f"data ({r['task']}): " + "; ".join(parts) + f"; {dropped} rows dropped (empty text), "
+                f"{dups} duplicates dropped; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
+
+
+def context_check(cfg: DataConfig, context_length: int | None) -> None:
+    """Sequences may not be longer than the model's position table (``None``: the model has no limit)."""
+    if context_length is None:
+        return
+    if cfg.task == "lm" and cfg.packing and cfg.block_size is not None:
+        key, value = "data.block_size", cfg.block_size
+    else:
+        key, value = "data.max_length", cfg.max_length
+    if value > context_length:
+        raise ClmtuneError(f"{key}={value} is larger than the model's context ({context_length} positions); "
+                           f"set {key} to at most {context_length}")
+
+
+def build_sft_example(prompt_ids: list[int], target_ids: list[int], end_id: int, max_length: int,
+                      truncation_side: str = "left", keep_prefix: int = 0) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, was_truncated) for a prompt -> response row, unpadded.
+
+    Too long: the prompt is cut first (``truncation_side``, its leading special tokens kept), but keeps at least
+    half of ``max_length``; then the response is cut on the right (its end token goes with it: it did not end).
+    """
+    target = list(target_ids) + [end_id]
+    prompt = list(prompt_ids)
+    cut = len(prompt) + len(target) > max_length
+    if cut:
+        keep = min(len(prompt), max(max_length - len(target), max_length // 2, keep_prefix + 1))
+        if keep < len(prompt):
+            prompt = _cut_prompt(prompt, keep, truncation_side, keep_prefix)
+        target = target[:max_length - len(prompt)]
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target, cut
+
+
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    # No attention masks / token type ids: converting them to Python lists costs ~25 % of the tokenizer call.
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False).input_ids
+
+
+def _encode_pairs(batch: dict[str, list], tokenizer, prefix: list[int], end_id: int, cfg: DataConfig) -> dict:
+    """datasets.map body for classify/sft: 1,000 prompts and targets per call, tokenized by the fast tokenizer."""
+    prompts = _ids(tokenizer, batch["prompt"])
+    targets = _ids(tokenizer, batch["target"])
+    out = {"input_ids": [], "labels": [], "truncated": [], "prompt_len": [], "target_len": []}
+    for p, t, label in zip(prompts, targets, batch["target"]):
+        p = prefix + p
+        if cfg.task == "classify":
+            ids, labels, cut = build_train_example(p, t, end_id, cfg.max_length, cfg.truncation_side, label,
+                                                   keep_prefix=len(prefix))
+        else:
+            ids, labels, cut = build_sft_example(p, t, end_id, cfg.max_length, cfg.truncation_side, len(prefix))
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["truncated"].append(cut)
+        out["prompt_len"].append(len(p))
+        out["target_len"].append(len(t) + 1)
+    return out
+
+
+def _encode_texts(batch: dict[str, list], tokenizer, prefix: list[int], end_id: int, cut_to: int | None) -> dict:
+    """datasets.map body for lm: prefix + text + end per row, cut on the right to ``cut_to`` (no packing)."""
+    out = {"input_ids": [], "truncated": [], "prompt_len": [], "target_len": []}
+    for t in _ids(tokenizer, batch["target"]):
+        ids = prefix + t + [end_id]
+        out["target_len"].append(len(ids))
+        out["prompt_len"].append(0)
+        out["truncated"].append(cut_to is not None and len(ids) > cut_to)
+        out["input_ids"].append(ids[:cut_to] if cut_to is not None else ids)
+    return out
+
+
+def _pack(ids_column, block_size: int) -> tuple[dict[str, list], int]:
+    """Concatenate all rows and cut them into blocks of ``block_size`` tokens.
+
+    Hand-written (transformers' run_clm ``group_texts`` is an example script, not a library function, and drops a
+    remainder per 1,000-row batch): here only the final remainder is short, kept as a last shorter block when it
+    has >= 2 tokens (one token predicts nothing). Returns (columns, tokens dropped). Blocks cross text boundaries;
+    the end token between texts tells the model where one stops.
+    """
+    flat = ids_column.combine_chunks().flatten().to_numpy()  # (N_tokens,), one copy out of Arrow
+    n_full = len(flat) // block_size
+    blocks = flat[:n_full * block_size].reshape(n_full, block_size).tolist()  # (n_full, block_size)
+    rest = flat[n_full * block_size:]
+    dropped = 0
+    if len(rest) >= 2:
+        blocks.append(rest.tolist())
+    else:
+        dropped = len(rest)
+    return {"input_ids": blocks, "labels": blocks}, dropped
+
+
+def _lengths(values) -> dict[str, int]:
+    a = np.asarray(values)
+    if a.size == 0:
+        return {"p50": 0, "p95": 0, "max": 0}
+    return {"p50": int(np.percentile(a, 50)), "p95": int(np.percentile(a, 95)), "max": int(a.max())}
+
+
+def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[int], end_id: int,
+                  cfg: DataConfig) -> tuple[Any, dict[str, Any]]:
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
+                                     "target": [e.target if e.target is not None else e.label for e in examples]})
+    # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
+    common = dict(batched=True, batch_size=1000, remove_columns=["prompt", "target"], desc=f"tokenize {split}",
+                  new_fingerprint=f"clmtune-{split}-{len(examples)}-{os.getpid()}")
+    if cfg.task == "lm":
+        cut_to = None if cfg.packing else cfg.max_length
+        ds = ds.map(partial(_encode_texts, tokenizer=tokenizer, prefix=prefix, end_id=end_id, cut_to=cut_to), **common)
+    else:
+        ds = ds.map(partial(_encode_pairs, tokenizer=tokenizer, prefix=prefix, end_id=end_id, cfg=cfg), **common)
+    column = lambda name: ds.data.column(name).to_numpy()  # noqa: E731  Arrow -> numpy, not row by row
+    stats = {"rows": len(examples), "truncated": int(column("truncated").sum()),
+             "prompt_tokens": _lengths(column("prompt_len")), "target_tokens": _lengths(column("target_len"))}
+    ds = ds.remove_columns(["truncated", "prompt_len", "target_len"])
+    if cfg.task == "lm":
+        if cfg.packing:
+            block = cfg.block_size or cfg.max_length
+            columns, dropped = _pack(ds.data.column("input_ids"), block)
+            stats.update(block_size=block, tokens=int(sum(len(b) for b in columns["input_ids"])),
+                         tail_tokens_dropped=dropped)
+            ds = datasets.Dataset.from_dict(columns)
+        else:
+            ds = ds.add_column("labels", ds.data.column("input_ids"))
+    stats["features"] = len(ds)
+    return ds, stats
+
+
+def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, context_length: int | None = None,
+                 progress: bool = False) -> Prepared:
+    """Tokenized train/eval/test features of ``cfg`` (or the folder ``cfg.prepared`` names), with a report.
+
+    ``task``: examples already loaded with ``load_task(cfg)`` (loaded here when None). ``context_length``: the
+    model's position limit, checked against ``max_length``/``block_size``.
+    """
+    import datasets
+
+    context_check(cfg, context_length)
+    if cfg.prepared:
+        return load_prepared(cfg.prepared, tokenizer, cfg)
+    enc = ClassificationEncoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
+    task = task if task is not None else load_task(cfg)
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        feats, stats = {}, {}
+        for split, examples in (("train", task.train), ("eval", task.eval), ("test", task.test)):
+            if not examples or any(e.target is None and e.label is None for e in examples):
+                feats[split] = None  # nothing to learn from (e.g. unlabelled test rows)
+                continue
+            feats[split], stats[split] = _encode_split(examples, split, tokenizer, enc.prefix, enc.end_id, cfg)
+    finally:
+        if not progress and was_enabled:
+            datasets.enable_progress_bars()
+    tok = tokenizer.convert_ids_to_tokens
+    report = {"task": cfg.task, "splits": stats, "labels": task.labels, "data": task.report,
+              "pad_token": {"token": tok(enc.pad_id), "id": enc.pad_id},
+              "end_token": {"token": tok(enc.end_id), "id": enc.end_id},
+              "prefix_tokens": [tok(i) for i in enc.prefix]}
+    return Prepared(train=feats["train"], eval=feats["eval"], test=feats["test"], labels=task.labels,
+                    end_id=enc.end_id, pad_id=enc.pad_id, report=report)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saved splits (clmtune prepare --save DIR; data.prepared: DIR)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: a saved folder is only reused with the tokenizer that made it."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8"))
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return h.hexdigest()[:16]
+
+
+def _data_settings(cfg: DataConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d.pop("prepared")
+    return d
+
+
+def check_save_target(folder: str | Path, overwrite: bool) -> Path:
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise ClmtuneError(f"--save {str(folder)!r} exists and is not empty; choose another folder or pass --overwrite")
+    return folder
+
+
+def save_prepared(prep: Prepared, folder: str | Path, cfg: DataConfig, tokenizer, overwrite: bool = False) -> Path:
+    """Write the splits (Arrow) and their report into ``folder`` atomically: a temporary sibling folder is
+    filled, then renamed, so an interrupted run never leaves a half-written folder."""
+    import datasets
+
+    folder = check_save_target(folder, overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        splits = {s: d for s, d in (("train", prep.train), ("eval", prep.eval), ("test", prep.test)) if d is not None}
+        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        meta = {"version": PREPARED_VERSION, "data": _data_settings(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
+                "labels": prep.labels, "end_id": prep.end_id, "pad_id": prep.pad_id, "report": prep.report}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_prepared(folder: str | Path, tokenizer, cfg: DataConfig) -> Prepared:
+    """Splits written by ``save_prepared``; refuses a folder made with other data settings or another tokenizer."""
+    import datasets
+
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise ClmtuneError(f"data.prepared={str(folder)!r} is not a folder written by `clmtune prepare --save` "
+                           f"(no {META_FILE}); run prepare first or unset data.prepared")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    saved, now = meta["data"], _data_settings(cfg)
+    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v]
+    if diff:
+        raise ClmtuneError(f"data.prepared={str(folder)!r} was prepared with other data settings ({'; '.join(diff)}); "
+                           "prepare again with this config or use the same data settings")
+    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise ClmtuneError(f"data.prepared={str(folder)!r} was tokenized with another tokenizer than model "
+                           "(vocabulary or special tokens differ); prepare again with this model")
+    dd = datasets.load_from_disk(str(folder))
+    return Prepared(train=dd["train"], eval=dd.get("eval"), test=dd.get("test"), labels=meta["labels"],
+                    end_id=meta["end_id"], pad_id=meta["pad_id"], report=meta["report"])

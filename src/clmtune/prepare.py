@@ -1,0 +1,87 @@
+"""Prepare stage: load, filter, split and tokenize the data of a config, report what happened, optionally save.
+
+``clmtune prepare --config FILE [--save DIR]``: the same data path as ``train`` (``data.prepare_data``), without
+loading the model's weights, so data problems show up in seconds. ``--save DIR`` writes the tokenized splits
+(Arrow) that ``train`` reuses through ``data.prepared: DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clmtune.config import RunConfig
+from clmtune.data import SPLIT_ORDER, prepare_data
+from clmtune.data.features import check_save_target, save_prepared
+from clmtune.models import context_length, load_tokenizer
+
+
+@dataclass
+class PrepareResult:
+    report: dict[str, Any]
+    seconds: float
+    saved_to: Path | None
+
+
+def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = False,
+            progress: bool = True) -> PrepareResult:
+    """Tokenize the configured data (never reading ``data.prepared``) and optionally save it to ``save``."""
+    if save is not None:
+        check_save_target(save, overwrite)  # fail before the work, not after
+    data_cfg = dataclasses.replace(cfg.data, prepared=None)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    prep = prepare_data(tokenizer, data_cfg, context_length=context_length(cfg.model), progress=progress)
+    seconds = time.perf_counter() - t0
+    saved = save_prepared(prep, save, data_cfg, tokenizer, overwrite) if save is not None else None
+    return PrepareResult(report=prep.report, seconds=seconds, saved_to=saved)
+
+
+def _lens(x: dict[str, int]) -> str:
+    return f"{x['p50']}/{x['p95']}/{x['max']}"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The report as a plain-text table: one row per split, then labels and special tokens."""
+    d = report["data"]
+    head = ["split", "source", "read", "dropped empty", "dropped dup", "rows", "truncated", "sequences",
+            "prompt tok p50/p95/max", "target tok p50/p95/max"]
+    rows = []
+    for s in SPLIT_ORDER:
+        n = d.get(s, 0)
+        if not n and s not in d.get("read", {}):
+            continue
+        st = report["splits"].get(s)
+        source = d["sources"].get(s, d["eval_from"] if s == "eval" else "")
+        rows.append([s, _short(source), str(d["read"].get(s, "-")), str(d["dropped_empty"].get(s, 0)),
+                     str(d["dropped_duplicate"].get(s, 0)), str(n), str(st["truncated"]) if st else "-",
+                     str(st["features"]) if st else "-  (no targets)",
+                     _lens(st["prompt_tokens"]) if st else "-", _lens(st["target_tokens"]) if st else "-"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    pad, end = report["pad_token"], report["end_token"]
+    lines.append(f"task: {report['task']}   pad token: {pad['token']!r} (id {pad['id']})"
+                 f"   end token: {end['token']!r} (id {end['id']})"
+                 f"   prefix: {report['prefix_tokens'] or 'none'}")
+    for s, st in report["splits"].items():
+        if "block_size" in st:
+            lines.append(f"{s}: {st['tokens']} tokens packed into {st['features']} blocks of {st['block_size']} "
+                         f"(last block shorter; {st['tail_tokens_dropped']} tail tokens dropped)")
+    counts = d.get("label_counts")
+    if counts:
+        labels = report["labels"]
+        shown = labels if len(labels) <= 12 else labels[:12]
+        lines.append(f"labels ({len(labels)}): " + ", ".join(
+            f"{lab} " + "/".join(str(counts[s].get(lab, 0)) for s in SPLIT_ORDER if counts.get(s)) for lab in shown)
+            + (f", ... ({len(labels) - 12} more)" if len(labels) > 12 else "")
+            + "   (counts: " + "/".join(s for s in SPLIT_ORDER if counts.get(s)) + ")")
+    return "\n".join(lines)
+
+
+def _short(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
