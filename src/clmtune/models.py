@@ -326,6 +326,8 @@ def fix_prompt_learning_generation(model) -> None:
     peft_prepare = model.prepare_inputs_for_generation
 
     def base_prepare_as_peft_expects(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
         out = base_prepare(*args, **kwargs)
         if "cache" in out:
             out["past_key_values"] = out.pop("cache")
