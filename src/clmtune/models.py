@@ -116,8 +116,9 @@ def builtin_model_path(name: str) -> Path:
                            f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
     folder = clmtune_home() / "models" / f"{name}-v{BUILTIN_VERSION}"
     if not (folder / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        model, tok = BUILTIN_MODELS[name]()
+        with torch.random.fork_rng(devices=[]):  # seed 0 here must not reset the caller's (already seeded) RNG
+            torch.manual_seed(0)
+            model, tok = BUILTIN_MODELS[name]()
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

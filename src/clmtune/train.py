@@ -101,25 +101,32 @@ def trainable_summary(model) -> dict[str, int]:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffled order of ``n`` rows that is a pure function of (seed, epoch).
+    """Shuffled order of ``n`` rows that is a pure function of (seed, epoch), optionally without its first rows.
 
     Hand-written on purpose: ``RandomSampler`` draws each epoch's order from a generator whose state depends on
     everything drawn before, so a resumed run would have to replay it; here ``set_epoch`` alone restores it.
+    Skipping is done here too, not with ``accelerate``'s ``skip_first_batches``: that builds a new DataLoader
+    whose per-epoch base seed is drawn from the *global* RNG, which shifts every later dropout mask.
     ``accelerate`` shards the batches of this sampler across processes (DDP).
     """
 
     def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoaderShard at every ``iter()`` with its own epoch counter."""
         self.epoch = epoch
 
+    def skip_rows(self, skip: int) -> None:
+        """Leave out the current epoch's first ``skip`` rows (already trained on). Set it per epoch."""
+        self.skip = skip
+
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.skip
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g)[self.skip:].tolist())
 
 
 class _RowCollator:
@@ -392,11 +399,11 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
         for epoch in range(epoch0, t_cfg.epochs):
             if step >= total_steps:
                 break
-            sampler.set_epoch(epoch)
-            batch_in_epoch, epoch_loader = 0, loader
-            if epoch == epoch0 and skip:
-                batch_in_epoch, epoch_loader = skip, accelerator.skip_first_batches(loader, skip)
-            for batch in epoch_loader:
+            # skip: batches per process already done; each was one of n_proc consecutive batches of the order
+            batch_in_epoch = skip if epoch == epoch0 else 0
+            loader.set_epoch(epoch)  # DataLoaderShard re-sends its counter to the sampler at iter(): keep them equal
+            sampler.skip_rows(batch_in_epoch * n_proc * t_cfg.batch_size)
+            for batch in loader:
                 rows = batch.pop("rows")
                 if epoch == 0:
                     rows_seen.extend(rows.tolist())
