@@ -281,8 +281,14 @@ def _check_same_config(cfg: RunConfig, saved: dict, ckpt: Path) -> None:
 
 def _accelerator(cfg: RunConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     t_cfg = cfg.train
+    # accelerate keeps process-wide singletons: a second train() in one process (tests, notebooks) could not
+    # change precision, and a run that crashed leaves its dataloader registered. Each train() is a fresh run.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     kwargs = {}
     if t_cfg.deepspeed is not None:
         import importlib.util
@@ -294,6 +300,10 @@ def _accelerator(cfg: RunConfig):
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=str(Path(t_cfg.deepspeed).expanduser()),
                                                      gradient_accumulation_steps=t_cfg.gradient_accumulation_steps)
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        # torchrun on a CPU-only machine: accelerate picks DDP over gloo only when told cpu=True (without it every
+        # process silently trains alone on all the data). `accelerate launch --cpu` sets this itself.
+        kwargs["cpu"] = True
     return Accelerator(gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
                        mixed_precision="bf16" if t_cfg.precision == "bf16" else "no", **kwargs)
 
