@@ -326,6 +326,9 @@ def deepspeed_problems(path: str) -> list[str]:
     if stage not in (2, 3):
         return [f"train.deepspeed={path!r}: zero_optimization.stage is {stage!r}; clmtune supports ZeRO stage 2 or 3 "
                 "(see configs/deepspeed/zero2.json, zero3_offload.json)"]
+    if stage == 3 and ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save") is not True:
+        return [f"train.deepspeed={path!r}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
+                ": true saves empty adapters (each process only holds a shard); set it to true"]
     return []
 
 

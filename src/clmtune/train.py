@@ -221,9 +221,10 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: 
         unwrapped.save_pretrained(tmp / "adapter", state_dict=weights, safe_serialization=True)
     else:  # full fine-tuning: every weight; save_model stores tied weights (lm_head = embeddings) once
         save_model(unwrapped, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng_state.pt")
+    if accelerator.state.deepspeed_plugin is None:  # DeepSpeed shards optimizer state: weights-only checkpoint
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng_state.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
