@@ -89,3 +89,12 @@ def test_cli_errors_exit_2(tmp_path, capsys, one_thread):
     assert "no checkpoint to resume" in capsys.readouterr().err
     assert main(["train", "--output-dir", str(tmp_path / "r3"), "--resume", str(tmp_path)]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_override_text_ending_in_colon_stays_text():
+    from clmtune.config import parse_overrides
+
+    got = parse_overrides(["--peft.init_text", "Classify if the tweet is a complaint or not:",
+                           "--peft.options", "{use_rslora: true}"])
+    assert got["peft"] == {"init_text": "Classify if the tweet is a complaint or not:",
+                           "options": {"use_rslora": True}}

@@ -400,7 +400,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except StopIteration:
             raise ConfigError([f"override {key} has no value"]) from None
         section, _, name = key[2:].partition(".")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, dict) and not value.lstrip().startswith("{"):
+            parsed = value  # "Classify the tweet:" is text; a mapping on the command line is written {k: v}
+        out.setdefault(section, {})[name] = parsed
     return out
 
 
