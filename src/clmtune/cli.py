@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="shortcut for --train.output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
+    t.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue an interrupted run: alone, from the latest checkpoint in the output folder; "
+                        "or from the checkpoint folder given (RUN/checkpoints/step-NNNNNN)")
+    t.add_argument("--deepspeed", metavar="FILE", help="shortcut for --train.deepspeed FILE (a DeepSpeed JSON "
+                                                        "config, see configs/deepspeed/)")
 
     r = sub.add_parser("prepare", help="load, filter, split and tokenize the data; print a summary",
                        description="Check a config's data in seconds: rows read/dropped/truncated per split, label "
@@ -78,12 +83,19 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         shortcuts["output_dir"] = args.output_dir
     if args.overwrite:
         shortcuts["overwrite"] = True
+    if args.deepspeed:
+        shortcuts["deepspeed"] = args.deepspeed
     cfg = load_config(args.config, merge(overrides, {"train": {**overrides.get("train", {}), **shortcuts}}))
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
     out = result.output_dir
+    if not _is_main_process():
+        return 0  # under torchrun / accelerate launch only rank 0 reports and evaluates
+    if result.resumed_from:
+        print(f"resumed from {result.resumed_from}")
     print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
           f"{result.final_loss:.4f}")
-    print(f"run folder: {out}\n  adapter:   {out / 'adapter'}\n  tokenizer: {out / 'tokenizer'}\n"
+    weights = out / ("model" if cfg.peft.method == "full" else "adapter")
+    print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {out / 'tokenizer'}\n"
           f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
     if result.has_eval_split and not args.no_eval and cfg.data.task != "classify":
         print(f"eval: skipped (clmtune eval scores classification; data.task={cfg.data.task!r})")
@@ -107,6 +119,10 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     if result.saved_to is not None:
         print(f"saved to {result.saved_to} (train with --data.prepared {result.saved_to})")
     return 0
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
 
 
 def _print_eval(metrics: dict, where: Path) -> None:

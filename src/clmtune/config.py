@@ -23,7 +23,13 @@ TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 END_TOKENS = ("eos", "pad")
 TRUNCATION_SIDES = ("left", "right")
 PADDING = ("longest", "max_length")
-PEFT_METHODS = ("lora",)
+PEFT_METHODS = ("lora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full")
+PEFT_CONFIG_CLASSES = {"lora": "LoraConfig", "prefix_tuning": "PrefixTuningConfig", "prompt_tuning": "PromptTuningConfig",
+                       "p_tuning": "PromptEncoderConfig", "ia3": "IA3Config"}
+"""peft config class of each method (``full`` has none: every weight is trained, no adapter)."""
+PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
+"""Methods that prepend learned virtual tokens; they cannot be merged into the base weights."""
+MERGEABLE_METHODS = ("lora", "ia3")
 EVAL_METHODS = ("rank", "generate")
 PRECISIONS = ("fp32", "bf16")
 
@@ -143,22 +149,32 @@ class ModelConfig:
 @dataclass
 class PeftSettings:
     method: str = "lora"
-    """Parameter-efficient method from the ``peft`` library."""
+    """``lora`` (default), ``prefix_tuning``, ``prompt_tuning``, ``p_tuning``, ``ia3`` (all from the ``peft``
+    library), or ``full``: fine-tune every weight, no adapter (the run saves a full model)."""
 
     r: int = 8
-    """LoRA rank."""
+    """``lora`` only: rank."""
 
     lora_alpha: int = 32
-    """LoRA scaling numerator (scale = lora_alpha / r)."""
+    """``lora`` only: scaling numerator (scale = lora_alpha / r)."""
 
     lora_dropout: float = 0.1
-    """Dropout on the LoRA input."""
+    """``lora`` only: dropout on the LoRA input."""
 
     target_modules: list[str] | None = None
-    """Module names to adapt; ``None`` uses peft's default for the model's architecture."""
+    """``lora``/``ia3``: module names to adapt; ``None`` uses peft's default for the model's architecture."""
+
+    num_virtual_tokens: int = 8
+    """``prefix_tuning``/``prompt_tuning``/``p_tuning``: number of learned virtual tokens put before every input."""
+
+    init_text: str | None = None
+    """``prompt_tuning`` only: initialise the virtual tokens from this text's token embeddings (peft's
+    ``PromptTuningInit.TEXT``), e.g. ``Classify if the tweet is a complaint or not:``. ``None``: random init."""
 
     options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments passed as they are to peft's config class."""
+    """Extra keyword arguments passed as they are to the method's peft config class (``LoraConfig``,
+    ``PrefixTuningConfig``, ``PromptTuningConfig``, ``PromptEncoderConfig``, ``IA3Config``); they override the
+    fields above (e.g. ``{use_rslora: true}``, ``{encoder_hidden_size: 128}``, ``{feedforward_modules: [fc2]}``)."""
 
 
 @dataclass
@@ -198,6 +214,18 @@ class TrainConfig:
 
     precision: str = "fp32"
     """``fp32``, or ``bf16`` autocast (weights of trainable parameters stay fp32)."""
+
+    save_steps: int | None = None
+    """Write a checkpoint (adapter, optimizer, scheduler, RNG states, step) every N optimizer steps and at the end,
+    into ``output_dir/checkpoints/step-NNNNNN``; ``clmtune train --resume`` continues from the latest.
+    ``None``: no checkpoints, only the final adapter."""
+
+    save_total_limit: int | None = 2
+    """Keep only the last K checkpoints (older ones are deleted); ``None`` keeps all."""
+
+    deepspeed: str | None = None
+    """DeepSpeed config JSON (e.g. ``configs/deepspeed/zero3_offload.json``) handed to the engine through
+    ``accelerate``; needs ``pip install deepspeed`` and GPUs. ``None``: plain DDP / single process."""
 
 
 @dataclass
@@ -267,6 +295,13 @@ class RunConfig:
         choice("peft.method", self.peft.method, PEFT_METHODS)
         choice("eval.method", e.method, EVAL_METHODS)
         choice("train.precision", t.precision, PRECISIONS)
+        p.extend(peft_problems(self.peft))
+        if t.save_steps is not None:
+            positive("train.save_steps", t.save_steps)
+        if t.save_total_limit is not None:
+            positive("train.save_total_limit", t.save_total_limit)
+        if t.deepspeed is not None:
+            p.extend(deepspeed_problems(t.deepspeed))
         if not d.template:
             p.append("data.template is empty; give a prompt such as 'Text : {text} label : '")
         if not 0 <= d.eval_fraction < 1:
@@ -305,6 +340,57 @@ class RunConfig:
         if p:
             raise ConfigError(p)
         return self
+
+
+def peft_problems(s: PeftSettings) -> list[str]:
+    """Method-specific checks; ``peft.options`` keys are checked against the peft config class's own fields."""
+    p: list[str] = []
+    if s.method not in PEFT_METHODS:
+        return p  # already reported by validate()
+    if s.num_virtual_tokens <= 0:
+        p.append(f"peft.num_virtual_tokens={s.num_virtual_tokens!r} must be > 0")
+    if s.init_text is not None and s.method != "prompt_tuning":
+        p.append(f"peft.init_text is only used by prompt_tuning, not {s.method}; remove it or set "
+                 "peft.method: prompt_tuning")
+    if s.init_text is not None and not s.init_text.strip():
+        p.append("peft.init_text is empty; give a sentence such as 'Classify if the tweet is a complaint or not:'")
+    if s.method == "full":
+        if s.options:
+            p.append(f"peft.options {sorted(s.options)} given, but peft.method=full uses no peft config; remove them")
+        return p
+    if s.target_modules is not None and s.method not in ("lora", "ia3"):
+        p.append(f"peft.target_modules is only used by lora and ia3, not {s.method}; remove it")
+    if s.options:
+        import peft  # ~1 s import, only paid when options are given
+
+        cls = getattr(peft, PEFT_CONFIG_CLASSES[s.method])
+        known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        unknown = sorted(k for k in s.options if k not in known)
+        if unknown:
+            p.append(f"peft.options {unknown} are not options of {cls.__name__} (peft.method={s.method}); valid "
+                     f"options: {', '.join(known)}")
+    return p
+
+
+def deepspeed_problems(path: str) -> list[str]:
+    """The DeepSpeed file must exist, be JSON, and choose ZeRO stage 2 or 3 (what clmtune ships and documents)."""
+    import json
+
+    f = Path(path).expanduser()
+    if not f.is_file():
+        return [f"train.deepspeed={path!r}: no such file (examples ship in configs/deepspeed/)"]
+    try:
+        ds = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [f"train.deepspeed={path!r} is not valid JSON ({exc})"]
+    stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds, dict) else None
+    if stage not in (2, 3):
+        return [f"train.deepspeed={path!r}: zero_optimization.stage is {stage!r}; clmtune supports ZeRO stage 2 or 3 "
+                "(see configs/deepspeed/zero2.json, zero3_offload.json)"]
+    if stage == 3 and ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save") is not True:
+        return [f"train.deepspeed={path!r}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
+                ": true saves empty adapters (each process only holds a shard); set it to true"]
+    return []
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}

@@ -6,6 +6,7 @@ built-in tiny models (there are no weights to download here) and the error messa
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from clmtune.config import ModelConfig, PeftSettings, RunConfig, load_config
+from clmtune.config import PEFT_CONFIG_CLASSES, PEFT_METHODS, ModelConfig, PeftSettings, RunConfig, load_config
 from clmtune.data import BUILTIN_PREFIX, assets_path
 from clmtune.errors import ClmtuneError
 
@@ -76,9 +77,40 @@ def _tiny_gpt2_zh():
     return GPT2LMHeadModel(cfg), tok
 
 
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _opt_bpe_tokenizer()  # the OPT vocabulary is GPT-2's byte-level BPE (+4 specials)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=2,
+                     eos_token_id=2, pad_token_id=1)
+    return GPT2LMHeadModel(cfg), tok
+
+
+def _tiny_bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tok = _opt_bpe_tokenizer()  # BLOOM's own 250k vocabulary is not shipped; the architecture is what matters here
+    cfg = BloomConfig(vocab_size=len(tok), hidden_size=64, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=2,
+                      pad_token_id=1)
+    return BloomForCausalLM(cfg), tok
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _opt_bpe_tokenizer()  # no sentencepiece vocabulary is shipped; LLaMA-family architecture, BPE vocab
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=2,
+                      eos_token_id=2, pad_token_id=1)
+    return LlamaForCausalLM(cfg), tok
+
+
 BUILTIN_MODELS = {
     "tiny-opt": _tiny_opt,  # OPT architecture, 2 layers x 64 wide, real OPT/GPT-2 BPE vocabulary (50,265)
     "tiny-gpt2-zh": _tiny_gpt2_zh,  # GPT-2 architecture with the BERT Chinese character tokenizer (21,128)
+    "tiny-gpt2": _tiny_gpt2,  # GPT-2 architecture (Conv1D c_attn), BPE vocabulary
+    "tiny-bloom": _tiny_bloom,  # BLOOM architecture (fused query_key_value, ALiBi), BPE vocabulary
+    "tiny-llama": _tiny_llama,  # LLaMA architecture (RoPE, GQA, SwiGLU), BPE vocabulary
 }
 
 
@@ -89,8 +121,9 @@ def builtin_model_path(name: str) -> Path:
                            f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
     folder = clmtune_home() / "models" / f"{name}-v{BUILTIN_VERSION}"
     if not (folder / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        model, tok = BUILTIN_MODELS[name]()
+        with torch.random.fork_rng(devices=[]):  # seed 0 here must not reset the caller's (already seeded) RNG
+            torch.manual_seed(0)
+            model, tok = BUILTIN_MODELS[name]()
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -210,36 +243,131 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def apply_peft(model, settings: PeftSettings):
-    """Wrap the model with a fresh adapter from ``peft``."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def build_peft_config(settings: PeftSettings, tokenizer_path: str | None = None):
+    """The peft config object for ``settings`` (``None`` for ``full``). ``options`` override the named fields."""
+    import peft
 
-    kwargs = dict(settings.options)
+    method = settings.method
+    if method == "full":
+        return None
+    if method not in PEFT_CONFIG_CLASSES:
+        raise ClmtuneError(f"peft.method={method!r} is not one of {', '.join(PEFT_METHODS)}")
+    cls = getattr(peft, PEFT_CONFIG_CLASSES[method])
+    kwargs: dict[str, Any] = {"task_type": peft.TaskType.CAUSAL_LM}
+    if method == "lora":
+        kwargs.update(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules)
+    elif method == "ia3":
+        kwargs.update(target_modules=settings.target_modules)
+    else:  # prompt-learning methods
+        kwargs.update(num_virtual_tokens=settings.num_virtual_tokens)
+        if method == "prompt_tuning":
+            if settings.init_text is not None:
+                kwargs.update(prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                              prompt_tuning_init_text=settings.init_text, tokenizer_name_or_path=tokenizer_path)
+            else:
+                kwargs.update(prompt_tuning_init=peft.PromptTuningInit.RANDOM)
+    kwargs.update(settings.options)
     try:
-        peft_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.r, lora_alpha=settings.lora_alpha,
-                              lora_dropout=settings.lora_dropout, target_modules=settings.target_modules, **kwargs)
-    except TypeError as exc:
-        raise ClmtuneError(f"peft.options: {exc}; see peft.LoraConfig for valid options") from None
+        return cls(**kwargs)
+    except TypeError as exc:  # unknown option (validate() normally catches it first)
+        known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        raise ClmtuneError(f"peft.options: {exc}; valid options of {cls.__name__}: {', '.join(known)}") from None
+    except ValueError as exc:  # peft's own checks on option values
+        raise ClmtuneError(f"peft.options for {method}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def apply_peft(model, settings: PeftSettings, tokenizer_path: str | None = None):
+    """Wrap the model with a fresh adapter from ``peft``; ``full`` returns the model with every weight trainable.
+
+    ``tokenizer_path``: where peft loads the tokenizer for ``prompt_tuning`` text init (the model folder).
+    """
+    from peft import get_peft_model
+
+    peft_cfg = build_peft_config(settings, tokenizer_path)
+    if peft_cfg is None:
+        model.requires_grad_(True)
+        return model
     try:
         return get_peft_model(model, peft_cfg)
-    except ValueError as exc:
+    except ValueError as exc:  # e.g. "Target modules {'foo'} not found in the base model"
         raise ClmtuneError(f"peft could not apply {settings.method} (target_modules={settings.target_modules}): "
                            f"{str(exc).splitlines()[0][:200]}; linear layers of this model: "
                            f"{linear_layer_names(model)}") from None
+
+
+def peft_type(model) -> str | None:
+    """The active peft method of a (possibly DDP-wrapped) model, e.g. ``"PROMPT_TUNING"``; ``None`` for a plain
+    transformers model."""
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the PeftModel
+    cfg = getattr(model, "active_peft_config", None)
+    return None if cfg is None else str(getattr(cfg.peft_type, "value", cfg.peft_type))
 
 
 def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Model inputs for a left-padded batch.
 
     With left padding, positions must start at 0 on each row's first real token; OPT and BLOOM derive this from the
-    attention mask, but GPT-2 and LLaMA number positions from the sequence start unless ``position_ids`` is given.
+    attention mask, but GPT-2 and LLaMA number positions from the sequence start unless ``position_ids`` is given,
+    so we pass ``position_ids`` (B, T) when the model takes them.
+
+    peft and positions (peft 0.21, ``_adjust_prompt_learning_kwargs``):
+    - prefix tuning: peft shifts our position_ids by num_virtual_tokens (the prefix sits in the KV cache): correct.
+    - prompt tuning / p-tuning: peft *drops* position_ids (with a warning) and prepends the virtual tokens before
+      the pads, so GPT-2/LLaMA number positions 0..n_virtual+T-1 over [virtual | pads | text]. We do not pass them
+      (no warning per batch); training, ``logits_to_keep`` scoring and peft's ``generate`` all see the same
+      numbering, so results are consistent, but the text's positions depend on the row's left padding.
+      Fall-back kept on purpose: fixing it would mean re-implementing peft's forward and generate.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrapped = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    if peft_type(unwrapped) in ("PROMPT_TUNING", "P_TUNING"):
+        return inputs
     if "position_ids" in inspect.signature(base.forward).parameters:
         mask = batch["attention_mask"]
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     return inputs
+
+
+def fix_prompt_learning_generation(model) -> None:
+    """Make peft's generation with virtual tokens work on transformers >= 5.2x (in place, idempotent).
+
+    transformers renamed the KV cache argument ``past_key_values`` -> ``cache``; peft 0.21's
+    ``prepare_inputs_for_generation`` still reads and writes ``past_key_values``. Measured without this shim
+    (tests/test_peft_methods.py): prefix tuning generates exactly like the base model (the learned prefix is put in
+    ``past_key_values`` and dropped in favour of ``cache``), and prompt tuning re-inserts the virtual tokens at
+    every step. The shim renames the key on the way into peft's function and back on the way out; peft's own logic
+    is unchanged. No-op for LoRA/IA3 (peft does not touch the cache) and for a transformers that still uses
+    ``past_key_values``.
+    """
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not cfg.is_prompt_learning or getattr(model, "_clmtune_cache_shim", False):
+        return
+    base_prepare = model.base_model_prepare_inputs_for_generation
+    if "cache" not in inspect.signature(base_prepare).parameters:
+        return
+    peft_prepare = model.prepare_inputs_for_generation
+
+    def base_prepare_as_peft_expects(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        out = base_prepare(*args, **kwargs)
+        if "cache" in out:
+            out["past_key_values"] = out.pop("cache")
+        return out
+
+    def prepare(*args, **kwargs):
+        if "cache" in kwargs:
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        out = peft_prepare(*args, **kwargs)
+        if "past_key_values" in out:
+            out["cache"] = out.pop("past_key_values")
+        return out
+
+    model.base_model_prepare_inputs_for_generation = base_prepare_as_peft_expects
+    model.prepare_inputs_for_generation = prepare  # peft.generate installs this on the base model
+    model._clmtune_cache_shim = True
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
@@ -252,15 +380,29 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, RunConfig]:
-    """(model with its trained adapter, tokenizer, config) of a finished run folder."""
+    """(model with its trained adapter, tokenizer, config) of a finished run folder.
+
+    Adapter methods: the base model + ``RUN/adapter`` (peft format). ``full``: the fine-tuned model in ``RUN/model``.
+    """
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise ClmtuneError(f"{run_dir} has no trained adapter ({adapter}/adapter_config.json); did training finish?")
-    tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
-    model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(adapter))
+    tok = None
+    if cfg.peft.method == "full":
+        folder = run_dir / "model"
+        if not (folder / "config.json").is_file():
+            raise ClmtuneError(f"{run_dir} has no trained model ({folder}/config.json); did training finish?")
+        tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    else:
+        adapter = run_dir / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise ClmtuneError(f"{run_dir} has no trained adapter ({adapter}/adapter_config.json); did training "
+                               "finish?")
+        tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
+        model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(adapter))
+        fix_prompt_learning_generation(model)
     model.eval()
     return model, tok, cfg

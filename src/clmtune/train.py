@@ -1,8 +1,15 @@
-"""Train stage: fine-tune a causal LM with a peft adapter on classification-as-generation data.
+"""Train stage: fine-tune a causal LM with a peft adapter (or every weight) on classification-as-generation data.
 
 Engine: a plain ``accelerate`` loop, as in peft's causal-LM example, rather than ``transformers.Trainer``:
-the same code runs on one CPU, under ``accelerate launch``/``torchrun`` (DDP) and with DeepSpeed, and we keep
-control of what the loss is computed on (only the supervised positions) and of what is saved when.
+the same code runs on one CPU, under ``accelerate launch``/``torchrun`` (DDP, gloo on CPU) and with DeepSpeed,
+and we keep control of what the loss is computed on (only the supervised positions) and of what is saved when.
+
+Checkpoints (``train.save_steps``) live in ``RUN/checkpoints/step-NNNNNN`` and hold the trainable weights, the
+optimizer, the scheduler, the RNG states and the position in the data (epoch, batches consumed). A checkpoint is
+written into a hidden temporary folder and renamed into place when complete, so a killed process never leaves a
+folder that looks like a checkpoint but is not. Resuming rebuilds the same data order (it is a pure function of
+seed and epoch, see ``EpochSampler``), skips the consumed batches and restores the RNG states, so a resumed run
+ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -10,9 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import random
+import re
+import shutil
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,9 +31,17 @@ import torch.nn.functional as F
 from clmtune.config import RunConfig, save_config
 from clmtune.data import IGNORE_INDEX, collate, prepare_data
 from clmtune.errors import ClmtuneError
-from clmtune.models import apply_peft, context_length, forward_inputs, load_model, load_tokenizer
+from clmtune.models import (apply_peft, context_length, forward_inputs, load_model, load_tokenizer,
+                             resolve_model_path)
 
 log = logging.getLogger("clmtune")
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"  # written last inside a checkpoint
+_CKPT_RE = re.compile(r"^step-(\d+)$")
+# config keys that may change between an interrupted run and its resumption
+_RESUMABLE_CHANGES = {"train.output_dir", "train.overwrite", "train.save_steps", "train.save_total_limit",
+                      "train.log_every", "eval.batch_size", "eval.method", "eval.normalize_by_length"}
 
 
 @dataclass
@@ -34,6 +52,7 @@ class TrainResult:
     final_loss: float
     seconds: float
     has_eval_split: bool
+    resumed_from: Path | None = None
     model: object = None
     """The trained (unwrapped) model, for callers that go on in the same process."""
 
@@ -41,21 +60,40 @@ class TrainResult:
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over supervised positions.
 
-    logits: (B, T, V) for the last T positions of the batch; labels: (B, T_full) with T_full >= T.
+    logits: (B, L, V); labels: (B, T). The two are aligned on the right: L < T when the LM head only ran on the
+    last positions, L > T when peft prepended virtual tokens (prompt tuning, p-tuning: L = n_virtual + T).
     Position t predicts token t+1, so logits[:, :-1] are scored against labels[:, 1:] (of the same last T).
     """
-    labels = labels[:, -logits.shape[1]:]
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V); fp32 for a stable log-softmax under bf16 autocast
+    n = min(logits.shape[1], labels.shape[1])
+    logits, labels = logits[:, -n:], labels[:, -n:]
+    shift_logits = logits[:, :-1].float()  # (B, n-1, V); fp32 for a stable log-softmax under bf16 autocast
     shift_labels = labels[:, 1:]
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX)
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    finished = (path / "adapter" / "adapter_config.json").is_file()
-    if finished and not overwrite:
-        raise ClmtuneError(f"{path} already holds a finished run; choose another train.output_dir or pass "
-                           "--overwrite (or --train.overwrite true)")
+def run_is_finished(path: Path) -> bool:
+    return (path / "adapter" / "adapter_config.json").is_file() or (path / "model" / "config.json").is_file()
+
+
+def prepare_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
+    if run_is_finished(path):
+        if resume:
+            raise ClmtuneError(f"{path} already holds a finished run; nothing to resume (pass --overwrite without "
+                               "--resume to train again)")
+        if not overwrite:
+            raise ClmtuneError(f"{path} already holds a finished run; choose another train.output_dir or pass "
+                               "--overwrite (or --train.overwrite true)")
+    if overwrite and not resume:
+        for name in ("adapter", "model", CHECKPOINTS, "train_summary.json"):
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif not resume and list_checkpoints(path):
+        raise ClmtuneError(f"{path} holds checkpoints of an unfinished run; continue it with --resume, or start over "
+                           "with --overwrite")
     path.mkdir(parents=True, exist_ok=True)
 
 
@@ -65,57 +103,321 @@ def trainable_summary(model) -> dict[str, int]:
     return {"trainable_params": trainable, "all_params": total}
 
 
-def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
-    """Train an adapter as ``cfg`` says and write the run folder (see README: "What a run folder holds")."""
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled order of ``n`` rows that is a pure function of (seed, epoch), optionally without its first rows.
+
+    Hand-written on purpose: ``RandomSampler`` draws each epoch's order from a generator whose state depends on
+    everything drawn before, so a resumed run would have to replay it; here ``set_epoch`` alone restores it.
+    Skipping is done here too, not with ``accelerate``'s ``skip_first_batches``: that builds a new DataLoader
+    whose per-epoch base seed is drawn from the *global* RNG, which shifts every later dropout mask.
+    ``accelerate`` shards the batches of this sampler across processes (DDP).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoaderShard at every ``iter()`` with its own epoch counter."""
+        self.epoch = epoch
+
+    def skip_rows(self, skip: int) -> None:
+        """Leave out the current epoch's first ``skip`` rows (already trained on). Set it per epoch."""
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.skip:].tolist())
+
+
+class _RowCollator:
+    """``data.collate`` plus the rows' indices (``rows``: (B,)), so we can report which rows each process saw."""
+
+    def __init__(self, pad_id: int, length: int | None):
+        self.pad_id, self.length = pad_id, length
+
+    def __call__(self, feats):
+        batch = collate(feats, self.pad_id, length=self.length)
+        batch["rows"] = torch.tensor([f["row"] for f in feats])
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first (a folder counts only once its state file is there)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))
+             and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(out: Path, resume: str) -> Path:
+    """``latest`` -> newest checkpoint of ``out``; a checkpoint folder -> itself; a run folder -> its newest."""
+    if resume == "latest":
+        found = list_checkpoints(out)
+        if not found:
+            raise ClmtuneError(f"--resume: {out} has no checkpoint to resume from (looked for "
+                               f"{out / CHECKPOINTS}/step-*/{STATE_FILE}); set train.save_steps to write checkpoints")
+        return found[-1]
+    path = Path(resume).expanduser()
+    if (path / STATE_FILE).is_file() and _CKPT_RE.match(path.name):
+        return path
+    if list_checkpoints(path):
+        return list_checkpoints(path)[-1]
+    raise ClmtuneError(f"--resume {resume}: not a checkpoint (a checkpoint is a folder step-NNNNNN holding "
+                       f"{STATE_FILE}, e.g. {out / CHECKPOINTS}/step-000010); pass --resume alone for the latest one")
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             # numpy's state holds an ndarray, which torch.load(weights_only=True) refuses: store it as a list
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
+    """State dict to save: the adapter (peft filters it) or, for full fine-tuning, every weight.
+
+    ``accelerator.get_state_dict`` gathers ZeRO-3 shards (without it, DeepSpeed ZeRO-3 saves empty adapters).
+    It is a collective call: every process must make it.
+    """
+    return accelerator.get_state_dict(model)
+
+
+def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: dict, keep: int | None,
+                    is_peft: bool) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically (temp folder + rename); delete all but the last ``keep``."""
+    from safetensors.torch import save_model
+
+    weights = _trainable_state(model, accelerator)  # collective under DeepSpeed
+    final = out / CHECKPOINTS / f"step-{state['step']:06d}"
+    if not accelerator.is_main_process:
+        return final
+    tmp = out / CHECKPOINTS / f".tmp-step-{state['step']:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unwrapped = accelerator.unwrap_model(model)
+    if is_peft:  # peft format, so a checkpoint can also be evaluated like a finished adapter
+        unwrapped.save_pretrained(tmp / "adapter", state_dict=weights, safe_serialization=True)
+    else:  # full fine-tuning: every weight; save_model stores tied weights (lm_head = embeddings) once
+        save_model(unwrapped, str(tmp / "model.safetensors"))
+    if accelerator.state.deepspeed_plugin is None:  # DeepSpeed shards optimizer state: weights-only checkpoint
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng_state.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # atomic on one file system: `final` is either absent or complete
+    if keep is not None:
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, is_peft: bool) -> dict:
+    """Load weights, optimizer and scheduler from ``ckpt`` into the (prepared) objects; return its state.
+
+    ``torch.load(weights_only=True)``: optimizer/scheduler/RNG files are tensors and plain containers only.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file, load_model
+
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    unwrapped = getattr(model, "module", model)
+    if is_peft:
+        set_peft_model_state_dict(unwrapped, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    else:
+        missing, unexpected = load_model(unwrapped, str(ckpt / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ClmtuneError(f"checkpoint {ckpt} does not match the model (missing {sorted(missing)[:3]}, "
+                               f"unexpected {sorted(unexpected)[:3]}); was it written by another config?")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    state["rng"] = torch.load(ckpt / "rng_state.pt", weights_only=True)
+    return state
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_config(cfg: RunConfig, saved: dict, ckpt: Path) -> None:
+    now, then = _flat(cfg.to_dict()), _flat(saved)
+    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in _RESUMABLE_CHANGES)
+    if diff:
+        raise ClmtuneError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff)} (checkpoint has "
+                           f"{', '.join(f'{k}={then.get(k)!r}' for k in diff[:3])}); resume with the same config")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _accelerator(cfg: RunConfig):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.state import AcceleratorState, GradientState
+
+    t_cfg = cfg.train
+    # accelerate keeps process-wide singletons: a second train() in one process (tests, notebooks) could not
+    # change precision, and a run that crashed leaves its dataloader registered. Each train() is a fresh run.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    kwargs = {}
+    if t_cfg.deepspeed is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ClmtuneError(f"train.deepspeed={t_cfg.deepspeed!r} needs the deepspeed package (pip install "
+                               "deepspeed) and CUDA GPUs; without them, leave train.deepspeed unset")
+        from accelerate.utils import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=str(Path(t_cfg.deepspeed).expanduser()),
+                                                     gradient_accumulation_steps=t_cfg.gradient_accumulation_steps)
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        # torchrun on a CPU-only machine: accelerate picks DDP over gloo only when told cpu=True (without it every
+        # process silently trains alone on all the data). `accelerate launch --cpu` sets this itself.
+        kwargs["cpu"] = True
+    return Accelerator(gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
+                       mixed_precision="bf16" if t_cfg.precision == "bf16" else "no", **kwargs)
+
+
+def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> TrainResult:
+    """Train as ``cfg`` says and write the run folder (see README: "What a run folder holds").
+
+    ``resume``: ``"latest"`` (newest checkpoint of ``train.output_dir``) or a checkpoint folder.
+    """
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     t_cfg = cfg.train
     out = Path(t_cfg.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
-                              mixed_precision="bf16" if t_cfg.precision == "bf16" else "no")
+    accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
+    n_proc = accelerator.num_processes
+    ckpt = None
+    if resume is not None:
+        if t_cfg.deepspeed is not None:
+            raise ClmtuneError("--resume is not supported with train.deepspeed (DeepSpeed shards the optimizer "
+                               "state); restart the run, or resume without DeepSpeed")
+        ckpt = resolve_resume(out, resume)
+        _check_same_config(cfg, json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))["config"], ckpt)
     if main:
-        prepare_output_dir(out, t_cfg.overwrite)
+        prepare_output_dir(out, t_cfg.overwrite, resume is not None)
+    accelerator.wait_for_everyone()  # no process reads the folder before rank 0 has checked/cleaned it
     set_seed(t_cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(tokenizer, cfg.data, context_length=context_length(cfg.model), progress=progress and main)
-    features, truncated = data.train, data.report["splits"]["train"]["truncated"]
+    # rows as plain dicts with their index: the sampler/collator report which rows each process saw
+    features = [{"input_ids": ids, "labels": lab, "row": i}
+                for i, (ids, lab) in enumerate(zip(data.train["input_ids"], data.train["labels"]))]
+    truncated = data.report["splits"]["train"]["truncated"]
     log.info(data.summary_line())
 
-    model = apply_peft(load_model(cfg.model), cfg.peft)
+    is_peft = cfg.peft.method != "full"
+    model = apply_peft(load_model(cfg.model), cfg.peft, tokenizer_path=resolve_model_path(cfg.model.name_or_path))
     params = trainable_summary(model)
-    log.info("model: %s, %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
-             params["trainable_params"], params["all_params"], 100 * params["trainable_params"] / params["all_params"])
+    log.info("model: %s, method %s, %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
+             cfg.peft.method, params["trainable_params"], params["all_params"],
+             100 * params["trainable_params"] / params["all_params"])
 
+    sampler = EpochSampler(len(features), t_cfg.seed)
     length = cfg.data.max_length if cfg.data.padding == "max_length" else None
-    loader = torch.utils.data.DataLoader(
-        features, batch_size=t_cfg.batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(t_cfg.seed),
-        collate_fn=partial(collate, pad_id=data.pad_id, length=length))
+    # Own generator: DataLoader draws a base seed per epoch; from the global RNG that would shift dropout masks
+    # between an uninterrupted and a resumed run.
+    loader = torch.utils.data.DataLoader(features, batch_size=t_cfg.batch_size, sampler=sampler,
+                                         generator=torch.Generator().manual_seed(t_cfg.seed),
+                                         collate_fn=_RowCollator(data.pad_id, length))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t_cfg.learning_rate,
                                   weight_decay=t_cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(loader) / t_cfg.gradient_accumulation_steps)
+    # Per process: accelerate hands each process every n_proc-th batch (padding the last round: even_batches).
+    batches_per_epoch = math.ceil(len(loader) / n_proc)
+    steps_per_epoch = math.ceil(batches_per_epoch / t_cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * t_cfg.epochs
     if t_cfg.max_steps is not None:
         total_steps = min(total_steps, t_cfg.max_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps, total_steps)
+    # accelerate's scheduler wrapper steps the schedule n_proc times per optimizer step, hence the factor.
+    scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps * n_proc, total_steps * n_proc)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
+    step, epoch0, skip, first_loss = 0, 0, 0, None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, is_peft)
+        step, epoch0, skip, first_loss = state["step"], state["epoch"], state["batch_in_epoch"], state["first_loss"]
+        log.info("resuming from %s: step %d, epoch %d, %d batches of it done", ckpt, step, epoch0 + 1, skip)
+
+    log_path = out / "train_log.jsonl"
     if main:
         save_config(cfg, out / "config.yaml")
-    log_path = out / "train_log.jsonl"
-    log_file = open(log_path, "w", encoding="utf-8") if main else None
-    step, losses, window_tokens, t0 = 0, [], 0, time.perf_counter()
+        if ckpt is not None and log_path.is_file():  # keep the log lines up to the checkpoint's step
+            kept = [ln for ln in log_path.read_text(encoding="utf-8").splitlines()
+                    if ln and json.loads(ln)["step"] <= step]
+            log_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+    log_file = open(log_path, "a" if ckpt is not None else "w", encoding="utf-8") if main else None
+    losses, window_tokens, t0 = [], 0, time.perf_counter()
     window_start = t0
-    bar = tqdm(total=total_steps, desc="train", disable=not (progress and main), unit="step")
+    rows_seen: list[int] = []  # rows this process trained on in its first epoch (reported for DDP)
+    last_saved = step if ckpt is not None else -1
+
+    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        nonlocal last_saved
+        if batch_in_epoch >= batches_per_epoch:  # store the next position: start of the next epoch
+            epoch, batch_in_epoch = epoch + 1, 0
+        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": total_steps,
+                 "first_loss": first_loss, "loss": losses[-1] if losses else None, "config": cfg.to_dict()}
+        where = save_checkpoint(out, model, optimizer, scheduler, accelerator, state, t_cfg.save_total_limit,
+                                is_peft)
+        last_saved = step
+        log.debug("checkpoint written: %s", where)
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and main), unit="step")
     model.train()
+    if ckpt is not None:
+        _set_rng_state(state["rng"])  # last: everything above may consume random numbers
     try:
-        for epoch in range(t_cfg.epochs):
+        for epoch in range(epoch0, t_cfg.epochs):
+            if step >= total_steps:
+                break
+            # skip: batches per process already done; each was one of n_proc consecutive batches of the order
+            batch_in_epoch = skip if epoch == epoch0 else 0
+            loader.set_epoch(epoch)  # DataLoaderShard re-sends its counter to the sampler at iter(): keep them equal
+            sampler.skip_rows(batch_in_epoch * n_proc * t_cfg.batch_size)
             for batch in loader:
+                rows = batch.pop("rows")
+                if epoch == 0:
+                    rows_seen.extend(rows.tolist())
                 with accelerator.accumulate(model):
                     logits = model(**forward_inputs(model, batch)).logits
                     loss = causal_lm_loss(logits, batch["labels"])
@@ -123,8 +425,11 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
+                batch_in_epoch += 1
                 window_tokens += int(batch["attention_mask"].sum())
                 losses.append(loss.item())
+                if first_loss is None:
+                    first_loss = losses[0]
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -138,25 +443,43 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                     window_tokens, window_start = 0, now
+                if t_cfg.save_steps and (step % t_cfg.save_steps == 0 or step == total_steps):
+                    checkpoint(epoch, batch_in_epoch)
                 if step >= total_steps:
                     break
-            if step >= total_steps:
-                break
     finally:
         bar.close()
         if log_file:
             log_file.close()
     seconds = time.perf_counter() - t0
+    if not losses and ckpt is None:
+        raise ClmtuneError("no training step was run; check train.epochs, train.max_steps and the data")
+    final_loss = losses[-1] if losses else json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))["loss"]
+    if t_cfg.save_steps and last_saved != step:
+        checkpoint(t_cfg.epochs - 1, batches_per_epoch)
 
     accelerator.wait_for_everyone()
+    weights = _trainable_state(model, accelerator)  # collective (ZeRO-3 gather); the real weights, not shards
+    per_rank = gather_object([rows_seen]) if n_proc > 1 else [rows_seen]
     if main:
-        accelerator.unwrap_model(model).save_pretrained(out / "adapter", safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        name = "adapter" if is_peft else "model"
+        tmp = out / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(out / "tokenizer")
+        shutil.rmtree(out / name, ignore_errors=True)
+        os.replace(tmp, out / name)  # `adapter/` (or `model/`) appears complete or not at all
         summary = {"steps": step, "epochs": t_cfg.epochs, "seconds": round(seconds, 2),
-                   "first_loss": losses[0], "final_loss": losses[-1], "pad_token": {"token": tokenizer.pad_token, "id": tokenizer.pad_token_id},
+                   "first_loss": first_loss, "final_loss": final_loss, "method": cfg.peft.method,
+                   "precision": t_cfg.precision, "resumed_from": str(ckpt) if ckpt else None,
+                   "pad_token": {"token": tokenizer.pad_token, "id": tokenizer.pad_token_id},
                    "end_token": data.report["end_token"],
                    "truncated_train_rows": truncated, "labels": data.labels, "data": data.report["data"], **params}
+        if n_proc > 1:
+            summary["distributed"] = {"num_processes": n_proc, "rows_seen_first_epoch_per_rank": per_rank}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    return TrainResult(output_dir=out, steps=step, first_loss=losses[0], final_loss=losses[-1], seconds=seconds,
-                       has_eval_split=data.eval is not None and len(data.eval) > 0,
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir=out, steps=step, first_loss=first_loss, final_loss=final_loss, seconds=seconds,
+                       has_eval_split=data.eval is not None and len(data.eval) > 0, resumed_from=ckpt,
                        model=accelerator.unwrap_model(model))

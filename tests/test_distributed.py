@@ -1,0 +1,49 @@
+"""Two data-parallel processes on CPU (torchrun, gloo) run the same `clmtune train`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tinyrun import twitter_rows
+
+from clmtune.config import ModelConfig
+from clmtune.models import builtin_model_path, load_model
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def test_torchrun_two_processes(tmp_path):
+    builtin_model_path("tiny-opt")  # build the cached model once, not in two processes at the same time
+    data = twitter_rows(tmp_path, 16)  # 12 train rows = 4 batches of 3 = 2 per process per epoch
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "clmtune", "train", "--output-dir", str(out), "--no-eval", "--data.source", str(data),
+           "--data.eval_fraction", "0.25", "--data.labels", "[complaint, no complaint]", "--train.batch_size", "3",
+           "--train.epochs", "2", "--train.save_steps", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 4 steps") == 1  # only rank 0 reports
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    rank0, rank1 = summary["distributed"]["rows_seen_first_epoch_per_rank"]
+    assert summary["distributed"]["num_processes"] == 2 and summary["steps"] == 4
+    assert len(rank0) == len(rank1) == 6 and not set(rank0) & set(rank1)  # each process saw different rows
+    assert sorted(rank0 + rank1) == list(range(12))
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one writer: no duplicated lines
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "config.yaml", "tokenizer",
+                                                     "train_log.jsonl", "train_summary.json"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(ModelConfig()), str(out / "adapter"))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.isfinite(p).all() for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
