@@ -363,7 +363,9 @@ def perplexity(model, features: Sequence[dict[str, list[int]]], pad_id: int, bat
         batch = collate(chunk, pad_id)
         logits = model(**forward_inputs(model, batch)).logits  # (B, T', V); T' > T with prompt-learning prefixes
         logits = logits[:, -batch["input_ids"].shape[1]:].float()  # (B, T, V)
-        labels = batch["labels"][:, 1:]  # position t predicts token t+1
+        # Position t predicts token t+1. A row's first real token follows padding (left padding) and has no
+        # context: it is never scored, as in an unpadded row. (B, T-1)
+        labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, IGNORE_INDEX)
         nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum").item()
         tokens += int((labels != IGNORE_INDEX).sum())
