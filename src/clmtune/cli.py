@@ -97,8 +97,14 @@ def _print_eval(metrics: dict, where: Path) -> None:
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:
         line += f" accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f},"
-    print(f"{line} invalid {metrics['invalid']}")
+    line += f" invalid {metrics['invalid']}"
+    if "mapped_to_nearest_label" in metrics:
+        mapped = metrics["mapped_to_nearest_label"]
+        line += f" (mapped to the nearest label: accuracy {mapped['accuracy']:.4f}, macro-F1 {mapped['macro_f1']:.4f})"
+    print(f"{line}; {metrics['examples_per_s']:.1f} examples/s")
     print(f"  results:     {where / 'eval.json'}\n  predictions: {where / 'predictions.csv'}")
+    if "confusion_matrix_png" in metrics.get("files", {}):
+        print(f"  confusion:   {where / metrics['files']['confusion_matrix_png']}")
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:

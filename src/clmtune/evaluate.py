@@ -78,8 +78,16 @@ def label_scores(model, encoder: ClassificationEncoder, prompts: list[list[int]]
     if share_prompt is None:
         share_prompt = not _is_prompt_learning(model)
     fn = _scores_shared_prompt if share_prompt else _scores_padded_pairs
-    sums, counts = fn(model, encoder, prompts, conts, batch_size, progress)
-    return sums / counts if normalize else sums
+    order = _by_length(prompts)  # batches of similar length: less padding, same scores
+    sums, counts = fn(model, encoder, [prompts[i] for i in order], conts, batch_size, progress)
+    scores = torch.empty_like(sums)
+    scores[order] = sums / counts if normalize else sums
+    return scores
+
+
+def _by_length(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of ``seqs`` from longest to shortest (stable)."""
+    return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
 
 
 def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
@@ -138,7 +146,8 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
             if "position_ids" in prompt_inputs:  # GPT-2/LLaMA: number the label tokens after each real prompt
                 inputs["position_ids"] = pos
             logits = model(**inputs, cache=shared, use_cache=True).logits.float()  # (B*n, N-1, V)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, target[lab].repeat(b, 1)[..., None])[..., 0]
+            # log p(token) = logit[token] - logsumexp(logits): same as log_softmax + gather without a 2nd (.., V)
+            lp = logits.gather(-1, target[lab].repeat(b, 1)[..., None])[..., 0] - logits.logsumexp(-1)
             lp = (lp * valid[lab].repeat(b, 1)).sum(-1).view(b, n)  # (B, n)
             sums[rows, j0:j0 + n] += lp
     return sums, counts
@@ -190,16 +199,18 @@ def predict_generate(model, encoder, examples: list[Example], labels: list[str],
     tok = encoder.tokenizer
     gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=encoder.end_id,
                                pad_token_id=encoder.pad_id)
-    outputs = []
-    for chunk in tqdm(list(_batches(prompts, batch_size)), desc="eval (generate)", disable=not progress,
+    outputs = [""] * len(prompts)
+    order = _by_length(prompts)  # batches of similar length: less padding
+    for group in tqdm(list(_batches(order, batch_size)), desc="eval (generate)", disable=not progress,
                       unit="batch"):
+        chunk = [prompts[i] for i in group]
         ids = left_pad(chunk, encoder.pad_id)  # (B, T)
         mask = left_pad([[1] * len(c) for c in chunk], 0)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        for row in out[:, ids.shape[1]:].tolist():  # (B, <= max_new) new tokens
+        for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new) new tokens
             if encoder.end_id in row:
                 row = row[:row.index(encoder.end_id)]
-            outputs.append(clean_text(tok.decode(row, skip_special_tokens=True)))
+            outputs[i] = clean_text(tok.decode(row, skip_special_tokens=True))
     invalid = sum(o not in labels for o in outputs)
     mapped = [o if o in labels else nearest_label(o, labels) for o in outputs] if map_invalid else None
     return Predictions(predicted=outputs, invalid=invalid, outputs=outputs, mapped=mapped, truncated=truncated)
@@ -238,11 +249,11 @@ def plot_confusion_matrix(matrix: dict, path: Path, title: str) -> Path:
     if any(matrix.get("invalid_per_gold", [])):
         cols.append("(invalid)")
         cm = [r + [n] for r, n in zip(cm, matrix["invalid_per_gold"])]
-    side = min(2 + 0.45 * len(cols), 30)  # banking_77: 77 columns still readable
+    side = min(max(4.0, 2 + 0.45 * len(cols)), 30)  # banking_77: 77 columns still readable
     # Chinese label names need a CJK font; matplotlib picks the first installed one of these.
     plt.rcParams["font.sans-serif"] = ["DejaVu Sans", "Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Zen Hei",
                                        "SimHei", "Microsoft YaHei", "PingFang SC", "Arial Unicode MS"]
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    fig, ax = plt.subplots(figsize=(side + 2, side + 0.5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Glyph missing from font": a box instead of a CJK character, not an error
         im = ax.imshow(cm, cmap="Blues")
@@ -250,7 +261,7 @@ def plot_confusion_matrix(matrix: dict, path: Path, title: str) -> Path:
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("gold")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         if len(cols) <= 20:
             peak = max(max(r) for r in cm) or 1
             for i, row in enumerate(cm):
