@@ -184,9 +184,9 @@ def test_cli_prompts_file_to_jsonl(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["  "], "prompt #1 is empty"),
-    (["hi", "--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
-    (["hi", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
-    (["hi", "--temperature", "-0.5"], "--temperature -0.5 must be >= 0"),
+    (["hi", "--top-p", "1.5"], "--top-p: generate.top_p=1.5 must be in (0, 1]"),
+    (["hi", "--top-p", "0"], "--top-p: generate.top_p=0.0 must be in (0, 1]"),
+    (["hi", "--temperature", "-0.5"], "--temperature: generate.temperature=-0.5 must be >= 0"),
     (["hi", "--temperature", "0", "--num-return-sequences", "2"], "needs sampling"),
     (["a", "b", "--stream"], "--stream prints one prompt"),
     ([], "no prompt given"),

@@ -140,12 +140,11 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     try:
         RunConfig(generate=settings).validate()
-    except ConfigError as exc:  # name the flag the user typed, not the config key
-        flags = {f"generate.{k}": "--" + k.replace("_", "-") for k in given}
-        msg = str(exc)
-        for key, flag in flags.items():
-            msg = msg.replace(key + "=", flag + " ")
-        raise ClmtuneError(msg.replace("invalid config: ", "")) from None
+    except ConfigError as exc:  # also name the flag the user typed: "--top-p: generate.top_p=1.5 must be ..."
+        flags = {f"generate.{k}=": "--" + k.replace("_", "-") for k in given}
+        problems = [next((f"{flag}: {p}" for key, flag in flags.items() if p.startswith(key)), p)
+                    for p in exc.problems]
+        raise ConfigError(problems) from None
     model, tok = load_for_generation(args.run, args.model)
     if args.stream:
         results = [stream(model, tok, prompts[0], settings)]
