@@ -108,9 +108,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     weights = out / ("model" if cfg.peft.method == "full" else "adapter")
     print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {out / 'tokenizer'}\n"
           f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
-    if result.has_eval_split and not args.no_eval and cfg.data.task != "classify":
-        print(f"eval: skipped (clmtune eval scores classification; data.task={cfg.data.task!r})")
-    elif result.has_eval_split and not args.no_eval:
+    if result.has_eval_split and not args.no_eval:
         metrics, where = evaluate_run(out, "eval")
         _print_eval(metrics, where)
     return 0
@@ -137,6 +135,10 @@ def _is_main_process() -> bool:
 
 
 def _print_eval(metrics: dict, where: Path) -> None:
+    if metrics["method"] == "perplexity":
+        print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} tokens): perplexity "
+              f"{metrics['perplexity']:.2f}\n  results:     {where / 'eval.json'}")
+        return
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:
         line += f" accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f},"

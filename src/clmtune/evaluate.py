@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from clmtune.config import EVAL_METHODS, RunConfig
-from clmtune.data import (IGNORE_INDEX, ClassificationEncoder, Example, collate, left_pad, load_task, read_table,
-                          render_examples, resolve_source)
+from clmtune.data import (IGNORE_INDEX, ClassificationEncoder, Example, collate, left_pad, load_task, prepare_data,
+                          read_table, render_examples, resolve_source)
 from clmtune.errors import ClmtuneError
 from clmtune.models import forward_inputs, load_run
 from clmtune.text import clean_text, nearest_label
@@ -408,6 +408,8 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     """
     run_dir = Path(run_dir)
     model, tokenizer, cfg = load_run(run_dir)
+    if cfg.data.task != "classify":
+        return _evaluate_lm_run(run_dir, model, tokenizer, cfg, split, data_file, out_dir, progress)
     labels = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))["labels"]
     if data_file is not None:
         path = Path(data_file)
@@ -430,3 +432,28 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     out = Path(out_dir) if out_dir else default_out
     result = evaluate_examples(model, tokenizer, cfg, examples, labels, method or cfg.eval.method, out, progress)
     return result, out
+
+
+def _evaluate_lm_run(run_dir: Path, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+                     out_dir: str | Path | None, progress: bool) -> tuple[dict, Path]:
+    """Perplexity of an ``lm``/``sft`` run on its held-out split or on ``data_file`` (tokenized like training)."""
+    import dataclasses
+
+    if data_file is not None:
+        if not Path(data_file).is_file():
+            raise ClmtuneError(f"--data {data_file!r}: no such file")
+        data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
+                                       eval_fraction=0.0, prepared=None)
+        features = prepare_data(tokenizer, data_cfg).train
+        default_out = run_dir / f"eval-{Path(data_file).stem}"
+    else:
+        if split != "eval":
+            raise ClmtuneError(f"--split {split!r}: an {cfg.data.task} run is scored by perplexity on its held-out "
+                               "'eval' split or on --data FILE")
+        features = prepare_data(tokenizer, cfg.data).eval
+        if features is None or len(features) == 0:
+            raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
+        default_out = run_dir
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(features["input_ids"], features["labels"])]
+    out = Path(out_dir) if out_dir else default_out
+    return evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress), out
