@@ -80,7 +80,22 @@ def test_lm_training_on_reviews_lowers_the_loss(tmp_path, capsys):
                  # train a copy of the head too, so the loss shows whether the lm labels are right
                  "--peft.options", "{modules_to_save: [lm_head]}"]) == 0
     out = capsys.readouterr().out
-    assert "eval: skipped" in out  # perplexity evaluation is another issue's work; nothing crashes
+    assert "eval (perplexity" in out
+    result = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    assert result["method"] == "perplexity" and result["tokens"] > 0
+    # the held-out perplexity of the fine-tuned run is below the untrained base model's on the same sequences
+    from clmtune.config import load_config
+    from clmtune.data import prepare_data
+    from clmtune.evaluate import perplexity
+    from clmtune.models import load_model, load_tokenizer
+
+    run_cfg = load_config(run / "config.yaml")
+    tok = load_tokenizer(run_cfg.model)
+    feats = prepare_data(tok, run_cfg.data).eval
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(feats["input_ids"], feats["labels"])]
+    base = perplexity(load_model(run_cfg.model), rows, tok.pad_token_id)
+    assert base["tokens"] == result["tokens"]
+    assert result["perplexity"] < 0.5 * base["perplexity"], (result["perplexity"], base["perplexity"])
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     first, last = log[0]["loss"], sum(r["loss"] for r in log[-3:]) / 3
     assert last < first - 1.5, (first, last)

@@ -51,17 +51,28 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=["rank", "generate"], help="override the run's eval.method")
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
 
-    g = sub.add_parser("generate", help="continue prompts with a run (base + adapter) or a model folder")
-    g.add_argument("prompts", nargs="+", help="prompt text(s)")
+    g = sub.add_parser("generate", help="continue prompts with a run (base + adapter) or a model folder",
+                       description="Continue one prompt, several prompts, or a file of prompts. Sampling defaults "
+                                   "come from the run's generate section (with --run) or clmtune's defaults.")
+    g.add_argument("prompts", nargs="*", help="prompt text(s)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder written by `clmtune train`")
-    src.add_argument("--model", help="plain or merged model folder, hub id, or builtin:NAME")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=10)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-return-sequences", type=int, default=1)
+    src.add_argument("--model", help="plain or merged model folder (or a run folder), hub id, or builtin:NAME")
+    g.add_argument("--prompts-file", help="prompts, one per line; or a CSV/TSV/JSONL file with --column")
+    g.add_argument("--column", help="column of --prompts-file that holds the prompts")
+    g.add_argument("--output", help="write one JSON line per prompt to this .jsonl file")
+    g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 = greedy decoding")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off; default 10)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--num-return-sequences", type=int)
+    g.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
+    g.add_argument("--stop", action="append", help="stop at this string (repeatable); it is not printed")
+    g.add_argument("--batch-size", type=int, help="prompts per batch (left-padded)")
+    g.add_argument("--no-truncate", action="store_true",
+                   help="error on a prompt longer than the model's context instead of keeping its end")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
     x = sub.add_parser("export", help="export the adapter, or a merged full model")
@@ -97,9 +108,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     weights = out / ("model" if cfg.peft.method == "full" else "adapter")
     print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {out / 'tokenizer'}\n"
           f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
-    if result.has_eval_split and not args.no_eval and cfg.data.task != "classify":
-        print(f"eval: skipped (clmtune eval scores classification; data.task={cfg.data.task!r})")
-    elif result.has_eval_split and not args.no_eval:
+    if result.has_eval_split and not args.no_eval:
         metrics, where = evaluate_run(out, "eval")
         _print_eval(metrics, where)
     return 0
@@ -126,11 +135,21 @@ def _is_main_process() -> bool:
 
 
 def _print_eval(metrics: dict, where: Path) -> None:
+    if metrics["method"] == "perplexity":
+        print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} tokens): perplexity "
+              f"{metrics['perplexity']:.2f}\n  results:     {where / 'eval.json'}")
+        return
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:
         line += f" accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f},"
-    print(f"{line} invalid {metrics['invalid']}")
+    line += f" invalid {metrics['invalid']}"
+    if "mapped_to_nearest_label" in metrics:
+        mapped = metrics["mapped_to_nearest_label"]
+        line += f" (mapped to the nearest label: accuracy {mapped['accuracy']:.4f}, macro-F1 {mapped['macro_f1']:.4f})"
+    print(f"{line}; {metrics['examples_per_s']:.1f} examples/s")
     print(f"  results:     {where / 'eval.json'}\n  predictions: {where / 'predictions.csv'}")
+    if "confusion_matrix_png" in metrics.get("files", {}):
+        print(f"  confusion:   {where / metrics['files']['confusion_matrix_png']}")
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
@@ -142,19 +161,50 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from clmtune.config import GenerateConfig, RunConfig
-    from clmtune.generate import generate_texts, load_for_generation
+    import dataclasses
 
-    settings = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, num_return_sequences=args.num_return_sequences, seed=args.seed)
-    RunConfig(generate=settings).validate()
+    from clmtune.config import GenerateConfig, RunConfig
+    from clmtune.errors import ConfigError
+    from clmtune.generate import generate, load_for_generation, read_prompts_file, stream, write_jsonl
+    from clmtune.models import read_run_config
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file, args.column)
+    elif args.column:
+        raise ClmtuneError("--column needs --prompts-file")
+    if not prompts:
+        raise ClmtuneError("no prompt given; pass prompt text or --prompts-file FILE")
+    if args.stream and len(prompts) != 1:
+        raise ClmtuneError(f"--stream prints one prompt's continuation, got {len(prompts)} prompts; drop --stream")
+    base = read_run_config(args.run).generate if args.run else GenerateConfig()
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+             "num_return_sequences": args.num_return_sequences, "seed": args.seed, "stop": args.stop,
+             "batch_size": args.batch_size, "truncate": False if args.no_truncate else None}
+    settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    try:
+        RunConfig(generate=settings).validate()
+    except ConfigError as exc:  # also name the flag the user typed: "--top-p: generate.top_p=1.5 must be ..."
+        flags = {f"generate.{k}=": "--" + k.replace("_", "-") for k in given}
+        problems = [next((f"{flag}: {p}" for key, flag in flags.items() if p.startswith(key)), p)
+                    for p in exc.problems]
+        raise ConfigError(problems) from None
     model, tok = load_for_generation(args.run, args.model)
-    for prompt, outs in zip(args.prompts, generate_texts(model, tok, args.prompts, settings)):
-        if args.json:
-            print(json.dumps({"prompt": prompt, "outputs": outs}, ensure_ascii=False))
-        else:
-            for text in outs:
-                print(f"{prompt}\u2192 {text}")
+    if args.stream:
+        results = [stream(model, tok, prompts[0], settings)]
+    else:
+        results = generate(model, tok, prompts, settings, progress=len(prompts) > settings.batch_size)
+    if args.output:
+        path = write_jsonl(results, args.output)
+        print(f"wrote {len(results)} prompts x {settings.num_return_sequences} continuations to {path}")
+    elif args.json:
+        for r in results:
+            print(json.dumps(dataclasses.asdict(r), ensure_ascii=False))
+    elif not args.stream:
+        for r in results:
+            for text in r.outputs:
+                print(f"{r.prompt}\u2192 {text}")
     return 0
 
 

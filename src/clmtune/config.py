@@ -240,6 +240,11 @@ class EvalConfig:
     normalize_by_length: bool = False
     """``rank`` only: compare mean instead of summed log-likelihood per label token."""
 
+    map_invalid: bool = True
+    """``generate`` only: also report metrics with each invalid output mapped to the nearest label by edit distance
+    (as peft's example does for RAFT submissions); the raw metrics are always reported too. Submissions use the
+    mapped labels."""
+
 
 @dataclass
 class GenerateConfig:
@@ -260,6 +265,19 @@ class GenerateConfig:
 
     seed: int = 0
     """Seed for sampling, so output is reproducible."""
+
+    repetition_penalty: float = 1.0
+    """Divide the logits of tokens already in the sequence by this (CTRL paper's penalty; 1 disables)."""
+
+    stop: list[str] = field(default_factory=list)
+    """Stop a continuation when it contains one of these strings (the string itself is not returned)."""
+
+    batch_size: int = 8
+    """Prompts per ``generate`` call (left-padded together)."""
+
+    truncate: bool = True
+    """A prompt longer than the model's context (minus ``max_new_tokens``) keeps its end and a warning is logged;
+    ``False``: it is an error."""
 
 
 @dataclass
@@ -335,6 +353,13 @@ class RunConfig:
         positive("generate.temperature", g.temperature, allow_zero=True)
         positive("generate.top_k", g.top_k, allow_zero=True)
         positive("generate.num_return_sequences", g.num_return_sequences)
+        positive("generate.repetition_penalty", g.repetition_penalty)
+        positive("generate.batch_size", g.batch_size)
+        if g.temperature == 0 and g.num_return_sequences > 1:
+            p.append(f"generate.num_return_sequences={g.num_return_sequences} needs sampling: greedy decoding "
+                     "(temperature 0) gives one continuation; set a temperature > 0")
+        if any(not s for s in g.stop):
+            p.append("generate.stop has an empty string; remove it")
         if not 0 < g.top_p <= 1:
             p.append(f"generate.top_p={g.top_p!r} must be in (0, 1]")
         if p:

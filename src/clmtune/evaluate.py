@@ -1,33 +1,51 @@
-"""Evaluate stage: accuracy and macro-F1 of classification as generation, and predictions files.
+"""Evaluate stage: classification as generation (accuracy, macro-F1, confusion matrix, RAFT submissions) and
+perplexity of language modelling.
 
-Two methods:
-- ``rank``: append each label's tokens (+ end token) to the prompt, sum their log-probabilities, predict the
-  label with the highest score. Always a valid label.
+Two classification methods:
+- ``rank`` (default): score each label's tokens (+ end token) by their log-likelihood after the prompt and predict
+  the best label; never invalid. The prompt is run once per example and its KV cache is shared by every label's
+  continuation; the LM head runs only on positions that score label tokens.
 - ``generate``: greedy decoding of up to (longest label + 2) tokens, stop at the end token, strip whitespace and
-  compare with the label names (peft's example); outputs that match no label are counted as ``invalid``.
+  compare with the label names (peft's example). Outputs that match no label are counted as ``invalid``;
+  optionally they are also mapped to the nearest label by edit distance and both numbers are reported.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from clmtune.config import EVAL_METHODS, RunConfig
-from clmtune.data import ClassificationEncoder, Example, collate, left_pad, load_task, read_table, render_examples
+from clmtune.data import (IGNORE_INDEX, ClassificationEncoder, Example, collate, left_pad, load_task, prepare_data,
+                          read_table, render_examples, resolve_source)
 from clmtune.errors import ClmtuneError
 from clmtune.models import forward_inputs, load_run
+from clmtune.text import clean_text, nearest_label
+
+log = logging.getLogger("clmtune")
 
 
 @dataclass
 class Predictions:
     predicted: list[str]
+    """Predicted label per example; for ``generate`` the cleaned output, which may be no label at all."""
     invalid: int
+    """Outputs that match no label (always 0 for ``rank``)."""
+    outputs: list[str] | None = None
+    """``generate`` only: the decoded outputs (same as ``predicted``)."""
+    mapped: list[str] | None = None
+    """``generate`` with ``map_invalid``: each output, or the nearest label when the output is invalid."""
+    truncated: int = 0
+    """Prompts cut to fit ``data.max_length``."""
 
 
 def _batches(items: Sequence, size: int):
@@ -35,69 +53,175 @@ def _batches(items: Sequence, size: int):
         yield items[i:i + size]
 
 
+def _is_prompt_learning(model) -> bool:
+    """peft prompt/prefix/p-tuning models prepend virtual tokens or their own KV cache inside ``forward``."""
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+def _continuations(encoder: ClassificationEncoder, labels: Sequence[str]) -> list[list[int]]:
+    """Each label's token ids + end token: exactly the tokens the model learnt to write after the prompt."""
+    return [ids + [encoder.end_id] for ids in encoder.label_ids(labels)]
+
+
 @torch.no_grad()
 def label_scores(model, encoder: ClassificationEncoder, prompts: list[list[int]], labels: list[str],
-                 batch_size: int, normalize: bool = False, progress: bool = False) -> torch.Tensor:
+                 batch_size: int, normalize: bool = False, progress: bool = False,
+                 share_prompt: bool | None = None) -> torch.Tensor:
     """(n_examples, n_labels) log-likelihood of each label's tokens + end token after each prompt.
 
-    Sequences are left-padded, so every continuation sits at the end of its row; the LM head runs only on the last
-    (longest continuation + 1) positions via ``logits_to_keep`` instead of all T (saves a (B, T, V) matmul).
+    ``normalize``: mean instead of sum over the continuation's tokens. ``share_prompt=None`` picks the KV-cache
+    path (each prompt runs once, its cache is shared by all labels) unless the model is a peft prompt-learning
+    model, whose forward manages virtual tokens itself; those use one padded batch of prompt+label rows.
+    """
+    conts = _continuations(encoder, labels)
+    if share_prompt is None:
+        share_prompt = not _is_prompt_learning(model)
+    fn = _scores_shared_prompt if share_prompt else _scores_padded_pairs
+    order = _by_length(prompts)  # batches of similar length: less padding, same scores
+    sums, counts = fn(model, encoder, [prompts[i] for i in order], conts, batch_size, progress)
+    scores = torch.empty_like(sums)
+    scores[order] = sums / counts if normalize else sums
+    return scores
+
+
+def _by_length(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of ``seqs`` from longest to shortest (stable)."""
+    return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+
+
+def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
+    """Score with the prompt encoded once per example and its KV cache repeated for every label.
+
+    Per group of B examples (prompts left-padded to T) and L labels (continuation c_j of length n_j >= 2):
+      pass 1: (B, T) prompts -> cache + logits at the last position only (logits_to_keep=1) -> scores c_j[0]
+      pass 2: cache repeated to (B*L, T); feed c_j[:-1] right-padded to (B*L, N-1), N = max n_j; logits at
+              position k score c_j[k+1]. Right padding sits after the real tokens, so causal attention keeps it
+              from touching them; its logits are ignored.
+    Cost: B*T + B*L*(N-1) token positions instead of B*L*(T+N) for prompt+label rows. Hidden cost: the repeated
+    cache holds L copies of the prompt's keys/values, so labels are processed in chunks of at most
+    max(1, 4*batch_size // B) to keep it within ~4 ordinary batches.
+    """
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    n_labels = len(conts)
+    sums = torch.zeros(len(prompts), n_labels)
+    counts = torch.tensor([float(len(c)) for c in conts]).expand(len(prompts), n_labels)
+    first = torch.tensor([c[0] for c in conts])  # (L,)
+    width = max(len(c) for c in conts) - 1
+    feed = torch.full((n_labels, width), encoder.pad_id, dtype=torch.long)  # (L, N-1) right-padded c_j[:-1]
+    target = torch.zeros((n_labels, width), dtype=torch.long)  # (L, N-1) c_j[1:]
+    valid = torch.zeros((n_labels, width), dtype=torch.bool)
+    for j, c in enumerate(conts):
+        feed[j, :len(c) - 1] = torch.tensor(c[:-1])
+        target[j, :len(c) - 1] = torch.tensor(c[1:])
+        valid[j, :len(c) - 1] = True
+    groups = list(_batches(range(len(prompts)), batch_size))
+    for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
+        rows = list(group)
+        batch = collate([{"input_ids": prompts[i]} for i in rows], encoder.pad_id)
+        prompt_inputs = forward_inputs(model, batch)
+        out = model(**prompt_inputs, use_cache=True, logits_to_keep=1)
+        last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+        sums[rows] += last[:, first]
+        cache = out.cache
+        if not isinstance(cache, DynamicCache):
+            raise RuntimeError(f"unexpected cache type {type(cache).__name__}; use share_prompt=False")
+        layers = [(k, v) for k, v, *_ in cache]  # per layer (B, H, T, D) keys and values of the prompts
+        b = len(rows)
+        prompt_mask = batch["attention_mask"]  # (B, T)
+        prompt_len = prompt_mask.sum(1)  # (B,)
+        chunk = max(1, 4 * batch_size // b)
+        for j0 in range(0, n_labels, chunk):
+            lab = list(range(j0, min(j0 + chunk, n_labels)))
+            n = len(lab)
+            # rows ordered (example, label): row r = example r // n, label lab[r % n]
+            shared = DynamicCache(ddp_cache_data=[(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
+                                                  for k, v in layers])
+            ids = feed[lab].repeat(b, 1)  # (B*n, N-1)
+            mask = torch.cat([prompt_mask.repeat_interleave(n, 0), torch.ones_like(ids)], dim=1)  # (B*n, T+N-1)
+            pos = prompt_len.repeat_interleave(n, 0)[:, None] + torch.arange(width)  # (B*n, N-1)
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            if "position_ids" in prompt_inputs:  # GPT-2/LLaMA: number the label tokens after each real prompt
+                inputs["position_ids"] = pos
+            logits = model(**inputs, cache=shared, use_cache=True).logits.float()  # (B*n, N-1, V)
+            # log p(token) = logit[token] - logsumexp(logits): same as log_softmax + gather without a 2nd (.., V)
+            lp = logits.gather(-1, target[lab].repeat(b, 1)[..., None])[..., 0] - logits.logsumexp(-1)
+            lp = (lp * valid[lab].repeat(b, 1)).sum(-1).view(b, n)  # (B, n)
+            sums[rows, j0:j0 + n] += lp
+    return sums, counts
+
+
+def _scores_padded_pairs(model, encoder, prompts, conts, batch_size, progress):
+    """Score with one left-padded row per (example, label): prompt + continuation.
+
+    Used for peft prompt-learning models. Left padding puts every continuation at the end of its row (virtual tokens
+    are prepended, so the end still lines up), and the LM head runs only on the last (longest continuation + 1)
+    positions via ``logits_to_keep`` instead of all T (saves a (B, T, V) matmul).
     """
     from tqdm.auto import tqdm
 
-    conts = [ids + [encoder.end_id] for ids in encoder.label_ids(labels)]
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(labels))]
-    scores = torch.empty(len(prompts), len(labels))
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(conts))]
+    sums = torch.empty(len(prompts), len(conts))
+    counts = torch.tensor([float(len(c)) for c in conts]).expand(len(prompts), len(conts))
     keep = max(len(c) for c in conts) + 1
     for chunk in tqdm(list(_batches(pairs, batch_size)), desc="eval (rank)", disable=not progress, unit="batch"):
-        feats = [{"input_ids": prompts[i] + conts[j]} for i, j in chunk]
-        batch = collate(feats, encoder.pad_id)
-        logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits  # (B, keep, V)
+        batch = collate([{"input_ids": prompts[i] + conts[j]} for i, j in chunk], encoder.pad_id)
+        logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits[:, -keep:]  # (B, keep, V)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, (i, j) in enumerate(chunk):
             c = torch.tensor(conts[j])
             # token at position T-len(c)+k is predicted by logits at position T-len(c)+k-1, i.e. keep-len(c)-1+k
             pos = torch.arange(keep - len(c) - 1, keep - 1)
-            lp = logprobs[row, pos, c]
-            scores[i, j] = lp.mean() if normalize else lp.sum()
-    return scores
+            sums[i, j] = logprobs[row, pos, c].sum()
+    return sums, counts
 
 
 @torch.no_grad()
 def predict_rank(model, encoder, examples: list[Example], labels: list[str], batch_size: int,
                  normalize: bool = False, progress: bool = False) -> Predictions:
     reserve = max(len(c) for c in encoder.label_ids(labels)) + 1
-    prompts, _ = encoder.encode_prompts(examples, reserve=reserve)
+    prompts, truncated = encoder.encode_prompts(examples, reserve=reserve)
     scores = label_scores(model, encoder, prompts, labels, batch_size, normalize, progress)
-    return Predictions(predicted=[labels[k] for k in scores.argmax(dim=1).tolist()], invalid=0)
+    return Predictions(predicted=[labels[k] for k in scores.argmax(dim=1).tolist()], invalid=0, truncated=truncated)
 
 
 @torch.no_grad()
 def predict_generate(model, encoder, examples: list[Example], labels: list[str], batch_size: int,
-                     progress: bool = False) -> Predictions:
+                     progress: bool = False, map_invalid: bool = True) -> Predictions:
+    """Greedy decoding with ``transformers``' ``generate`` (KV cache on), then clean and compare with the labels."""
     from tqdm.auto import tqdm
+    from transformers import GenerationConfig
 
     max_new = max(len(c) for c in encoder.label_ids(labels)) + 2
-    prompts, _ = encoder.encode_prompts(examples, reserve=max_new)
+    prompts, truncated = encoder.encode_prompts(examples, reserve=max_new)
     tok = encoder.tokenizer
-    predicted, invalid = [], 0
-    for chunk in tqdm(list(_batches(prompts, batch_size)), desc="eval (generate)", disable=not progress,
+    gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=encoder.end_id,
+                               pad_token_id=encoder.pad_id)
+    outputs = [""] * len(prompts)
+    order = _by_length(prompts)  # batches of similar length: less padding
+    for group in tqdm(list(_batches(order, batch_size)), desc="eval (generate)", disable=not progress,
                       unit="batch"):
-        ids = left_pad(chunk, encoder.pad_id)
+        chunk = [prompts[i] for i in group]
+        ids = left_pad(chunk, encoder.pad_id)  # (B, T)
         mask = left_pad([[1] * len(c) for c in chunk], 0)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                             eos_token_id=encoder.end_id, pad_token_id=encoder.pad_id)
-        for row in out[:, ids.shape[1]:].tolist():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new) new tokens
             if encoder.end_id in row:
                 row = row[:row.index(encoder.end_id)]
-            text = tok.decode(row, skip_special_tokens=True).strip()
-            invalid += text not in labels
-            predicted.append(text)
-    return Predictions(predicted=predicted, invalid=invalid)
+            outputs[i] = clean_text(tok.decode(row, skip_special_tokens=True))
+    invalid = sum(o not in labels for o in outputs)
+    mapped = [o if o in labels else nearest_label(o, labels) for o in outputs] if map_invalid else None
+    return Predictions(predicted=outputs, invalid=invalid, outputs=outputs, mapped=mapped, truncated=truncated)
 
 
 def classification_metrics(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
-    """Accuracy, macro-F1 (RAFT's metric, over the label set), per-class P/R/F1 and the confusion matrix."""
+    """Accuracy, macro-F1 (RAFT's metric, over the label set), per-class P/R/F1 and the confusion matrix.
+
+    A prediction outside the label set (an invalid ``generate`` output) counts as wrong: a miss for its gold class,
+    a false positive for none; the confusion matrix counts it in ``invalid_per_gold``.
+    """
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
     acc = sum(g == p for g, p in zip(gold, predicted)) / len(gold)
@@ -106,40 +230,171 @@ def classification_metrics(gold: list[str], predicted: list[str], labels: list[s
     per_class = {lab: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]), "support": int(s[k])}
                  for k, lab in enumerate(labels)}
     cm = confusion_matrix(gold, predicted, labels=labels).tolist()
+    invalid = [sum(g == lab and pr not in labels for g, pr in zip(gold, predicted)) for lab in labels]
     return {"accuracy": acc, "macro_f1": float(macro), "per_class": per_class,
-            "confusion_matrix": {"labels": labels, "rows_gold_cols_predicted": cm}}
+            "confusion_matrix": {"labels": labels, "rows_gold_cols_predicted": cm, "invalid_per_gold": invalid}}
+
+
+def plot_confusion_matrix(matrix: dict, path: Path, title: str) -> Path:
+    """Write the confusion matrix (counts; rows gold, columns predicted, plus an ``invalid`` column when any) as PNG."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    labels, cm = matrix["labels"], [list(r) for r in matrix["rows_gold_cols_predicted"]]
+    cols = list(labels)
+    if any(matrix.get("invalid_per_gold", [])):
+        cols.append("(invalid)")
+        cm = [r + [n] for r, n in zip(cm, matrix["invalid_per_gold"])]
+    side = min(max(4.0, 2 + 0.45 * len(cols)), 30)  # banking_77: 77 columns still readable
+    # Chinese label names need a CJK font; matplotlib picks the first installed one of these.
+    plt.rcParams["font.sans-serif"] = ["DejaVu Sans", "Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Zen Hei",
+                                       "SimHei", "Microsoft YaHei", "PingFang SC", "Arial Unicode MS"]
+    fig, ax = plt.subplots(figsize=(side + 2, side + 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Glyph missing from font": a box instead of a CJK character, not an error
+        im = ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(cols)), cols, rotation=90 if len(cols) > 4 else 0, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("gold")
+        ax.set_title(title, fontsize=10)
+        if len(cols) <= 20:
+            peak = max(max(r) for r in cm) or 1
+            for i, row in enumerate(cm):
+                for j, v in enumerate(row):
+                    ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def submission_names(cfg: RunConfig, labels: list[str]) -> dict[str, str]:
+    """Label (as the model writes it) -> name for a RAFT submission: ``task.json``'s spelling (``change_pin``) when
+    the data source is a RAFT folder, else the label itself."""
+    try:
+        path = resolve_source(cfg.data.source)
+    except ClmtuneError:
+        return {lab: lab for lab in labels}
+    names = {}
+    if path.is_dir() and (path / "task.json").is_file():
+        meta = json.loads((path / "task.json").read_text(encoding="utf-8"))
+        for name in meta.get("label_columns", {}).get(cfg.data.label_column, []):
+            names[str(name).replace("_", " ").strip()] = str(name)
+    return {lab: names.get(lab, lab) for lab in labels}
 
 
 def evaluate_examples(model, tokenizer, cfg: RunConfig, examples: list[Example], labels: list[str],
                       method: str, out_dir: Path, progress: bool = True) -> dict:
-    """Predict ``examples``; write ``predictions.csv`` (and ``eval.json``) into ``out_dir``; return the metrics."""
+    """Predict ``examples``; write ``eval.json``, ``predictions.csv`` and (labelled) ``confusion_matrix.png`` into
+    ``out_dir``; return what ``eval.json`` holds.
+
+    Unlabelled examples give a RAFT submission: ``predictions.csv`` with columns ``ID,Label``.
+    """
     if method not in EVAL_METHODS:
         raise ClmtuneError(f"eval method {method!r} is not one of {', '.join(EVAL_METHODS)}")
     if not examples:
         raise ClmtuneError("the split to evaluate is empty; check the data file")
     encoder = ClassificationEncoder(tokenizer, cfg.data)
+    was_training = model.training
+    model.eval()
     t0 = time.perf_counter()
     if method == "rank":
         preds = predict_rank(model, encoder, examples, labels, cfg.eval.batch_size, cfg.eval.normalize_by_length,
                              progress)
     else:
-        preds = predict_generate(model, encoder, examples, labels, cfg.eval.batch_size, progress)
+        preds = predict_generate(model, encoder, examples, labels, cfg.eval.batch_size, progress,
+                                 cfg.eval.map_invalid)
     seconds = time.perf_counter() - t0
+    model.train(was_training)
+    if preds.truncated:
+        log.warning("eval: %d of %d prompts were cut to fit data.max_length=%d", preds.truncated, len(examples),
+                    cfg.data.max_length)
     out_dir.mkdir(parents=True, exist_ok=True)
     labelled = all(e.label is not None for e in examples)
     result = {"method": method, "n": len(examples), "invalid": preds.invalid, "seconds": round(seconds, 3),
-              "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2)}
+              "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2), "truncated_prompts": preds.truncated}
+    if method == "rank":
+        result["normalize_by_length"] = cfg.eval.normalize_by_length
+    final = preds.mapped if preds.mapped is not None else preds.predicted
+    files = {"predictions": "predictions.csv"}
     if labelled:
-        result.update(classification_metrics([e.label for e in examples], preds.predicted, labels))
+        gold = [e.label for e in examples]
+        result.update(classification_metrics(gold, preds.predicted, labels))
+        if preds.mapped is not None:
+            result["mapped_to_nearest_label"] = classification_metrics(gold, preds.mapped, labels)
+        title = f"{method}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} (n={len(gold)})"
+        plot_confusion_matrix(result["confusion_matrix"], out_dir / "confusion_matrix.png", title)
+        files["confusion_matrix_png"] = "confusion_matrix.png"
         with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["id", "text", "gold", "predicted"])
-            w.writerows([e.id, e.text, e.label, p] for e, p in zip(examples, preds.predicted))
-    else:  # RAFT submission shape
+            extra = ["output", "mapped"] if preds.mapped is not None else ["output"] if preds.outputs else []
+            w.writerow(["id", "text", "gold", "predicted", *extra])
+            for k, (e, p) in enumerate(zip(examples, preds.predicted)):
+                more = [preds.outputs[k]] if preds.outputs else []
+                if preds.mapped is not None:
+                    more = [preds.outputs[k], preds.mapped[k]]
+                w.writerow([e.id, e.text, e.label, p, *more])
+    else:  # RAFT submission shape; an invalid output stays as written unless eval.map_invalid maps it
+        names = submission_names(cfg, labels)
         with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["ID", "Label"])
-            w.writerows([e.id, p] for e, p in zip(examples, preds.predicted))
+            w.writerows([e.id, names.get(p, p)] for e, p in zip(examples, final))
+        result["submission"] = True
+        result["predicted_counts"] = {lab: final.count(lab) for lab in labels}
+    result["files"] = files
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    return result
+
+
+@torch.no_grad()
+def perplexity(model, features: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 8,
+               progress: bool = False) -> dict:
+    """Perplexity of tokenized features ``{"input_ids", "labels"}`` (labels = -100 where not scored).
+
+    Token-weighted: exp(sum of NLL over every scored token / number of scored tokens), so a long row counts more
+    than a short one and padding (label -100) never counts. Rows are left-padded per batch.
+    Hidden cost: the LM head runs on all (B, T) positions -> a (B, T, V) fp32 tensor per batch.
+    """
+    from tqdm.auto import tqdm
+
+    if not features:
+        raise ClmtuneError("the split for perplexity is empty; check the data file")
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    for chunk in tqdm(list(_batches(features, batch_size)), desc="eval (perplexity)", disable=not progress,
+                      unit="batch"):
+        batch = collate(chunk, pad_id)
+        logits = model(**forward_inputs(model, batch)).logits  # (B, T', V); T' > T with prompt-learning prefixes
+        logits = logits[:, -batch["input_ids"].shape[1]:].float()  # (B, T, V)
+        # Position t predicts token t+1. A row's first real token follows padding (left padding) and has no
+        # context: it is never scored, as in an unpadded row. (B, T-1)
+        labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, IGNORE_INDEX)
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum").item()
+        tokens += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    if tokens == 0:
+        raise ClmtuneError("no scored tokens for perplexity (every label is -100); check the data")
+    mean = nll / tokens
+    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": tokens, "n": len(features)}
+
+
+def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, out_dir: Path, batch_size: int = 8,
+                progress: bool = True) -> dict:
+    """Perplexity of a held-out split of tokenized features, written to ``out_dir/eval.json``."""
+    t0 = time.perf_counter()
+    result = {"method": "perplexity", **perplexity(model, features, pad_id, batch_size, progress)}
+    seconds = time.perf_counter() - t0
+    result.update(seconds=round(seconds, 3), examples_per_s=round(len(features) / max(seconds, 1e-9), 2))
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
 
@@ -153,6 +408,8 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     """
     run_dir = Path(run_dir)
     model, tokenizer, cfg = load_run(run_dir)
+    if cfg.data.task != "classify":
+        return _evaluate_lm_run(run_dir, model, tokenizer, cfg, split, data_file, out_dir, progress)
     labels = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))["labels"]
     if data_file is not None:
         path = Path(data_file)
@@ -175,3 +432,28 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     out = Path(out_dir) if out_dir else default_out
     result = evaluate_examples(model, tokenizer, cfg, examples, labels, method or cfg.eval.method, out, progress)
     return result, out
+
+
+def _evaluate_lm_run(run_dir: Path, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+                     out_dir: str | Path | None, progress: bool) -> tuple[dict, Path]:
+    """Perplexity of an ``lm``/``sft`` run on its held-out split or on ``data_file`` (tokenized like training)."""
+    import dataclasses
+
+    if data_file is not None:
+        if not Path(data_file).is_file():
+            raise ClmtuneError(f"--data {data_file!r}: no such file")
+        data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
+                                       eval_fraction=0.0, prepared=None)
+        features = prepare_data(tokenizer, data_cfg).train
+        default_out = run_dir / f"eval-{Path(data_file).stem}"
+    else:
+        if split != "eval":
+            raise ClmtuneError(f"--split {split!r}: an {cfg.data.task} run is scored by perplexity on its held-out "
+                               "'eval' split or on --data FILE")
+        features = prepare_data(tokenizer, cfg.data).eval
+        if features is None or len(features) == 0:
+            raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
+        default_out = run_dir
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(features["input_ids"], features["labels"])]
+    out = Path(out_dir) if out_dir else default_out
+    return evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress), out

@@ -1,0 +1,132 @@
+"""Evaluation: rank scoring against a naive reference, metrics by hand, perplexity, label-set errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clmtune.config import DataConfig, ModelConfig
+from clmtune.data import IGNORE_INDEX, ClassificationEncoder, Example, load_task
+from clmtune.evaluate import classification_metrics, label_scores, perplexity, plot_confusion_matrix
+from clmtune.models import load_model, load_tokenizer
+
+CASES = {
+    # OPT numbers positions from the attention mask; labels of 1, 2 and 4 tokens
+    "builtin:tiny-opt": (["complaint", "no complaint", "maybe a complaint here"],
+                         ["hello there", "I hate this airline so much, three hours late again", "ok",
+                          "what a great day for flying", "@united lost my bag"]),
+    # GPT-2 needs explicit position ids under left padding; 5 labels of 1-4 characters -> label chunks of 4 + 1
+    "builtin:tiny-gpt2-zh": (["好", "不好", "一般般", "很好", "非常不好"],
+                             ["房间很干净", "服务差", "还行吧，早餐一般般，位置不错", "好", "隔音太差了，一晚没睡"]),
+}
+
+
+def _load(name):
+    cfg = ModelConfig(name)
+    model = load_model(cfg)
+    model.eval()
+    return model, load_tokenizer(cfg)
+
+
+def _naive_scores(model, prompts, conts) -> torch.Tensor:
+    """One example and one label at a time, no padding, full logits: sum of log p(label token | everything before)."""
+    out = torch.empty(len(prompts), len(conts))
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            for j, c in enumerate(conts):
+                ids = torch.tensor([p + c])
+                logp = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0], -1)
+                logp = logp[-ids.shape[1]:]  # prompt-learning models prepend virtual-token positions
+                out[i, j] = sum(logp[len(p) - 1 + k, t] for k, t in enumerate(c))
+    return out
+
+
+def _prompts(tok, texts):
+    enc = ClassificationEncoder(tok, DataConfig(template="{t} label : "))
+    exs = [Example(id=str(i), prompt=f"{t} label : ", label=None, text=t) for i, t in enumerate(texts)]
+    return enc, enc.encode_prompts(exs)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rank_equals_naive_argmax_over_label_loglikelihoods(name):
+    model, tok = _load(name)
+    labels, texts = CASES[name]
+    enc, prompts = _prompts(tok, texts)
+    conts = [ids + [enc.end_id] for ids in enc.label_ids(labels)]
+    naive = _naive_scores(model, prompts, conts)
+    for batch_size in (1, 2):
+        for share in (True, False):
+            got = label_scores(model, enc, prompts, labels, batch_size, share_prompt=share)
+            torch.testing.assert_close(got, naive, atol=1e-4, rtol=1e-5)
+            assert got.argmax(1).tolist() == naive.argmax(1).tolist()
+    lengths = torch.tensor([float(len(c)) for c in conts])
+    normed = label_scores(model, enc, prompts, labels, 2, normalize=True)
+    torch.testing.assert_close(normed, naive / lengths, atol=1e-4, rtol=1e-5)
+
+
+def test_rank_with_a_prompt_tuning_adapter_matches_naive():
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    base, tok = _load("builtin:tiny-opt")
+    torch.manual_seed(0)
+    model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    model.eval()
+    labels, texts = CASES["builtin:tiny-opt"]
+    enc, prompts = _prompts(tok, texts)
+    conts = [ids + [enc.end_id] for ids in enc.label_ids(labels)]
+    got = label_scores(model, enc, prompts, labels, 2)  # picks the padded path for prompt learning
+    torch.testing.assert_close(got, _naive_scores(model, prompts, conts), atol=1e-4, rtol=1e-5)
+
+
+def test_classification_metrics_by_hand(tmp_path):
+    labels = ["a", "b", "c"]
+    gold = ["a", "a", "b", "b", "c", "c"]
+    pred = ["a", "b", "b", "xyz", "c", "a"]  # "xyz" is an invalid generate output: wrong, FP for no class
+    m = classification_metrics(gold, pred, labels)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    # a: P=1/2 R=1/2 F=1/2; b: P=1/2 R=1/2 F=1/2; c: P=1 R=1/2 F=2/3
+    assert m["per_class"]["c"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+    assert m["confusion_matrix"]["rows_gold_cols_predicted"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert m["confusion_matrix"]["invalid_per_gold"] == [0, 1, 0]
+    png = plot_confusion_matrix(m["confusion_matrix"], tmp_path / "cm.png", "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perplexity_is_token_weighted_and_ignores_padding():
+    model, tok = _load("builtin:tiny-gpt2-zh")
+    texts = ["今天天气很好", "我们去游泳池和健身房吧，然后一起吃饭", "好"]
+    feats = []
+    for k, t in enumerate(texts):
+        ids = tok(t, add_special_tokens=False).input_ids
+        labels = list(ids)
+        if k == 1:
+            labels[:3] = [IGNORE_INDEX] * 3  # an unscored prefix (a prompt)
+        feats.append({"input_ids": ids, "labels": labels})
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for f in feats:  # reference: one unpadded row at a time
+            logp = torch.log_softmax(model(input_ids=torch.tensor([f["input_ids"]])).logits[0], -1)
+            for t in range(1, len(f["labels"])):
+                if f["labels"][t] != IGNORE_INDEX:
+                    nll -= logp[t - 1, f["labels"][t]].item()
+                    n += 1
+    for batch_size in (1, 3):  # batch 3 left-pads the short rows
+        got = perplexity(model, feats, tok.pad_token_id, batch_size)
+        lengths = [len(f["input_ids"]) for f in feats]
+        assert got["tokens"] == n == (lengths[0] - 1) + (lengths[1] - 3) + (lengths[2] - 1)
+        assert got["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_rank_eval_on_real_data_never_invalid():
+    model, tok = _load("builtin:tiny-opt")
+    cfg = DataConfig()
+    task = load_task(cfg)
+    enc = ClassificationEncoder(tok, cfg)
+    prompts, _ = enc.encode_prompts(task.eval, reserve=4)
+    scores = label_scores(model, enc, prompts, task.labels, 4)
+    assert scores.shape == (len(task.eval), 2) and torch.isfinite(scores).all()
+    assert (scores < 0).all()
