@@ -80,7 +80,9 @@ def build_tokenizer(build: Path):
             counts.update(full.tokenize(line))  # basic tokenizer (lower case, CJK split) + wordpiece
     keep = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"} | set(counts)
     keep |= {chr(c) for c in range(33, 127)}  # printable ASCII as single tokens (if in the BERT vocab)
-    original = [t for t in full.vocab]  # vocab.txt order: [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103
+    # vocab.txt order ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103, then the characters): the tokenizer's
+    # .vocab dict comes from a hash map whose order changes between processes, so sort by the original id.
+    original = [t for t, _ in sorted(full.get_vocab().items(), key=lambda kv: kv[1])]
     vocab = {}
     for tok in original:
         if tok in keep and tok not in vocab:

@@ -20,7 +20,7 @@ import torch
 from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.data import leading_special_ids, left_pad, read_table
 from clmtune.errors import ClmtuneError
-from clmtune.models import load_model, load_run, load_tokenizer
+from clmtune.models import check_tokenizer_fits, load_model, load_run, load_tokenizer
 from clmtune.text import clean_text
 
 log = logging.getLogger("clmtune")
@@ -54,7 +54,9 @@ def load_for_generation(run: str | None = None, model: str | None = None):
     cfg = ModelConfig(name_or_path=model)
     m = load_model(cfg)
     m.eval()
-    return m, load_tokenizer(cfg)
+    tok = load_tokenizer(cfg)
+    check_tokenizer_fits(m, tok, model)
+    return m, tok
 
 
 def context_length(model) -> int | None:

@@ -114,11 +114,25 @@ BUILTIN_MODELS = {
 }
 
 
+# Pretrained models shipped inside the package (assets/models/NAME: safetensors + tokenizer + MODEL_CARD.md),
+# trained by clmtune itself; scripts/pretrain_default.py reproduces them. Unlike BUILTIN_MODELS nothing is built.
+SHIPPED_MODELS = {
+    "gpt2-zh-small": "GPT-2, 4 layers x 256, cut BERT Chinese char vocab; pretrained on CLUECorpusSmall (sample) "
+                     "+ ChnSentiCorp train reviews. The default for the Chinese configs and `make demo`.",
+}
+
+
 def builtin_model_path(name: str) -> Path:
-    """Folder of a built-in model, built (seeded, random weights) on first use and cached."""
+    """Folder of a built-in model: a shipped pretrained one, or a tiny random one built (seeded) on first use."""
+    if name in SHIPPED_MODELS:
+        folder = assets_path(f"models/{name}")
+        if not (folder / "model.safetensors").is_file():
+            raise ClmtuneError(f"builtin:{name} is missing from this installation ({folder}/model.safetensors); "
+                               "reinstall clmtune or rebuild it with scripts/pretrain_default.py")
+        return folder
     if name not in BUILTIN_MODELS:
         raise ClmtuneError(f"model.name_or_path='builtin:{name}' is unknown; built-in models: "
-                           f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+                           f"{', '.join('builtin:' + n for n in [*SHIPPED_MODELS, *BUILTIN_MODELS])}")
     folder = clmtune_home() / "models" / f"{name}-v{BUILTIN_VERSION}"
     if not (folder / "model.safetensors").is_file():
         with torch.random.fork_rng(devices=[]):  # seed 0 here must not reset the caller's (already seeded) RNG
@@ -154,11 +168,20 @@ def _hub_error(name: str, exc: Exception) -> ClmtuneError:
                         "network; on an offline machine download the model elsewhere and pass its folder")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     """Tokenizer of the model, with a pad token guaranteed (see ``ensure_pad_token``)."""
     from transformers import AutoTokenizer
 
     target = path or resolve_model_path(cfg.name_or_path)
+    if Path(target).is_dir() and not any((Path(target) / n).is_file() for n in _TOKENIZER_FILES):
+        # Without this check transformers 5 builds an *empty* tokenizer from config.json's model type, and the
+        # first encode fails deep inside with "IndexError: index is out of bounds for dimension with size 0".
+        raise ClmtuneError(f"{target} has no usable tokenizer (none of {', '.join(_TOKENIZER_FILES)}); copy the "
+                           "tokenizer files of the model into it (tokenizer.save_pretrained(folder))")
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -168,6 +191,17 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         raise _hub_error(target, exc) from None
     ensure_pad_token(tok)
     return tok
+
+
+def check_tokenizer_fits(model, tokenizer, where: str) -> None:
+    """A tokenizer with more entries than the model has embedding rows would index past the embedding (an
+    IndexError deep in the forward pass, or garbage on GPU): stop early and say both numbers. Fewer entries is
+    normal (vocabularies are often padded to a multiple of 8/64)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ClmtuneError(f"the tokenizer of {where} has {len(tokenizer)} entries but the model's embedding has "
+                           f"{rows} rows; use the tokenizer saved with this model (or resize the embedding with "
+                           "model.resize_token_embeddings and save both)")
 
 
 def ensure_pad_token(tokenizer) -> str:
@@ -404,5 +438,6 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[A
         tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
         model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(adapter))
         fix_prompt_learning_generation(model)
+    check_tokenizer_fits(model, tok, str(run_dir))
     model.eval()
     return model, tok, cfg

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from clmtune.config import RunConfig, save_config
 from clmtune.data import IGNORE_INDEX, collate, prepare_data
 from clmtune.errors import ClmtuneError
-from clmtune.models import (apply_peft, context_length, forward_inputs, load_model, load_tokenizer,
-                             resolve_model_path)
+from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
+                             load_tokenizer, resolve_model_path)
 
 log = logging.getLogger("clmtune")
 
@@ -347,7 +347,9 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
     log.info(data.summary_line())
 
     is_peft = cfg.peft.method != "full"
-    model = apply_peft(load_model(cfg.model), cfg.peft, tokenizer_path=resolve_model_path(cfg.model.name_or_path))
+    base = load_model(cfg.model)
+    check_tokenizer_fits(base, tokenizer, cfg.model.name_or_path)
+    model = apply_peft(base, cfg.peft, tokenizer_path=resolve_model_path(cfg.model.name_or_path))
     params = trainable_summary(model)
     log.info("model: %s, method %s, %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
              cfg.peft.method, params["trainable_params"], params["all_params"],

@@ -53,20 +53,23 @@ def resolve_source(source: str) -> Path:
 # One file -> rows
 
 
-def _first_undecodable_line(path: Path, encoding: str) -> int | None:
-    """1-based number of the first line that does not decode (lines split on b'\\n', safe for UTF-8 and GBK)."""
+def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, int] | None:
+    """(1-based line, 0-based byte offset in the file) of the first byte that does not decode (lines split on
+    b'\\n', safe for UTF-8 and GBK)."""
+    offset = 0
     with open(path, "rb") as fh:
         for n, line in enumerate(fh, 1):
             try:
                 line.decode(encoding)
-            except UnicodeDecodeError:
-                return n
+            except UnicodeDecodeError as exc:
+                return n, offset + exc.start
+            offset += len(line)
     return None
 
 
 def _encoding_error(path: Path, encoding: str) -> ClmtuneError:
-    line = _first_undecodable_line(path, encoding)
-    where = f"line {line}" if line else "somewhere"
+    found = _first_undecodable_line(path, encoding)
+    where = f"line {found[0]} (byte offset {found[1]})" if found else "somewhere"
     return ClmtuneError(f"{path} is not {encoding}: {where} has bytes that are not valid {encoding}; convert the file "
                         f"(e.g. `iconv -f gbk -t utf-8`) or set data.encoding to its encoding (e.g. gbk)")
 
