@@ -29,7 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/demo", help="folder for the two runs and summary.json")
     ap.add_argument("--model", default="builtin:gpt2-zh-small")
-    ap.add_argument("--classify-steps", type=int, default=250, help="LoRA steps of 16 reviews (1 epoch = 389)")
+    ap.add_argument("--classify-steps", type=int, default=150, help="LoRA steps of 16 reviews (1 epoch = 389)")
     ap.add_argument("--lm-steps", type=int, default=120, help="LoRA steps of 8 blocks of 128 tokens")
     args = ap.parse_args()
 

@@ -52,7 +52,7 @@ def finetune(method: str, train_file: Path, test_file: Path, out: Path, lr: floa
         "data": {"source": str(train_file), "eval_file": str(test_file), "text_column": "text_a",
                  "label_column": "label", "template": "评论：{text_a} 评价：", "padding": "longest"},
         "model": {"name_or_path": model},
-        "peft": {"method": method},
+        "peft": {"method": method, **({"target_modules": None} if method == "full" else {})},
         "train": {"output_dir": str(out / method), "overwrite": True, "epochs": 1, "batch_size": 16,
                   "learning_rate": lr, "warmup_steps": 20}})
     t0 = time.perf_counter()
