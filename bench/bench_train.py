@@ -99,6 +99,26 @@ def features(cfg_dict: dict, padding: str):
 # one configuration (child process)
 
 
+def train_set_loss(model, feats, pad_id: int) -> float:
+    """Mean loss per label token over the whole training split after the epoch, fp32, eval mode: the same
+    measure for every configuration (the last batch's loss depends on which rows the shuffle put last)."""
+    import torch
+
+    from clmtune.data import collate
+    from clmtune.models import forward_inputs
+    from clmtune.train import causal_lm_loss, supervised_tokens
+
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(feats), 8):
+            batch = collate(feats[k:k + 8], pad_id)
+            logits = model(**forward_inputs(model, batch)).logits
+            total += float(causal_lm_loss(logits, batch["labels"], reduction="sum"))
+            n += supervised_tokens(batch["labels"])
+    return total / n
+
+
 def run_tutorial(cfg_dict: dict) -> dict:
     """peft's causal-LM example: pad every row to max_length, model(**batch).loss (full logits), fp32."""
     from functools import partial
@@ -128,7 +148,9 @@ def run_tutorial(cfg_dict: dict) -> dict:
         opt.zero_grad()
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "final_loss": losses[-1], "steps": len(losses)}
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "final_loss": losses[-1], "steps": len(losses),
+            "train_set_loss": train_set_loss(model, feats, enc.pad_id)}
 
 
 def run_trainer(cfg_dict: dict) -> dict:
@@ -163,7 +185,7 @@ def run_trainer(cfg_dict: dict) -> dict:
     seconds = time.perf_counter() - t0
     tokens = sum(len(f["input_ids"]) for f in feats)
     return {"seconds": seconds, "tokens": tokens, "final_loss": losses[-1] if losses else float("nan"),
-            "steps": len(losses)}
+            "steps": len(losses), "train_set_loss": train_set_loss(trainer.model, feats, enc.pad_id)}
 
 
 def run_clmtune(cfg_dict: dict, precision: str) -> dict:
@@ -174,15 +196,16 @@ def run_clmtune(cfg_dict: dict, precision: str) -> dict:
     cfg = from_dict(cfg_dict).validate()
     result = train(cfg, progress=False)
     log = [json.loads(line) for line in open(Path(cfg.train.output_dir) / "train_log.jsonl")]
-    _, _, _, feats = features(cfg_dict, "longest")
+    _, _, enc, feats = features(cfg_dict, "longest")
     return {"seconds": result.seconds, "tokens": sum(len(f["input_ids"]) for f in feats),
-            "final_loss": result.final_loss, "steps": len(log)}
+            "final_loss": result.final_loss, "steps": len(log),
+            "train_set_loss": train_set_loss(result.model, feats, enc.pad_id)}
 
 
 def child(config: str, cfg_path: str) -> None:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     cfg_dict = json.loads(Path(cfg_path).read_text())
     if config == "tutorial":
         res = run_tutorial(cfg_dict)
@@ -261,11 +284,11 @@ def memory_needed_gb(model_dir: Path) -> float:
 
 
 def mfu_table(model: str, results: dict, peaks: dict) -> str:
-    lines = [f"| config | tokens/s | s/epoch | peak RSS MB | final loss | x tutorial | x trainer | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | tokens/s | s/epoch | peak RSS MB | last-batch loss | train-set loss after | x tutorial "
+             "| x trainer | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for config, r in results.items():
         lines.append(f"| {config} | {r['tokens_per_s']:.0f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['final_loss']:.4f} | {r.get('speedup_vs_tutorial') or float('nan'):.2f} | "
+                     f"{r['final_loss']:.4f} | {r['train_set_loss']:.4f} | {r.get('speedup_vs_tutorial') or float('nan'):.2f} | "
                      f"{r.get('speedup_vs_trainer') or float('nan'):.2f} | {100 * r['mfu']:.1f} % "
                      f"({r['precision']} peak) |")
     return "\n".join(lines)
@@ -315,7 +338,7 @@ Machine: {cpu}, {cores} cores ({capability}), torch {torch} (CPU), matmul peak {
 {bf16:.0f} GFLOP/s bf16 (2048x2048, best of 10). Load average when written: {load} (the machine is shared:
 absolute numbers move with the load, ratios within a run much less).
 
-Reproduce: `make bench` (or `python bench/bench_train.py`; `--models bloom`, `--configs tutorial,clmtune`,
+Reproduce: `make bench` (or `python bench/bench_train.py --threads 1`; `--models bloom`, `--configs tutorial,clmtune`,
 `--quick` for 32 GPT-2-zh rows).
 """
 
@@ -326,6 +349,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--gpt2zh-rows", type=int, default=96)
     ap.add_argument("--quick", action="store_true", help="32 GPT-2-zh rows instead of 96")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of every configuration and of the matmul peak (default: all cores; on a "
+                         "machine shared with other jobs, 1 gives steadier ratios)")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "CFG_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -333,6 +359,10 @@ def main() -> None:
 
     import platform
 
+    import torch
+
+    os.environ["BENCH_THREADS"] = str(args.threads)  # read by the children
+    torch.set_num_threads(args.threads)  # the peak with the same threads as the runs
     (HERE / "results").mkdir(exist_ok=True)
     peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
     print(f"matmul peak on this machine: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
@@ -377,7 +407,7 @@ def main() -> None:
         out = {"model": model, "description": descriptions[model],
                "when": time.strftime("%Y-%m-%d %H:%M"),
                "setup": f"{n_rows} training rows, {real_tokens} real tokens, {100 * frac:.1f} % of them supervised, "
-                        f"{flops_per_token / 1e6:.0f} MFLOP per token, {os.environ.get('BENCH_THREADS', os.cpu_count())}"
+                        f"{flops_per_token / 1e6:.0f} MFLOP per token, {args.threads}"
                         " torch threads",
                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                            "processor": platform.processor(), "load_average": os.getloadavg()},

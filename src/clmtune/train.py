@@ -593,6 +593,9 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
         mode, reason = head_trim_support(model)
         if reason:
             log.info("LM head on every position (full logits): %s", reason)
+        elif mode == "last":
+            log.info("LM head on the last labelled positions of each batch (this model's forward takes an integer "
+                     "logits_to_keep only)")
         head = (mode, virtual_tokens(model))
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and main), unit="step")
     model.train()
