@@ -283,6 +283,14 @@ def memory_needed_gb(model_dir: Path) -> float:
     return 3 * 4 * (trunk + d * vocab) / 2 ** 30 + 0.8
 
 
+def check_memory(model: str, model_dir: Path) -> None:
+    need, free = memory_needed_gb(model_dir), available_memory_gb()
+    if free is not None and free < need:
+        raise SystemExit(f"bench: the {model} model needs about {need:.1f} GB of free memory (3 x its fp32 "
+                         f"weights + 0.8 GB), but only {free:.1f} GB is available; close other programs or "
+                         f"run another model (--models {'gpt2zh' if model == 'bloom' else 'bloom'})")
+
+
 def mfu_table(model: str, results: dict, peaks: dict) -> str:
     lines = ["| config | tokens/s | s/epoch | peak RSS MB | last-batch loss | train-set loss after | x tutorial "
              "| x trainer | MFU |", "|---|---|---|---|---|---|---|---|---|"]
@@ -326,13 +334,21 @@ same run; ratios are against the tutorial's recipe (and Trainer) *of the same ru
 - **trainer**: `transformers.Trainer` + peft with `train_sampling_strategy="group_by_length"` (transformers 5's
   `group_by_length=True`), per-batch padding, full logits, fp32.
 - **clmtune**: clmtune's default: length-grouped shuffled batches with per-batch left padding, LM head only on
-  the last positions that carry a label (`logits_to_keep`), loss per supervised token, fp32.
-- **clmtune_bf16**: the same with `train.precision: bf16` (bf16 autocast; frozen base weights stored in bf16).
+  the positions that predict a label (a boolean `logits_to_keep` mask), loss per supervised token, fp32.
+- **clmtune_bf16**: the same with `train.precision: bf16` (bf16 autocast; frozen matmul weights stored in bf16
+  so autocast does not re-cast the 250,880 x 1024 head every step).
 
 tokens/s counts real (non-pad) training tokens. MFU = useful training FLOP/s (LoRA: 4 x transformer-block
 parameters per token + the LM head where a label is predicted; the same count for every configuration, see
 `training_flops_per_token`) over the matmul peak this script measures on the same machine, for the
-configuration's precision. Peak RSS is the child process's maximum resident memory.
+configuration's precision. Peak RSS is the child process's maximum resident memory. "last-batch loss" is the
+loss of the epoch's last batch (which rows end up there differs per recipe); "train-set loss after" is the mean
+per-label-token loss over the whole training split after the epoch, fp32, the same measure for every config.
+
+Threads: the tables below ran with `--threads 1`. This 2-core machine is shared with other jobs (one of them
+kept a core busy during these runs); two intra-op threads then fight for one free core and the per-config
+times swing by 2x from run to run, while one thread per run gave steady ratios. The tutorial's time moved
+between 47 s and 64 s across runs on this machine, so expect ratios to move by about +-20 %.
 
 Machine: {cpu}, {cores} cores ({capability}), torch {torch} (CPU), matmul peak {fp32:.0f} GFLOP/s fp32,
 {bf16:.0f} GFLOP/s bf16 (2048x2048, best of 10). Load average when written: {load} (the machine is shared:
@@ -374,11 +390,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"bench_{model}_"))
         model_dir = work / "model"
         build_model(model, model_dir)
-        need, free = memory_needed_gb(model_dir), available_memory_gb()
-        if free is not None and free < need:
-            raise SystemExit(f"bench: the {model} model needs about {need:.1f} GB of free memory (3 x its fp32 "
-                             f"weights + 0.8 GB), but only {free:.1f} GB is available; close other programs or "
-                             f"run another model (--models {'gpt2zh' if model == 'bloom' else 'bloom'})")
+        check_memory(model, model_dir)
         rows = 32 if args.quick else args.gpt2zh_rows
         cfg = task_config(model, model_dir, rows, work)
         cfg_path = work / "cfg.json"

@@ -4,6 +4,12 @@ Engine: a plain ``accelerate`` loop, as in peft's causal-LM example, rather than
 the same code runs on one CPU, under ``accelerate launch``/``torchrun`` (DDP, gloo on CPU) and with DeepSpeed,
 and we keep control of what the loss is computed on (only the supervised positions) and of what is saved when.
 
+Speed (issue 7, measured by bench/bench_train.py): batches are length-grouped (``EpochSampler``) and padded
+per batch; the LM head runs only on the positions that predict a label (a boolean ``logits_to_keep`` mask: for
+classification ~3 positions per row instead of ~40..256, and the head is the largest matmul for big
+vocabularies); the loss is a sum over label tokens divided by the label tokens of the whole optimizer step (all
+accumulated batches, all processes); bf16 keeps the frozen matmul weights in bf16.
+
 Checkpoints (``train.save_steps``) live in ``RUN/checkpoints/step-NNNNNN`` and hold the trainable weights, the
 optimizer, the scheduler, the RNG states and the position in the data (epoch, batches consumed). A checkpoint is
 written into a hidden temporary folder and renamed into place when complete, so a killed process never leaves a
