@@ -2,6 +2,7 @@
 
     python bench/bench_train.py            # both models, all configurations (several minutes on 2 cores)
     python bench/bench_train.py --quick    # fewer rows for the GPT-2-zh model
+    python bench/bench_train.py --threads 1   # one torch thread per run: steadier on a shared machine
 
 Each configuration runs in its own child process, one after another, so peak memory (max RSS) is its own.
 Configurations (all: one epoch, batch 8, LoRA r=8 on peft's default target modules, random weights):
@@ -296,7 +297,8 @@ def mfu_table(model: str, results: dict, peaks: dict) -> str:
              "| x trainer | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for config, r in results.items():
         lines.append(f"| {config} | {r['tokens_per_s']:.0f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['final_loss']:.4f} | {r['train_set_loss']:.4f} | {r.get('speedup_vs_tutorial') or float('nan'):.2f} | "
+                     f"{r['final_loss']:.4f} | {r['train_set_loss']:.4f} | "
+                     f"{r.get('speedup_vs_tutorial') or float('nan'):.2f} | "
                      f"{r.get('speedup_vs_trainer') or float('nan'):.2f} | {100 * r['mfu']:.1f} % "
                      f"({r['precision']} peak) |")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from tinyrun import LABELS, one_thread, tiny_cfg, twitter_rows  # noqa: F401  (fixture)
+from tinyrun import LABELS, one_thread, tiny_cfg  # noqa: F401  (fixture)
 
 import clmtune.train as train_mod
 from clmtune.config import DataConfig, ModelConfig, PeftSettings, load_config
