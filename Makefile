@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/twitter_complaints
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 		"Tweet text : @comcast my internet has been down for two days label : " \
 		"Tweet text : Thanks @JetBlue, the crew was lovely today label : "
 	@echo "demo finished: everything is in $(RUN)/"
+
+# Training speed: tutorial recipe vs Trainer vs clmtune (fp32, bf16), ratios within one run (~12 min on 2 cores)
+bench: install
+	$(BIN)/python bench/bench_train.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs

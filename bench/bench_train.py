@@ -2,6 +2,7 @@
 
     python bench/bench_train.py            # both models, all configurations (several minutes on 2 cores)
     python bench/bench_train.py --quick    # fewer rows for the GPT-2-zh model
+    python bench/bench_train.py --threads 1   # one torch thread per run: steadier on a shared machine
 
 Each configuration runs in its own child process, one after another, so peak memory (max RSS) is its own.
 Configurations (all: one epoch, batch 8, LoRA r=8 on peft's default target modules, random weights):
@@ -99,6 +100,26 @@ def features(cfg_dict: dict, padding: str):
 # one configuration (child process)
 
 
+def train_set_loss(model, feats, pad_id: int) -> float:
+    """Mean loss per label token over the whole training split after the epoch, fp32, eval mode: the same
+    measure for every configuration (the last batch's loss depends on which rows the shuffle put last)."""
+    import torch
+
+    from clmtune.data import collate
+    from clmtune.models import forward_inputs
+    from clmtune.train import causal_lm_loss, supervised_tokens
+
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(feats), 8):
+            batch = collate(feats[k:k + 8], pad_id)
+            logits = model(**forward_inputs(model, batch)).logits
+            total += float(causal_lm_loss(logits, batch["labels"], reduction="sum"))
+            n += supervised_tokens(batch["labels"])
+    return total / n
+
+
 def run_tutorial(cfg_dict: dict) -> dict:
     """peft's causal-LM example: pad every row to max_length, model(**batch).loss (full logits), fp32."""
     from functools import partial
@@ -128,7 +149,9 @@ def run_tutorial(cfg_dict: dict) -> dict:
         opt.zero_grad()
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "final_loss": losses[-1], "steps": len(losses)}
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "final_loss": losses[-1], "steps": len(losses),
+            "train_set_loss": train_set_loss(model, feats, enc.pad_id)}
 
 
 def run_trainer(cfg_dict: dict) -> dict:
@@ -163,7 +186,7 @@ def run_trainer(cfg_dict: dict) -> dict:
     seconds = time.perf_counter() - t0
     tokens = sum(len(f["input_ids"]) for f in feats)
     return {"seconds": seconds, "tokens": tokens, "final_loss": losses[-1] if losses else float("nan"),
-            "steps": len(losses)}
+            "steps": len(losses), "train_set_loss": train_set_loss(trainer.model, feats, enc.pad_id)}
 
 
 def run_clmtune(cfg_dict: dict, precision: str) -> dict:
@@ -174,15 +197,16 @@ def run_clmtune(cfg_dict: dict, precision: str) -> dict:
     cfg = from_dict(cfg_dict).validate()
     result = train(cfg, progress=False)
     log = [json.loads(line) for line in open(Path(cfg.train.output_dir) / "train_log.jsonl")]
-    _, _, _, feats = features(cfg_dict, "longest")
+    _, _, enc, feats = features(cfg_dict, "longest")
     return {"seconds": result.seconds, "tokens": sum(len(f["input_ids"]) for f in feats),
-            "final_loss": result.final_loss, "steps": len(log)}
+            "final_loss": result.final_loss, "steps": len(log),
+            "train_set_loss": train_set_loss(result.model, feats, enc.pad_id)}
 
 
 def child(config: str, cfg_path: str) -> None:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     cfg_dict = json.loads(Path(cfg_path).read_text())
     if config == "tutorial":
         res = run_tutorial(cfg_dict)
@@ -213,21 +237,128 @@ def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-def training_flops_per_token(model_dir: Path, supervised_fraction: float, head_everywhere: bool) -> float:
-    """~6 x (non-embedding parameters) per token for forward+backward of the trunk, plus the LM head
-    (2 x d x V forward, 4 x d x V backward into hidden states) at the positions where it runs.
-
-    LoRA freezes the base weights, so the weight-gradient matmuls are skipped: trunk ~ 4 x params per token instead
-    of 6. We count that (what really runs), not the 6N of full training."""
-    import json as _json
-
-    cfg = _json.loads((model_dir / "config.json").read_text())
+def model_shape(model_dir: Path) -> tuple[int, int, int, int]:
+    """(hidden size, layers, vocabulary, parameters of the transformer blocks) from config.json."""
+    cfg = json.loads((model_dir / "config.json").read_text())
     d = cfg.get("hidden_size") or cfg.get("n_embd")
     layers = cfg.get("n_layer") or cfg.get("num_hidden_layers")
-    vocab = cfg["vocab_size"]
-    trunk = 12 * d * d * layers  # attention 4d^2 + MLP 8d^2 per layer
-    head_share = 1.0 if head_everywhere else supervised_fraction
-    return 4 * trunk + 6 * d * vocab * head_share
+    return d, layers, cfg["vocab_size"], 12 * d * d * layers  # attention 4d^2 + MLP 8d^2 per layer
+
+
+def training_flops_per_token(model_dir: Path, supervised_fraction: float) -> float:
+    """Useful training FLOPs per real (non-pad) token of a LoRA run: the same number for every configuration,
+    so MFU compares how much of the machine each one turns into useful work (padding and LM-head positions
+    without a label are wasted work, not counted).
+
+    Trunk: LoRA freezes the base weights, so backward skips the weight-gradient matmuls: forward 2N + backward
+    2N (input gradients) = 4N per token, not the 6N of full fine-tuning (LoRA's own r=8 matmuls: < 2 %, left out).
+    LM head: needed only where a label is predicted: 2dV forward + 2dV backward into the hidden states, on the
+    supervised fraction of tokens. Attention scores (4 L d per layer and token) are left out: < 10 % at L <= 256.
+    """
+    d, _, vocab, trunk = model_shape(model_dir)
+    return 4 * trunk + 4 * d * vocab * supervised_fraction
+
+
+def supervised_fraction(cfg_dict: dict) -> tuple[float, int, int]:
+    """(supervised tokens / real tokens, real tokens, rows) of the training split."""
+    _, _, _, feats = features(cfg_dict, "longest")
+    real = sum(len(f["input_ids"]) for f in feats)
+    sup = sum(sum(1 for x in f["labels"][1:] if x != -100) for f in feats)
+    return sup / real, real, len(feats)
+
+
+def available_memory_gb() -> float | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
+def memory_needed_gb(model_dir: Path) -> float:
+    """Peak of the hungriest configuration, from the measured runs: ~3x the fp32 weights (weights, the bf16/fp32
+    copies and logits of the full-logits recipes) plus ~0.8 GB of Python, torch and activations."""
+    d, _, vocab, trunk = model_shape(model_dir)
+    return 3 * 4 * (trunk + d * vocab) / 2 ** 30 + 0.8
+
+
+def check_memory(model: str, model_dir: Path) -> None:
+    need, free = memory_needed_gb(model_dir), available_memory_gb()
+    if free is not None and free < need:
+        raise SystemExit(f"bench: the {model} model needs about {need:.1f} GB of free memory (3 x its fp32 "
+                         f"weights + 0.8 GB), but only {free:.1f} GB is available; close other programs or "
+                         f"run another model (--models {'gpt2zh' if model == 'bloom' else 'bloom'})")
+
+
+def mfu_table(model: str, results: dict, peaks: dict) -> str:
+    lines = ["| config | tokens/s | s/epoch | peak RSS MB | last-batch loss | train-set loss after | x tutorial "
+             "| x trainer | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+    for config, r in results.items():
+        lines.append(f"| {config} | {r['tokens_per_s']:.0f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['final_loss']:.4f} | {r['train_set_loss']:.4f} | "
+                     f"{r.get('speedup_vs_tutorial') or float('nan'):.2f} | "
+                     f"{r.get('speedup_vs_trainer') or float('nan'):.2f} | {100 * r['mfu']:.1f} % "
+                     f"({r['precision']} peak) |")
+    return "\n".join(lines)
+
+
+def write_readme(peaks: dict) -> None:
+    """bench/README.md: the machine and one table per results file."""
+    import platform
+
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    parts = [README_HEAD.format(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__,
+                                capability=torch.backends.cpu.get_cpu_capability(),
+                                fp32=peaks["fp32"] / 1e9, bf16=peaks["bf16"] / 1e9,
+                                load=" ".join(f"{x:.1f}" for x in os.getloadavg()))]
+    for f in sorted((HERE / "results").glob("train_*.json")):
+        res = json.loads(f.read_text())
+        if "mfu" not in next(iter(res["results"].values())):
+            continue  # an older file without MFU
+        parts.append(f"### {res['model']}: {res['description']}\n\nMeasured {res['when']}; {res['setup']}.\n\n"
+                     + mfu_table(res["model"], res["results"], res["matmul_peak_flops"]) + "\n")
+    (HERE / "README.md").write_text("\n".join(parts), encoding="utf-8")
+
+
+README_HEAD = """# Training benchmark (`bench/bench_train.py`, `make bench`)
+
+One epoch of LoRA (r=8, alpha 32, dropout 0.1; peft's default target modules) with batch 8, AdamW 3e-3, random
+weights, real tokenizers and data. Every configuration runs in its own child process, one after another, in the
+same run; ratios are against the tutorial's recipe (and Trainer) *of the same run*.
+
+- **tutorial**: peft's causal-LM example: every row padded to `max_length`, `model(**batch).loss` (LM head and
+  loss at every position), fp32, plain loop, random batches.
+- **trainer**: `transformers.Trainer` + peft with `train_sampling_strategy="group_by_length"` (transformers 5's
+  `group_by_length=True`), per-batch padding, full logits, fp32.
+- **clmtune**: clmtune's default: length-grouped shuffled batches with per-batch left padding, LM head only on
+  the positions that predict a label (a boolean `logits_to_keep` mask), loss per supervised token, fp32.
+- **clmtune_bf16**: the same with `train.precision: bf16` (bf16 autocast; frozen matmul weights stored in bf16
+  so autocast does not re-cast the 250,880 x 1024 head every step).
+
+tokens/s counts real (non-pad) training tokens. MFU = useful training FLOP/s (LoRA: 4 x transformer-block
+parameters per token + the LM head where a label is predicted; the same count for every configuration, see
+`training_flops_per_token`) over the matmul peak this script measures on the same machine, for the
+configuration's precision. Peak RSS is the child process's maximum resident memory. "last-batch loss" is the
+loss of the epoch's last batch (which rows end up there differs per recipe); "train-set loss after" is the mean
+per-label-token loss over the whole training split after the epoch, fp32, the same measure for every config.
+
+Threads: the tables below ran with `--threads 1`. This 2-core machine is shared with other jobs (one of them
+kept a core busy during these runs); two intra-op threads then fight for one free core and the per-config
+times swing by 2x from run to run, while one thread per run gave steady ratios. The tutorial's time moved
+between 47 s and 64 s across runs on this machine, so expect ratios to move by about +-20 %.
+
+Machine: {cpu}, {cores} cores ({capability}), torch {torch} (CPU), matmul peak {fp32:.0f} GFLOP/s fp32,
+{bf16:.0f} GFLOP/s bf16 (2048x2048, best of 10). Load average when written: {load} (the machine is shared:
+absolute numbers move with the load, ratios within a run much less).
+
+Reproduce: `make bench` (or `python bench/bench_train.py --threads 1`; `--models bloom`, `--configs tutorial,clmtune`,
+`--quick` for 32 GPT-2-zh rows).
+"""
 
 
 def main() -> None:
@@ -236,6 +367,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--gpt2zh-rows", type=int, default=96)
     ap.add_argument("--quick", action="store_true", help="32 GPT-2-zh rows instead of 96")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of every configuration and of the matmul peak (default: all cores; on a "
+                         "machine shared with other jobs, 1 gives steadier ratios)")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "CFG_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -243,17 +377,28 @@ def main() -> None:
 
     import platform
 
+    import torch
+
+    os.environ["BENCH_THREADS"] = str(args.threads)  # read by the children
+    torch.set_num_threads(args.threads)  # the peak with the same threads as the runs
     (HERE / "results").mkdir(exist_ok=True)
     peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
     print(f"matmul peak on this machine: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    descriptions = {"bloom": "BLOOM architecture, 4 layers x 1024, vocabulary 250,880, RAFT twitter_complaints "
+                             "(50 rows, max_length 64)",
+                    "gpt2zh": "GPT-2 architecture, 12 layers x 768, vocabulary 21,128 (BERT Chinese characters), "
+                              "ChnSentiCorp reviews as 好评/差评 classification (max_length 256)"}
     for model in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"bench_{model}_"))
         model_dir = work / "model"
         build_model(model, model_dir)
+        check_memory(model, model_dir)
         rows = 32 if args.quick else args.gpt2zh_rows
         cfg = task_config(model, model_dir, rows, work)
         cfg_path = work / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
+        frac, real_tokens, n_rows = supervised_fraction(cfg)
+        flops_per_token = training_flops_per_token(model_dir, frac)
         results = {}
         for config in args.configs.split(","):
             print(f"[{model}] {config} ...", flush=True)
@@ -264,19 +409,28 @@ def main() -> None:
                 print(proc.stderr[-3000:])
                 raise SystemExit(f"{model}/{config} failed")
             results[config] = json.loads(line[0][7:])
-        base = results.get("tutorial")
-        print(f"\n{model}: 1 epoch, batch 8\n| config | tokens/s | s/epoch | peak RSS MB | final loss | x tutorial |")
-        print("|---|---|---|---|---|---|")
+        base, trainer = results.get("tutorial"), results.get("trainer")
         for config, r in results.items():
+            r["precision"] = "bf16" if config.endswith("bf16") else "fp32"
             r["tokens_per_s"] = r["tokens"] / r["seconds"]
             r["speedup_vs_tutorial"] = base["seconds"] / r["seconds"] if base else None
-            print(f"| {config} | {r['tokens_per_s']:.0f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
-                  f"{r['final_loss']:.4f} | {r['speedup_vs_tutorial'] or float('nan'):.2f} |")
-        out = {"model": model, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                           "processor": platform.processor()},
-               "matmul_peak_flops": peaks, "results": results}
-        (HERE / "results" / f"train_{model}.json").write_text(json.dumps(out, indent=2))
+            r["speedup_vs_trainer"] = trainer["seconds"] / r["seconds"] if trainer else None
+            r["achieved_flops"] = flops_per_token * r["tokens_per_s"]
+            r["mfu"] = r["achieved_flops"] / peaks[r["precision"]]
+        print(f"\n{model}: 1 epoch, batch 8\n" + mfu_table(model, results, peaks))
+        out = {"model": model, "description": descriptions[model],
+               "when": time.strftime("%Y-%m-%d %H:%M"),
+               "setup": f"{n_rows} training rows, {real_tokens} real tokens, {100 * frac:.1f} % of them supervised, "
+                        f"{flops_per_token / 1e6:.0f} MFLOP per token, {args.threads}"
+                        " torch threads",
+               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                           "processor": platform.processor(), "load_average": os.getloadavg()},
+               "matmul_peak_flops": peaks, "flops_per_token": flops_per_token, "supervised_fraction": frac,
+               "results": results}
+        (HERE / "results" / f"train_{model}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
         print(f"written bench/results/train_{model}.json\n")
+    write_readme(peaks)
+    print("written bench/README.md")
 
 
 if __name__ == "__main__":

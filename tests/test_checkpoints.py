@@ -35,11 +35,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, one_thread,
     calls = {"n": 0}
     real_loss = train_mod.causal_lm_loss
 
-    def crash_on_fifth_batch(logits, labels):
+    def crash_on_fifth_batch(logits, labels, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise RuntimeError("simulated crash")
-        return real_loss(logits, labels)
+        return real_loss(logits, labels, **kw)
 
     cfg = _cfg(tmp_path, "crashed", method)
     monkeypatch.setattr(train_mod, "causal_lm_loss", crash_on_fifth_batch)

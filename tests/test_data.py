@@ -61,7 +61,7 @@ def test_dynamic_padding_pads_to_longest_row_on_the_left():
     batch = collate(feats, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]  # a first token has no context
     assert collate(feats, pad_id=0, pad_to_multiple_of=4)["input_ids"].shape == (2, 4)
 
 

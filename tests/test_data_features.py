@@ -171,7 +171,8 @@ def test_lm_packing_exact_blocks_and_labels(tmp_path, zh_tok):
     assert [len(f["input_ids"]) for f in prep.train] == [10, 10, 4]
     batch = collate(list(prep.train), prep.pad_id)
     assert batch["input_ids"][2].tolist() == [zh_tok.pad_token_id] * 6 + stream[20:]
-    assert batch["labels"][2].tolist() == [IGNORE_INDEX] * 6 + stream[20:]
+    # the row's first real token is not a target: only a pad position stands before it
+    assert batch["labels"][2].tolist() == [IGNORE_INDEX] * 7 + stream[21:]
 
 
 def test_lm_labels_give_the_models_own_loss(tmp_path, zh_tok):
@@ -196,7 +197,8 @@ def test_lm_labels_give_the_models_own_loss(tmp_path, zh_tok):
         ours = causal_lm_loss(out.logits, batch["labels"])
     assert torch.allclose(out.loss, ours, atol=1e-6)
     n_real = int(batch["attention_mask"].sum())
-    assert int((batch["labels"] != IGNORE_INDEX).sum()) == n_real  # every real token is a target
+    # every real token but each row's first (nothing before it to predict it from) is a target
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == n_real - len(feats)
 
 
 def test_lm_without_packing_one_text_per_row_truncation_counted(tmp_path, zh_tok):

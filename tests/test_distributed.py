@@ -22,7 +22,9 @@ def test_torchrun_two_processes(tmp_path):
     data = twitter_rows(tmp_path, 16)  # 12 train rows = 4 batches of 3 = 2 per process per epoch
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1",
+           # the CPU/gloo path, also on a machine with one GPU (two processes cannot share cuda:0 under NCCL)
+           "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "clmtune", "train", "--output-dir", str(out), "--no-eval", "--data.source", str(data),
            "--data.eval_fraction", "0.25", "--data.labels", "[complaint, no complaint]", "--train.batch_size", "3",

@@ -19,20 +19,19 @@ from clmtune.text import clean_text, edit_distance, nearest_label
 ZH_PROMPTS = ["房间很干净", "我们去游泳池和健身房吧，然后吃饭", "好"]
 
 
+def _tiny(name: str):
+    cfg = ModelConfig(f"builtin:{name}")
+    return load_model(cfg).eval(), load_tokenizer(cfg)
+
+
 @pytest.fixture(scope="module")
 def zh():
-    cfg = ModelConfig("builtin:tiny-gpt2-zh")
-    model = load_model(cfg)
-    model.eval()
-    return model, load_tokenizer(cfg)
+    return _tiny("tiny-gpt2-zh")
 
 
 @pytest.fixture(scope="module")
 def opt():
-    cfg = ModelConfig("builtin:tiny-opt")
-    model = load_model(cfg)
-    model.eval()
-    return model, load_tokenizer(cfg)
+    return _tiny("tiny-opt")
 
 
 def test_clean_text_joins_cjk_and_keeps_latin_spaces():

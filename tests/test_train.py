@@ -16,7 +16,7 @@ from clmtune.models import forward_inputs, load_model, load_run
 def test_lora_trains_only_the_adapter(trained):
     cfg, result = trained
     base = load_model(cfg.model)
-    trained_state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+    trained_state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.cpu()
                      for k, v in result.model.state_dict().items()}
     changed_lora = 0
     for name, value in trained_state.items():
@@ -61,9 +61,12 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_the_same_logits(trained):
     with torch.no_grad():
         a = ours(**forward_inputs(ours, batch)).logits
         b = plain(**forward_inputs(plain, batch)).logits
-        trained_logits = result.model.eval()(**forward_inputs(result.model, batch)).logits
+        # the model left in memory by train() (on the GPU when there is one) gives the same logits as the reloads
+        trained = result.model.eval()
+        device = next(trained.parameters()).device
+        trained_logits = trained(**{k: v.to(device) for k, v in forward_inputs(trained, batch).items()}).logits.cpu()
     assert torch.equal(a, b)
-    assert torch.allclose(a, trained_logits, atol=1e-5)
+    assert torch.allclose(a, trained_logits, atol=1e-4)
 
 
 def test_refuses_to_overwrite_a_finished_run(trained):

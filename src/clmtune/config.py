@@ -117,6 +117,10 @@ class DataConfig:
     """``longest``: left-pad each batch to its longest row (fast); ``max_length``: pad every row to
     ``max_length`` (the tutorial's recipe)."""
 
+    pad_to_multiple_of: int | None = None
+    """``padding: longest`` only: round each batch's length up to a multiple of this (e.g. 8 for tensor-core or
+    oneDNN-friendly shapes); ``None``: exactly the longest row."""
+
     packing: bool = True
     """``lm`` only: concatenate all texts (each + end token) and cut them into ``block_size`` blocks; ``false``:
     one text per row, cut to ``max_length`` and padded."""
@@ -213,7 +217,17 @@ class TrainConfig:
     """Write a ``train_log.jsonl`` line every N optimizer steps."""
 
     precision: str = "fp32"
-    """``fp32``, or ``bf16`` autocast (weights of trainable parameters stay fp32)."""
+    """``fp32``, or ``bf16`` autocast (weights of trainable parameters stay fp32; frozen base weights are stored in
+    bf16 so autocast does not re-cast them every step). On a CPU without bf16 support, training falls back to fp32
+    with a warning naming the reason."""
+
+    group_by_length: bool = True
+    """Batch rows of similar length together (shuffled groups: rows are shuffled, sorted by length within groups
+    of 50 batches, and the batches shuffled), so per-batch padding adds few pad tokens; ``false``: plain shuffle."""
+
+    logits_on_labels_only: bool = True
+    """Run the LM head only on the last positions that carry a label (``logits_to_keep``), not at every position;
+    the loss is the same. Falls back to full logits (logged) for models whose forward has no ``logits_to_keep``."""
 
     save_steps: int | None = None
     """Write a checkpoint (adapter, optimizer, scheduler, RNG states, step) every N optimizer steps and at the end,
@@ -327,6 +341,9 @@ class RunConfig:
         if d.labels is not None and len(set(d.labels)) != len(d.labels):
             p.append(f"data.labels has duplicates: {d.labels}")
         positive("data.max_length", d.max_length)
+        if d.pad_to_multiple_of is not None and d.pad_to_multiple_of <= 0:
+            p.append(f"data.pad_to_multiple_of={d.pad_to_multiple_of!r} must be a positive integer such as 8, or "
+                     "null to pad each batch to exactly its longest row")
         if d.block_size is not None:
             positive("data.block_size", d.block_size)
         if d.task == "sft" and not d.response_template:

@@ -364,6 +364,20 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return inputs
 
 
+def _renaming_kwarg(fn, name: str, as_name: str):
+    """``fn`` called with keyword ``name`` passed as ``as_name``, and ``as_name`` in its output dict renamed back."""
+
+    def wrapped(*args, **kwargs):
+        if name in kwargs:
+            kwargs[as_name] = kwargs.pop(name)
+        out = fn(*args, **kwargs)
+        if as_name in out:
+            out[name] = out.pop(as_name)
+        return out
+
+    return wrapped
+
+
 def fix_prompt_learning_generation(model) -> None:
     """Make peft's generation with virtual tokens work on transformers >= 5.2x (in place, idempotent).
 
@@ -383,21 +397,8 @@ def fix_prompt_learning_generation(model) -> None:
         return
     peft_prepare = model.prepare_inputs_for_generation
 
-    def base_prepare_as_peft_expects(*args, **kwargs):
-        if "past_key_values" in kwargs:
-            kwargs["cache"] = kwargs.pop("past_key_values")
-        out = base_prepare(*args, **kwargs)
-        if "cache" in out:
-            out["past_key_values"] = out.pop("cache")
-        return out
-
-    def prepare(*args, **kwargs):
-        if "cache" in kwargs:
-            kwargs["past_key_values"] = kwargs.pop("cache")
-        out = peft_prepare(*args, **kwargs)
-        if "past_key_values" in out:
-            out["cache"] = out.pop("past_key_values")
-        return out
+    base_prepare_as_peft_expects = _renaming_kwarg(base_prepare, "past_key_values", "cache")
+    prepare = _renaming_kwarg(peft_prepare, "cache", "past_key_values")
 
     model.base_model_prepare_inputs_for_generation = base_prepare_as_peft_expects
     model.prepare_inputs_for_generation = prepare  # peft.generate installs this on the base model

@@ -4,6 +4,12 @@ Engine: a plain ``accelerate`` loop, as in peft's causal-LM example, rather than
 the same code runs on one CPU, under ``accelerate launch``/``torchrun`` (DDP, gloo on CPU) and with DeepSpeed,
 and we keep control of what the loss is computed on (only the supervised positions) and of what is saved when.
 
+Speed (issue 7, measured by bench/bench_train.py): batches are length-grouped (``EpochSampler``) and padded
+per batch; the LM head runs only on the positions that predict a label (a boolean ``logits_to_keep`` mask: for
+classification ~3 positions per row instead of ~40..256, and the head is the largest matmul for big
+vocabularies); the loss is a sum over label tokens divided by the label tokens of the whole optimizer step (all
+accumulated batches, all processes); bf16 keeps the frozen matmul weights in bf16.
+
 Checkpoints (``train.save_steps``) live in ``RUN/checkpoints/step-NNNNNN`` and hold the trainable weights, the
 optimizer, the scheduler, the RNG states and the position in the data (epoch, batches consumed). A checkpoint is
 written into a hidden temporary folder and renamed into place when complete, so a killed process never leaves a
@@ -14,6 +20,9 @@ ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import itertools
 import json
 import logging
 import math
@@ -32,7 +41,7 @@ from clmtune.config import RunConfig, save_config
 from clmtune.data import IGNORE_INDEX, collate, prepare_data
 from clmtune.errors import ClmtuneError
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
-                             load_tokenizer, resolve_model_path)
+                             load_tokenizer, peft_type, resolve_model_path)
 
 log = logging.getLogger("clmtune")
 
@@ -57,19 +66,100 @@ class TrainResult:
     """The trained (unwrapped) model, for callers that go on in the same process."""
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over supervised positions.
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over supervised positions: their mean, or (``reduction="sum"``) their sum.
 
     logits: (B, L, V); labels: (B, T). The two are aligned on the right: L < T when the LM head only ran on the
     last positions, L > T when peft prepended virtual tokens (prompt tuning, p-tuning: L = n_virtual + T).
     Position t predicts token t+1, so logits[:, :-1] are scored against labels[:, 1:] (of the same last T).
+    logits (N, V) (the LM head ran only on the supervised positions, see ``head_positions``): row k scores the
+    k-th supervised label of labels[:, 1:] in row-major order.
     """
+    if logits.dim() == 2:
+        targets = labels[:, 1:]
+        targets = targets[targets != IGNORE_INDEX]  # (N,), row-major like hidden_states[mask]
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
     n = min(logits.shape[1], labels.shape[1])
     logits, labels = logits[:, -n:], labels[:, -n:]
     shift_logits = logits[:, :-1].float()  # (B, n-1, V); fp32 for a stable log-softmax under bf16 autocast
     shift_labels = labels[:, 1:]
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Number of positions that carry loss: labels (B, T) -> count of labels[:, 1:] != IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many last positions the LM head must run on so that every supervised label is predicted.
+
+    labels (B, T), left-padded: label t is predicted by position t-1, so with j the first column where any row
+    is supervised, the last T - j + 1 positions suffice (a classification batch: label words + end + 1, ~4 of
+    T ~ 40..256). Returns T (every position) when column 0 is supervised (``lm`` rows).
+    """
+    columns = (labels != IGNORE_INDEX).any(0)  # (T,)
+    if not bool(columns.any()):
+        return 1
+    first = int(columns.float().argmax())
+    return int(labels.shape[1]) - max(first - 1, 0)
+
+
+def head_trim_support(model) -> tuple[str | None, str | None]:
+    """How the LM head can be limited to the positions that need it: ``("mask", None)`` when the model slices its
+    hidden states with transformers' ``slice_logits_to_keep`` (a boolean (B, L) mask keeps exactly the supervised
+    positions), ``("last", None)`` when it takes an integer ``logits_to_keep``, ``(None, reason)`` when it cannot
+    (then training computes full logits)."""
+    import sys
+
+    unwrapped = getattr(model, "module", model)
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return None, f"{type(base).__name__}.forward has no logits_to_keep argument"
+    if getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None:
+        return "mask", None
+    return "last", None
+
+
+def virtual_tokens(model) -> int:
+    """Positions peft puts in front of the input (prompt tuning, p-tuning); prefix tuning's go to the KV cache."""
+    unwrapped = getattr(model, "module", model)
+    if peft_type(unwrapped) in ("PROMPT_TUNING", "P_TUNING"):
+        return int(unwrapped.active_peft_config.num_virtual_tokens)
+    return 0
+
+
+def head_positions(labels: torch.Tensor, mode: str, n_virtual: int = 0) -> torch.Tensor | int:
+    """``logits_to_keep`` for a left-padded batch. ``last``: the int K of ``logits_to_keep(labels)``.
+    ``mask``: a bool (B, n_virtual + T) mask of the positions that predict a label (position t predicts label
+    t+1); the model then returns (N, V) logits, N = supervised tokens, and the LM head (a d x V matmul, the
+    largest one for big vocabularies) runs on nothing else. The mask makes transformers gather the hidden states
+    into one contiguous (N, d) tensor; an int K slices a non-contiguous (B, K, d) view, which F.linear turns into a
+    batched matmul against the weight broadcast B times: measured 3x slower than one (N, d) x (d, V) mm."""
+    if mode == "last":
+        return logits_to_keep(labels)
+    mask = torch.zeros(labels.shape[0], n_virtual + labels.shape[1], dtype=torch.bool, device=labels.device)
+    mask[:, n_virtual:-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def bf16_unsupported_reason() -> str | None:
+    """``None`` when this machine can train with bf16 autocast at speed, else why not (a one-line reason).
+
+    CUDA: the GPU must support bf16 (Ampere or newer). CPU: oneDNN must have bf16 kernels (AVX512-BF16/AMX, or
+    AVX512 emulation); without them bf16 matmuls run through slow reference code, slower than fp32.
+    """
+    if torch.cuda.is_available():
+        return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support (needs Ampere or newer)"
+    try:
+        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        ok = False
+    if not ok:
+        return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bf16 matmuls in oneDNN "
+                "(needs AVX512-BF16, AMX or at least AVX512)")
+    return None
 
 
 def run_is_finished(path: Path) -> bool:
@@ -106,6 +196,14 @@ def trainable_summary(model) -> dict[str, int]:
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffled order of ``n`` rows that is a pure function of (seed, epoch), optionally without its first rows.
 
+    With ``lengths`` the order is length-grouped (``train.group_by_length``): rows are shuffled, cut into groups
+    of ``mega_batches`` batches, each group sorted by length (stable sort, so ties keep their random order) and
+    cut into batches, and the full batches are shuffled; the batch holding the longest row goes first (an
+    out-of-memory error shows on step 1, not at the end of the epoch) and a partial batch, if any, last, so that
+    the DataLoader's consecutive ``batch_size`` chunks are exactly these batches. The same idea as transformers'
+    ``LengthGroupedSampler``; hand-written because that one keeps the groups in order and draws from a generator
+    whose state depends on the past (resuming needs a pure function of the epoch).
+
     Hand-written on purpose: ``RandomSampler`` draws each epoch's order from a generator whose state depends on
     everything drawn before, so a resumed run would have to replay it; here ``set_epoch`` alone restores it.
     Skipping is done here too, not with ``accelerate``'s ``skip_first_batches``: that builds a new DataLoader
@@ -113,8 +211,10 @@ class EpochSampler(torch.utils.data.Sampler):
     ``accelerate`` shards the batches of this sampler across processes (DDP).
     """
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
+                 mega_batches: int = 50):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.lengths, self.batch_size, self.mega_batches = lengths, batch_size, mega_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Called by accelerate's DataLoaderShard at every ``iter()`` with its own epoch counter."""
@@ -127,19 +227,37 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.n - self.skip
 
-    def __iter__(self):
+    def order(self) -> list[int]:
+        """The whole epoch's row order (before skipping)."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.skip:].tolist())
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None or self.batch_size <= 1:
+            return perm
+        b, group = self.batch_size, self.batch_size * self.mega_batches
+        batches = []
+        for start in range(0, self.n, group):  # every group but the last is a whole number of batches
+            rows = sorted(perm[start:start + group], key=lambda i: -self.lengths[i])
+            batches += [rows[k:k + b] for k in range(0, len(rows), b)]
+        partial = [x for x in batches if len(x) < b]  # at most one: the end of the last group
+        full = [x for x in batches if len(x) == b]
+        full = [full[k] for k in torch.randperm(len(full), generator=g).tolist()]
+        if full:
+            longest = max(range(len(full)), key=lambda k: max(self.lengths[i] for i in full[k]))
+            full[0], full[longest] = full[longest], full[0]
+        return [i for batch in full + partial for i in batch]
+
+    def __iter__(self):
+        return iter(self.order()[self.skip:])
 
 
 class _RowCollator:
     """``data.collate`` plus the rows' indices (``rows``: (B,)), so we can report which rows each process saw."""
 
-    def __init__(self, pad_id: int, length: int | None):
-        self.pad_id, self.length = pad_id, length
+    def __init__(self, pad_id: int, length: int | None, pad_to_multiple_of: int | None = None):
+        self.pad_id, self.length, self.multiple = pad_id, length, pad_to_multiple_of
 
     def __call__(self, feats):
-        batch = collate(feats, self.pad_id, length=self.length)
+        batch = collate(feats, self.pad_id, length=self.length, pad_to_multiple_of=self.multiple)
         batch["rows"] = torch.tensor([f["row"] for f in feats])
         return batch
 
@@ -283,7 +401,7 @@ def _check_same_config(cfg: RunConfig, saved: dict, ckpt: Path) -> None:
 # Training
 
 
-def _accelerator(cfg: RunConfig):
+def _accelerator(cfg: RunConfig, precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -309,7 +427,72 @@ def _accelerator(cfg: RunConfig):
         # process silently trains alone on all the data). `accelerate launch --cpu` sets this itself.
         kwargs["cpu"] = True
     return Accelerator(gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
-                       mixed_precision="bf16" if t_cfg.precision == "bf16" else "no", **kwargs)
+                       mixed_precision="bf16" if precision == "bf16" else "no", **kwargs)
+
+
+def frozen_matmul_weights_to_bf16(model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Store the frozen Linear/Conv1D weights in bf16 for bf16 autocast; returns (parameter, fp32 data) pairs
+    to put back with ``restore_weights``.
+
+    Hidden cost this removes: autocast only caches its bf16 casts of weights that require grad, so it re-casts
+    every frozen weight at every forward. For BLOOM's 250,880 x 1024 LM head that is 1 GB read + 0.5 GB written
+    per step (0.27 s measured on this 2-core machine), more than the head's matmul on the labelled positions.
+    The matmuls see exactly the bf16 weights autocast would have made; a tied input embedding becomes bf16 too
+    (as when loading the model in bf16). Trainable weights (the adapter) stay fp32. Memory: the fp32 originals
+    are kept, so frozen matmul weights take 1.5x their fp32 size during training.
+    """
+    swapped, seen = [], set()
+    for module in model.modules():
+        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        w = module.weight
+        if w.requires_grad or w.dtype != torch.float32 or id(w) in seen:
+            continue
+        seen.add(id(w))
+        swapped.append((w, w.data))
+        w.data = w.data.to(torch.bfloat16)
+    return swapped
+
+
+def restore_weights(swapped: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    for w, data in swapped:
+        w.data = data
+
+
+def _train_window(window: list[dict], model, accelerator, head: tuple[str | None, int], n_proc: int,
+                  rows_seen: list[int] | None) -> tuple[float, int]:
+    """Forward + backward over one optimizer step's batches (gradient accumulation); returns the summed loss and
+    the number of supervised tokens of the window, over all processes.
+
+    The gradient is that of (sum of token losses) / (supervised tokens of the whole window, all processes): each
+    token weighs the same, however the tokens fall into batches and processes (the mean of per-batch means would
+    overweight short labels in small batches). ``accelerator.backward`` divides by its accumulation steps and DDP
+    averages over processes; the scale undoes both. Costs one all-reduce of one integer per step under DDP.
+    """
+    n_sup = sum(supervised_tokens(b["labels"]) for b in window)
+    if n_proc > 1:
+        n_sup = int(accelerator.reduce(torch.tensor(n_sup, device=accelerator.device), "sum"))
+    scale = accelerator.gradient_accumulation_steps * n_proc / max(n_sup, 1)
+    total = 0.0
+    for k, batch in enumerate(window):
+        rows = batch.pop("rows")
+        if rows_seen is not None:
+            rows_seen.extend(rows.tolist())
+        last = k == len(window) - 1
+        # our own accumulation, not accelerator.accumulate(): the window is fetched ahead (to count its tokens),
+        # which makes accelerate's end-of-dataloader test fire one window early
+        accelerator.gradient_state._set_sync_gradients(last)
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            inputs = forward_inputs(model, batch)
+            if head[0]:  # LM head (d x V matmul) on the supervised positions only: (N, V) logits, not (B, T, V)
+                inputs["logits_to_keep"] = head_positions(batch["labels"], *head)
+            logits = model(**inputs).logits
+            loss = causal_lm_loss(logits, batch["labels"], reduction="sum")
+            accelerator.backward(loss * scale)
+        total += loss.item()
+    if n_proc > 1:  # the logged loss is the mean over every process's tokens
+        total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
+    return total, n_sup
 
 
 def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> TrainResult:
@@ -323,7 +506,11 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
 
     t_cfg = cfg.train
     out = Path(t_cfg.output_dir)
-    accelerator = _accelerator(cfg)
+    precision = t_cfg.precision
+    if precision == "bf16" and (reason := bf16_unsupported_reason()):
+        log.warning("train.precision=bf16 asked for, but %s; training in fp32 instead", reason)
+        precision = "fp32"
+    accelerator = _accelerator(cfg, precision)
     main = accelerator.is_main_process
     n_proc = accelerator.num_processes
     ckpt = None
@@ -355,13 +542,17 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
              cfg.peft.method, params["trainable_params"], params["all_params"],
              100 * params["trainable_params"] / params["all_params"])
 
-    sampler = EpochSampler(len(features), t_cfg.seed)
+    swapped = []
+    if precision == "bf16" and t_cfg.deepspeed is None and is_peft:
+        swapped = frozen_matmul_weights_to_bf16(model)
+    lengths = [len(f["input_ids"]) for f in features] if t_cfg.group_by_length else None
+    sampler = EpochSampler(len(features), t_cfg.seed, lengths, t_cfg.batch_size)
     length = cfg.data.max_length if cfg.data.padding == "max_length" else None
     # Own generator: DataLoader draws a base seed per epoch; from the global RNG that would shift dropout masks
     # between an uninterrupted and a resumed run.
     loader = torch.utils.data.DataLoader(features, batch_size=t_cfg.batch_size, sampler=sampler,
                                          generator=torch.Generator().manual_seed(t_cfg.seed),
-                                         collate_fn=_RowCollator(data.pad_id, length))
+                                         collate_fn=_RowCollator(data.pad_id, length, cfg.data.pad_to_multiple_of))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t_cfg.learning_rate,
                                   weight_decay=t_cfg.weight_decay)
     # Per process: accelerate hands each process every n_proc-th batch (padding the last round: even_batches).
@@ -404,6 +595,16 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
         last_saved = step
         log.debug("checkpoint written: %s", where)
 
+    ga = t_cfg.gradient_accumulation_steps
+    head: tuple[str | None, int] = (None, 0)  # (head_positions mode, virtual tokens)
+    if t_cfg.logits_on_labels_only:
+        mode, reason = head_trim_support(model)
+        if reason:
+            log.info("LM head on every position (full logits): %s", reason)
+        elif mode == "last":
+            log.info("LM head on the last labelled positions of each batch (this model's forward takes an integer "
+                     "logits_to_keep only)")
+        head = (mode, virtual_tokens(model))
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and main), unit="step")
     model.train()
     if ckpt is not None:
@@ -416,24 +617,18 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
             batch_in_epoch = skip if epoch == epoch0 else 0
             loader.set_epoch(epoch)  # DataLoaderShard re-sends its counter to the sampler at iter(): keep them equal
             sampler.skip_rows(batch_in_epoch * n_proc * t_cfg.batch_size)
-            for batch in loader:
-                rows = batch.pop("rows")
-                if epoch == 0:
-                    rows_seen.extend(rows.tolist())
-                with accelerator.accumulate(model):
-                    logits = model(**forward_inputs(model, batch)).logits
-                    loss = causal_lm_loss(logits, batch["labels"])
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                batch_in_epoch += 1
-                window_tokens += int(batch["attention_mask"].sum())
-                losses.append(loss.item())
+            batches = iter(loader)
+            while window := list(itertools.islice(batches, ga)):
+                loss_sum, n_sup = _train_window(window, model, accelerator, head, n_proc, rows_seen
+                                                if epoch == 0 else None)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                batch_in_epoch += len(window)
+                window_tokens += sum(int(b["attention_mask"].sum()) for b in window)
+                losses.append(loss_sum / max(n_sup, 1))
                 if first_loss is None:
                     first_loss = losses[0]
-                if not accelerator.sync_gradients:
-                    continue
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -453,6 +648,7 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
         bar.close()
         if log_file:
             log_file.close()
+        restore_weights(swapped)  # the returned model is the fp32 one saved to disk
     seconds = time.perf_counter() - t0
     if not losses and ckpt is None:
         raise ClmtuneError("no training step was run; check train.epochs, train.max_steps and the data")
@@ -474,7 +670,8 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
         os.replace(tmp, out / name)  # `adapter/` (or `model/`) appears complete or not at all
         summary = {"steps": step, "epochs": t_cfg.epochs, "seconds": round(seconds, 2),
                    "first_loss": first_loss, "final_loss": final_loss, "method": cfg.peft.method,
-                   "precision": t_cfg.precision, "resumed_from": str(ckpt) if ckpt else None,
+                   "precision": precision, "lm_head_positions": head[0] or "all",
+                   "resumed_from": str(ckpt) if ckpt else None,
                    "pad_token": {"token": tokenizer.pad_token, "id": tokenizer.pad_token_id},
                    "end_token": data.report["end_token"],
                    "truncated_train_rows": truncated, "labels": data.labels, "data": data.report["data"], **params}

@@ -371,6 +371,7 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_value: int, length: int | None =
 def collate(features: Sequence[dict[str, list[int]]], pad_id: int, length: int | None = None,
             pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Left-padded batch: input_ids, attention_mask and (if present) labels, each of shape (batch, length).
+    Labels are -100 on padding and on each row's first real token (nothing before it to predict it from).
 
     ``length=None`` pads to the longest row of the batch (rounded up to ``pad_to_multiple_of``).
     """
@@ -382,7 +383,13 @@ def collate(features: Sequence[dict[str, list[int]]], pad_id: int, length: int |
     batch = {"input_ids": left_pad(ids, pad_id, length),
              "attention_mask": left_pad([[1] * len(s) for s in ids], 0, length)}
     if "labels" in features[0]:
-        batch["labels"] = left_pad([f["labels"] for f in features], IGNORE_INDEX, length)
+        labels = left_pad([f["labels"] for f in features], IGNORE_INDEX, length)
+        # A row's first real token has no context: the position before it is padding (or there is none), so it
+        # is never scored. Without this, an ``lm`` row's first token would be "predicted" from a pad position when
+        # the row is padded but not when it is the longest of its batch: the loss would depend on the batching.
+        labels[:, 0] = IGNORE_INDEX
+        labels[:, 1:][batch["attention_mask"][:, :-1] == 0] = IGNORE_INDEX
+        batch["labels"] = labels
     return batch
 
 

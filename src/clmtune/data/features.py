@@ -239,6 +239,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _data_settings(cfg: DataConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.pop("prepared")
+    d.pop("pad_to_multiple_of")  # collation only: the saved token ids do not depend on it
     return d
 
 
