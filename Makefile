@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/twitter_complaints
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-en bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,14 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-# Embedded defaults: LoRA on the shipped RAFT twitter_complaints task with the built-in tiny (random) OPT model,
-# evaluation on the held-out 20 % and predictions for the unlabelled test split, then generation for two prompts.
+# Embedded defaults (Chinese): the shipped pretrained builtin:gpt2-zh-small fine-tuned on ChnSentiCorp hotel reviews:
+# classification (LoRA and full fine-tuning), LM fine-tuning with perplexity before/after, top-k generation.
 demo: install
+	$(BIN)/python scripts/demo.py --out runs/demo
+
+# English: LoRA on the shipped RAFT twitter_complaints task with the built-in tiny (random) OPT model, evaluation on
+# the held-out 20 %, predictions for the unlabelled test split, generation for two prompts.
+demo-en: install
 	$(BIN)/clmtune train --output-dir $(RUN) --overwrite
 	$(BIN)/clmtune eval --run $(RUN) --split test
 	$(BIN)/clmtune generate --run $(RUN) --max-new-tokens 6 --temperature 0 \
