@@ -27,7 +27,7 @@ class StubTokenizer:
     def __init__(self, table: dict[str, list[int]]):
         self.table = table
 
-    def __call__(self, texts, add_special_tokens=True):
+    def __call__(self, texts, add_special_tokens=True, **kwargs):
         if isinstance(texts, str):
             return SimpleNamespace(input_ids=self.table[texts])
         return SimpleNamespace(input_ids=[self.table[t] for t in texts])

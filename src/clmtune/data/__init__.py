@@ -195,12 +195,6 @@ def split_indices(n: int, fraction: float, seed: int, strata: list[int] | None =
     return parts["train"]["_i"], parts["test"]["_i"]
 
 
-def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Split any list like the tutorial's ``train_test_split(fraction, seed=seed)``."""
-    tr, ev = split_indices(len(rows), fraction, seed)
-    return [rows[i] for i in tr], [rows[i] for i in ev]
-
-
 def _has_labels(rows: list[dict[str, Any]], column: str) -> bool:
     return bool(rows) and column in rows[0] and any(not _is_missing(r[column]) and str(r[column]).strip()
                                                     for r in rows)
@@ -309,16 +303,16 @@ class ClassificationEncoder:
         return self.encode_texts(labels)
 
     def encode_train(self, examples: Sequence[Example]) -> tuple[list[dict[str, list[int]]], int]:
-        """Unpadded training features and the number of rows whose prompt was cut to fit ``max_length``."""
-        prompts = self.encode_texts([e.prompt for e in examples])
-        targets = self.encode_texts([e.label for e in examples])
-        feats, truncated = [], 0
-        for ex, p, t in zip(examples, prompts, targets):
-            ids, labels, cut = build_train_example(self.prefix + p, t, self.end_id, self.cfg.max_length,
-                                                   self.cfg.truncation_side, ex.label, len(self.prefix))
-            truncated += cut
-            feats.append({"input_ids": ids, "labels": labels})
-        return feats, truncated
+        """Unpadded training features and the number of rows whose prompt was cut to fit ``max_length``.
+
+        The same row builder as ``prepare_data`` (``features._encode_pairs``), without ``datasets``.
+        """
+        from clmtune.data.features import _encode_pairs  # features imports this module: import at call time
+
+        out = _encode_pairs({"prompt": [e.prompt for e in examples], "target": [e.target or e.label for e in examples]},
+                            self.tokenizer, self.prefix, self.end_id, self.cfg)
+        feats = [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
+        return feats, sum(out["truncated"])
 
     def encode_prompts(self, examples: Sequence[Example], reserve: int = 0) -> tuple[list[list[int]], int]:
         """Prompt ids for evaluation, cut the same way as in training so that ``reserve`` tokens still fit."""
