@@ -9,7 +9,8 @@ import torch
 
 from clmtune.config import DataConfig, ModelConfig
 from clmtune.data import IGNORE_INDEX, ClassificationEncoder, Example, load_task
-from clmtune.evaluate import classification_metrics, label_scores, perplexity, plot_confusion_matrix
+from clmtune.evaluate import (RANK_STRATEGIES, LabelTree, classification_metrics, label_scores, perplexity,
+                              plot_confusion_matrix, rank_strategy)
 from clmtune.models import load_model, load_tokenizer
 
 CASES = {
@@ -20,6 +21,12 @@ CASES = {
     # GPT-2 needs explicit position ids under left padding; 5 labels of 1-4 characters -> label chunks of 4 + 1
     "builtin:tiny-gpt2-zh": (["好", "不好", "一般般", "很好", "非常不好"],
                              ["房间很干净", "服务差", "还行吧，早餐一般般，位置不错", "好", "隔音太差了，一晚没睡"]),
+    # LLaMA (RoPE from position_ids); labels sharing prefixes, as banking_77's do ("card payment ...")
+    "builtin:tiny-llama": (["card payment fee charged", "card payment wrong exchange rate", "card arrival", "cash"],
+                           ["why was I charged twice", "my card has not arrived yet, it has been two weeks", "hi"]),
+    # BLOOM (ALiBi from a 2D mask: not packed, the shared-cache path)
+    "builtin:tiny-bloom": (["card payment fee charged", "card arrival", "no complaint"],
+                           ["why was I charged twice", "my card has not arrived yet", "hi"]),
 }
 
 
@@ -57,13 +64,60 @@ def test_rank_equals_naive_argmax_over_label_loglikelihoods(name):
     conts = [ids + [enc.end_id] for ids in enc.label_ids(labels)]
     naive = _naive_scores(model, prompts, conts)
     for batch_size in (1, 2):
-        for share in (True, False):
-            got = label_scores(model, enc, prompts, labels, batch_size, share_prompt=share)
+        for strategy in RANK_STRATEGIES:
+            if strategy == "packed" and "bloom" in name:
+                continue  # BLOOM builds ALiBi from a 2D mask: it cannot take the packed 4D mask
+            got = label_scores(model, enc, prompts, labels, batch_size, strategy=strategy)
             torch.testing.assert_close(got, naive, atol=1e-4, rtol=1e-5)
             assert got.argmax(1).tolist() == naive.argmax(1).tolist()
     lengths = torch.tensor([float(len(c)) for c in conts])
     normed = label_scores(model, enc, prompts, labels, 2, normalize=True)
     torch.testing.assert_close(normed, naive / lengths, atol=1e-4, rtol=1e-5)
+    assert rank_strategy(model) == ("shared_cache" if "bloom" in name else "packed")
+
+
+def test_label_tree_runs_a_shared_prefix_once():
+    # continuations (label tokens + end token 9): [1 2 3 9], [1 2 4 9], [1 9], [5 9]
+    tree = LabelTree.build([[1, 2, 3, 9], [1, 2, 4, 9], [1, 9], [5, 9]])
+    # nodes: (1) (1 2) (1 2 3) (1 2 4) (5) -- "1" and "1 2" once for three labels
+    assert tree.token == [1, 2, 3, 4, 5] and tree.depth == [0, 1, 2, 2, 0]
+    assert tree.ancestors.int().tolist() == [[1, 0, 0, 0, 0],
+                                             [1, 1, 0, 0, 0],
+                                             [1, 1, 1, 0, 0],
+                                             [1, 1, 0, 1, 0],
+                                             [0, 0, 0, 0, 1]]
+    # (source, token, label); source 0 = prompt's last position, 1 + i = node i
+    assert tree.steps.tolist() == [[0, 1, 0], [1, 2, 0], [2, 3, 0], [3, 9, 0],
+                                   [0, 1, 1], [1, 2, 1], [2, 4, 1], [4, 9, 1],
+                                   [0, 1, 2], [1, 9, 2],
+                                   [0, 5, 3], [5, 9, 3]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rank_with_lora_and_either_attention_matches_naive(attn):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from clmtune.models import load_model as load
+
+    base = load(ModelConfig("builtin:tiny-llama"))
+    base.set_attn_implementation(attn)
+    tok = load_tokenizer(ModelConfig("builtin:tiny-llama"))
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # LoRA B starts at 0: make the adapter change the scores
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    labels, texts = CASES["builtin:tiny-llama"]
+    enc, prompts = _prompts(tok, texts)
+    conts = [ids + [enc.end_id] for ids in enc.label_ids(labels)]
+    assert rank_strategy(model) == "packed"
+    got = label_scores(model, enc, prompts, labels, 3)
+    naive = _naive_scores(model, prompts, conts)
+    torch.testing.assert_close(got, naive, atol=1e-4, rtol=1e-5)
+    with model.disable_adapter():  # the adapter is really in the scored forward
+        without = label_scores(model, enc, prompts, labels, 3)
+    assert (got - without).abs().max() > 1e-2
 
 
 def test_rank_with_a_prompt_tuning_adapter_matches_naive():

@@ -3,8 +3,9 @@ perplexity of language modelling.
 
 Two classification methods:
 - ``rank`` (default): score each label's tokens (+ end token) by their log-likelihood after the prompt and predict
-  the best label; never invalid. The prompt is run once per example and its KV cache is shared by every label's
-  continuation; the LM head runs only on positions that score label tokens.
+  the best label; never invalid. One forward per batch runs each prompt once followed by the labels as a prefix
+  tree under a 4D attention mask (``_scores_packed``; other architectures share the prompt's KV cache instead);
+  the LM head runs only on positions that score label tokens.
 - ``generate``: greedy decoding of up to (longest label + 2) tokens, stop at the end token, strip whitespace and
   compare with the label names (peft's example). Outputs that match no label are counted as ``invalid``;
   optionally they are also mapped to the nearest label by edit distance and both numbers are reported.
@@ -64,20 +65,40 @@ def _continuations(encoder: ClassificationEncoder, labels: Sequence[str]) -> lis
     return [ids + [encoder.end_id] for ids in encoder.label_ids(labels)]
 
 
+# Architectures whose forward takes explicit ``position_ids`` and a custom 4D attention mask as-is (transformers 5
+# ``masking_utils``), checked against naive scoring in tests/test_eval_methods.py (gpt2, opt, llama) or sharing
+# LLaMA's attention and masking code. BLOOM is not here: its ALiBi bias is built from a 2D mask.
+PACKED_MODEL_TYPES = frozenset({"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3"})
+RANK_STRATEGIES = ("packed", "shared_cache", "pairs")
+
+
+def rank_strategy(model) -> str:
+    """How ``label_scores`` runs a model: ``packed`` (one forward per batch: prompt + label tree under a 4D mask),
+    ``shared_cache`` (prompt once, its KV cache repeated per label) or ``pairs`` (one prompt+label row per pair:
+    peft prompt-learning models, whose forward prepends virtual tokens and builds its own mask)."""
+    if _is_prompt_learning(model):
+        return "pairs"
+    config = getattr(model, "config", None)
+    if (getattr(config, "model_type", None) in PACKED_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")):
+        return "packed"
+    return "shared_cache"
+
+
 @torch.no_grad()
 def label_scores(model, encoder: ClassificationEncoder, prompts: list[list[int]], labels: list[str],
                  batch_size: int, normalize: bool = False, progress: bool = False,
-                 share_prompt: bool | None = None) -> torch.Tensor:
+                 strategy: str | None = None) -> torch.Tensor:
     """(n_examples, n_labels) log-likelihood of each label's tokens + end token after each prompt.
 
-    ``normalize``: mean instead of sum over the continuation's tokens. ``share_prompt=None`` picks the KV-cache
-    path (each prompt runs once, its cache is shared by all labels) unless the model is a peft prompt-learning
-    model, whose forward manages virtual tokens itself; those use one padded batch of prompt+label rows.
+    ``normalize``: mean instead of sum over the continuation's tokens. ``strategy=None`` picks the fastest exact
+    way this model supports (``rank_strategy``); all three give the same scores up to float rounding.
     """
     conts = _continuations(encoder, labels)
-    if share_prompt is None:
-        share_prompt = not _is_prompt_learning(model)
-    fn = _scores_shared_prompt if share_prompt else _scores_padded_pairs
+    strategy = strategy or rank_strategy(model)
+    if strategy not in RANK_STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is not one of {RANK_STRATEGIES}")
+    fn = {"packed": _scores_packed, "shared_cache": _scores_shared_prompt, "pairs": _scores_padded_pairs}[strategy]
     order = _by_length(prompts)  # batches of similar length: less padding, same scores
     sums, counts = fn(model, encoder, [prompts[i] for i in order], conts, batch_size, progress)
     scores = torch.empty_like(sums)
@@ -88,6 +109,112 @@ def label_scores(model, encoder: ClassificationEncoder, prompts: list[list[int]]
 def _by_length(seqs: Sequence[Sequence[int]]) -> list[int]:
     """Indices of ``seqs`` from longest to shortest (stable)."""
     return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+
+
+@dataclass
+class LabelTree:
+    """The label continuations as a prefix tree, so a prefix shared by several labels is run once.
+
+    Node ``i`` stands for one distinct proper prefix of some continuation (its last token is ``token[i]``); the
+    logits at a node predict the token after that prefix. ``steps`` lists every scored token of every label:
+    (source, token, label), source = 0 for the prompt's last position and 1 + i for node i.
+    banking_77 with OPT's BPE: 77 labels, 289 label tokens + 77 end tokens -> 232 nodes instead of 77 x 9 padded.
+    """
+    token: list[int]
+    depth: list[int]
+    """0 for a node right after the prompt."""
+    ancestors: torch.Tensor
+    """(M, M) bool: [i, a] when node a is node i or a prefix of it (what node i may attend to besides the prompt)."""
+    steps: torch.Tensor
+    """(S, 3) long: source, token, label."""
+
+    @staticmethod
+    def build(conts: list[list[int]]) -> "LabelTree":
+        index: dict[tuple[int, ...], int] = {}
+        token, depth, parent, steps = [], [], [], []
+        for j, c in enumerate(conts):
+            src = 0
+            for k, t in enumerate(c):
+                steps.append((src, t, j))
+                if k == len(c) - 1:
+                    break
+                key = tuple(c[:k + 1])
+                if key not in index:
+                    index[key] = len(token)
+                    token.append(t)
+                    depth.append(k)
+                    parent.append(src - 1)  # -1: the prompt
+                src = index[key] + 1
+        m = len(token)
+        ancestors = torch.zeros((m, m), dtype=torch.bool)
+        for i in range(m):
+            a = i
+            while a >= 0:
+                ancestors[i, a] = True
+                a = parent[a]
+        return LabelTree(token, depth, ancestors, torch.tensor(steps, dtype=torch.long).view(-1, 3))
+
+
+def _packed_attention(prompt_mask: torch.Tensor, tree: LabelTree, dtype: torch.dtype, additive: bool) -> torch.Tensor:
+    """(B, 1, T+M, T+M) attention mask for rows [left-padded prompt (T) | label tree nodes (M)].
+
+    Prompt positions attend causally to the real prompt tokens; node i attends to the whole real prompt and to its
+    own prefix nodes, never to a sibling branch. Every position may attend to itself, so no row is fully masked
+    (a fully masked row gives NaN under SDPA, and a NaN value leaks through a 0 attention weight).
+    ``additive``: 0 / dtype-min floats (eager attention adds the mask), else bool (SDPA: True = attend).
+    """
+    b, t = prompt_mask.shape
+    m = len(tree.token)
+    real = prompt_mask.bool()  # (B, T)
+    allowed = torch.zeros((b, t + m, t + m), dtype=torch.bool)
+    allowed[:, :t, :t] = torch.ones((t, t), dtype=torch.bool).tril() & real[:, None, :]
+    allowed[:, t:, :t] = real[:, None, :]
+    allowed[:, t:, t:] = tree.ancestors
+    allowed |= torch.eye(t + m, dtype=torch.bool)
+    allowed = allowed[:, None]
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
+    """Score with one forward per group of examples: each row is [prompt | label tree], under a 4D mask.
+
+    Per group of B examples (prompts left-padded to T) and a label tree of M nodes:
+      input (B, T+M); positions 0..p-1 on the p real prompt tokens, p + depth on the nodes; LM head only on the last
+      M+1 positions (logits_to_keep): position T-1 scores each label's first token, node i scores the token after
+      its prefix. Cost: B*(T+M) token positions, and B*(M+1) LM-head rows, in one call (no cache copies).
+    Hidden cost: the (B, M+1, V) fp32 logits; with many labels (banking_77: M = 232, V = 50,265) B is cut so that
+    they stay under ~256 MB.
+    """
+    from tqdm.auto import tqdm
+
+    tree = LabelTree.build(conts)
+    m = len(tree.token)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    group = max(1, min(batch_size, (64 << 20) // ((m + 1) * vocab)))
+    nodes = torch.tensor(tree.token, dtype=torch.long)  # (M,)
+    depth = torch.tensor(tree.depth, dtype=torch.long)  # (M,)
+    src, tok, lab = tree.steps.unbind(1)  # (S,) each
+    additive = model.config._attn_implementation == "eager"
+    dtype = model.get_input_embeddings().weight.dtype
+    n_labels = len(conts)
+    sums = torch.zeros(len(prompts), n_labels)
+    counts = torch.tensor([float(len(c)) for c in conts]).expand(len(prompts), n_labels)
+    for rows in tqdm(list(_batches(range(len(prompts)), group)), desc="eval (rank)", disable=not progress,
+                     unit="batch"):
+        batch = collate([{"input_ids": prompts[i]} for i in rows], encoder.pad_id)
+        pmask = batch["attention_mask"]  # (B, T)
+        b = pmask.shape[0]
+        ids = torch.cat([batch["input_ids"], nodes.expand(b, m)], dim=1)  # (B, T+M)
+        pos = torch.cat([(pmask.cumsum(-1) - 1).clamp(min=0), pmask.sum(1, keepdim=True) + depth], dim=1)
+        mask = _packed_attention(pmask, tree, dtype, additive)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                       logits_to_keep=m + 1).logits.float()  # (B, M+1, V)
+        # log p(token) = logit[token] - logsumexp(logits), gathered for every scored step: (B, S)
+        lp = logits[:, src, tok] - logits.logsumexp(-1)[:, src]
+        sums[list(rows)] += torch.zeros(b, n_labels).index_add_(1, lab, lp)
+    return sums, counts
 
 
 def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
@@ -127,7 +254,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
         sums[rows] += last[:, first]
         cache = out.cache
         if not isinstance(cache, DynamicCache):
-            raise RuntimeError(f"unexpected cache type {type(cache).__name__}; use share_prompt=False")
+            raise RuntimeError(f"unexpected cache type {type(cache).__name__}; use strategy=\"pairs\"")
         layers = [(k, v) for k, v, *_ in cache]  # per layer (B, H, T, D) keys and values of the prompts
         b = len(rows)
         prompt_mask = batch["attention_mask"]  # (B, T)
@@ -168,12 +295,13 @@ def _scores_padded_pairs(model, encoder, prompts, conts, batch_size, progress):
     keep = max(len(c) for c in conts) + 1
     for chunk in tqdm(list(_batches(pairs, batch_size)), desc="eval (rank)", disable=not progress, unit="batch"):
         batch = collate([{"input_ids": prompts[i] + conts[j]} for i, j in chunk], encoder.pad_id)
-        logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits[:, -keep:]  # (B, keep, V)
+        logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits[:, -keep:]  # (B, K, V)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
+        kept = logprobs.shape[1]  # K = min(keep, T): a batch of short rows has fewer than `keep` positions
         for row, (i, j) in enumerate(chunk):
             c = torch.tensor(conts[j])
-            # token at position T-len(c)+k is predicted by logits at position T-len(c)+k-1, i.e. keep-len(c)-1+k
-            pos = torch.arange(keep - len(c) - 1, keep - 1)
+            # token at position T-len(c)+k is predicted by logits at position T-len(c)+k-1, i.e. K-len(c)-1+k
+            pos = torch.arange(kept - len(c) - 1, kept - 1)
             sums[i, j] = logprobs[row, pos, c].sum()
     return sums, counts
 
