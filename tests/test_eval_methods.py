@@ -184,3 +184,23 @@ def test_rank_eval_on_real_data_never_invalid():
     scores = label_scores(model, enc, prompts, task.labels, 4)
     assert scores.shape == (len(task.eval), 2) and torch.isfinite(scores).all()
     assert (scores < 0).all()
+
+
+def test_device_names_are_checked_with_the_fix_in_the_message():
+    from clmtune.config import RunConfig
+    from clmtune.errors import ClmtuneError, ConfigError
+    from clmtune.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ClmtuneError, match=r"device 'gpu' is not a device: use auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ClmtuneError, match=r"device 'cuda:1': torch .* sees 0 CUDA GPU\(s\); use cpu or auto"):
+            resolve_device("cuda:1")
+    cfg = RunConfig()
+    cfg.eval.device, cfg.generate.device = "cuda0", "tpu"
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert "eval.device='cuda0' is not a device" in str(err.value)
+    assert "generate.device='tpu' is not a device" in str(err.value)

@@ -188,6 +188,7 @@ def test_cli_prompts_file_to_jsonl(tmp_path, capsys):
     (["hi", "--temperature", "-0.5"], "--temperature: generate.temperature=-0.5 must be >= 0"),
     (["hi", "--temperature", "0", "--num-return-sequences", "2"], "needs sampling"),
     (["a", "b", "--stream"], "--stream prints one prompt"),
+    (["hi", "--device", "gpu"], "--device: generate.device='gpu' is not a device: use auto, cpu, cuda, cuda:N or mps"),
     ([], "no prompt given"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, message, capsys):

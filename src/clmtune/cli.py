@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on this file instead (labelled if it has the label column)")
     e.add_argument("--method", choices=["rank", "generate"], help="override the run's eval.method")
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
+    e.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps; "
+                                    "default: the run's eval.device")
 
     g = sub.add_parser("generate", help="continue prompts with a run (base + adapter) or a model folder",
                        description="Continue one prompt, several prompts, or a file of prompts. Sampling defaults "
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
     g.add_argument("--stop", action="append", help="stop at this string (repeatable); it is not printed")
     g.add_argument("--batch-size", type=int, help="prompts per batch (left-padded)")
+    g.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
     g.add_argument("--no-truncate", action="store_true",
                    help="error on a prompt longer than the model's context instead of keeping its end")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -155,7 +158,7 @@ def _print_eval(metrics: dict, where: Path) -> None:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.evaluate import evaluate_run
 
-    metrics, where = evaluate_run(args.run, args.split, args.data, args.method, args.out)
+    metrics, where = evaluate_run(args.run, args.split, args.data, args.method, args.out, device=args.device)
     _print_eval(metrics, where)
     return 0
 
@@ -181,7 +184,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
              "num_return_sequences": args.num_return_sequences, "seed": args.seed, "stop": args.stop,
-             "batch_size": args.batch_size, "truncate": False if args.no_truncate else None}
+             "batch_size": args.batch_size, "truncate": False if args.no_truncate else None,
+             "device": args.device}
     settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     try:
         RunConfig(generate=settings).validate()
@@ -190,7 +194,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         problems = [next((f"{flag}: {p}" for key, flag in flags.items() if p.startswith(key)), p)
                     for p in exc.problems]
         raise ConfigError(problems) from None
-    model, tok = load_for_generation(args.run, args.model)
+    model, tok = load_for_generation(args.run, args.model, settings.device)
     if args.stream:
         results = [stream(model, tok, prompts[0], settings)]
     else:

@@ -9,6 +9,7 @@ use dotted keys: ``--train.epochs 3 --data.max_length 128``. ``validate()`` coll
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 """Methods that prepend learned virtual tokens; they cannot be merged into the base weights."""
 MERGEABLE_METHODS = ("lora", "ia3")
 EVAL_METHODS = ("rank", "generate")
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+"""Values of ``eval.device`` / ``generate.device``."""
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -259,6 +262,10 @@ class EvalConfig:
     (as peft's example does for RAFT submissions); the raw metrics are always reported too. Submissions use the
     mapped labels."""
 
+    device: str = "auto"
+    """Where evaluation runs: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``."""
+
 
 @dataclass
 class GenerateConfig:
@@ -292,6 +299,10 @@ class GenerateConfig:
     truncate: bool = True
     """A prompt longer than the model's context (minus ``max_new_tokens``) keeps its end and a warning is logged;
     ``False``: it is an error."""
+
+    device: str = "auto"
+    """Where generation runs: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``."""
 
 
 @dataclass
@@ -379,6 +390,9 @@ class RunConfig:
             p.append("generate.stop has an empty string; remove it")
         if not 0 < g.top_p <= 1:
             p.append(f"generate.top_p={g.top_p!r} must be in (0, 1]")
+        for name, dev in (("eval.device", e.device), ("generate.device", g.device)):
+            if not re.fullmatch(DEVICE_PATTERN, str(dev)):
+                p.append(f"{name}={dev!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
         if p:
             raise ConfigError(p)
         return self

@@ -29,7 +29,7 @@ from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import (IGNORE_INDEX, ClassificationEncoder, Example, collate, left_pad, load_task, prepare_data,
                           read_table, render_examples, resolve_source)
 from clmtune.errors import ClmtuneError
-from clmtune.models import forward_inputs, load_run
+from clmtune.models import forward_inputs, load_run, model_device
 from clmtune.text import clean_text, nearest_label
 
 log = logging.getLogger("clmtune")
@@ -191,11 +191,12 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
 
     tree = LabelTree.build(conts)
     m = len(tree.token)
+    dev = model_device(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     group = max(1, min(batch_size, (64 << 20) // ((m + 1) * vocab)))
     nodes = torch.tensor(tree.token, dtype=torch.long)  # (M,)
     depth = torch.tensor(tree.depth, dtype=torch.long)  # (M,)
-    src, tok, lab = tree.steps.unbind(1)  # (S,) each
+    src, tok, lab = tree.steps.to(dev).unbind(1)  # (S,) each
     additive = model.config._attn_implementation == "eager"
     dtype = model.get_input_embeddings().weight.dtype
     n_labels = len(conts)
@@ -209,11 +210,11 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
         ids = torch.cat([batch["input_ids"], nodes.expand(b, m)], dim=1)  # (B, T+M)
         pos = torch.cat([(pmask.cumsum(-1) - 1).clamp(min=0), pmask.sum(1, keepdim=True) + depth], dim=1)
         mask = _packed_attention(pmask, tree, dtype, additive)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                       logits_to_keep=m + 1).logits.float()  # (B, M+1, V)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       use_cache=False, logits_to_keep=m + 1).logits.float()  # (B, M+1, V)
         # log p(token) = logit[token] - logsumexp(logits), gathered for every scored step: (B, S)
         lp = logits[:, src, tok] - logits.logsumexp(-1)[:, src]
-        sums[list(rows)] += torch.zeros(b, n_labels).index_add_(1, lab, lp)
+        sums[list(rows)] += torch.zeros(b, n_labels, device=dev).index_add_(1, lab, lp).cpu()
     return sums, counts
 
 
@@ -244,14 +245,16 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
         feed[j, :len(c) - 1] = torch.tensor(c[:-1])
         target[j, :len(c) - 1] = torch.tensor(c[1:])
         valid[j, :len(c) - 1] = True
+    dev = model_device(model)
+    first, feed, target, valid = first.to(dev), feed.to(dev), target.to(dev), valid.to(dev)
     groups = list(_batches(range(len(prompts)), batch_size))
     for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
         rows = list(group)
-        batch = collate([{"input_ids": prompts[i]} for i in rows], encoder.pad_id)
+        batch = {k: v.to(dev) for k, v in collate([{"input_ids": prompts[i]} for i in rows], encoder.pad_id).items()}
         prompt_inputs = forward_inputs(model, batch)
         out = model(**prompt_inputs, use_cache=True, logits_to_keep=1)
         last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-        sums[rows] += last[:, first]
+        sums[rows] += last[:, first].cpu()
         cache = out.cache
         if not isinstance(cache, DynamicCache):
             raise RuntimeError(f"unexpected cache type {type(cache).__name__}; use strategy=\"pairs\"")
@@ -268,7 +271,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
                                                   for k, v in layers])
             ids = feed[lab].repeat(b, 1)  # (B*n, N-1)
             mask = torch.cat([prompt_mask.repeat_interleave(n, 0), torch.ones_like(ids)], dim=1)  # (B*n, T+N-1)
-            pos = prompt_len.repeat_interleave(n, 0)[:, None] + torch.arange(width)  # (B*n, N-1)
+            pos = prompt_len.repeat_interleave(n, 0)[:, None] + torch.arange(width, device=dev)  # (B*n, N-1)
             inputs = {"input_ids": ids, "attention_mask": mask}
             if "position_ids" in prompt_inputs:  # GPT-2/LLaMA: number the label tokens after each real prompt
                 inputs["position_ids"] = pos
@@ -276,7 +279,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
             # log p(token) = logit[token] - logsumexp(logits): same as log_softmax + gather without a 2nd (.., V)
             lp = logits.gather(-1, target[lab].repeat(b, 1)[..., None])[..., 0] - logits.logsumexp(-1)
             lp = (lp * valid[lab].repeat(b, 1)).sum(-1).view(b, n)  # (B, n)
-            sums[rows, j0:j0 + n] += lp
+            sums[rows, j0:j0 + n] += lp.cpu()
     return sums, counts
 
 
@@ -295,8 +298,9 @@ def _scores_padded_pairs(model, encoder, prompts, conts, batch_size, progress):
     keep = max(len(c) for c in conts) + 1
     for chunk in tqdm(list(_batches(pairs, batch_size)), desc="eval (rank)", disable=not progress, unit="batch"):
         batch = collate([{"input_ids": prompts[i] + conts[j]} for i, j in chunk], encoder.pad_id)
+        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
         logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits[:, -keep:]  # (B, K, V)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         kept = logprobs.shape[1]  # K = min(keep, T): a batch of short rows has fewer than `keep` positions
         for row, (i, j) in enumerate(chunk):
             c = torch.tensor(conts[j])
@@ -332,8 +336,8 @@ def predict_generate(model, encoder, examples: list[Example], labels: list[str],
     for group in tqdm(list(_batches(order, batch_size)), desc="eval (generate)", disable=not progress,
                       unit="batch"):
         chunk = [prompts[i] for i in group]
-        ids = left_pad(chunk, encoder.pad_id)  # (B, T)
-        mask = left_pad([[1] * len(c) for c in chunk], 0)
+        ids = left_pad(chunk, encoder.pad_id).to(model_device(model))  # (B, T)
+        mask = left_pad([[1] * len(c) for c in chunk], 0).to(ids.device)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
         for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new) new tokens
             if encoder.end_id in row:
@@ -499,7 +503,7 @@ def perplexity(model, features: Sequence[dict[str, list[int]]], pad_id: int, bat
     nll, tokens = 0.0, 0
     for chunk in tqdm(list(_batches(features, batch_size)), desc="eval (perplexity)", disable=not progress,
                       unit="batch"):
-        batch = collate(chunk, pad_id)
+        batch = {k: v.to(model_device(model)) for k, v in collate(chunk, pad_id).items()}
         logits = model(**forward_inputs(model, batch)).logits  # (B, T', V); T' > T with prompt-learning prefixes
         logits = logits[:, -batch["input_ids"].shape[1]:].float()  # (B, T, V)
         # Position t predicts token t+1. A row's first real token follows padding (left padding) and has no
@@ -528,14 +532,17 @@ def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, ou
 
 
 def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None = None, method: str | None = None,
-                 out_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, Path]:
+                 out_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
+                 ) -> tuple[dict, Path]:
     """Evaluate a trained run on its held-out split (``eval``), its unlabelled ``test`` split, or ``data_file``.
 
     Returns (metrics, folder written to). Default folders: the run folder for ``eval``, ``RUN/test`` for ``test``,
-    ``RUN/eval-<file stem>`` for a data file.
+    ``RUN/eval-<file stem>`` for a data file. ``device``: overrides the run's ``eval.device``.
     """
+    from clmtune.models import read_run_config
+
     run_dir = Path(run_dir)
-    model, tokenizer, cfg = load_run(run_dir)
+    model, tokenizer, cfg = load_run(run_dir, device=device or read_run_config(run_dir).eval.device)
     if cfg.data.task != "classify":
         return _evaluate_lm_run(run_dir, model, tokenizer, cfg, split, data_file, out_dir, progress)
     labels = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))["labels"]

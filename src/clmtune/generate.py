@@ -20,7 +20,7 @@ import torch
 from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.data import leading_special_ids, left_pad, read_table
 from clmtune.errors import ClmtuneError
-from clmtune.models import check_tokenizer_fits, load_model, load_run, load_tokenizer
+from clmtune.models import check_tokenizer_fits, load_model, load_run, load_tokenizer, model_device, resolve_device
 from clmtune.text import clean_text
 
 log = logging.getLogger("clmtune")
@@ -38,8 +38,9 @@ class Generation:
     """The prompt was cut on the left to fit the model's context."""
 
 
-def load_for_generation(run: str | None = None, model: str | None = None):
-    """(model, tokenizer) from a run folder (base + adapter) or a plain/merged model folder, hub id or builtin name.
+def load_for_generation(run: str | None = None, model: str | None = None, device: str = "auto"):
+    """(model, tokenizer) from a run folder (base + adapter) or a plain/merged model folder, hub id or builtin name,
+    on ``device`` (``auto``: the GPU when there is one).
 
     ``model`` may also name a run folder (it holds ``config.yaml`` and ``adapter/``).
     """
@@ -48,12 +49,15 @@ def load_for_generation(run: str | None = None, model: str | None = None):
     if model is not None and (Path(model) / "adapter" / "adapter_config.json").is_file() \
             and (Path(model) / "config.yaml").is_file():
         run, model = model, None
+    dev = resolve_device(device)
     if run is not None:
-        m, tok, _ = load_run(run)
+        m, tok, _ = load_run(run, device=dev)
         return m, tok
     cfg = ModelConfig(name_or_path=model)
     m = load_model(cfg)
     m.eval()
+    if dev.type != "cpu":
+        m.to(dev)
     tok = load_tokenizer(cfg)
     check_tokenizer_fits(m, tok, model)
     return m, tok
@@ -197,8 +201,8 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerateConfig,
     torch.manual_seed(settings.seed)
     groups = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     for group in tqdm(groups, desc="generate", disable=not progress or len(groups) < 2, unit="batch"):
-        input_ids = left_pad([ids[i] for i in group], tokenizer.pad_token_id)  # (B, T)
-        attention_mask = left_pad([[1] * len(ids[i]) for i in group], 0)  # (B, T)
+        input_ids = left_pad([ids[i] for i in group], tokenizer.pad_token_id).to(model_device(model))  # (B, T)
+        attention_mask = left_pad([[1] * len(ids[i]) for i in group], 0).to(input_ids.device)  # (B, T)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
                              stopping_criteria=_stopping_criteria(tokenizer, settings.stop, input_ids.shape[1]))
         new = out[:, input_ids.shape[1]:].tolist()  # (B * k, new tokens); row r is prompt group[r // k]
@@ -280,7 +284,7 @@ def stream(model, tokenizer, prompt: str, settings: GenerateConfig,
     if settings.num_return_sequences != 1:
         raise ClmtuneError("--stream prints one continuation; drop --num-return-sequences or --stream")
     ids, cut, stop_ids = _prepare(model, tokenizer, [prompt], settings)
-    input_ids = torch.tensor(ids)  # (1, T)
+    input_ids = torch.tensor(ids, device=model_device(model))  # (1, T)
     streamer = CleanStreamer(tokenizer, write or sys.stdout.write, stop_ids, settings.stop,
                              flush=None if write else sys.stdout.flush)
     torch.manual_seed(settings.seed)

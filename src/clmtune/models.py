@@ -414,8 +414,35 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     return load_config(cfg_path)
 
 
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, RunConfig]:
-    """(model with its trained adapter, tokenizer, config) of a finished run folder.
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when torch sees one, else the CPU; else the named device, checked to exist."""
+    import re
+
+    from clmtune.config import DEVICE_PATTERN
+
+    name = str(name)
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise ClmtuneError(f"device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            raise ClmtuneError(f"device {name!r}: torch {torch.__version__} sees {count} CUDA GPU(s); use cpu or auto")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ClmtuneError("device 'mps': this torch build has no Apple GPU support here; use cpu or auto")
+    return torch.device(name)
+
+
+def model_device(model) -> torch.device:
+    """Where the model's (first) weights are: inputs must be moved there."""
+    return next(model.parameters()).device
+
+
+def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
+    """(model with its trained adapter, tokenizer, config) of a finished run folder, in eval mode on ``device``.
 
     Adapter methods: the base model + ``RUN/adapter`` (peft format). ``full``: the fine-tuned model in ``RUN/model``.
     """
@@ -441,4 +468,7 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[A
         fix_prompt_learning_generation(model)
     check_tokenizer_fits(model, tok, str(run_dir))
     model.eval()
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    if device.type != "cpu":
+        model.to(device)
     return model, tok, cfg
