@@ -112,9 +112,23 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {out / 'tokenizer'}\n"
           f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
     if result.has_eval_split and not args.no_eval:
+        _release(result)
         metrics, where = evaluate_run(out, "eval")
         _print_eval(metrics, where)
     return 0
+
+
+def _release(result) -> None:
+    """Drop the trained model before evaluation reloads the run from disk (on ``eval.device``), so a GPU does not
+    hold two copies of it."""
+    import gc
+
+    import torch
+
+    result.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
