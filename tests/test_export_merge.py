@@ -20,12 +20,18 @@ def _probe(tok):
     return collate([{"input_ids": r} for r in rows], tok.pad_token_id)
 
 
-@pytest.mark.parametrize("method,model", [("lora", "builtin:tiny-gpt2"), ("ia3", "builtin:tiny-llama")])
-def test_merge_writes_a_model_transformers_loads(tmp_path, one_thread, method, model):
+@pytest.mark.parametrize("method,model,targets", [
+    ("lora", "builtin:tiny-gpt2", None),
+    ("ia3", "builtin:tiny-llama", None),
+    # a LoRA on GPT-2's input embedding, which is tied to the LM head: merging must not change the head
+    ("lora", "builtin:tiny-gpt2-zh", ["c_attn", "wte"]),
+])
+def test_merge_writes_a_model_transformers_loads(tmp_path, one_thread, method, model, targets):
     """GPT-2's Conv1D stores weights transposed: the merged logits only match if peft's fan_in_fan_out is right."""
     from transformers import AutoModelForCausalLM, pipeline
 
-    run = train(tiny_cfg(tmp_path, method, model=model, max_steps=2), progress=False).output_dir
+    peft = {"target_modules": targets} if targets else None
+    run = train(tiny_cfg(tmp_path, method, model=model, peft=peft, max_steps=2), progress=False).output_dir
     adapter_model, tok, _ = load_run(run)
     to = export_run(run, tmp_path / "merged", merge=True)
     assert (to / "model.safetensors").is_file() and not (to / "adapter_config.json").exists()
@@ -39,6 +45,10 @@ def test_merge_writes_a_model_transformers_loads(tmp_path, one_thread, method, m
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (want - base).abs().max() > 1e-4  # the adapter did something, so the comparison means something
     assert all(torch.isfinite(p).all() for p in merged.parameters())
+    if targets and "wte" in targets:  # the export holds the trained embedding and the untouched head
+        assert merged.config.tie_word_embeddings is False
+        assert merged.lm_head.weight.data_ptr() != merged.transformer.wte.weight.data_ptr()
+        torch.testing.assert_close(merged.lm_head.weight, load_model(load_run(run)[2].model).lm_head.weight)
 
     gen = pipeline("text-generation", model=str(to), device="cpu")
     out = gen("Tweet text : I hate this label :", max_new_tokens=3, do_sample=False)
