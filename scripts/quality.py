@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--train-rows", type=int, default=3000, help="first N rows of train.tsv (0 = all 9,600)")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--model", default="builtin:gpt2-zh-small")
-    ap.add_argument("--lora-lr", type=float, default=3e-3)
+    ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=3e-4)
     args = ap.parse_args()
 

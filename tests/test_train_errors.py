@@ -99,3 +99,21 @@ def test_override_text_ending_in_colon_stays_text():
     assert got.peft.init_text == "Classify if the tweet is a complaint or not:"
     assert got.peft.options == {"use_rslora": True}
     assert got.data.template == "{text} label :"
+
+
+def test_gradient_clipping_is_logged_and_changes_the_update(tmp_path, one_thread):
+    from clmtune.train import train
+
+    runs = {}
+    for name, clip in (("clip", 1e-3), ("free", None)):
+        result = train(tiny_cfg(tmp_path, name=name, max_steps=3, max_grad_norm=clip), progress=False)
+        log = [json.loads(line) for line in open(result.output_dir / "train_log.jsonl")]
+        runs[name] = (dict(result.model.named_parameters()), log)
+    (clipped, clip_log), (free, free_log) = runs["clip"], runs["free"]
+    assert all(r["grad_norm"] > 1e-3 for r in clip_log)  # norms before clipping: the clip was active every step
+    assert all(r["grad_norm"] is None for r in free_log)
+    assert clip_log[0]["loss"] == free_log[0]["loss"]  # same weights and batch before the first update
+    lora = [k for k in clipped if "lora_" in k]
+    assert lora and max(float((clipped[k] - free[k]).abs().max()) for k in lora) > 1e-6
+    with pytest.raises(ConfigError, match=r"train.max_grad_norm=0.0 must be > 0"):
+        RunConfig(train=TrainConfig(max_grad_norm=0.0)).validate()

@@ -213,6 +213,11 @@ class TrainConfig:
     warmup_steps: int = 0
     """Linear warm-up steps, then linear decay to 0."""
 
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this before each optimizer step (``transformers.Trainer``'s default);
+    ``null`` disables (the peft example's loop does not clip). Under DeepSpeed set ``gradient_clipping`` in its
+    JSON instead."""
+
     seed: int = 42
     """Seed for weight init of adapters, dropout and data order."""
 
@@ -376,6 +381,8 @@ class RunConfig:
         positive("train.learning_rate", t.learning_rate)
         positive("train.log_every", t.log_every)
         positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+        if t.max_grad_norm is not None:
+            positive("train.max_grad_norm", t.max_grad_norm)
         positive("eval.batch_size", e.batch_size)
         positive("generate.max_new_tokens", g.max_new_tokens)
         positive("generate.temperature", g.temperature, allow_zero=True)

@@ -419,6 +419,7 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
     # accelerate's scheduler wrapper steps the schedule n_proc times per optimizer step, hence the factor.
     scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps * n_proc, total_steps * n_proc)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # what train.max_grad_norm clips
 
     step, epoch0, skip, first_loss = 0, 0, 0, None
     if ckpt is not None:
@@ -476,6 +477,9 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
             while window := list(itertools.islice(batches, ga)):
                 loss_sum, n_sup = _train_window(window, model, accelerator, head, n_proc, rows_seen
                                                 if epoch == 0 else None)
+                grad_norm = None  # the global norm before clipping, logged as transformers.Trainer does
+                if t_cfg.max_grad_norm is not None and t_cfg.deepspeed is None:  # DeepSpeed clips in its engine
+                    grad_norm = float(accelerator.clip_grad_norm_(trainable, t_cfg.max_grad_norm))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -490,7 +494,7 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
                 if main and (step % t_cfg.log_every == 0 or step == total_steps):
                     now = time.perf_counter()
                     record = {"step": step, "epoch": epoch + 1, "loss": round(losses[-1], 6),
-                              "learning_rate": scheduler.get_last_lr()[0],
+                              "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                               "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1)}
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
