@@ -204,3 +204,22 @@ def test_device_names_are_checked_with_the_fix_in_the_message():
         cfg.validate()
     assert "eval.device='cuda0' is not a device" in str(err.value)
     assert "generate.device='tpu' is not a device" in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_packed_rank_on_the_other_allowlisted_architectures(arch):
+    """PACKED_MODEL_TYPES lists these without a built-in model: tiny random ones from a config, OPT's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, tok = _load("builtin:tiny-opt")
+    config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    labels, texts = CASES["builtin:tiny-llama"]
+    enc, prompts = _prompts(tok, texts)
+    conts = [ids + [enc.end_id] for ids in enc.label_ids(labels)]
+    assert rank_strategy(model) == "packed"
+    torch.testing.assert_close(label_scores(model, enc, prompts, labels, 2), _naive_scores(model, prompts, conts),
+                               atol=1e-4, rtol=1e-5)
