@@ -66,8 +66,9 @@ def _continuations(encoder: ClassificationEncoder, labels: Sequence[str]) -> lis
 
 
 # Architectures whose forward takes explicit ``position_ids`` and a custom 4D attention mask as-is (transformers 5
-# ``masking_utils``), checked against naive scoring in tests/test_eval_methods.py (gpt2, opt, llama) or sharing
-# LLaMA's attention and masking code. BLOOM is not here: its ALiBi bias is built from a 2D mask.
+# ``masking_utils``), each checked against naive scoring in tests/test_eval_methods.py. BLOOM is not here: its
+# ALiBi bias is built from a 2D mask. A sliding window (Mistral) is not applied to the custom mask, which only
+# matters for prompts longer than the window (4,096 tokens).
 PACKED_MODEL_TYPES = frozenset({"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3"})
 RANK_STRATEGIES = ("packed", "shared_cache", "pairs")
 
