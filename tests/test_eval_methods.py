@@ -206,15 +206,17 @@ def test_device_names_are_checked_with_the_fix_in_the_message():
     assert "generate.device='tpu' is not a device" in str(err.value)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
-def test_packed_rank_on_the_other_allowlisted_architectures(arch):
-    """PACKED_MODEL_TYPES lists these without a built-in model: tiny random ones from a config, OPT's tokenizer."""
+@pytest.mark.parametrize("arch,window", [("mistral", None), ("qwen2", None), ("qwen3", None), ("mistral", 6)])
+def test_packed_rank_on_the_other_allowlisted_architectures(arch, window):
+    """PACKED_MODEL_TYPES lists these without a built-in model: tiny random ones from a config, OPT's tokenizer.
+    A sliding window shorter than the prompts makes ``label_scores`` use prompt+label rows (the packed mask has no
+    window: 0.36 off here; the shared cache misplaces it with left padding: 0.12 off)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _, tok = _load("builtin:tiny-opt")
     config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+                                  max_position_embeddings=256, pad_token_id=tok.pad_token_id, sliding_window=window)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     labels, texts = CASES["builtin:tiny-llama"]

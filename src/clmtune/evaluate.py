@@ -67,8 +67,8 @@ def _continuations(encoder: ClassificationEncoder, labels: Sequence[str]) -> lis
 
 # Architectures whose forward takes explicit ``position_ids`` and a custom 4D attention mask as-is (transformers 5
 # ``masking_utils``), each checked against naive scoring in tests/test_eval_methods.py. BLOOM is not here: its
-# ALiBi bias is built from a 2D mask. A sliding window (Mistral) is not applied to the custom mask, which only
-# matters for prompts longer than the window (4,096 tokens).
+# ALiBi bias is built from a 2D mask. A sliding window (Mistral) is not applied to a custom mask: prompts longer
+# than the window fall back to prompt+label rows (``label_scores``).
 PACKED_MODEL_TYPES = frozenset({"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3"})
 RANK_STRATEGIES = ("packed", "shared_cache", "pairs")
 
@@ -96,7 +96,11 @@ def label_scores(model, encoder: ClassificationEncoder, prompts: list[list[int]]
     way this model supports (``rank_strategy``); all three give the same scores up to float rounding.
     """
     conts = _continuations(encoder, labels)
-    strategy = strategy or rank_strategy(model)
+    if strategy is None:
+        strategy = rank_strategy(model)
+        window = getattr(getattr(model, "config", None), "sliding_window", None)
+        if window and max(map(len, prompts), default=0) + max(map(len, conts)) > window:
+            strategy = "pairs"  # the packed mask has no window; a repeated left-padded cache misplaces it (tested)
     if strategy not in RANK_STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of {RANK_STRATEGIES}")
     fn = {"packed": _scores_packed, "shared_cache": _scores_shared_prompt, "pairs": _scores_padded_pairs}[strategy]
