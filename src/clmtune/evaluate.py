@@ -105,9 +105,9 @@ def label_scores(model, encoder: ClassificationEncoder, prompts: list[list[int]]
         raise ValueError(f"strategy {strategy!r} is not one of {RANK_STRATEGIES}")
     fn = {"packed": _scores_packed, "shared_cache": _scores_shared_prompt, "pairs": _scores_padded_pairs}[strategy]
     order = _by_length(prompts)  # batches of similar length: less padding, same scores
-    sums, counts = fn(model, encoder, [prompts[i] for i in order], conts, batch_size, progress)
+    sums = fn(model, encoder, [prompts[i] for i in order], conts, batch_size, progress)  # (n, L)
     scores = torch.empty_like(sums)
-    scores[order] = sums / counts if normalize else sums
+    scores[order] = sums / torch.tensor([float(len(c)) for c in conts]) if normalize else sums
     return scores
 
 
@@ -206,7 +206,6 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
     dtype = model.get_input_embeddings().weight.dtype
     n_labels = len(conts)
     sums = torch.zeros(len(prompts), n_labels)
-    counts = torch.tensor([float(len(c)) for c in conts]).expand(len(prompts), n_labels)
     for rows in tqdm(list(_batches(range(len(prompts)), group)), desc="eval (rank)", disable=not progress,
                      unit="batch"):
         batch = collate([{"input_ids": prompts[i]} for i in rows], encoder.pad_id)
@@ -220,7 +219,7 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
         # log p(token) = logit[token] - logsumexp(logits), gathered for every scored step: (B, S)
         lp = logits[:, src, tok] - logits.logsumexp(-1)[:, src]
         sums[list(rows)] += torch.zeros(b, n_labels, device=dev).index_add_(1, lab, lp).cpu()
-    return sums, counts
+    return sums
 
 
 def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
@@ -240,7 +239,6 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
 
     n_labels = len(conts)
     sums = torch.zeros(len(prompts), n_labels)
-    counts = torch.tensor([float(len(c)) for c in conts]).expand(len(prompts), n_labels)
     first = torch.tensor([c[0] for c in conts])  # (L,)
     width = max(len(c) for c in conts) - 1
     feed = torch.full((n_labels, width), encoder.pad_id, dtype=torch.long)  # (L, N-1) right-padded c_j[:-1]
@@ -285,7 +283,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
             lp = logits.gather(-1, target[lab].repeat(b, 1)[..., None])[..., 0] - logits.logsumexp(-1)
             lp = (lp * valid[lab].repeat(b, 1)).sum(-1).view(b, n)  # (B, n)
             sums[rows, j0:j0 + n] += lp.cpu()
-    return sums, counts
+    return sums
 
 
 def _scores_padded_pairs(model, encoder, prompts, conts, batch_size, progress):
@@ -299,11 +297,11 @@ def _scores_padded_pairs(model, encoder, prompts, conts, batch_size, progress):
 
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(conts))]
     sums = torch.empty(len(prompts), len(conts))
-    counts = torch.tensor([float(len(c)) for c in conts]).expand(len(prompts), len(conts))
     keep = max(len(c) for c in conts) + 1
+    dev = model_device(model)
     for chunk in tqdm(list(_batches(pairs, batch_size)), desc="eval (rank)", disable=not progress, unit="batch"):
         batch = collate([{"input_ids": prompts[i] + conts[j]} for i, j in chunk], encoder.pad_id)
-        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+        batch = {k: v.to(dev) for k, v in batch.items()}
         logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits[:, -keep:]  # (B, K, V)
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         kept = logprobs.shape[1]  # K = min(keep, T): a batch of short rows has fewer than `keep` positions
@@ -312,7 +310,7 @@ def _scores_padded_pairs(model, encoder, prompts, conts, batch_size, progress):
             # token at position T-len(c)+k is predicted by logits at position T-len(c)+k-1, i.e. K-len(c)-1+k
             pos = torch.arange(kept - len(c) - 1, kept - 1)
             sums[i, j] = logprobs[row, pos, c].sum()
-    return sums, counts
+    return sums
 
 
 @torch.no_grad()

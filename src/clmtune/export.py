@@ -78,7 +78,6 @@ def _untie_adapted_embeddings(model) -> bool:
         return False
     plain = inner_out if adapted_in else inner_in
     plain.weight = torch.nn.Parameter(plain.weight.detach().clone(), requires_grad=False)
-    for cfg in {id(base.config): base.config, id(base.config.get_text_config()): base.config.get_text_config()
-                }.values():
-        cfg.tie_word_embeddings = False
+    base.config.tie_word_embeddings = False
+    base.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models
     return True

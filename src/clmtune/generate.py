@@ -54,10 +54,7 @@ def load_for_generation(run: str | None = None, model: str | None = None, device
         m, tok, _ = load_run(run, device=dev)
         return m, tok
     cfg = ModelConfig(name_or_path=model)
-    m = load_model(cfg)
-    m.eval()
-    if dev.type != "cpu":
-        m.to(dev)
+    m = load_model(cfg).eval().to(dev)
     tok = load_tokenizer(cfg)
     check_tokenizer_fits(m, tok, model)
     return m, tok

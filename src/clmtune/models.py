@@ -11,13 +11,15 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clmtune.config import PEFT_CONFIG_CLASSES, PEFT_METHODS, ModelConfig, PeftSettings, RunConfig, load_config
+from clmtune.config import (DEVICE_PATTERN, PEFT_CONFIG_CLASSES, PEFT_METHODS, ModelConfig, PeftSettings, RunConfig,
+                            load_config)
 from clmtune.data import BUILTIN_PREFIX, assets_path
 from clmtune.errors import ClmtuneError
 
@@ -416,10 +418,6 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: the first CUDA GPU when torch sees one, else the CPU; else the named device, checked to exist."""
-    import re
-
-    from clmtune.config import DEVICE_PATTERN
-
     name = str(name)
     if not re.fullmatch(DEVICE_PATTERN, name):
         raise ClmtuneError(f"device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
@@ -451,24 +449,19 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    tok = None
+    device = device if isinstance(device, torch.device) else resolve_device(device)  # a bad name fails before loading
     if cfg.peft.method == "full":
         folder = run_dir / "model"
         if not (folder / "config.json").is_file():
             raise ClmtuneError(f"{run_dir} has no trained model ({folder}/config.json); did training finish?")
-        tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     else:
         adapter = run_dir / "adapter"
         if not (adapter / "adapter_config.json").is_file():
             raise ClmtuneError(f"{run_dir} has no trained adapter ({adapter}/adapter_config.json); did training "
                                "finish?")
-        tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
         model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(adapter))
         fix_prompt_learning_generation(model)
+    tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
     check_tokenizer_fits(model, tok, str(run_dir))
-    model.eval()
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    if device.type != "cpu":
-        model.to(device)
-    return model, tok, cfg
+    return model.eval().to(device), tok, cfg
