@@ -34,6 +34,13 @@ MERGEABLE_METHODS = ("lora", "ia3")
 EVAL_METHODS = ("rank", "generate")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
 """Values of ``eval.device`` / ``generate.device``."""
+
+
+def device_problem(name: object) -> str | None:
+    """Why ``name`` is not a device setting (``"'gpu' is not a device: use ..."``), or None when it is one."""
+    if re.fullmatch(DEVICE_PATTERN, str(name)):
+        return None
+    return f"{name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -398,8 +405,8 @@ class RunConfig:
         if not 0 < g.top_p <= 1:
             p.append(f"generate.top_p={g.top_p!r} must be in (0, 1]")
         for name, dev in (("eval.device", e.device), ("generate.device", g.device)):
-            if not re.fullmatch(DEVICE_PATTERN, str(dev)):
-                p.append(f"{name}={dev!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+            if problem := device_problem(dev):
+                p.append(f"{name}={problem}")
         if p:
             raise ConfigError(p)
         return self

@@ -11,14 +11,13 @@ import inspect
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clmtune.config import (DEVICE_PATTERN, PEFT_CONFIG_CLASSES, PEFT_METHODS, ModelConfig, PeftSettings, RunConfig,
+from clmtune.config import (PEFT_CONFIG_CLASSES, PEFT_METHODS, ModelConfig, PeftSettings, RunConfig, device_problem,
                             load_config)
 from clmtune.data import BUILTIN_PREFIX, assets_path
 from clmtune.errors import ClmtuneError
@@ -419,8 +418,8 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: the first CUDA GPU when torch sees one, else the CPU; else the named device, checked to exist."""
     name = str(name)
-    if not re.fullmatch(DEVICE_PATTERN, name):
-        raise ClmtuneError(f"device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if problem := device_problem(name):
+        raise ClmtuneError(f"device {problem}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
