@@ -1,0 +1,279 @@
+"""The model behind the server: loaded once, used by one worker thread, batched generation and classification.
+
+Generation is a hand-written decode loop over ``transformers``' KV cache (``DynamicCache``) instead of
+``model.generate``: ``generate`` samples with the process-wide RNG, so two requests in one batch could not each
+have their own seed, and reseeding it per call (what ``clmtune generate`` does) is not safe when requests overlap.
+Here every row (one choice of one request) owns a ``torch.Generator``; rows join a batch at its start, leave it as
+soon as they finish or their client goes away (``Cache.batch_select_indices``), and each row's text goes out as it
+grows (the same ``CleanStreamer`` as ``clmtune generate --stream``, so streamed text equals the final text).
+
+Batched and unbatched forwards are not bitwise equal in general (other matmul shapes, padding); logits differ by
+float rounding only, which can flip a sampled token only when it lands on a boundary of the cumulative
+distribution. tests/test_serve_api.py checks that 16 concurrent seeded requests give exactly their one-at-a-time
+texts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from clmtune.data import left_pad, leading_special_ids
+from clmtune.errors import ClmtuneError
+from clmtune.generate import CleanStreamer, context_length, finish_text, load_for_generation, stop_token_ids
+from clmtune.generate import _decode, _raw_text  # noqa: the exact decoding `clmtune generate` applies
+from clmtune.models import model_device
+from clmtune.text import clean_text
+
+log = logging.getLogger("clmtune")
+
+
+class RequestError(ClmtuneError):
+    """A request the model cannot serve (too long, no chat template, not a classification run): HTTP 400."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+def row_seed(seed: int | None, choice: int) -> int:
+    """The generator seed of choice ``choice`` of a request: ``seed`` itself for the first choice, a mix of both for
+    the others (so choice 1 of seed 5 is not choice 0 of seed 6); fresh entropy without a seed."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+    if choice == 0:
+        return seed & 0x7FFF_FFFF_FFFF_FFFF
+    return int(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, choice]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Row:
+    """One continuation being generated. ``on_text(row, delta)`` gets each piece of final text as it is known;
+    ``on_done(row)`` is called once when it ends (``finish_reason`` ``stop``, ``length`` or ``cancelled``)."""
+
+    def __init__(self, engine: "Engine", prompt_ids: list[int], sampling: Sampling, choice: int,
+                 on_text: Callable[["Row", str], Any], on_done: Callable[["Row"], Any], tag: Any = None):
+        self.prompt_ids, self.sampling, self.choice, self.tag = prompt_ids, sampling, choice, tag
+        self.generator = torch.Generator().manual_seed(row_seed(sampling.seed, choice))
+        self.new_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.cancelled = threading.Event()
+        self._engine, self._on_done = engine, on_done
+        self._streamer = CleanStreamer(engine.tokenizer, lambda s: on_text(self, s), engine.stop_ids, sampling.stop)
+        self._streamer.seen_prompt = True  # we hand it new tokens only
+
+    def push(self, token: int) -> bool:
+        """Take the next sampled token; True when the row has ended."""
+        if token in self._engine.stop_ids:
+            return self._finish("stop")
+        self.new_ids.append(token)
+        self._streamer.put(torch.tensor([token]))
+        if self.sampling.stop:
+            text = clean_text(self._engine.tokenizer.decode(self.new_ids, skip_special_tokens=True))
+            if any(s in text for s in self.sampling.stop):
+                return self._finish("stop")
+        if len(self.new_ids) >= self.sampling.max_tokens:
+            return self._finish("length")
+        return False
+
+    def _finish(self, reason: str) -> bool:
+        self.finish_reason = reason
+        self._streamer._emit(final=True)  # the held-back tail (trailing space, partial character) goes out now
+        self.text = _decode(self._engine.tokenizer, self.new_ids, self._engine.stop_ids, self.sampling.stop)
+        self._on_done(self)
+        return True
+
+    def cancel_now(self) -> None:
+        self.finish_reason = "cancelled"
+        self.text = finish_text(_raw_text(self._engine.tokenizer, self.new_ids), self.sampling.stop)
+        self._on_done(self)
+
+
+def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """Next token of one row from its (vocab,) float32 CPU logits: greedy at temperature 0, else nucleus sampling
+    with the row's own generator."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p >= s.top_p  # tokens after the nucleus; the first one always stays
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    """A model and tokenizer loaded once. Not thread-safe: only the batcher's worker thread calls ``run`` and
+    ``classify``; the event loop calls only the encoding helpers (tokenizer only)."""
+
+    def __init__(self, model, tokenizer, model_id: str, task: str = "lm", labels: list[str] | None = None,
+                 run_cfg=None):
+        self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
+        self.task, self.labels, self.run_cfg = task, labels or [], run_cfg
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.context = context_length(model)
+        self.device = model_device(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        self._takes_positions = "position_ids" in params
+        self._takes_logits_to_keep = "logits_to_keep" in params
+        # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40)
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            raise ClmtuneError("serving prompt-learning runs (prefix/prompt/p-tuning) is not supported yet: their "
+                               "virtual tokens live outside the KV cache the server decodes with; export a LoRA/IA3/"
+                               "full run, or use `clmtune generate`")
+        gen = getattr(run_cfg, "generate", None)
+        self.default_max_tokens = getattr(gen, "max_new_tokens", 32)
+
+    @classmethod
+    def load(cls, run: str | None = None, model: str | None = None, device: str = "auto") -> "Engine":
+        m, tok = load_for_generation(run, model, device)
+        if run is not None or (model is not None and (Path(model) / "config.yaml").is_file()):
+            from clmtune.models import read_run_config
+
+            folder = Path(run or model)
+            cfg = read_run_config(folder)
+            task, labels = cfg.data.task, None
+            if task == "classify":
+                labels = json.loads((folder / "train_summary.json").read_text(encoding="utf-8"))["labels"]
+            return cls(m, tok, folder.resolve().name, task, labels, cfg)
+        return cls(m, tok, str(model), "lm")
+
+    # ---- encoding (event loop side: tokenizer only) ----
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not prompt.strip():
+            raise RequestError("prompt is empty; give some text to continue", param="prompt")
+        return leading_special_ids(self.tokenizer) + self.tokenizer(prompt, add_special_tokens=False).input_ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(f"model {self.model_id!r} has no chat template (its tokenizer sets no "
+                               "chat_template); use /v1/completions, or serve a chat run", param="messages",
+                               code="no_chat_template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def check_fits(self, ids: list[int], max_tokens: int, max_prompt_tokens: int | None) -> None:
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt_tokens}",
+                               param="prompt", code="context_length_exceeded")
+        if self.context is not None and len(ids) + max_tokens > self.context:
+            raise RequestError(f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceed the model's "
+                               f"context of {self.context} tokens; shorten the prompt or lower max_tokens",
+                               param="max_tokens", code="context_length_exceeded")
+
+    # ---- generation (worker thread) ----
+    def _forward(self, input_ids, attention_mask, positions, cache):
+        kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
+        if cache is not None:
+            kw[self._cache_kwarg] = cache
+        if self._takes_positions:
+            kw["position_ids"] = positions
+        if self._takes_logits_to_keep:
+            kw["logits_to_keep"] = 1  # the LM head only on the last position
+        out = self.model(**kw)
+        cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else None
+        return out.logits[:, -1, :].float().cpu(), cache if cache is not None else out.past_key_values  # (B, vocab)
+
+    @torch.inference_mode()
+    def run(self, rows: Sequence[Row]) -> None:
+        """Generate every row to its end (or until it is cancelled), all in one batch."""
+        rows = [r for r in rows if not self._cancelled(r)]
+        if not rows:
+            return
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = left_pad([r.prompt_ids for r in rows], pad).to(self.device)  # (B, T)
+        mask = left_pad([[1] * len(r.prompt_ids) for r in rows], 0).to(self.device)  # (B, T)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from its first real token
+        logits, cache = self._forward(ids, mask, positions, None)
+        last = positions[:, -1]  # (B,)
+        active = list(rows)
+        while True:
+            keep, tokens = [], []
+            for k, row in enumerate(active):
+                if self._cancelled(row):
+                    continue
+                token = _pick(logits[k], row.sampling, row.generator)
+                if not row.push(token):
+                    keep.append(k)
+                    tokens.append(token)
+            if not keep:
+                return
+            if len(keep) < len(active):  # finished/cancelled rows leave the batch: no more compute for them
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, last = mask[index], last[index]
+                active = [active[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (B, T + step)
+            last = last + 1
+            step = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
+            logits, cache = self._forward(step, mask, last.unsqueeze(1), cache)
+
+    @staticmethod
+    def _cancelled(row: Row) -> bool:
+        if row.cancelled.is_set():
+            row.cancel_now()
+            return True
+        return False
+
+    # ---- classification (worker thread) ----
+    def encode_classify(self, inputs: list[str | dict[str, str]]) -> list[list[int]]:
+        """Prompt ids of each input, through the run's template: a string fills the template's one placeholder, an
+        object fills placeholders by name."""
+        from clmtune.data import ClassificationEncoder, render_examples, template_fields
+
+        if self.task != "classify":
+            raise RequestError(f"model {self.model_id!r} is not a classification run (task {self.task!r}); "
+                               "/v1/classify needs one", param="input", code="not_a_classifier")
+        cfg = self.run_cfg.data
+        fields = template_fields(cfg.template)
+        rows = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                if len(fields) != 1:
+                    raise RequestError(f"the run's template {cfg.template!r} has {len(fields)} placeholders; send "
+                                       f"input[{i}] as an object with keys {fields}", param=f"input[{i}]")
+                item = {fields[0]: item}
+            missing = [f for f in fields if f not in item]
+            if missing:
+                raise RequestError(f"input[{i}] lacks {missing} (the template's placeholders: {fields})",
+                                   param=f"input[{i}]")
+            if not any(str(item[f]).strip() for f in fields):
+                raise RequestError(f"input[{i}] is empty; give some text to classify", param=f"input[{i}]")
+            rows.append(dict(item))
+        examples, _ = render_examples(rows, cfg, self.labels, "the request", labelled=False)
+        encoder = ClassificationEncoder(self.tokenizer, cfg)
+        reserve = max(len(c) for c in encoder.label_ids(self.labels)) + 1
+        prompts, _ = encoder.encode_prompts(examples, reserve=reserve)
+        return prompts
+
+    @torch.inference_mode()
+    def classify(self, prompts: list[list[int]]) -> list[dict[str, float]]:
+        """Per-label probabilities of each prompt: softmax over the labels' rank scores (evaluation's scoring)."""
+        from clmtune.data import ClassificationEncoder
+        from clmtune.evaluate import label_scores
+
+        encoder = ClassificationEncoder(self.tokenizer, self.run_cfg.data)
+        scores = label_scores(self.model, encoder, prompts, self.labels, self.run_cfg.eval.batch_size,
+                              self.run_cfg.eval.normalize_by_length)  # (n, n_labels)
+        probs = torch.softmax(scores.float(), dim=1).tolist()
+        return [dict(zip(self.labels, p)) for p in probs]
