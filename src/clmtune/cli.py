@@ -83,6 +83,22 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, help="destination folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     x.add_argument("--overwrite", action="store_true")
+
+    v = sub.add_parser("serve", help="serve a run or model over an OpenAI-compatible HTTP API, with a playground",
+                       description="OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models; "
+                                   "/v1/classify for classification runs; a browser playground at /. "
+                                   "Needs pip install 'clmtune[serve]'.")
+    vsrc = v.add_mutually_exclusive_group(required=True)
+    vsrc.add_argument("--run", help="run folder written by `clmtune train`")
+    vsrc.add_argument("--model", help="plain or merged model folder (or a run folder), hub id, or builtin:NAME")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=os.environ.get("CLMTUNE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $CLMTUNE_API_KEY; none: open)")
+    v.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
+    v.add_argument("--max-batch", type=int, default=16, help="requests (x n) generated together in one batch")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 429")
+    v.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     return p
 
 
@@ -234,6 +250,17 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.serve import serve
+
+    for flag in ("port", "max_batch", "max_queue", "max_tokens"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise ClmtuneError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    serve(args.run, args.model, host=args.host, port=args.port, api_key=args.api_key or None, device=args.device,
+          limits={"max_batch": args.max_batch, "max_queue": args.max_queue, "max_tokens": args.max_tokens})
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Keep our own progress bars; hide the libraries' per-file loading bars and deprecation chatter."""
     import warnings
@@ -246,7 +273,7 @@ def _quiet_libraries() -> None:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate,
-            "export": cmd_export}
+            "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

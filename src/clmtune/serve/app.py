@@ -304,10 +304,11 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
 
 
 def serve(run: str | None = None, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, device: str = "auto", limits: Limits | None = None) -> None:
+          api_key: str | None = None, device: str = "auto", limits: Limits | dict | None = None) -> None:
     """Load the model once and answer HTTP requests until interrupted."""
     import uvicorn
 
+    limits = Limits(**limits) if isinstance(limits, dict) else limits
     engine = Engine.load(run, model, device)
     app = create_app(engine, api_key, limits)
     print(f"clmtune serve: {engine.model_id} ({engine.task}) on http://{host}:{port}/ "
