@@ -1,8 +1,10 @@
 """Requests that arrive together run together: an asyncio queue in front of one worker thread that owns the model.
 
-The event loop never runs the model: each batch goes to a single-thread executor (torch releases the GIL), so
-``/health`` and new requests are answered while a batch runs. Requests that arrive while a batch runs wait and
-form the next batch (up to ``max_batch`` rows). The number of requests waiting or running is bounded
+The event loop never runs the model: the decode loop runs in a single-thread executor (torch releases the GIL),
+so ``/health`` and new requests are answered while it runs. Generation is continuously batched: the decode loop
+takes waiting requests (up to ``max_batch`` rows in all) before every token, so a request that arrives while
+others are being decoded joins them at the next step. Classification requests wait for the decode loop to drain
+and are scored together. The number of requests waiting or running is bounded
 (``max_queue``): one more is refused at once with ``QueueFull`` (HTTP 429), never left to hang. A request whose
 client goes away is cancelled: dropped from the queue, or from its running batch at the next token, and its
 place is freed.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,7 +51,9 @@ class Job:
 class Batcher:
     def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64, window_s: float = 0.002):
         self.engine, self.max_batch, self.max_queue, self.window_s = engine, max_batch, max_queue, window_s
-        self._waiting: collections.deque[Job] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()  # shared with the worker: under _lock
+        self._lock = threading.Lock()
+        self._running: list[Job] = []  # generate jobs handed to the decode loop, until their rows end
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="clmtune-model")
         self._task: asyncio.Task | None = None
@@ -78,7 +83,8 @@ class Batcher:
                             f"{self.max_queue}); retry later")
         self.in_flight += 1
         self.stats["requests"] += 1
-        self._waiting.append(job)
+        with self._lock:
+            self._waiting.append(job)
         self._wake.set()
         return job
 
@@ -109,8 +115,11 @@ class Batcher:
             return
         self.stats["cancelled"] += 1
         job.cancel()
-        if job in self._waiting:
-            self._waiting.remove(job)
+        with self._lock:
+            waiting = job in self._waiting
+            if waiting:
+                self._waiting.remove(job)
+        if waiting:
             self._release(job)
 
     def _row_done(self, job: Job, row: Row) -> None:
@@ -124,39 +133,54 @@ class Batcher:
         if not job.released:
             job.released = True
             self.in_flight -= 1
+            if job in self._running:
+                self._running.remove(job)
 
-    # ---- running (event loop hands batches to the worker thread) ----
-    def _next_batch(self) -> list[Job]:
-        first = self._waiting.popleft()
-        batch, rows = [first], first.size
-        if first.kind == "generate":
-            for job in list(self._waiting):
-                if job.kind == first.kind and rows + job.size <= self.max_batch:
-                    self._waiting.remove(job)
-                    batch.append(job)
-                    rows += job.size
-        else:
-            batch += [j for j in self._waiting if j.kind == "classify"]
-            for job in batch[1:]:
+    # ---- running ----
+    def _intake(self, room: int) -> list[Row]:
+        """Worker thread: the rows of the generate jobs at the head of the queue that fit in ``room`` rows (FIFO: a
+        classification job at the head stops the intake, so the decode loop drains and it gets its turn)."""
+        taken: list[Job] = []
+        with self._lock:
+            while self._waiting and self._waiting[0].kind == "generate" and self._waiting[0].size <= room:
+                job = self._waiting.popleft()
+                taken.append(job)
+                room -= job.size
+        if taken:
+            self._loop.call_soon_threadsafe(self._running.extend, taken)
+        rows = [r for job in taken for r in job.rows]
+        self.stats["rows"] += len(rows)
+        return rows
+
+    def _note_batch(self, rows: int) -> None:
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], rows)
+
+    def _take_classify(self) -> list[Job]:
+        with self._lock:
+            jobs = [j for j in self._waiting if j.kind == "classify"]
+            for job in jobs:
                 self._waiting.remove(job)
-        return batch
+        return jobs
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._waiting:
+            with self._lock:
+                head = self._waiting[0].kind if self._waiting else None
+            if head is None:
                 self._wake.clear()
                 await self._wake.wait()
                 await asyncio.sleep(self.window_s)  # let requests sent together arrive together
-            batch = self._next_batch()
+                continue
             self.stats["batches"] += 1
+            batch: list[Job] = []
             try:
-                if batch[0].kind == "generate":
-                    rows = [r for job in batch for r in job.rows]
-                    self.stats["rows"] += len(rows)
-                    self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
-                    await loop.run_in_executor(self._executor, self.engine.run, rows)
+                if head == "generate":
+                    await loop.run_in_executor(self._executor, lambda: self.engine.run(
+                        intake=self._intake, max_rows=self.max_batch, on_batch=self._note_batch))
+                    await asyncio.sleep(0)  # let the rows' last callbacks run
                 else:
+                    batch = self._take_classify()
                     prompts = [p for job in batch for p in job.prompts]
                     result = await loop.run_in_executor(self._executor, self.engine.classify, prompts)
                     start = 0
@@ -168,7 +192,8 @@ class Batcher:
                 raise
             except Exception as exc:  # a failing batch fails its requests, never the server
                 log.exception("serve: a batch failed")
-                for job in batch:
+                await asyncio.sleep(0)
+                for job in batch + list(self._running):
                     if not job.released:
                         job.events.put_nowait(("error", f"{type(exc).__name__}: {exc}"))
                         self._release(job)
