@@ -91,7 +91,8 @@ def test_chat_completion_and_stream_agree(client, engine):
     text = full.choices[0].message.content
     assert full.choices[0].message.role == "assistant" and text
     prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt.endswith("assistant: ") and full.usage.prompt_tokens == len(engine.tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert prompt.endswith("assistant: ")
+    assert full.usage.prompt_tokens == len(engine.tokenizer(prompt, add_special_tokens=False).input_ids)
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=14, seed=5,
                                                  temperature=0.9, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"

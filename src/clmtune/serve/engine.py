@@ -15,6 +15,7 @@ texts.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -131,11 +132,14 @@ def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
 
 class Engine:
     """A model and tokenizer loaded once. Not thread-safe: only the batcher's worker thread calls ``run`` and
-    ``classify``; the event loop calls only the encoding helpers (tokenizer only)."""
+    ``classify``; the event loop calls only the ``encode_*``/``check_fits`` helpers (``request_tokenizer``)."""
 
     def __init__(self, model, tokenizer, model_id: str, task: str = "lm", labels: list[str] | None = None,
                  run_cfg=None):
         self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
+        # The event loop encodes requests while the worker thread decodes tokens: a Rust tokenizer used from two
+        # threads at once can fail ("Already borrowed"), so each side has its own copy.
+        self.request_tokenizer = copy.deepcopy(tokenizer)
         self.task, self.labels, self.run_cfg = task, labels or [], run_cfg
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.context = context_length(model)
@@ -171,15 +175,18 @@ class Engine:
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt.strip():
             raise RequestError("prompt is empty; give some text to continue", param="prompt")
-        return leading_special_ids(self.tokenizer) + self.tokenizer(prompt, add_special_tokens=False).input_ids
+        tok = self.request_tokenizer
+        return leading_special_ids(tok) + tok(prompt, add_special_tokens=False).input_ids
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        template = getattr(self.tokenizer, "chat_template", None)  # the run's tokenizer says (a string: safe to read)
+        if not template:
             raise RequestError(f"model {self.model_id!r} has no chat template (its tokenizer sets no "
                                "chat_template); use /v1/completions, or serve a chat run", param="messages",
                                code="no_chat_template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        text = self.request_tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                          tokenize=False)
+        return self.request_tokenizer(text, add_special_tokens=False).input_ids
 
     def check_fits(self, ids: list[int], max_tokens: int, max_prompt_tokens: int | None) -> None:
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
@@ -337,7 +344,7 @@ class Engine:
                 raise RequestError(f"input[{i}] is empty; give some text to classify", param=f"input[{i}]")
             rows.append(dict(item))
         examples, _ = render_examples(rows, cfg, self.labels, "the request", labelled=False)
-        encoder = ClassificationEncoder(self.tokenizer, cfg)
+        encoder = ClassificationEncoder(self.request_tokenizer, cfg)
         reserve = max(len(c) for c in encoder.label_ids(self.labels)) + 1
         prompts, _ = encoder.encode_prompts(examples, reserve=reserve)
         return prompts
