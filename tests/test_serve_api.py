@@ -265,3 +265,23 @@ def test_api_key_body_limit_queue_limit_and_disconnect(engine):
         assert h["queue"]["in_flight"] == 0 and h["queue"]["cancelled"] == 1
         assert h["queue"]["generated_tokens"] < 400
         assert keyed.completions.create(model=MODEL, prompt="你好", max_tokens=2).choices[0].text is not None
+
+
+def test_cli_serve_rejects_bad_limits_and_prompt_learning_models(capsys, engine):
+    from peft import PromptTuningConfig, get_peft_model
+
+    from clmtune import cli
+    from clmtune.errors import ClmtuneError
+
+    assert cli.main(["serve", "--model", MODEL, "--max-batch", "0"]) == 2
+    assert "--max-batch 0 must be positive" in capsys.readouterr().err
+    assert cli.main(["serve", "--run", "/nonexistent/run"]) == 2
+    assert "not a clmtune run folder" in capsys.readouterr().err
+    from transformers import AutoModelForCausalLM
+
+    from clmtune.models import builtin_model_path
+
+    fresh = AutoModelForCausalLM.from_pretrained(builtin_model_path("tiny-gpt2-zh"))
+    peft_model = get_peft_model(fresh, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ClmtuneError, match="prompt-learning"):
+        Engine(peft_model, engine.tokenizer, "prompt-tuned")
