@@ -197,6 +197,9 @@ def test_errors_are_openai_error_objects(server, client):
     assert exc.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="   ")
+    with pytest.raises(openai.BadRequestError, match="logprobs=3 is not supported"):  # never silently less
+        client.completions.create(model=MODEL, prompt="你好", logprobs=3)
+    assert client.completions.create(model=MODEL, prompt="你好", max_tokens=2, presence_penalty=0, user="u1").choices
     with pytest.raises(openai.BadRequestError):  # n > 1 with greedy decoding
         client.completions.create(model=MODEL, prompt="你好", n=2, temperature=0)
     assert post("/v1/nothing", b"{}").json()["error"]["message"] == "Not Found"

@@ -1,18 +1,31 @@
 """Request and response bodies in OpenAI's shapes (the subset clmtune serves), checked by pydantic.
 
-Requests are strict: ``"max_tokens": "5"`` is a type error (400), not silently read as 5. Fields OpenAI clients
-send that clmtune does not use (``user``, ``presence_penalty`` ...) are accepted and ignored.
+Requests are strict: ``"max_tokens": "5"`` is a type error (400), not silently read as 5. An OpenAI option that
+clmtune does not implement (``logprobs``, ``echo``, ``presence_penalty`` ...) is a 400 when it asks for something
+(a value other than null/false/0), so no request silently gets less than it asked for; other unknown fields
+(``user``, ``metadata`` ...) are ignored.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "presence_penalty",
+               "frequency_penalty", "tools", "tool_choice", "functions", "function_call", "response_format")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="after")
+    def _no_unsupported_options(self):
+        for name in UNSUPPORTED:
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, False, 0, [], {}):
+                raise ValueError(f"{name}={value!r} is not supported by clmtune serve; leave it out")
+        return self
 
 
 class _Sampling(_Request):
