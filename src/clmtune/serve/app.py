@@ -313,4 +313,4 @@ def serve(run: str | None = None, model: str | None = None, host: str = "127.0.0
     app = create_app(engine, api_key, limits)
     print(f"clmtune serve: {engine.model_id} ({engine.task}) on http://{host}:{port}/ "
           f"(API: /v1, playground: /){' - API key required' if api_key else ''}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)  # info: one line per request
