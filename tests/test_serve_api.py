@@ -288,3 +288,21 @@ def test_cli_serve_rejects_bad_limits_and_prompt_learning_models(capsys, engine)
     peft_model = get_peft_model(fresh, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ClmtuneError, match="prompt-learning"):
         Engine(peft_model, engine.tokenizer, "prompt-tuned")
+
+
+def test_a_failing_batch_fails_its_requests_not_the_server(engine):
+    broken = Engine(engine.model, engine.tokenizer, MODEL)
+    real_forward, calls = broken._forward, []
+
+    def forward(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return real_forward(*args)
+    broken._forward = forward
+    with LiveServer(create_app(broken)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError, match="simulated out of memory"):
+            client.completions.create(model=MODEL, prompt="你好", max_tokens=4)
+        assert srv.health()["queue"]["in_flight"] == 0
+        assert client.completions.create(model=MODEL, prompt="你好", max_tokens=4, seed=1).choices[0].text
