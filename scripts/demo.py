@@ -86,7 +86,7 @@ def main() -> int:
     print(f"held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
           f"({after['tokens']} tokens)", flush=True)
 
-    from clmtune.models import load_run
+    from clmtune.run import load_run
 
     model, tok, run_cfg = load_run(res.output_dir)
     settings = dataclasses.replace(run_cfg.generate, max_new_tokens=48, top_k=10, temperature=1.0, seed=0)

@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.config import load_config, merge, parse_overrides
     from clmtune.evaluate import evaluate_run
+    from clmtune.run import RunDir
     from clmtune.train import train
 
     overrides = parse_overrides(extra)
@@ -108,9 +109,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"resumed from {result.resumed_from}")
     print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
           f"{result.final_loss:.4f}")
-    weights = out / ("model" if cfg.peft.method == "full" else "adapter")
-    print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {out / 'tokenizer'}\n"
-          f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
+    run = RunDir(out)
+    weights = run.weights(is_peft=cfg.peft.method != "full")
+    print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {run.tokenizer}\n"
+          f"  config:    {run.config_file}\n  log:       {run.log_file}")
     if result.has_eval_split and not args.no_eval:
         _release(result)
         metrics, where = evaluate_run(out, "eval")
@@ -152,9 +154,11 @@ def _is_main_process() -> bool:
 
 
 def _print_eval(metrics: dict, where: Path) -> None:
+    from clmtune.run import EVAL_JSON, PREDICTIONS_CSV
+
     if metrics["method"] == "perplexity":
         print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} tokens): perplexity "
-              f"{metrics['perplexity']:.2f}\n  results:     {where / 'eval.json'}")
+              f"{metrics['perplexity']:.2f}\n  results:     {where / EVAL_JSON}")
         return
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:
@@ -164,7 +168,7 @@ def _print_eval(metrics: dict, where: Path) -> None:
         mapped = metrics["mapped_to_nearest_label"]
         line += f" (mapped to the nearest label: accuracy {mapped['accuracy']:.4f}, macro-F1 {mapped['macro_f1']:.4f})"
     print(f"{line}; {metrics['examples_per_s']:.1f} examples/s")
-    print(f"  results:     {where / 'eval.json'}\n  predictions: {where / 'predictions.csv'}")
+    print(f"  results:     {where / EVAL_JSON}\n  predictions: {where / PREDICTIONS_CSV}")
     if "confusion_matrix_png" in metrics.get("files", {}):
         print(f"  confusion:   {where / metrics['files']['confusion_matrix_png']}")
 
@@ -183,7 +187,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.config import GenerateConfig, RunConfig
     from clmtune.errors import ConfigError
     from clmtune.generate import generate, load_for_generation, read_prompts_file, stream, write_jsonl
-    from clmtune.models import read_run_config
+    from clmtune.run import RunDir
 
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -194,7 +198,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         raise ClmtuneError("no prompt given; pass prompt text or --prompts-file FILE")
     if args.stream and len(prompts) != 1:
         raise ClmtuneError(f"--stream prints one prompt's continuation, got {len(prompts)} prompts; drop --stream")
-    base = read_run_config(args.run).generate if args.run else GenerateConfig()
+    base = RunDir(args.run).load_config().generate if args.run else GenerateConfig()
     given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
              "num_return_sequences": args.num_return_sequences, "seed": args.seed, "stop": args.stop,

@@ -19,7 +19,6 @@ import yaml
 
 from clmtune.errors import ConfigError
 
-TASKS = ("classify", "sft", "lm")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 END_TOKENS = ("eos", "pad")
 TRUNCATION_SIDES = ("left", "right")
@@ -28,8 +27,6 @@ PEFT_METHODS = ("lora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "fu
 PEFT_CONFIG_CLASSES = {"lora": "LoraConfig", "prefix_tuning": "PrefixTuningConfig", "prompt_tuning": "PromptTuningConfig",
                        "p_tuning": "PromptEncoderConfig", "ia3": "IA3Config"}
 """peft config class of each method (``full`` has none: every weight is trained, no adapter)."""
-PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
-"""Methods that prepend learned virtual tokens; they cannot be merged into the base weights."""
 MERGEABLE_METHODS = ("lora", "ia3")
 EVAL_METHODS = ("rank", "generate")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
@@ -341,8 +338,10 @@ class RunConfig:
             if value < 0 or (value == 0 and not allow_zero):
                 p.append(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
+        from clmtune.tasks import get_task, task_names  # the registry names the task shapes
+
         d, t, e, g = self.data, self.train, self.eval, self.generate
-        choice("data.task", d.task, TASKS)
+        choice("data.task", d.task, task_names())
         choice("data.end_token", d.end_token, END_TOKENS)
         choice("data.truncation_side", d.truncation_side, TRUNCATION_SIDES)
         choice("data.padding", d.padding, PADDING)
@@ -369,14 +368,8 @@ class RunConfig:
                      "null to pad each batch to exactly its longest row")
         if d.block_size is not None:
             positive("data.block_size", d.block_size)
-        if d.task == "sft" and not d.response_template:
-            p.append("data.response_template is empty; give the response column, e.g. '{response}'")
-        if d.task == "lm" and not d.text_column:
-            p.append("data.text_column is empty; give the column with the text to learn, e.g. 'text'")
-        if (d.task == "lm" and d.packing and d.padding == "max_length" and d.block_size is not None
-                and d.block_size > d.max_length):
-            p.append(f"data.block_size={d.block_size} is larger than data.max_length={d.max_length} with "
-                     "data.padding=max_length; make them equal or use data.padding: longest")
+        if d.task in task_names():
+            p.extend(get_task(d.task).config_problems(d))
         if d.delimiter is not None and len(d.delimiter) != 1:
             p.append(f"data.delimiter={d.delimiter!r} must be one character, e.g. ',' or '\\t'")
         positive("peft.r", self.peft.r)

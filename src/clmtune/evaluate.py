@@ -29,7 +29,9 @@ from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import (IGNORE_INDEX, ClassificationEncoder, Example, collate, left_pad, load_task, prepare_data,
                           read_table, render_examples, resolve_source)
 from clmtune.errors import ClmtuneError
-from clmtune.models import forward_inputs, load_run, model_device
+from clmtune.models import forward_inputs, model_device
+from clmtune.tasks import get_task
+from clmtune.run import CONFUSION_PNG, EVAL_JSON, PREDICTIONS_CSV, RunDir, write_csv_atomic, write_json_atomic
 from clmtune.text import clean_text, nearest_label
 
 log = logging.getLogger("clmtune")
@@ -457,34 +459,31 @@ def evaluate_examples(model, tokenizer, cfg: RunConfig, examples: list[Example],
     if method == "rank":
         result["normalize_by_length"] = cfg.eval.normalize_by_length
     final = preds.mapped if preds.mapped is not None else preds.predicted
-    files = {"predictions": "predictions.csv"}
+    files = {"predictions": PREDICTIONS_CSV}
     if labelled:
         gold = [e.label for e in examples]
         result.update(classification_metrics(gold, preds.predicted, labels))
         if preds.mapped is not None:
             result["mapped_to_nearest_label"] = classification_metrics(gold, preds.mapped, labels)
         title = f"{method}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} (n={len(gold)})"
-        plot_confusion_matrix(result["confusion_matrix"], out_dir / "confusion_matrix.png", title)
-        files["confusion_matrix_png"] = "confusion_matrix.png"
-        with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            extra = ["output", "mapped"] if preds.mapped is not None else ["output"] if preds.outputs else []
-            w.writerow(["id", "text", "gold", "predicted", *extra])
-            for k, (e, p) in enumerate(zip(examples, preds.predicted)):
-                more = [preds.outputs[k]] if preds.outputs else []
-                if preds.mapped is not None:
-                    more = [preds.outputs[k], preds.mapped[k]]
-                w.writerow([e.id, e.text, e.label, p, *more])
+        plot_confusion_matrix(result["confusion_matrix"], out_dir / CONFUSION_PNG, title)
+        files["confusion_matrix_png"] = CONFUSION_PNG
+        rows = []
+        for k, (e, p) in enumerate(zip(examples, preds.predicted)):
+            more = [preds.outputs[k]] if preds.outputs else []
+            if preds.mapped is not None:
+                more = [preds.outputs[k], preds.mapped[k]]
+            rows.append([e.id, e.text, e.label, p, *more])
+        extra = ["output", "mapped"] if preds.mapped is not None else ["output"] if preds.outputs else []
+        write_csv_atomic(out_dir / PREDICTIONS_CSV, ["id", "text", "gold", "predicted", *extra], rows)
     else:  # RAFT submission shape; an invalid output stays as written unless eval.map_invalid maps it
         names = submission_names(cfg, labels)
-        with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["ID", "Label"])
-            w.writerows([e.id, names.get(p, p)] for e, p in zip(examples, final))
+        write_csv_atomic(out_dir / PREDICTIONS_CSV, ["ID", "Label"],
+                         ([e.id, names.get(p, p)] for e, p in zip(examples, final)))
         result["submission"] = True
         result["predicted_counts"] = {lab: final.count(lab) for lab in labels}
     result["files"] = files
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json_atomic(out_dir / EVAL_JSON, result)
     return result
 
 
@@ -529,8 +528,7 @@ def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, ou
     result = {"method": "perplexity", **perplexity(model, features, pad_id, batch_size, progress)}
     seconds = time.perf_counter() - t0
     result.update(seconds=round(seconds, 3), examples_per_s=round(len(features) / max(seconds, 1e-9), 2))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json_atomic(out_dir / EVAL_JSON, result)
     return result
 
 
@@ -542,13 +540,12 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     Returns (metrics, folder written to). Default folders: the run folder for ``eval``, ``RUN/test`` for ``test``,
     ``RUN/eval-<file stem>`` for a data file. ``device``: overrides the run's ``eval.device``.
     """
-    from clmtune.models import read_run_config
-
-    run_dir = Path(run_dir)
-    model, tokenizer, cfg = load_run(run_dir, device=device or read_run_config(run_dir).eval.device)
-    if cfg.data.task != "classify":
-        return _evaluate_lm_run(run_dir, model, tokenizer, cfg, split, data_file, out_dir, progress)
-    labels = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))["labels"]
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
+    if get_task(cfg.data.task).evaluation != "labels":
+        return _evaluate_lm_run(run, model, tokenizer, cfg, split, data_file, out_dir, progress)
+    labels = run.labels()
     if data_file is not None:
         path = Path(data_file)
         if not path.is_file():
@@ -556,23 +553,23 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
         rows = read_table(path)
         labelled = bool(rows) and cfg.data.label_column in rows[0]
         examples, _ = render_examples(rows, cfg.data, labels, str(path), labelled=labelled)
-        default_out = run_dir / f"eval-{path.stem}"
+        default_out = run.eval_output_dir(data_file=path)
     else:
-        if split not in ("eval", "test"):
-            raise ClmtuneError(f"--split {split!r} is not one of eval, test")
+        if split not in get_task(cfg.data.task).eval_splits:
+            raise ClmtuneError(f"--split {split!r} is not one of {', '.join(get_task(cfg.data.task).eval_splits)}")
         task = load_task(cfg.data)
         examples = task.eval if split == "eval" else task.test
         if not examples:
             raise ClmtuneError(f"the run's {split!r} split is empty" + (
                 "; set data.eval_fraction > 0 or pass --data FILE" if split == "eval" else
                 "; set data.test_file or pass --data FILE"))
-        default_out = run_dir if split == "eval" else run_dir / "test"
+        default_out = run.eval_output_dir(split)
     out = Path(out_dir) if out_dir else default_out
     result = evaluate_examples(model, tokenizer, cfg, examples, labels, method or cfg.eval.method, out, progress)
     return result, out
 
 
-def _evaluate_lm_run(run_dir: Path, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
                      out_dir: str | Path | None, progress: bool) -> tuple[dict, Path]:
     """Perplexity of an ``lm``/``sft`` run on its held-out split or on ``data_file`` (tokenized like training)."""
     import dataclasses
@@ -583,15 +580,15 @@ def _evaluate_lm_run(run_dir: Path, model, tokenizer, cfg: RunConfig, split: str
         data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
                                        eval_fraction=0.0, prepared=None)
         features = prepare_data(tokenizer, data_cfg).train
-        default_out = run_dir / f"eval-{Path(data_file).stem}"
+        default_out = run.eval_output_dir(data_file=data_file)
     else:
-        if split != "eval":
+        if split not in get_task(cfg.data.task).eval_splits:
             raise ClmtuneError(f"--split {split!r}: an {cfg.data.task} run is scored by perplexity on its held-out "
                                "'eval' split or on --data FILE")
         features = prepare_data(tokenizer, cfg.data).eval
         if features is None or len(features) == 0:
             raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
-        default_out = run_dir
+        default_out = run.eval_output_dir("eval")
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(features["input_ids"], features["labels"])]
     out = Path(out_dir) if out_dir else default_out
     return evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress), out

@@ -20,7 +20,8 @@ import torch
 from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.data import leading_special_ids, left_pad, read_table
 from clmtune.errors import ClmtuneError
-from clmtune.models import check_tokenizer_fits, load_model, load_run, load_tokenizer, model_device, resolve_device
+from clmtune.models import check_tokenizer_fits, load_model, load_tokenizer, model_device, resolve_device
+from clmtune.run import RunDir
 from clmtune.text import clean_text
 
 log = logging.getLogger("clmtune")
@@ -42,17 +43,15 @@ def load_for_generation(run: str | None = None, model: str | None = None, device
     """(model, tokenizer) from a run folder (base + adapter) or a plain/merged model folder, hub id or builtin name,
     on ``device`` (``auto``: the GPU when there is one).
 
-    ``model`` may also name a run folder (it holds ``config.yaml`` and ``adapter/``).
+    ``model`` may also name a run folder (adapter or full fine-tuning, see ``RunDir.is_run``).
     """
     if (run is None) == (model is None):
         raise ClmtuneError("give exactly one of --run RUN_DIR or --model MODEL")
-    if model is not None and (Path(model) / "adapter" / "adapter_config.json").is_file() \
-            and (Path(model) / "config.yaml").is_file():
+    if model is not None and RunDir.is_run(model):
         run, model = model, None
     dev = resolve_device(device)
     if run is not None:
-        m, tok, _ = load_run(run, device=dev)
-        return m, tok
+        return RunDir(run).load_model(device=dev)
     cfg = ModelConfig(name_or_path=model)
     m = load_model(cfg).eval().to(dev)
     tok = load_tokenizer(cfg)

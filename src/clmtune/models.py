@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from clmtune.config import (PEFT_CONFIG_CLASSES, PEFT_METHODS, ModelConfig, PeftSettings, RunConfig, device_problem,
-                            load_config)
+from clmtune.config import PEFT_CONFIG_CLASSES, PEFT_METHODS, ModelConfig, PeftSettings, device_problem
 from clmtune.data import BUILTIN_PREFIX, assets_path
 from clmtune.errors import ClmtuneError
 
@@ -406,15 +405,6 @@ def fix_prompt_learning_generation(model) -> None:
     model._clmtune_cache_shim = True
 
 
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ClmtuneError(f"{run_dir} is not a clmtune run folder (no config.yaml); give the output_dir of "
-                           "`clmtune train`")
-    return load_config(cfg_path)
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: the first CUDA GPU when torch sees one, else the CPU; else the named device, checked to exist."""
     name = str(name)
@@ -435,32 +425,3 @@ def resolve_device(name: str = "auto") -> torch.device:
 def model_device(model) -> torch.device:
     """Where the model's (first) weights are: inputs must be moved there."""
     return next(model.parameters()).device
-
-
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
-    """(model with its trained adapter, tokenizer, config) of a finished run folder, in eval mode on ``device``.
-
-    Adapter methods: the base model + ``RUN/adapter`` (peft format). ``full``: the fine-tuned model in ``RUN/model``.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    device = device if isinstance(device, torch.device) else resolve_device(device)  # a bad name fails before loading
-    if cfg.peft.method == "full":
-        folder = run_dir / "model"
-        if not (folder / "config.json").is_file():
-            raise ClmtuneError(f"{run_dir} has no trained model ({folder}/config.json); did training finish?")
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    else:
-        adapter = run_dir / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise ClmtuneError(f"{run_dir} has no trained adapter ({adapter}/adapter_config.json); did training "
-                               "finish?")
-        model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(adapter))
-        fix_prompt_learning_generation(model)
-    tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
-    check_tokenizer_fits(model, tok, str(run_dir))
-    return model.eval().to(device), tok, cfg

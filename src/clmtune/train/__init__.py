@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +34,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clmtune.config import RunConfig, save_config
+from clmtune.config import RunConfig
 from clmtune.data import IGNORE_INDEX, collate, prepare_data
 from clmtune.errors import ClmtuneError
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
                              load_tokenizer, peft_type, resolve_model_path)
 
-from clmtune.train.checkpoints import (CHECKPOINTS, STATE_FILE, _check_same_config, _set_rng_state,
+from clmtune.run import RunDir
+from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_state,
                                        _trainable_state, list_checkpoints, load_checkpoint, resolve_resume,
                                        save_checkpoint)
 
@@ -156,12 +156,9 @@ def bf16_unsupported_reason() -> str | None:
     return None
 
 
-def run_is_finished(path: Path) -> bool:
-    return (path / "adapter" / "adapter_config.json").is_file() or (path / "model" / "config.json").is_file()
-
-
 def prepare_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
-    if run_is_finished(path):
+    run = RunDir(path)
+    if run.is_finished():
         if resume:
             raise ClmtuneError(f"{path} already holds a finished run; nothing to resume (pass --overwrite without "
                                "--resume to train again)")
@@ -169,12 +166,7 @@ def prepare_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
             raise ClmtuneError(f"{path} already holds a finished run; choose another train.output_dir or pass "
                                "--overwrite (or --train.overwrite true)")
     if overwrite and not resume:
-        for name in ("adapter", "model", CHECKPOINTS, "train_summary.json"):
-            target = path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        run.clear_outputs()
     elif not resume and list_checkpoints(path):
         raise ClmtuneError(f"{path} holds checkpoints of an unfinished run; continue it with --resume, or start over "
                            "with --overwrite")
@@ -427,9 +419,10 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
         step, epoch0, skip, first_loss = state["step"], state["epoch"], state["batch_in_epoch"], state["first_loss"]
         log.info("resuming from %s: step %d, epoch %d, %d batches of it done", ckpt, step, epoch0 + 1, skip)
 
-    log_path = out / "train_log.jsonl"
+    run = RunDir(out)
+    log_path = run.log_file
     if main:
-        save_config(cfg, out / "config.yaml")
+        run.save_config(cfg)
         if ckpt is not None and log_path.is_file():  # keep the log lines up to the checkpoint's step
             kept = [ln for ln in log_path.read_text(encoding="utf-8").splitlines()
                     if ln and json.loads(ln)["step"] <= step]
@@ -519,14 +512,8 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
     weights = _trainable_state(model, accelerator)  # collective (ZeRO-3 gather); the real weights, not shards
     per_rank = gather_object([rows_seen]) if n_proc > 1 else [rows_seen]
     if main:
-        unwrapped = accelerator.unwrap_model(model)
-        name = "adapter" if is_peft else "model"
-        tmp = out / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(out / "tokenizer")
-        shutil.rmtree(out / name, ignore_errors=True)
-        os.replace(tmp, out / name)  # `adapter/` (or `model/`) appears complete or not at all
+        tokenizer.save_pretrained(run.tokenizer)
+        run.save_weights(accelerator.unwrap_model(model), is_peft, state_dict=weights)
         summary = {"steps": step, "epochs": t_cfg.epochs, "seconds": round(seconds, 2),
                    "first_loss": first_loss, "final_loss": final_loss, "method": cfg.peft.method,
                    "precision": precision, "lm_head_positions": head[0] or "all",
@@ -536,7 +523,7 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
                    "truncated_train_rows": truncated, "labels": data.labels, "data": data.report["data"], **params}
         if n_proc > 1:
             summary["distributed"] = {"num_processes": n_proc, "rows_seen_first_epoch_per_rank": per_rank}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+        run.write_json(run.summary_file.name, summary)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=out, steps=step, first_loss=first_loss, final_loss=final_loss, seconds=seconds,
                        has_eval_split=data.eval is not None and len(data.eval) > 0, resumed_from=ckpt,
