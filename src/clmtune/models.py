@@ -220,19 +220,34 @@ def ensure_pad_token(tokenizer) -> str:
     return msg
 
 
-def context_length(cfg: ModelConfig) -> int | None:
-    """Positions the model can attend over (``max_position_embeddings`` & co. of its config.json), or None when
-    it has no fixed limit (ALiBi models such as BLOOM) or the config cannot be read here (loading reports that)."""
+def context_length(model_or_cfg) -> int | None:
+    """How many token positions the input may take: the model's position table (``max_position_embeddings`` & co.
+    of its config), minus the virtual tokens a loaded prompt-learning model puts in front of the input. ``None``
+    when there is no fixed limit (ALiBi models such as BLOOM) or, given a ``ModelConfig``, when its config cannot
+    be read here (loading the model reports that).
+
+    Takes a ``ModelConfig`` (before loading: training checks ``data.max_length`` against it) or a loaded model
+    (generation fits the prompt + new tokens into it)."""
     from transformers import AutoConfig
 
-    try:
-        target = resolve_model_path(cfg.name_or_path)
-        mc = AutoConfig.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, ClmtuneError):
-        return None
-    mc = getattr(mc, "text_config", None) or mc
+    if isinstance(model_or_cfg, ModelConfig):
+        cfg = model_or_cfg
+        try:
+            target = resolve_model_path(cfg.name_or_path)
+            mc = AutoConfig.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError, ClmtuneError):
+            return None
+        return _position_limit(mc)
+    n = _position_limit(model_or_cfg.config)
+    if n and is_prompt_learning(model_or_cfg):
+        n -= unwrap(model_or_cfg).active_peft_config.num_virtual_tokens
+    return n
+
+
+def _position_limit(config) -> int | None:
+    config = getattr(config, "text_config", None) or config
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(mc, attr, None)
+        value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -330,12 +345,30 @@ def apply_peft(model, settings: PeftSettings, tokenizer_path: str | None = None)
                            f"{linear_layer_names(model)}") from None
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel / DeepSpeed engine wrapper (the model itself when unwrapped)."""
+    return getattr(model, "module", model)
+
+
 def peft_type(model) -> str | None:
     """The active peft method of a (possibly DDP-wrapped) model, e.g. ``"PROMPT_TUNING"``; ``None`` for a plain
     transformers model."""
-    model = getattr(model, "module", model)  # DistributedDataParallel wraps the PeftModel
-    cfg = getattr(model, "active_peft_config", None)
+    cfg = getattr(unwrap(model), "active_peft_config", None)
     return None if cfg is None else str(getattr(cfg.peft_type, "value", cfg.peft_type))
+
+
+def is_prompt_learning(model) -> bool:
+    """peft prompt learning (prefix, prompt, p-tuning): virtual tokens in front of the input or in the KV cache,
+    added inside peft's ``forward``/``generate``."""
+    cfg = getattr(unwrap(model), "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+def input_virtual_tokens(model) -> int:
+    """Positions peft puts in front of the input (prompt tuning, p-tuning); prefix tuning's go to the KV cache."""
+    if peft_type(model) in ("PROMPT_TUNING", "P_TUNING"):
+        return int(unwrap(model).active_peft_config.num_virtual_tokens)
+    return 0
 
 
 def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -354,9 +387,9 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
       Fall-back kept on purpose: fixing it would mean re-implementing peft's forward and generate.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    unwrapped = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    unwrapped = unwrap(model)
     base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-    if peft_type(unwrapped) in ("PROMPT_TUNING", "P_TUNING"):
+    if input_virtual_tokens(unwrapped):
         return inputs
     if "position_ids" in inspect.signature(base.forward).parameters:
         mask = batch["attention_mask"]
@@ -389,8 +422,7 @@ def fix_prompt_learning_generation(model) -> None:
     is unchanged. No-op for LoRA/IA3 (peft does not touch the cache) and for a transformers that still uses
     ``past_key_values``.
     """
-    cfg = getattr(model, "active_peft_config", None)
-    if cfg is None or not cfg.is_prompt_learning or getattr(model, "_clmtune_cache_shim", False):
+    if not is_prompt_learning(model) or getattr(model, "_clmtune_cache_shim", False):
         return
     base_prepare = model.base_model_prepare_inputs_for_generation
     if "cache" not in inspect.signature(base_prepare).parameters:
