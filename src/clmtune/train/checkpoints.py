@@ -17,6 +17,7 @@ import torch
 
 from clmtune.config import RunConfig
 from clmtune.errors import ClmtuneError
+from clmtune.models import unwrap
 from clmtune.run import ADAPTER, RunDir
 
 STATE_FILE = "trainer_state.json"  # written last inside a checkpoint
@@ -125,7 +126,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, is_peft: bool) -> d
     from safetensors.torch import load_file, load_model
 
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    unwrapped = getattr(model, "module", model)
+    unwrapped = unwrap(model)
     if is_peft:
         set_peft_model_state_dict(unwrapped, load_file(ckpt / ADAPTER / "adapter_model.safetensors"))
     else:
