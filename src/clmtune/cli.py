@@ -88,9 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.config import load_config, merge, parse_overrides
-    from clmtune.evaluate import evaluate_run
     from clmtune.run import RunDir
-    from clmtune.train import train
+    from clmtune.workflows import is_main_process, train_and_evaluate
 
     overrides = parse_overrides(extra)
     shortcuts = {}
@@ -101,36 +100,23 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.deepspeed:
         shortcuts["deepspeed"] = args.deepspeed
     cfg = load_config(args.config, merge(overrides, {"train": {**overrides.get("train", {}), **shortcuts}}))
-    result = train(cfg, resume=args.resume)
-    out = result.output_dir
-    if not _is_main_process():
-        return 0  # under torchrun / accelerate launch only rank 0 reports and evaluates
-    if result.resumed_from:
-        print(f"resumed from {result.resumed_from}")
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
-          f"{result.final_loss:.4f}")
-    run = RunDir(out)
-    weights = run.weights(is_peft=cfg.peft.method != "full")
-    print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {run.tokenizer}\n"
-          f"  config:    {run.config_file}\n  log:       {run.log_file}")
-    if result.has_eval_split and not args.no_eval:
-        _release(result)
-        metrics, where = evaluate_run(out, "eval")
-        _print_eval(metrics, where)
+
+    def report(result) -> None:
+        if not is_main_process():
+            return  # under torchrun / accelerate launch only rank 0 reports and evaluates
+        if result.resumed_from:
+            print(f"resumed from {result.resumed_from}")
+        print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
+              f"{result.final_loss:.4f}")
+        run = RunDir(result.output_dir)
+        weights = run.weights(is_peft=cfg.peft.method != "full")
+        print(f"run folder: {run.path}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {run.tokenizer}\n"
+              f"  config:    {run.config_file}\n  log:       {run.log_file}")
+
+    done = train_and_evaluate(cfg, evaluate=not args.no_eval, resume=args.resume, on_trained=report)
+    if done.metrics is not None:
+        _print_eval(done.metrics, done.eval_dir)
     return 0
-
-
-def _release(result) -> None:
-    """Drop the trained model before evaluation reloads the run from disk (on ``eval.device``), so a GPU does not
-    hold two copies of it."""
-    import gc
-
-    import torch
-
-    result.model = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
@@ -147,10 +133,6 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     if result.saved_to is not None:
         print(f"saved to {result.saved_to} (train with --data.prepared {result.saved_to})")
     return 0
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
 
 
 def _print_eval(metrics: dict, where: Path) -> None:
