@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -51,9 +50,10 @@ def served(trained):
 
 def _naive_probabilities(cfg, run_dir, text: str, model, tok) -> dict[str, float]:
     """Each label's log-likelihood from its own full forward of prompt + label + end token, softmaxed."""
-    from clmtune.data import leading_special_ids
+    from clmtune.run import RunDir
+    from clmtune.tasks.encoding import leading_special_ids
 
-    labels = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))["labels"]
+    labels = RunDir(run_dir).labels()
     prompt = leading_special_ids(tok) + tok(cfg.data.template.format(**{"Tweet text": text}),
                                             add_special_tokens=False).input_ids
     end = tok.eos_token_id if cfg.data.end_token == "eos" else tok.pad_token_id
@@ -77,9 +77,9 @@ def test_classify_matches_naive_rank_scoring(served):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == result.output_dir.resolve().name and [d["index"] for d in body["data"]] == [0, 1, 2]
-    from clmtune.models import load_run
+    from clmtune.run import RunDir
 
-    model, tok, _ = load_run(result.output_dir)
+    model, tok = RunDir(result.output_dir).load_model()
     for text, d in zip(texts, body["data"]):
         expected = _naive_probabilities(cfg, result.output_dir, text, model, tok)
         assert set(d["probabilities"]) == set(expected) == {"complaint", "no complaint"}
@@ -111,3 +111,35 @@ def test_classify_inputs_batch_and_errors(served):
                       json={"model": models[0]["id"], "prompt": "Tweet text : hello label : ", "max_tokens": 3,
                             "temperature": 0}, timeout=60)
     assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_full_fine_tuning_run_is_served_like_an_adapter_run(tmp_path):
+    """peft.method full writes model/ instead of adapter/: `--run` and `--model RUN` both serve it, and its task
+    (classify) gives /v1/classify."""
+    from tinyrun import tiny_cfg
+
+    from clmtune.run import RunDir
+    from clmtune.serve.app import create_app
+    from clmtune.serve.engine import Engine
+    from clmtune.train import train
+    from liveserver import LiveServer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_cfg(tmp_path, method="full", name="full-run", max_steps=4)
+        train(cfg, progress=False)
+        run = RunDir(cfg.train.output_dir)
+        assert run.has_full_model() and not run.has_adapter()
+        engine = Engine.load(model=str(run.path), device="cpu")  # --model RUN: recognised as a run, not a model
+        assert engine.classifies and engine.labels == ["complaint", "no complaint"] and engine.model_id == "full-run"
+        with LiveServer(create_app(engine)) as srv:
+            r = httpx.post(srv.url + "/v1/classify", json={"input": ["@delta where is my bag"]}, timeout=60)
+            card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+        assert r.status_code == 200, r.text
+        model, tok = run.load_model()
+        expected = _naive_probabilities(cfg, run.path, "@delta where is my bag", model, tok)
+        assert r.json()["data"][0]["probabilities"] == pytest.approx(expected, abs=1e-4)
+        assert card["task"] == "classify" and card["id"] == "full-run"
+    finally:
+        torch.set_num_threads(before)

@@ -145,8 +145,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                            code="invalid_api_key")
 
     def card() -> S.ModelCard:
-        return S.ModelCard(id=engine.model_id, created=created, task=engine.task,
-                           labels=engine.labels if engine.task == "classify" else None)
+        return S.ModelCard(id=engine.model_id, created=created, task=engine.task_name,
+                           labels=engine.labels if engine.classifies else None)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != engine.model_id:
@@ -218,8 +218,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.model_id, "task": engine.task,
-                "labels": engine.labels or None, "auth": api_key is not None, "queue": batcher.health()}
+        return {"status": "ok", "model": engine.model_id, "task": engine.task_name,
+                "labels": engine.labels if engine.classifies else None, "auth": api_key is not None, "queue": batcher.health()}
 
     @app.get("/v1/models", response_model=S.ModelList, dependencies=[Depends(authorized)])
     async def models():
@@ -311,6 +311,6 @@ def serve(run: str | None = None, model: str | None = None, host: str = "127.0.0
     limits = Limits(**limits) if isinstance(limits, dict) else limits
     engine = Engine.load(run, model, device)
     app = create_app(engine, api_key, limits)
-    print(f"clmtune serve: {engine.model_id} ({engine.task}) on http://{host}:{port}/ "
+    print(f"clmtune serve: {engine.model_id} ({engine.task_name}) on http://{host}:{port}/ "
           f"(API: /v1, playground: /){' - API key required' if api_key else ''}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)  # info: one line per request

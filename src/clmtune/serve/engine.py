@@ -27,11 +27,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from clmtune.data import left_pad, leading_special_ids
 from clmtune.errors import ClmtuneError
-from clmtune.generate import CleanStreamer, context_length, finish_text, load_for_generation, stop_token_ids
+from clmtune.generate import CleanStreamer, finish_text, load_for_generation, stop_token_ids
 from clmtune.generate import _decode, _raw_text  # noqa: the exact decoding `clmtune generate` applies
-from clmtune.models import model_device
+from clmtune.models import context_length, is_prompt_learning, model_device, resolve_device
+from clmtune.run import RunDir
+from clmtune.tasks import Task, get_task
+from clmtune.tasks.encoding import leading_special_ids, left_pad
 from clmtune.text import clean_text
 
 log = logging.getLogger("clmtune")
@@ -134,13 +136,16 @@ class Engine:
     """A model and tokenizer loaded once. Not thread-safe: only the batcher's worker thread calls ``run`` and
     ``classify``; the event loop calls only the ``encode_*``/``check_fits`` helpers (``request_tokenizer``)."""
 
-    def __init__(self, model, tokenizer, model_id: str, task: str = "lm", labels: list[str] | None = None,
+    def __init__(self, model, tokenizer, model_id: str, task: Task | None = None, labels: list[str] | None = None,
                  run_cfg=None):
+        """``task``: the run's task (``None`` for a plain model); a task with labels makes ``/v1/classify``
+        available, with ``labels`` (the run's label set) and ``run_cfg`` (its template and eval settings)."""
         self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
         # The event loop encodes requests while the worker thread decodes tokens: a Rust tokenizer used from two
         # threads at once can fail ("Already borrowed"), so each side has its own copy.
         self.request_tokenizer = copy.deepcopy(tokenizer)
-        self.task, self.labels, self.run_cfg = task, labels or [], run_cfg
+        self.task, self.run_cfg = task, run_cfg
+        self.labels = list(labels or []) if self.classifies else []
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.context = context_length(model)
         self.device = model_device(model)
@@ -150,26 +155,36 @@ class Engine:
         self._takes_logits_to_keep = "logits_to_keep" in params
         # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40)
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        if is_prompt_learning(model):
             raise ClmtuneError("serving prompt-learning runs (prefix/prompt/p-tuning) is not supported yet: their "
                                "virtual tokens live outside the KV cache the server decodes with; export a LoRA/IA3/"
                                "full run, or use `clmtune generate`")
         gen = getattr(run_cfg, "generate", None)
         self.default_max_tokens = getattr(gen, "max_new_tokens", 32)
 
+    @property
+    def classifies(self) -> bool:
+        """The run's task predicts a label of a closed set (``/v1/classify``)."""
+        return self.task is not None and self.task.has_labels
+
+    @property
+    def task_name(self) -> str:
+        return self.task.name if self.task is not None else "lm"
+
     @classmethod
     def load(cls, run: str | None = None, model: str | None = None, device: str = "auto") -> "Engine":
-        m, tok = load_for_generation(run, model, device)
-        if run is not None or (model is not None and (Path(model) / "config.yaml").is_file()):
-            from clmtune.models import read_run_config
-
-            folder = Path(run or model)
-            cfg = read_run_config(folder)
-            task, labels = cfg.data.task, None
-            if task == "classify":
-                labels = json.loads((folder / "train_summary.json").read_text(encoding="utf-8"))["labels"]
-            return cls(m, tok, folder.resolve().name, task, labels, cfg)
-        return cls(m, tok, str(model), "lm")
+        """A run folder (adapter or full fine-tuning; ``model`` may name one too) or a plain model."""
+        if (run is None) == (model is None):
+            raise ClmtuneError("give exactly one of --run RUN_DIR or --model MODEL")
+        folder = run if run is not None else (model if RunDir.is_run(model) else None)
+        if folder is None:
+            m, tok = load_for_generation(None, model, device)
+            return cls(m, tok, str(model))
+        rd = RunDir(folder)
+        cfg = rd.load_config()
+        m, tok = rd.load_model(device=resolve_device(device), cfg=cfg)
+        task = get_task(cfg.data.task)
+        return cls(m, tok, rd.path.resolve().name, task, rd.labels() if task.has_labels else None, cfg)
 
     # ---- encoding (event loop side: tokenizer only) ----
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -318,44 +333,48 @@ class Engine:
             return True
         return False
 
-    # ---- classification (worker thread) ----
+    # ---- classification ----
     def encode_classify(self, inputs: list[str | dict[str, str]]) -> list[list[int]]:
-        """Prompt ids of each input, through the run's template: a string fills the template's one placeholder, an
-        object fills placeholders by name."""
-        from clmtune.data import ClassificationEncoder, render_examples, template_fields
+        """Event loop: prompt ids of each input, rendered by the run's task from its template (a string fills the
+        template's one placeholder, an object fills placeholders by name) and cut as in evaluation."""
+        from clmtune.data import Encoder
+        from clmtune.tasks.base import fields
 
-        if self.task != "classify":
-            raise RequestError(f"model {self.model_id!r} is not a classification run (task {self.task!r}); "
+        if not self.classifies:
+            raise RequestError(f"model {self.model_id!r} is not a classification run (task {self.task_name!r}); "
                                "/v1/classify needs one", param="input", code="not_a_classifier")
         cfg = self.run_cfg.data
-        fields = template_fields(cfg.template)
+        names = list(fields(cfg.template))
         rows = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
-                if len(fields) != 1:
-                    raise RequestError(f"the run's template {cfg.template!r} has {len(fields)} placeholders; send "
-                                       f"input[{i}] as an object with keys {fields}", param=f"input[{i}]")
-                item = {fields[0]: item}
-            missing = [f for f in fields if f not in item]
+                if len(names) != 1:
+                    raise RequestError(f"the run's template {cfg.template!r} has {len(names)} placeholders; send "
+                                       f"input[{i}] as an object with keys {names}", param=f"input[{i}]")
+                item = {names[0]: item}
+            missing = [f for f in names if f not in item]
             if missing:
-                raise RequestError(f"input[{i}] lacks {missing} (the template's placeholders: {fields})",
+                raise RequestError(f"input[{i}] lacks {missing} (the template's placeholders: {names})",
                                    param=f"input[{i}]")
-            if not any(str(item[f]).strip() for f in fields):
+            if not any(str(item[f]).strip() for f in names):
                 raise RequestError(f"input[{i}] is empty; give some text to classify", param=f"input[{i}]")
             rows.append(dict(item))
-        examples, _ = render_examples(rows, cfg, self.labels, "the request", labelled=False)
-        encoder = ClassificationEncoder(self.request_tokenizer, cfg)
+        examples, dropped = self.task.render_examples(rows, cfg, self.labels, "the request", labelled=False)
+        if dropped:  # the checks above should make this impossible; never answer fewer items than asked
+            raise RequestError(f"{dropped} input(s) have no text to classify", param="input")
+        encoder = Encoder(self.request_tokenizer, cfg)
         reserve = max(len(c) for c in encoder.label_ids(self.labels)) + 1
         prompts, _ = encoder.encode_prompts(examples, reserve=reserve)
         return prompts
 
     @torch.inference_mode()
     def classify(self, prompts: list[list[int]]) -> list[dict[str, float]]:
-        """Per-label probabilities of each prompt: softmax over the labels' rank scores (evaluation's scoring)."""
-        from clmtune.data import ClassificationEncoder
-        from clmtune.evaluate import label_scores
+        """Worker thread: per-label probabilities of each prompt, a softmax over the labels' rank scores (the
+        scoring ``clmtune eval`` uses)."""
+        from clmtune.data import Encoder
+        from clmtune.evaluate.scoring import label_scores
 
-        encoder = ClassificationEncoder(self.tokenizer, self.run_cfg.data)
+        encoder = Encoder(self.tokenizer, self.run_cfg.data)
         scores = label_scores(self.model, encoder, prompts, self.labels, self.run_cfg.eval.batch_size,
                               self.run_cfg.eval.normalize_by_length)  # (n, n_labels)
         probs = torch.softmax(scores.float(), dim=1).tolist()

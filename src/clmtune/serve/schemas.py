@@ -139,8 +139,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "clmtune"
     task: str
-    """clmtune's addition: ``classify`` runs also answer ``/v1/classify``."""
+    """clmtune's addition: the run's task (``lm`` for a plain model)."""
     labels: list[str] | None = None
+    """The label set when the run classifies (it then also answers ``/v1/classify``)."""
 
 
 class ModelList(BaseModel):
