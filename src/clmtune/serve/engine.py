@@ -54,6 +54,8 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    stop_ids: list[int] = field(default_factory=list)
+    """Token ids that end this request's rows besides the model's end tokens (a chat template's end marker)."""
 
 
 def row_seed(seed: int | None, choice: int) -> int:
@@ -79,12 +81,13 @@ class Row:
         self.text = ""
         self.cancelled = threading.Event()
         self._engine, self._on_done = engine, on_done
-        self._streamer = CleanStreamer(engine.tokenizer, lambda s: on_text(self, s), engine.stop_ids, sampling.stop)
+        self._stop_ids = sorted(set(engine.stop_ids) | set(sampling.stop_ids))
+        self._streamer = CleanStreamer(engine.tokenizer, lambda s: on_text(self, s), self._stop_ids, sampling.stop)
         self._streamer.seen_prompt = True  # we hand it new tokens only
 
     def push(self, token: int) -> bool:
         """Take the next sampled token; True when the row has ended."""
-        if token in self._engine.stop_ids:
+        if token in self._stop_ids:
             return self._finish("stop")
         self.new_ids.append(token)
         self._streamer.put(torch.tensor([token]))
@@ -99,7 +102,7 @@ class Row:
     def _finish(self, reason: str) -> bool:
         self.finish_reason = reason
         self._streamer._emit(final=True)  # the held-back tail (trailing space, partial character) goes out now
-        self.text = _decode(self._engine.tokenizer, self.new_ids, self._engine.stop_ids, self.sampling.stop)
+        self.text = _decode(self._engine.tokenizer, self.new_ids, self._stop_ids, self.sampling.stop)
         self._on_done(self)
         return True
 
