@@ -40,7 +40,7 @@ def resolve_source(source: str) -> Path:
         if not name or not path.exists():
             raise ClmtuneError(f"data.source={source!r}: clmtune ships no data set named {name!r} (shipped: "
                                "builtin:raft/twitter_complaints, builtin:raft/banking_77, "
-                               "builtin:chnsenticorp/ChnSentiCorp_htl_all.csv)")
+                               "builtin:chnsenticorp/ChnSentiCorp_htl_all.csv, builtin:chat/chatterbot-zh)")
         return path
     path = Path(source).expanduser()
     if not path.exists():
