@@ -59,9 +59,6 @@ _ZH = (
 BUILTIN_TEMPLATES = {"chatml": _CHATML, "alpaca": _ALPACA, "zh": _ZH}
 """Built-in templates by name (``data.chat_template``). ``alpaca`` and ``zh`` put the assistant prompt after the
 user message, so ``add_generation_prompt`` adds nothing; ``chatml`` adds ``<|im_start|>assistant\\n``."""
-STOP_STRINGS = {"chatml": ["<|im_end|>"]}
-"""Text that ends a reply besides the tokenizer's end token (``<|im_end|>`` is several tokens in a vocabulary
-without it)."""
 _BOS = "{{- bos_token }}"
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -114,6 +111,21 @@ def install_chat_template(tokenizer, name: str | None = None) -> str:
     return source
 
 
-def stop_strings(name: str | None) -> list[str]:
-    """Strings that end a generated reply under template ``name`` (besides the end token)."""
-    return list(STOP_STRINGS.get(name or "", []))
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+"""End-of-turn markers of common templates (ChatML/Qwen, Llama 3, Phi-3, Gemma)."""
+
+
+def reply_stops(tokenizer) -> tuple[list[int], list[str]]:
+    """What ends an assistant reply under ``tokenizer.chat_template``, besides the end token: the ids of the end
+    markers the template writes that are single tokens, and as text those that are not (``<|im_end|>`` in a
+    vocabulary without it is seven BPE pieces)."""
+    template = tokenizer.chat_template or ""
+    vocab = tokenizer.get_vocab()
+    ids, strings = [], []
+    for marker in END_MARKERS:
+        if marker in template:
+            if marker in vocab:
+                ids.append(vocab[marker])
+            else:
+                strings.append(marker)
+    return ids, strings
