@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clmtune.data.conversations import conversation_files, detect_format, load_conversations, to_conversations
+from clmtune.data.conversations import conversation_files, load_conversations
+from clmtune.tasks.conversations import detect_format, to_conversations
 from clmtune.errors import ClmtuneError
 
 EXPECTED = [

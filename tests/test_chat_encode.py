@@ -7,7 +7,7 @@ import pytest
 from clmtune.chat_templates import (BUILTIN_TEMPLATES, builtin_template, has_generation_blocks, install_chat_template,
                                     resolve_chat_template)
 from clmtune.config import ModelConfig
-from clmtune.data.chat_encode import encode_conversation, encode_conversations, tokens_and_mask
+from clmtune.tasks.chat_encoding import encode_conversation, encode_conversations, tokens_and_mask
 from clmtune.errors import ClmtuneError
 from clmtune.models import _opt_bpe_tokenizer, load_tokenizer
 

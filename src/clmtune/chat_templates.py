@@ -75,7 +75,7 @@ def builtin_template(name: str, tokenizer=None) -> str:
                            f"{', '.join(BUILTIN_TEMPLATES)} or the path of a .jinja file")
     text = BUILTIN_TEMPLATES[name]
     if tokenizer is not None:
-        from clmtune.data import leading_special_ids
+        from clmtune.tasks.encoding import leading_special_ids
 
         if leading_special_ids(tokenizer):
             text = _BOS + text

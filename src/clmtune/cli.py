@@ -136,11 +136,17 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _print_eval(metrics: dict, where: Path) -> None:
-    from clmtune.run import EVAL_JSON, PREDICTIONS_CSV
+    from clmtune.run import EVAL_JSON, PREDICTIONS_CSV, PREDICTIONS_JSONL
 
-    if metrics["method"] == "perplexity":
-        print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} tokens): perplexity "
-              f"{metrics['perplexity']:.2f}\n  results:     {where / EVAL_JSON}")
+    if metrics["method"] in ("perplexity", "perplexity+replies"):
+        print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} scored tokens): loss "
+              f"{metrics['nll_per_token']:.4f}, perplexity {metrics['perplexity']:.2f}")
+        if "replies" in metrics:
+            r = metrics["replies"]
+            print(f"replies ({r['decoding']}, n={r['n']}): ROUGE-L {r['rouge_l']:.2f}, BLEU-4 {r['bleu4']:.2f}, "
+                  f"exact match {r['exact_match']:.2f} (character level, x100)\n"
+                  f"  predictions: {where / PREDICTIONS_JSONL}")
+        print(f"  results:     {where / EVAL_JSON}")
         return
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:

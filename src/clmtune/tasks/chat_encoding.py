@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from clmtune.chat_templates import has_generation_blocks
 from clmtune.errors import ClmtuneError
+from clmtune.tasks.examples import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("all", "last")
 
 
