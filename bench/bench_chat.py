@@ -1,11 +1,11 @@
 """Chat fine-tuning speed: TRL's SFTTrainer (as its documentation recommends) vs clmtune, in the same run.
 
-    python bench/bench_chat.py [--steps 24] [--threads 1]
+    python bench/bench_chat.py [--epochs 1] [--threads 1]
 
 Same model (builtin:gpt2-zh-small, full fine-tuning), same data (the chatterbot-zh conversations of clmtune's
 training split, written once to a JSONL both read), same template (clmtune's built-in ``zh``, with
 ``{% generation %}`` markers), same batch (16 conversations), optimizer (AdamW, lr 5e-4, linear decay, no warmup,
-gradient clipping 1.0) and number of optimizer steps. Each trainer runs in its own child process.
+gradient clipping 1.0) and number of optimizer steps (whole epochs: every conversation once per epoch). Each trainer runs in its own child process.
 
   trl      trl.SFTTrainer + SFTConfig(assistant_only_loss=True, padding_free=True): the loss on the assistant's
            tokens only, and the batch flattened into one padding-free row (position_ids restart per conversation),
@@ -40,12 +40,16 @@ BATCH, LR, MAX_LENGTH = 16, 5e-4, 256
 
 
 def train_conversations() -> list[list[dict]]:
-    """The training split clmtune makes of builtin:chat/chatterbot-zh (80 %, seed 123)."""
+    """The training split clmtune makes of builtin:chat/chatterbot-zh (80 %, seed 123), less the conversations
+    longer than the model's 256 positions (TRL does not truncate padding-free rows; clmtune would drop old turns)."""
     from clmtune.config import load_config
     from clmtune.data import load_task
+    from clmtune.tasks.chat_encoding import tokens_and_mask
 
     cfg = load_config(REPO / "configs" / "chat_zh.yaml")
-    return [json.loads(e.target) for e in load_task(cfg.data).train]
+    tok = tokenizer_with_template()
+    convs = [json.loads(e.target) for e in load_task(cfg.data).train]
+    return [c for c in convs if len(tokens_and_mask(tok, c)[0]) <= MAX_LENGTH]
 
 
 def tokenizer_with_template():
@@ -63,7 +67,7 @@ def clmtune_batch_loss(model, tok, convs) -> float:
     import torch
 
     from clmtune.data import collate
-    from clmtune.data.chat_encode import encode_conversations
+    from clmtune.tasks.chat_encoding import encode_conversations
     from clmtune.models import forward_inputs
     from clmtune.train.loss import causal_lm_loss, head_positions
 
@@ -75,13 +79,13 @@ def clmtune_batch_loss(model, tok, convs) -> float:
         return float(causal_lm_loss(model(**inputs).logits, batch["labels"]))
 
 
-def run_trl(data: Path, steps: int) -> dict:
+def run_trl(data: Path, epochs: int) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from clmtune.data.chat_encode import tokens_and_mask
+    from clmtune.tasks.chat_encoding import tokens_and_mask
     from clmtune.models import resolve_model_path
 
     convs = [json.loads(line)["messages"] for line in data.read_text(encoding="utf-8").splitlines()]
@@ -89,7 +93,7 @@ def run_trl(data: Path, steps: int) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(MODEL))
     args = SFTConfig(output_dir=str(data.parent / "trl"), assistant_only_loss=True, padding_free=True,
-                     max_length=None, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+                     max_length=None, per_device_train_batch_size=BATCH, num_train_epochs=epochs, learning_rate=LR,
                      lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                      seed=0, bf16=False)
@@ -114,11 +118,12 @@ def run_trl(data: Path, steps: int) -> dict:
             "tokenization_mismatches": mismatched, "config": "SFTConfig(assistant_only_loss=True, padding_free=True)"}
 
 
-def run_clmtune(data: Path, steps: int) -> dict:
+def run_clmtune(data: Path, epochs: int) -> dict:
     import torch
 
-    from clmtune.config import load_config
-    from clmtune.models import load_model, ModelConfig
+    from clmtune.tasks.chat_encoding import tokens_and_mask
+    from clmtune.config import ModelConfig, load_config
+    from clmtune.models import load_model
     from clmtune.train import train
 
     tok = tokenizer_with_template()
@@ -129,31 +134,44 @@ def run_clmtune(data: Path, steps: int) -> dict:
     cfg = load_config(REPO / "configs" / "chat_zh.yaml", {
         "data": {"source": str(data), "eval_fraction": 0.0, "max_length": MAX_LENGTH},
         "peft": {"method": "full", "target_modules": None},
-        "train": {"output_dir": str(out), "overwrite": True, "max_steps": steps, "batch_size": BATCH,
-                  "learning_rate": LR, "warmup_ratio": 0.0, "max_grad_norm": 1.0, "epochs": 100}})
+        "train": {"output_dir": str(out), "overwrite": True, "batch_size": BATCH, "learning_rate": LR,
+                  "warmup_steps": 0, "max_grad_norm": 1.0, "epochs": epochs}})
     result = train(cfg, progress=False)
     log = [json.loads(line) for line in open(out / "train_log.jsonl", encoding="utf-8")]
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
-    return {"seconds": result.seconds, "steps": len(log), "tokens": summary.get("real_tokens", summary.get("tokens")),
-            "first_batch_loss": first_loss, "final_loss": log[-1]["loss"], "summary": summary}
+    conv = summary["conversations"]["train"]
+    assert conv["dropped_too_long"] == 0 and conv["truncated"] == 0, conv  # the same tokens as TRL's
+    tokens = epochs * sum(len(tokens_and_mask(tok, c)[0]) for c in convs)  # every conversation once per epoch
+    return {"seconds": result.seconds, "steps": len(log), "tokens": tokens, "first_batch_loss": first_loss,
+            "final_loss": log[-1]["loss"], "lm_head_positions": summary["lm_head_positions"]}
 
 
-def child(name: str, data: str, steps: int) -> None:
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def child(name: str, data: str, epochs: int) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    res = (run_trl if name == "trl" else run_clmtune)(Path(data), steps)
+    res = (run_trl if name == "trl" else run_clmtune)(Path(data), epochs)
     print("RESULT " + json.dumps(res, default=str))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=24, help="optimizer steps of 16 conversations (24 = 1 epoch)")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of 16-conversation steps (24 steps each)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1], args.steps)
+        return child(args.child[0], args.child[1], args.epochs)
     os.environ["BENCH_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_chat_"))
     data = work / "train.jsonl"
@@ -162,7 +180,7 @@ def main() -> None:
     results = {}
     for name in ("trl", "clmtune"):
         print(f"{name} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", name, str(data)],
+        proc = subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs), "--child", name, str(data)],
                               capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -174,8 +192,7 @@ def main() -> None:
     trl, ours = results["trl"], results["clmtune"]
     agree = abs(trl["first_batch_loss"] - ours["first_batch_loss"]) < 1e-4
     report = {"model": MODEL, "data": "builtin:chat/chatterbot-zh (training split)", "conversations": len(convs),
-              "steps": args.steps, "batch": BATCH, "threads": args.threads, "cpu": platform.processor() or
-              platform.machine(), "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M UTC",
+              "epochs": args.epochs, "steps": {k: r["steps"] for k, r in results.items()}, "batch": BATCH, "threads": args.threads, "cpu": cpu_name(), "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                          time.gmtime()),
               "speedup": ours["tokens_per_s"] / trl["tokens_per_s"], "first_batch_loss_agrees": agree,
               "results": results}
