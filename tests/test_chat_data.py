@@ -145,3 +145,42 @@ def test_shipped_chatterbot_zh():
     assert stats["conversations"] == 467 and stats["turns"] == 1012 and len(stats["topics"]) == 17
     assert "467 conversations, 1,012 turns" in card
     assert "BSD 3-Clause" in (files["train"].parent / "NOTICE.md").read_text(encoding="utf-8")
+
+
+def _prepare(capsys, *argv):
+    from clmtune.cli import main
+
+    code = main(["prepare", "--config", str(REPO_CONFIG), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+REPO_CONFIG = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "chat_zh.yaml"
+
+
+@pytest.mark.parametrize("rows,args,needle", [
+    ([{"messages": [{"role": "user", "content": "a"}]}], [], "row 5: no assistant turn"),
+    ([{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}], [],
+     "row 5: roles out of order"),
+    ([{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}], [],
+     "row 5: unknown role"),
+    ([{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}], [],
+     "row 5: empty message"),
+    ([], ["--data.chat_template", "null", "--model.name_or_path", "builtin:tiny-opt"],
+     "has no chat template and data.chat_template is not set; set data.chat_template to one of chatml"),
+    ([], ["--data.format", "chatgpt", "--data.train_on", "first"], "2 problems"),
+    ([], ["--data.columns", "{prompt: x}"], "data.columns has unknown field(s) ['prompt']"),
+])
+def test_cli_bad_chat_input_is_one_line_exit_2(tmp_path, capsys, rows, args, needle):
+    path = _write(tmp_path / "chats.jsonl", OPENAI * 2 + rows + OPENAI * 2)  # a bad row is row 5
+    code, out, err = _prepare(capsys, "--data.source", str(path), *args)
+    assert code == 2, err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("clmtune: error")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err
+
+
+def test_cli_prepare_reports_chat_statistics(tmp_path, capsys):
+    code, out, err = _prepare(capsys, "--data.max_length", "48")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("train: 373 conversations"))
+    assert "tokens per turn p50/p95/max" in line and "dropped (too long even with only their last turn)" in line
