@@ -97,6 +97,3 @@ class ChatTask(Task):
             log.warning("%d conversations do not fit data.max_length=%d even with only their last turn; dropped",
                         stats["dropped_too_long"], d.max_length)
         return ds.remove_columns(["turns", "turns_dropped"])
-
-    def format_prompt(self, text: str, d) -> str:
-        return text
