@@ -65,3 +65,15 @@ def test_chat_ctrl_d_and_model_without_template(chat_run, tmp_path):
     child.close()
     assert child.exitstatus == 2
     assert "no chat template" in child.before and "--chat-template" in child.before
+
+
+def test_generate_on_a_chat_run_uses_its_template(chat_run, capsys):
+    from clmtune.cli import main
+
+    run, _ = chat_run
+    code = main(["generate", "--run", str(run), "你是一个人工智能", "--temperature", "0", "--max-new-tokens", "8",
+                 "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = __import__("json").loads(out.strip().splitlines()[-1])
+    assert row["prompt"] == "用户：你是一个人工智能\n助手：" and row["outputs"] == ["那是我的名字。"]

@@ -244,6 +244,14 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
                                          "batch_size": args.batch_size,
                                          "truncate": False if args.no_truncate else None})
     model, tok = load_for_generation(args.run, args.model, settings.device)
+    if args.run:  # a chat run's prompts become user messages under its template (other tasks: as typed)
+        from clmtune.run import RunDir
+        from clmtune.tasks import get_task
+
+        data_cfg = RunDir(args.run).load_config().data
+        task = get_task(data_cfg.task)
+        prompts = [task.format_prompt(p, data_cfg, tok) for p in prompts]
+        settings = dataclasses.replace(settings, stop=list(settings.stop) + task.stop_strings(tok))
     if args.stream:
         results = [stream(model, tok, prompts[0], settings)]
     else:

@@ -85,9 +85,13 @@ class Task:
         return ds
 
     # -- generation ------------------------------------------------------------------------------------------
-    def format_prompt(self, text: str, d: "DataConfig") -> str:
+    def format_prompt(self, text: str, d: "DataConfig", tokenizer=None) -> str:
         """The text a user's prompt is turned into before generation (as is for these shapes)."""
         return text
+
+    def stop_strings(self, tokenizer) -> list[str]:
+        """Text that ends a generated continuation besides the end token (none for these shapes)."""
+        return []
 
 
 @functools.lru_cache(maxsize=64)

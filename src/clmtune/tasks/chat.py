@@ -17,7 +17,7 @@ import json
 import logging
 from typing import Any
 
-from clmtune.chat_templates import install_chat_template
+from clmtune.chat_templates import install_chat_template, reply_stops
 from clmtune.tasks.base import Task
 from clmtune.tasks.chat_encoding import TRAIN_ON, encode_conversation
 from clmtune.tasks.conversations import DEFAULT_COLUMNS, FORMATS, to_conversations
@@ -97,3 +97,16 @@ class ChatTask(Task):
             log.warning("%d conversations do not fit data.max_length=%d even with only their last turn; dropped",
                         stats["dropped_too_long"], d.max_length)
         return ds.remove_columns(["turns", "turns_dropped"])
+
+    def format_prompt(self, text: str, d, tokenizer=None) -> str:
+        """``clmtune generate --run CHAT_RUN TEXT``: TEXT as one user message under the run's template, followed by
+        the assistant's generation prompt (a BOS the template writes is left to the tokenizer's own prefix)."""
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            return text
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        bos = getattr(tokenizer, "bos_token", None)
+        return rendered[len(bos):] if bos and rendered.startswith(bos) else rendered
+
+    def stop_strings(self, tokenizer) -> list[str]:
+        return reply_stops(tokenizer)[1]
