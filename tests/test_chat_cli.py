@@ -7,7 +7,6 @@ import os
 import sys
 
 import pexpect
-import pytest
 
 from chatrun import REPO, chat_run  # noqa: F401  (fixture)
 
