@@ -5,7 +5,8 @@
 Same model (builtin:gpt2-zh-small, full fine-tuning), same data (the chatterbot-zh conversations of clmtune's
 training split, written once to a JSONL both read), same template (clmtune's built-in ``zh``, with
 ``{% generation %}`` markers), same batch (16 conversations), optimizer (AdamW, lr 5e-4, linear decay, no warmup,
-gradient clipping 1.0) and number of optimizer steps (whole epochs: every conversation once per epoch). Each trainer runs in its own child process.
+gradient clipping 1.0) and number of optimizer steps (whole epochs: every conversation once per epoch). Each
+trainer runs in its own child process.
 
   trl      trl.SFTTrainer + SFTConfig(assistant_only_loss=True, padding_free=True): the loss on the assistant's
            tokens only, and the batch flattened into one padding-free row (position_ids restart per conversation),
@@ -191,13 +192,15 @@ def main() -> None:
     trl, ours = results["trl"], results["clmtune"]
     agree = abs(trl["first_batch_loss"] - ours["first_batch_loss"]) < 1e-4
     report = {"model": MODEL, "data": "builtin:chat/chatterbot-zh (training split)", "conversations": len(convs),
-              "epochs": args.epochs, "steps": {k: r["steps"] for k, r in results.items()}, "batch": BATCH, "threads": args.threads, "cpu": cpu_name(), "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                         time.gmtime()),
+              "epochs": args.epochs, "steps": {k: r["steps"] for k, r in results.items()}, "batch": BATCH,
+              "threads": args.threads, "cpu": cpu_name(), "load_average": os.getloadavg(),
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "speedup": ours["tokens_per_s"] / trl["tokens_per_s"], "first_batch_loss_agrees": agree,
               "results": results}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "chat_gpt2zh.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(f"\n| trainer | steps | tokens | seconds | tokens/s | first-batch loss | last-step loss |\n|---|---|---|---|---|---|---|")
+    print("\n| trainer | steps | tokens | seconds | tokens/s | first-batch loss | last-step loss |\n"
+          "|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['steps']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['first_batch_loss']:.6f} | {r['final_loss']:.4f} |")

@@ -140,8 +140,8 @@ class DataConfig:
 
     chat_template: str | None = None
     """``chat`` only: how a conversation becomes text. ``None``: the tokenizer's own chat template (an error when it
-    has none); ``chatml``, ``alpaca`` or ``zh`` (``用户：…\n助手：…``, for character tokenizers): a built-in template;
-    or the path of a ``.jinja`` file. The template used is saved with the run's tokenizer."""
+    has none); ``chatml``, ``alpaca`` or ``zh`` (``用户：…\n助手：…``, for character tokenizers): a built-in
+    template; or the path of a ``.jinja`` file. The template used is saved with the run's tokenizer."""
 
     train_on: str = "all"
     """``chat`` only: which assistant turns carry the loss, ``all`` (every one, each with its end token) or

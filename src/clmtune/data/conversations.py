@@ -85,7 +85,7 @@ def conversation_files(source: str) -> dict[str, Path]:
     found = {}
     for split, stems in SPLIT_STEMS.items():
         for stem in stems:
-            hits = [path / f"{stem}{suffix}" for suffix in CONVERSATION_SUFFIXES if (path / f"{stem}{suffix}").is_file()]
+            hits = [path / f"{stem}{sfx}" for sfx in CONVERSATION_SUFFIXES if (path / f"{stem}{sfx}").is_file()]
             if hits:
                 found[split] = hits[0]
                 break
