@@ -262,6 +262,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         check_model(req.model)
         params = sampling(req, req.n)
         ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        marker_ids, marker_texts = engine.chat_stops()  # the reply ends at the template's end-of-turn marker
+        params.stop_ids, params.stop = marker_ids, params.stop + marker_texts
         engine.check_fits(ids, params.max_tokens, limits.max_prompt_tokens)
         job = batcher.submit_generate([ids], params, req.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -206,6 +206,16 @@ class Engine:
                                                           tokenize=False)
         return self.request_tokenizer(text, add_special_tokens=False).input_ids
 
+    def chat_stops(self) -> tuple[list[int], list[str]]:
+        """What ends an assistant reply under the chat template besides the end token: its end marker as a token
+        id, or as text when the vocabulary has no such token (``chat_templates.reply_stops``, as `clmtune chat`)."""
+        from clmtune.chat_templates import reply_stops
+
+        template = self.tokenizer.chat_template
+        if getattr(self, "_chat_stops", (None,))[0] != template:  # once per template (get_vocab builds a dict)
+            self._chat_stops = (template, reply_stops(self.tokenizer))  # read-only use: safe beside the decoder
+        return self._chat_stops[1]
+
     def check_fits(self, ids: list[int], max_tokens: int, max_prompt_tokens: int | None) -> None:
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt_tokens}",
