@@ -306,3 +306,19 @@ def test_a_failing_batch_fails_its_requests_not_the_server(engine):
             client.completions.create(model=MODEL, prompt="你好", max_tokens=4)
         assert srv.health()["queue"]["in_flight"] == 0
         assert client.completions.create(model=MODEL, prompt="你好", max_tokens=4, seed=1).choices[0].text
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(engine):
+    strict = Engine(engine.model, engine.tokenizer, MODEL)
+    strict.tokenizer = type(engine.tokenizer).from_pretrained(engine.tokenizer.name_or_path)
+    strict.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                      "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with LiveServer(create_app(strict)) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions",
+                       json={"model": MODEL, "messages": [{"role": "system", "content": "x"},
+                                                          {"role": "user", "content": "你好"}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_error"
+        assert "no system role" in r.json()["error"]["message"]
+        ok = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+                        json={"model": MODEL, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 3})
+        assert ok.status_code == 200
