@@ -9,6 +9,7 @@ use dotted keys: ``--train.epochs 3 --data.max_length 128``. ``validate()`` coll
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from clmtune.errors import ConfigError
+from clmtune.templates import template_problem
 
 TASKS = ("classify", "sft", "lm")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
@@ -342,6 +344,11 @@ class RunConfig:
                 p.append(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
         d, t, e, g = self.data, self.train, self.eval, self.generate
+        for sec in dataclasses.fields(self):  # nan/inf pass every ``< 0`` check: reject them first
+            for f in dataclasses.fields(getattr(self, sec.name)):
+                value = getattr(getattr(self, sec.name), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    p.append(f"{sec.name}.{f.name}={value!r} must be a finite number")
         choice("data.task", d.task, TASKS)
         choice("data.end_token", d.end_token, END_TOKENS)
         choice("data.truncation_side", d.truncation_side, TRUNCATION_SIDES)
@@ -359,6 +366,11 @@ class RunConfig:
             p.extend(deepspeed_problems(t.deepspeed))
         if not d.template:
             p.append("data.template is empty; give a prompt such as 'Text : {text} label : '")
+        elif d.task != "lm" and (problem := template_problem(d.template, "data.template")):
+            p.append(problem)
+        if d.task == "sft" and d.response_template and (
+                problem := template_problem(d.response_template, "data.response_template")):
+            p.append(problem)
         if not 0 <= d.eval_fraction < 1:
             p.append(f"data.eval_fraction={d.eval_fraction!r} must be in [0, 1)")
         if d.labels is not None and len(set(d.labels)) != len(d.labels):
@@ -490,6 +502,13 @@ def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     origin = get_origin(base) or base
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is float and isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{name}={value!r} must be a finite number")
+        return value
+    if origin is float and isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf",
+                                                                                            "infinity"):
+        problems.append(f"{name}={value!r} must be a finite number")
+        return value
     if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # "--model.revision 1" is a string to the user
     if origin is Any or isinstance(value, origin):
@@ -503,29 +522,54 @@ def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     return value
 
 
-def from_dict(raw: dict[str, Any] | None) -> RunConfig:
-    """Build a RunConfig from nested dicts; unknown sections/keys and wrong types are reported together."""
-    raw = raw or {}
-    problems: list[str] = []
+def structure_problems(raw: Any, where: str = "the config") -> list[str]:
+    """A config must be a mapping of sections, each a mapping of keys (``train: 5``, ``data: [a, b]`` or a whole
+    file that is a list would otherwise be dropped silently and the defaults used)."""
+    if raw is None:
+        return []
     if not isinstance(raw, dict):
-        raise ConfigError([f"the config must be a mapping of sections, got {type(raw).__name__}"])
+        return [f"{where} must be a mapping of sections (data:, model:, peft:, train:, eval:, generate:), "
+                f"got {_short(raw)} (a {type(raw).__name__})"]
+    return [f"section {sec}: must be a mapping of keys (e.g. {sec}: {{key: value}}), got {_short(v)} "
+            f"(a {type(v).__name__})" for sec, v in raw.items() if v is not None and not isinstance(v, dict)]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def from_dict(raw: dict[str, Any] | None) -> RunConfig:
+    """Build a RunConfig from nested dicts and validate it; unknown sections/keys, wrong types and invalid values
+    are all reported together in one ConfigError."""
+    problems = structure_problems(raw)
+    if problems and not isinstance(raw, dict):
+        raise ConfigError(problems)
     sections: dict[str, Any] = {}
-    for sec_name, sec_raw in raw.items():
+    for sec_name, sec_raw in (raw or {}).items():
         if sec_name not in SECTIONS:
             problems.append(f"unknown section {sec_name!r} (known: {', '.join(SECTIONS)})")
             continue
         cls = globals()[SECTIONS[sec_name]] if isinstance(SECTIONS[sec_name], str) else SECTIONS[sec_name]
         hints = get_type_hints(cls)
         kwargs = {}
-        for key, value in (sec_raw or {}).items():
+        for key, value in (sec_raw if isinstance(sec_raw, dict) else {}).items():
             if key not in hints:
                 problems.append(f"unknown key {sec_name}.{key} (known: {', '.join(hints)})")
                 continue
-            kwargs[key] = _coerce(f"{sec_name}.{key}", value, hints[key], problems)
+            before = len(problems)
+            coerced = _coerce(f"{sec_name}.{key}", value, hints[key], problems)
+            if len(problems) == before:  # a value of the wrong type is left out, so validate() can still run
+                kwargs[key] = coerced
         sections[sec_name] = cls(**kwargs)
+    cfg = RunConfig(**sections)
     if problems:
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
         raise ConfigError(problems)
-    return RunConfig(**sections)
+    return cfg
 
 
 class RawOverride(str):
@@ -554,8 +598,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for sec, values in extra.items():
         if isinstance(out.get(sec), dict) and isinstance(values, dict):
             out[sec].update(values)
-        else:
+        elif out.get(sec) is None or not isinstance(values, dict):
             out[sec] = values
+        # else: the base section is not a mapping (``train: 5``); keep it, so that from_dict reports it
     return out
 
 
@@ -570,6 +615,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path} is not valid YAML: {exc}".replace("\n", " ")]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"]) \
+                from None
+        if not isinstance(raw, dict):
+            raise ConfigError(structure_problems(raw, f"{path}"))
     return from_dict(merge(raw, overrides or {})).validate()
 
 

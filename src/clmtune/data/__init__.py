@@ -18,7 +18,7 @@ plus a report of what was read, dropped and truncated).
 
 from __future__ import annotations
 
-import string
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -29,6 +29,10 @@ from clmtune.config import DataConfig
 from clmtune.data.sources import (BUILTIN_PREFIX, HF_PREFIX, RawData, assets_path, load_raw, read_table,  # noqa: F401
                                   resolve_source)
 from clmtune.errors import ClmtuneError
+from clmtune.templates import fill_template, template_problem
+from clmtune.templates import template_fields as _template_fields
+
+log = logging.getLogger("clmtune")
 
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.functional.cross_entropy`` skips."""
@@ -65,11 +69,9 @@ def normalize_label(value: Any) -> str:
 
 
 def template_fields(template: str, key: str = "data.template") -> list[str]:
-    try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        raise ClmtuneError(f"{key}={template!r} is not a valid template ({exc}); "
-                           "write placeholders as {column}, and braces as {{ }}") from None
+    if problem := template_problem(template, key):
+        raise ClmtuneError(problem)
+    return _template_fields(template)
 
 
 def _is_missing(value: Any) -> bool:
@@ -151,13 +153,13 @@ def render_examples(rows: list[dict[str, Any]], cfg: DataConfig, labels: list[st
             if r_fields and not any(v.strip() for v in r_values.values()):
                 dropped += 1
                 continue
-            target = cfg.response_template.format(**r_values)
+            target = fill_template(cfg.response_template, r_values)
         elif labelled:
             if _is_missing(row[cfg.label_column]) or not str(row[cfg.label_column]).strip():
                 raise ClmtuneError(f"{where} {_row_name(where, i)}: empty label in column {cfg.label_column!r}; "
                                    "fill it in or remove the row")
             label = target = map_label(row[cfg.label_column], labels or [], f"{where} {_row_name(where, i)}")
-        out.append(Example(id=rid, prompt=cfg.template.format(**values), label=label,
+        out.append(Example(id=rid, prompt=fill_template(cfg.template, values), label=label,
                            text=" ".join(values.values()), target=target))
     return out, dropped
 
@@ -223,6 +225,9 @@ def load_task(cfg: DataConfig) -> TaskData:
     """
     raw = load_raw(cfg)
     classify = cfg.task == "classify"
+    if cfg.task != "lm" and not template_fields(cfg.template):
+        log.warning(f"data.template={cfg.template!r} has no {{column}} placeholder: every prompt is the same text, so "
+                    "the model cannot tell rows apart; add one, e.g. 'Text : {text} label : '")
     labels = label_set(cfg, raw) if classify else []
     examples, read, dropped, dups = {}, {}, {}, {}
     for split, rows in raw.splits.items():
