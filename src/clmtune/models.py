@@ -169,6 +169,17 @@ def _hub_error(name: str, exc: Exception) -> ClmtuneError:
                         "network; on an offline machine download the model elsewhere and pass its folder")
 
 
+def _remote_code_error(target: str, exc: Exception) -> ClmtuneError | None:
+    """transformers refuses a repository that ships its own Python code unless trust_remote_code is set; say
+    which clmtune setting allows it instead of transformers' keyword argument."""
+    text = str(exc)
+    if "custom code" not in text and "trust_remote_code" not in text:
+        return None
+    return ClmtuneError(f"{target} ships its own model code (auto_map in its config), which clmtune does not run "
+                        "unless you allow it: set model.trust_remote_code: true in the config "
+                        "(train: --model.trust_remote_code true), only for a repository you trust")
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
 
@@ -186,6 +197,8 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
+        if remote := _remote_code_error(target, exc):
+            raise remote from None
         if Path(target).is_dir():
             raise ClmtuneError(f"{target} has no usable tokenizer ({str(exc).splitlines()[0][:200]}); copy the "
                                "tokenizer files (tokenizer.json or vocab files + tokenizer_config.json) into it") from None
@@ -194,15 +207,25 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
+VOCAB_MIN_FILL = 0.75
+"""A tokenizer must cover at least this share of the embedding rows (the rest is taken as padding)."""
+
+
 def check_tokenizer_fits(model, tokenizer, where: str) -> None:
     """A tokenizer with more entries than the model has embedding rows would index past the embedding (an
-    IndexError deep in the forward pass, or garbage on GPU): stop early and say both numbers. Fewer entries is
-    normal (vocabularies are often padded to a multiple of 8/64)."""
+    IndexError deep in the forward pass, or garbage on GPU): stop early and say both numbers. A few fewer entries
+    is normal (vocabularies are often padded to a multiple of 8/64); far fewer means another vocabulary."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ClmtuneError(f"the tokenizer of {where} has {len(tokenizer)} entries but the model's embedding has "
                            f"{rows} rows; use the tokenizer saved with this model (or resize the embedding with "
                            "model.resize_token_embeddings and save both)")
+    # Far fewer entries than rows is not padding but another vocabulary (a BPE model with the BERT character
+    # tokenizer: 21,128 entries for 50,265 rows): every id would mean a different token and training "works" on
+    # noise. Padding adds a few percent at most (Qwen2: 151,665 -> 151,936; phi-2: 50,295 -> 51,200).
+    if len(tokenizer) < rows * VOCAB_MIN_FILL:
+        raise ClmtuneError(f"the tokenizer of {where} has {len(tokenizer)} entries but the model's embedding has "
+                           f"{rows} rows: they are not the same vocabulary; use the tokenizer saved with this model")
 
 
 def ensure_pad_token(tokenizer) -> str:
@@ -263,6 +286,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
             target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
             use_safetensors=None if cfg.allow_pickle_weights else True)
     except (OSError, ValueError) as exc:
+        if remote := _remote_code_error(target, exc):
+            raise remote from None
         if Path(target).is_dir():
             raise ClmtuneError(f"could not load the model in {target}: {str(exc).splitlines()[0][:300]}") from None
         raise _hub_error(target, exc) from None

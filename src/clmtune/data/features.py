@@ -28,7 +28,7 @@ import numpy as np
 
 from clmtune.config import DataConfig
 from clmtune.data import (IGNORE_INDEX, SPLIT_ORDER, ClassificationEncoder, Example, TaskData, _cut_prompt,
-                          build_train_example, load_task)
+                          build_train_example, check_label_tokens, load_task)
 from clmtune.errors import ClmtuneError
 
 META_FILE = "clmtune_prepared.json"
@@ -202,6 +202,8 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
         return load_prepared(cfg.prepared, tokenizer, cfg)
     enc = ClassificationEncoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
     task = task if task is not None else load_task(cfg)
+    if cfg.task == "classify" and task.labels:
+        check_label_tokens(tokenizer, task.labels, enc.label_ids(task.labels), enc.end_id)
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()

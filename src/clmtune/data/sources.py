@@ -102,15 +102,55 @@ def _read_csv(path: Path, delimiter: str | None, encoding: str) -> list[dict[str
     except UnicodeDecodeError:
         raise _encoding_error(path, encoding) from None
     except (ValueError, pd.errors.ParserError) as exc:
+        if "EOF inside string" in str(exc):
+            _check_quotes(path, sep, encoding)
         msg = str(exc).strip().splitlines()[-1]
         hint = _delimiter_hint(path, sep, encoding) or "; check data.delimiter (quote fields that contain it)"
         raise ClmtuneError(f"{path} could not be parsed with delimiter {sep!r} ({msg}){hint}") from None
     df.columns = [str(c) for c in df.columns]
+    _check_header(path, sep, encoding, quoting)
+    if quoting != csv.QUOTE_NONE and len(df) and df.apply(lambda col: col.str.contains("\n", regex=False)).any(axis=None):
+        _check_quotes(path, sep, encoding, len(df.columns))  # only a quoted cell spans lines: check the quotes
+    if df.empty:
+        raise ClmtuneError(f"{path} has a header line ({', '.join(df.columns)}) but no rows; add rows or fix the path")
     if len(df.columns) == 1:
         hint = _delimiter_hint(path, sep, encoding)
         if hint:
             raise ClmtuneError(f"{path}: read a single column {df.columns[0]!r} with delimiter {sep!r}{hint}")
     return df.to_dict(orient="records")
+
+
+def _check_header(path: Path, sep: str, encoding: str, quoting: int) -> None:
+    """pandas renames a repeated column to ``name.1``: a template would silently read the first one."""
+    with open(path, encoding=encoding, newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sep, quoting=quoting), [])
+    dups = sorted({c for c in header if header.count(c) > 1})
+    if dups:
+        raise ClmtuneError(f"{path}: column name(s) {dups} appear more than once in the header line; give every "
+                           "column its own name")
+
+
+def _check_quotes(path: Path, sep: str, encoding: str, columns: int | None = None) -> None:
+    """An unbalanced ``"`` makes a CSV reader swallow the following lines into one cell (rows merged silently).
+    The file is read again with the standard library's strict reader, which stops at malformed quoting; a cell
+    that still holds whole lines looking like rows (``columns - 1`` delimiters each) is reported too."""
+    with open(path, encoding=encoding, newline="") as fh:
+        reader = csv.reader(fh, delimiter=sep, strict=True)
+        start = 1
+        try:
+            for record in reader:
+                for cell in record:
+                    inner = cell.split("\n")[1:-1]
+                    if columns and columns > 1 and inner and any(line.count(sep) == columns - 1 for line in inner):
+                        raise ClmtuneError(
+                            f"{path} line {start}: a quoted cell runs over lines {start}-{reader.line_num} and "
+                            f"holds lines that look like rows ({inner[0][:40]!r}): a '\"' is probably not closed, "
+                            "so rows were merged into one cell; close the quote or double it (\"\") inside a cell")
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise ClmtuneError(f"{path} line {start}: a quote ('\"') opened here is not closed properly ({exc}, "
+                               f"line {reader.line_num}), so the following rows would be merged into one cell; "
+                               "close the quote, or double a quote inside a quoted cell (\"\")") from None
 
 
 def _check_same_keys(records: list, path: Path, unit: str) -> list[dict[str, Any]]:
@@ -131,6 +171,20 @@ def _check_same_keys(records: list, path: Path, unit: str) -> list[dict[str, Any
     return records
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` keeps the last of two equal keys silently; a repeated column name is an error here."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _read_json(path: Path, encoding: str) -> list[dict[str, Any]]:
     # Hand-written rather than pandas.read_json: we want line numbers for bad lines and mixed keys.
     try:
@@ -143,13 +197,19 @@ def _read_json(path: Path, encoding: str) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=_no_duplicate_keys))
+            except _DuplicateKey as exc:
+                raise ClmtuneError(f"{path} line {n}: key {exc.args[0]!r} appears twice in one object; give every "
+                                   "column its own name") from None
             except json.JSONDecodeError as exc:
                 raise ClmtuneError(f"{path} line {n} is not valid JSON ({exc.msg}); a .jsonl file holds one JSON "
                                    "object per line") from None
         return _check_same_keys(records, path, "line")
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise ClmtuneError(f"{path}: key {exc.args[0]!r} appears twice in one object; give every column its own "
+                           "name") from None
     except json.JSONDecodeError as exc:
         raise ClmtuneError(f"{path} line {exc.lineno} is not valid JSON ({exc.msg}); if it holds one object per "
                            "line, name it .jsonl") from None
@@ -184,6 +244,8 @@ def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8"
                sample_by: str = "line") -> list[dict[str, Any]]:
     """Read a CSV/TSV/JSON/JSONL/Parquet/TXT file into a list of row dicts (values kept as written)."""
     suffix = path.suffix.lower()
+    if path.is_file() and (path.stat().st_size == 0 or (path.stat().st_size < 4096 and not path.read_bytes().strip())):
+        raise ClmtuneError(f"{path} is empty ({path.stat().st_size} bytes); fill it or point to the right file")
     if suffix in (".csv", ".tsv"):
         return _read_csv(path, delimiter, encoding)
     if suffix in (".json", ".jsonl"):
