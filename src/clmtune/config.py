@@ -529,9 +529,9 @@ def structure_problems(raw: Any, where: str = "the config") -> list[str]:
         return []
     if not isinstance(raw, dict):
         return [f"{where} must be a mapping of sections (data:, model:, peft:, train:, eval:, generate:), "
-                f"got {_short(raw)} (a {type(raw).__name__})"]
+                f"got {_short(raw)} ({type(raw).__name__})"]
     return [f"section {sec}: must be a mapping of keys (e.g. {sec}: {{key: value}}), got {_short(v)} "
-            f"(a {type(v).__name__})" for sec, v in raw.items() if v is not None and not isinstance(v, dict)]
+            f"({type(v).__name__})" for sec, v in raw.items() if v is not None and not isinstance(v, dict)]
 
 
 def _short(value: Any) -> str:

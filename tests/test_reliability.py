@@ -1,0 +1,263 @@
+"""Reliability: bad input gives one clear line (exit 2), never a traceback or a silently wrong model.
+
+Table-driven: each case is the user's command line (run through ``clmtune.cli.main``) over files the case writes,
+and the one-line error it must print. File-system helpers (atomic folders, the folder lock, disk-full errors) are
+tested on real folders, with a patched write where a fault cannot be made for real.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clmtune.cli import main
+from clmtune.errors import ClmtuneError
+from clmtune.fsutil import (LOCK_NAME, FolderLock, atomic_folder, atomic_write_json, check_writable, clean_stale_tmp,
+                            tmp_sibling)
+
+TWEETS = "src/clmtune/assets/raft/twitter_complaints/train.csv"
+
+# name of a file the case needs -> its content; "{tmp}" in arguments is the case's folder.
+FILES = {
+    "list.yaml": "- data\n- train\n",
+    "string.yaml": "just some text\n",
+    "train5.yaml": "train: 5\n",
+    "lists.yaml": "data: [a, b]\ntrain: [max_steps]\n",
+    "inf.yaml": "train:\n  learning_rate: .inf\n",
+    "nan.yaml": "train:\n  learning_rate: nan\n",
+    "many.yaml": "train:\n  max_steps: abc\n  batch_size: -1\n  learning_rate: .nan\ndata:\n  template: '{x:>9}'\n",
+    "unclosed.csv": 'text,label\n"great hotel,good\nbad room,bad\nok,good\n',
+    "merged.csv": 'text,label\n"great hotel,good\nbad room,bad\nok",good\nnice,good\n',
+    "badquote.csv": 'text,label\n"great hotel,good\nbad room,bad\n"ok",good\nnice,good\n',
+    "dupcols.csv": "text,text,label\na,b,good\nc,d,bad\n",
+    "dupkeys.jsonl": '{"text": "a", "text": "b", "label": "good"}\n',
+    "empty.csv": "",
+    "header.csv": "text,label\n",
+    "emoji.csv": "text,label\n我很开心,😀\n我很生气,😡\n今天不错,😀\n太差了,😡\n",
+    "case.csv": "text,label\nnice room,Good\nbad room,good\nfine,Good\nawful,good\n",
+    "dotted.csv": "review.text,label\nnice room,good\nbad room,bad\nfine,good\nawful,bad\nok,good\n",
+}
+
+CASES = [  # (id, arguments, expected text of the one line)
+    ("config-list", ["train", "--config", "{tmp}/list.yaml"], "list.yaml must be a mapping of sections"),
+    ("config-string", ["train", "--config", "{tmp}/string.yaml"], "string.yaml must be a mapping of sections"),
+    ("section-int", ["train", "--config", "{tmp}/train5.yaml", "--train.output_dir", "{tmp}/o"],
+     "section train: must be a mapping of keys (e.g. train: {key: value}), got 5 (int)"),
+    ("sections-lists", ["train", "--config", "{tmp}/lists.yaml"],
+     "invalid config (2 problems): section data: must be a mapping"),
+    ("lr-inf", ["train", "--config", "{tmp}/inf.yaml"], "train.learning_rate=inf must be a finite number"),
+    ("lr-nan", ["train", "--config", "{tmp}/nan.yaml"], "train.learning_rate='nan' must be a finite number"),
+    ("lr-nan-cli", ["train", "--train.learning_rate", "nan"], "train.learning_rate='nan' must be a finite number"),
+    ("all-problems", ["train", "--config", "{tmp}/many.yaml"],
+     "invalid config (4 problems): train.max_steps='abc' must be of type int; train.learning_rate=nan must be a "
+     "finite number; data.template='{x:>9}': placeholder {x:>9} has a format spec"),
+    ("template-spec", ["prepare", "--data.template", "{Tweet text:>99999999}"],
+     "placeholder {Tweet text:>99999999} has a format spec or conversion; only plain {column} placeholders"),
+    ("template-nested", ["prepare", "--data.template", "{Tweet text:{Label}}"],
+     "placeholder {Tweet text:{Label}} has a format spec"),
+    ("template-empty-field", ["prepare", "--data.template", "say {} now"], "empty placeholder {}"),
+    ("template-dot-missing", ["prepare", "--data.template", "{review.text} :"],
+     "data.template uses placeholder(s) ['review.text'] that"),
+    ("temperature-nan", ["generate", "--model", "builtin:tiny-opt", "--temperature", "nan", "hi"],
+     "--temperature: generate.temperature=nan must be a finite number"),
+    ("csv-unclosed-quote", ["prepare", "--data.source", "{tmp}/unclosed.csv", "--data.template", "{text} :",
+                            "--data.label_column", "label"],
+     "unclosed.csv line 2: a quote ('\"') opened here is not closed properly"),
+    ("csv-merged-rows", ["prepare", "--data.source", "{tmp}/merged.csv", "--data.template", "{text} :",
+                         "--data.label_column", "label"],
+     "merged.csv line 2: a quoted cell runs over lines 2-4 and holds lines that look like rows"),
+    ("csv-bad-quote", ["prepare", "--data.source", "{tmp}/badquote.csv", "--data.template", "{text} :",
+                       "--data.label_column", "label"], "badquote.csv line 2: a quote"),
+    ("csv-duplicate-columns", ["prepare", "--data.source", "{tmp}/dupcols.csv", "--data.template", "{text} :",
+                               "--data.label_column", "label"],
+     "dupcols.csv: column name(s) ['text'] appear more than once in the header line"),
+    ("jsonl-duplicate-keys", ["prepare", "--data.source", "{tmp}/dupkeys.jsonl", "--data.template", "{text} :",
+                              "--data.label_column", "label"], "dupkeys.jsonl line 1: key 'text' appears twice"),
+    ("empty-file", ["prepare", "--data.source", "{tmp}/empty.csv"], "empty.csv is empty (0 bytes)"),
+    ("header-only", ["prepare", "--data.source", "{tmp}/header.csv"],
+     "header.csv has a header line (text, label) but no rows"),
+    ("labels-unk", ["prepare", "--data.source", "{tmp}/emoji.csv", "--data.template", "{text}：",
+                    "--data.label_column", "label", "--model.name_or_path", "builtin:tiny-gpt2-zh"],
+     "the model cannot tell the labels apart: labels ['😀', '😡'] all tokenize to ['[UNK]', '[SEP]']; label '😀' "
+     "tokenizes to ['[UNK]', '[SEP]'], with the unknown token '[UNK]'"),
+    ("labels-lowercased", ["prepare", "--data.source", "{tmp}/case.csv", "--data.template", "{text} :",
+                           "--data.label_column", "label", "--model.name_or_path", "builtin:tiny-gpt2-zh"],
+     "labels ['Good', 'good'] all tokenize to ['good', '[SEP]']"),
+    ("vocab-mismatch", ["generate", "--model", "{tmp}/mixed", "你好"],
+     "has 21128 entries but the model's embedding has 50265 rows: they are not the same vocabulary"),
+    ("remote-code", ["generate", "--model", "{tmp}/remote", "hi"],
+     "ships its own model code (auto_map in its config), which clmtune does not run unless you allow it: set "
+     "model.trust_remote_code: true"),
+    ("remote-code-train", ["train", "--model.name_or_path", "{tmp}/remote", "--train.output_dir", "{tmp}/o"],
+     "set model.trust_remote_code: true"),
+]
+
+
+def _model_folders(tmp: Path) -> None:
+    """``mixed``: tiny-opt weights (BPE, 50,265 rows) with the BERT character tokenizer; ``remote``: tiny-opt whose
+    config asks for its own code (``auto_map``, an unknown ``model_type``)."""
+    from clmtune.models import builtin_model_path
+
+    opt, zh = builtin_model_path("tiny-opt"), builtin_model_path("tiny-gpt2-zh")
+    shutil.copytree(opt, tmp / "mixed", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special*"))
+    for f in zh.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special")):
+            shutil.copy(f, tmp / "mixed" / f.name)
+    shutil.copytree(opt, tmp / "remote")
+    cfg = json.loads((tmp / "remote" / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    cfg["model_type"] = "x-custom"  # an architecture transformers does not know: only the repository's code has it
+    (tmp / "remote" / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def case_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cases")
+    for name, text in FILES.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    _model_folders(tmp)
+    return tmp
+
+
+@pytest.mark.parametrize("args, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_user_error_is_one_line(args, expected, case_dir, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    rc = main([a.replace("{tmp}", str(case_dir)) for a in args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("clmtune: error:")]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+
+
+def test_dotted_column_is_a_column_and_nothing_is_evaluated(case_dir, capsys):
+    rc = main(["prepare", "--data.source", str(case_dir / "dotted.csv"), "--data.template", "R: {review.text} {{x}}",
+               "--data.label_column", "label", "--data.eval_fraction", "0", "--json"])
+    assert rc == 0
+    from clmtune.config import load_config
+    from clmtune.data import load_task
+
+    cfg = load_config(overrides={"data": {"source": str(case_dir / "dotted.csv"), "template": "R: {review.text} {{x}}",
+                                          "label_column": "label", "eval_fraction": 0}})
+    assert [e.prompt for e in load_task(cfg.data).train] == ["R: nice room {x}", "R: bad room {x}", "R: fine {x}",
+                                                             "R: awful {x}", "R: ok {x}"]
+
+
+def test_template_without_placeholder_warns(case_dir, caplog):
+    from clmtune.config import load_config
+    from clmtune.data import load_task
+
+    cfg = load_config(overrides={"data": {"source": str(case_dir / "dotted.csv"), "template": "Review:",
+                                          "label_column": "label"}})
+    with caplog.at_level("WARNING", logger="clmtune"):
+        load_task(cfg.data)
+    assert "has no {column} placeholder: every prompt is the same text" in caplog.text
+
+
+def test_csv_with_a_well_formed_multiline_cell_still_reads(tmp_path):
+    from clmtune.data.sources import read_table
+
+    p = tmp_path / "ok.csv"
+    p.write_text('text,label\n"two lines,\nwith a comma",good\nnice,bad\n', encoding="utf-8")
+    assert read_table(p) == [{"text": "two lines,\nwith a comma", "label": "good"}, {"text": "nice", "label": "bad"}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fsutil: atomic folders and files, the folder lock, disk-full and unwritable paths
+
+
+def test_atomic_folder_failure_leaves_the_old_folder(tmp_path):
+    dest = tmp_path / "export"
+    dest.mkdir()
+    (dest / "adapter_config.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(dest, replace=True) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json"]
+
+
+def test_atomic_folder_replace_leaves_no_old_file(tmp_path):
+    dest = tmp_path / "export"
+    dest.mkdir()
+    (dest / "adapter_config.json").write_text("old")
+    with atomic_folder(dest, replace=True) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert sorted(p.name for p in dest.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    with pytest.raises(ClmtuneError, match="already exists and is not empty"):
+        with atomic_folder(dest) as tmp:
+            (tmp / "x").write_text("x")
+    assert sorted(p.name for p in dest.iterdir()) == ["model.safetensors"]
+
+
+def test_killed_writer_leaves_only_a_temp_folder_that_is_cleaned(tmp_path):
+    """A process killed (SIGKILL) inside atomic_folder: the destination never appears; its .tmp-* is removed later."""
+    code = ("import os, sys, signal; from clmtune.fsutil import atomic_folder\n"
+            "with atomic_folder(sys.argv[1]) as t:\n"
+            "    open(os.path.join(t, 'part'), 'w').write('x'); os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "dest")], env=env)
+    assert proc.wait(timeout=60) == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left == [f".tmp-dest-{proc.pid}"]
+    assert clean_stale_tmp(tmp_path) == [tmp_path / left[0]]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_json_disk_full_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "eval.json"
+    atomic_write_json(path, {"accuracy": 0.5})
+    real_open = open
+
+    def full_disk_open(file, mode="r", *a, **kw):
+        if "w" in mode and str(file).startswith(str(tmp_sibling(path))):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", full_disk_open)
+    with pytest.raises(ClmtuneError, match=r"no space left on the device while writing .*\.tmp-eval\.json-\d+ "
+                                           r"\(about 0\.0 MB needed, [\d.]+ [MG]B free\)"):
+        atomic_write_json(path, {"accuracy": 0.9})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_check_writable(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ClmtuneError, match=r"output folder .*afile is a file; choose a folder path"):
+        check_writable(tmp_path / "afile")
+    with pytest.raises(ClmtuneError, match=r"output folder .*afile/run lies under a file"):
+        check_writable(tmp_path / "afile" / "run")
+    assert check_writable(tmp_path / "new" / "run").is_dir()
+    if os.geteuid() != 0:  # root writes everywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(ClmtuneError, match="cannot write"):
+            check_writable(ro / "run")
+
+
+def test_folder_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path):
+    with FolderLock(tmp_path, "clmtune train A") as lock:
+        holder = json.loads((tmp_path / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["command"] == "clmtune train A"
+        with pytest.raises(ClmtuneError, match=rf"is in use by another clmtune process \(pid {os.getpid()} on .*"
+                                               r"`clmtune train A` since .*\); wait for it to finish"):
+            FolderLock(tmp_path, "clmtune train B").acquire()
+        assert lock.held
+    assert not (tmp_path / LOCK_NAME).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder["pid"] = int(dead.stdout)
+    (tmp_path / LOCK_NAME).write_text(json.dumps(holder))
+    with FolderLock(tmp_path, "clmtune train C"):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["command"] == "clmtune train C"
+    assert not (tmp_path / LOCK_NAME).exists()
