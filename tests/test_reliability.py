@@ -34,7 +34,7 @@ FILES = {
     "nan.yaml": "train:\n  learning_rate: nan\n",
     "many.yaml": "train:\n  max_steps: abc\n  batch_size: -1\n  learning_rate: .nan\ndata:\n  template: '{x:>9}'\n",
     "unclosed.csv": 'text,label\n"great hotel,good\nbad room,bad\nok,good\n',
-    "merged.csv": 'text,label\n"great hotel,good\nbad room,bad\nok",good\nnice,good\n',
+    "merged.csv": 'text,label\n"great hotel,good\nbad room,bad\nok",good\nnice,good\nawful,bad\nfine,good\n',
     "badquote.csv": 'text,label\n"great hotel,good\nbad room,bad\n"ok",good\nnice,good\n',
     "dupcols.csv": "text,text,label\na,b,good\nc,d,bad\n",
     "dupkeys.jsonl": '{"text": "a", "text": "b", "label": "good"}\n',

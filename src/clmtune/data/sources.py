@@ -110,7 +110,7 @@ def _read_csv(path: Path, delimiter: str | None, encoding: str) -> list[dict[str
     df.columns = [str(c) for c in df.columns]
     _check_header(path, sep, encoding, quoting)
     if quoting != csv.QUOTE_NONE and len(df) and df.apply(lambda col: col.str.contains("\n", regex=False)).any(axis=None):
-        _check_quotes(path, sep, encoding, len(df.columns))  # only a quoted cell spans lines: check the quotes
+        _check_quotes(path, sep, encoding, _categories(df))  # only a quoted cell spans lines: check the quotes
     if df.empty:
         raise ClmtuneError(f"{path} has a header line ({', '.join(df.columns)}) but no rows; add rows or fix the path")
     if len(df.columns) == 1:
@@ -130,18 +130,37 @@ def _check_header(path: Path, sep: str, encoding: str, quoting: int) -> None:
                            "column its own name")
 
 
-def _check_quotes(path: Path, sep: str, encoding: str, columns: int | None = None) -> None:
+def _categories(df) -> tuple[int, dict[int, set[str]]]:
+    """(number of columns, {column index: its values}) for the columns with few distinct values (labels)."""
+    cats = {}
+    for j, c in enumerate(df.columns):
+        values = set(df[c])
+        if len(values) <= 20 and len(values) * 2 <= len(df):
+            cats[j] = values
+    return len(df.columns), cats
+
+
+def _looks_like_row(line: str, sep: str, shape: tuple[int, dict[int, set[str]]] | None) -> bool:
+    """A line inside a cell that splits into as many fields as the file has columns, with every label-like field
+    holding one of that column's values: most likely a row swallowed by an unclosed quote."""
+    if shape is None or not shape[1]:
+        return False
+    fields = line.split(sep)
+    return len(fields) == shape[0] and all(fields[j] in values for j, values in shape[1].items())
+
+
+def _check_quotes(path: Path, sep: str, encoding: str, shape: tuple[int, dict[int, set[str]]] | None = None) -> None:
     """An unbalanced ``"`` makes a CSV reader swallow the following lines into one cell (rows merged silently).
     The file is read again with the standard library's strict reader, which stops at malformed quoting; a cell
-    that still holds whole lines looking like rows (``columns - 1`` delimiters each) is reported too."""
+    that still holds whole lines looking like rows (``_looks_like_row``) is reported too."""
     with open(path, encoding=encoding, newline="") as fh:
         reader = csv.reader(fh, delimiter=sep, strict=True)
         start = 1
         try:
             for record in reader:
                 for cell in record:
-                    inner = cell.split("\n")[1:-1]
-                    if columns and columns > 1 and inner and any(line.count(sep) == columns - 1 for line in inner):
+                    inner = [line for line in cell.split("\n")[1:] if _looks_like_row(line, sep, shape)]
+                    if inner:
                         raise ClmtuneError(
                             f"{path} line {start}: a quoted cell runs over lines {start}-{reader.line_num} and "
                             f"holds lines that look like rows ({inner[0][:40]!r}): a '\"' is probably not closed, "
