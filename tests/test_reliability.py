@@ -92,6 +92,9 @@ CASES = [  # (id, arguments, expected text of the one line)
      "labels ['Good', 'good'] all tokenize to ['good', '[SEP]']"),
     ("vocab-mismatch", ["generate", "--model", "{tmp}/mixed", "你好"],
      "has 21128 entries but the model's embedding has 50265 rows: they are not the same vocabulary"),
+    ("model-truncated", ["generate", "--model", "{tmp}/truncated", "hi"],
+     "truncated/model.safetensors is corrupt or truncated (Error while deserializing header: incomplete metadata, "
+     "file not fully covered, 100000 bytes); copy the model again"),
     ("remote-code", ["generate", "--model", "{tmp}/remote", "hi"],
      "ships its own model code (auto_map in its config), which clmtune does not run unless you allow it: set "
      "model.trust_remote_code: true"),
@@ -101,7 +104,8 @@ CASES = [  # (id, arguments, expected text of the one line)
 
 
 def _model_folders(tmp: Path) -> None:
-    """``mixed``: tiny-opt weights (BPE, 50,265 rows) with the BERT character tokenizer; ``remote``: tiny-opt whose
+    """``mixed``: tiny-opt weights (BPE, 50,265 rows) with the BERT character tokenizer; ``truncated``: its weights
+    file cut short; ``remote``: tiny-opt whose
     config asks for its own code (``auto_map``, an unknown ``model_type``)."""
     from clmtune.models import builtin_model_path
 
@@ -110,6 +114,9 @@ def _model_folders(tmp: Path) -> None:
     for f in zh.iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special")):
             shutil.copy(f, tmp / "mixed" / f.name)
+    shutil.copytree(opt, tmp / "truncated")
+    with open(tmp / "truncated" / "model.safetensors", "r+b") as fh:
+        fh.truncate(100_000)  # an interrupted copy
     shutil.copytree(opt, tmp / "remote")
     cfg = json.loads((tmp / "remote" / "config.json").read_text())
     cfg["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}

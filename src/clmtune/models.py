@@ -262,9 +262,24 @@ def context_length(cfg: ModelConfig) -> int | None:
     return None
 
 
+def check_safetensors(folder: str | Path, fix: str = "copy the model again") -> None:
+    """Every ``*.safetensors`` file in ``folder`` has a complete header covering the whole file (a truncated copy
+    or an interrupted write would otherwise surface as a SafetensorError traceback deep inside loading)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001  SafetensorError, OSError: all mean "this file cannot be read"
+            raise ClmtuneError(f"{f} is corrupt or truncated ({str(exc).splitlines()[0][:120]}, "
+                               f"{f.stat().st_size} bytes); {fix}") from None
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     names = [p.name for p in folder.iterdir()]
     if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        check_safetensors(folder)
         return
     if any(n.endswith(".bin") or n.endswith(".bin.index.json") for n in names):
         if allow_pickle:
@@ -478,12 +493,14 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,
         folder = run_dir / "model"
         if not (folder / "config.json").is_file():
             raise ClmtuneError(f"{run_dir} has no trained model ({folder}/config.json); did training finish?")
+        check_safetensors(folder, "train the run again")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     else:
         adapter = run_dir / "adapter"
         if not (adapter / "adapter_config.json").is_file():
             raise ClmtuneError(f"{run_dir} has no trained adapter ({adapter}/adapter_config.json); did training "
                                "finish?")
+        check_safetensors(adapter, "train the run again (or `clmtune train --resume` from a checkpoint)")
         model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(adapter))
         fix_prompt_learning_generation(model)
     tok = load_tokenizer(cfg.model, str(run_dir / "tokenizer"))
