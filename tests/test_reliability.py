@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tinyrun import one_thread  # noqa: F401  (fixture)
 
 from clmtune.cli import main
 from clmtune.errors import ClmtuneError
@@ -268,3 +270,56 @@ def test_folder_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path
     with FolderLock(tmp_path, "clmtune train C"):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["command"] == "clmtune train C"
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training faults: a diverging loss, a corrupt checkpoint
+
+
+def _train_args(tmp_path, out, *extra):
+    from tinyrun import twitter_rows
+
+    return ["train", "--no-eval", "--data.source", str(twitter_rows(tmp_path)), "--data.eval_fraction", "0.25",
+            "--data.labels", "[complaint, no complaint]", "--data.max_length", "48", "--model.name_or_path",
+            "builtin:tiny-gpt2", "--train.output_dir", str(out), "--train.batch_size", "3", "--train.epochs", "2",
+            *extra]
+
+
+def test_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    rc = main(_train_args(tmp_path, out, "--train.learning_rate", "1e30", "--train.save_steps", "1",
+                          "--train.max_grad_norm", "null"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2
+    assert err.startswith("clmtune: error: training stopped at step 2: the loss is nan"), err
+    assert f"the last good checkpoint is step 1 in {out / 'checkpoints'}" in err
+    from clmtune.train import list_checkpoints
+
+    assert [p.name for p in list_checkpoints(out)] == ["step-000001"]
+    assert not (out / "adapter").exists() and not (out / "train_summary.json").exists()
+
+
+def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path, capsys, caplog, one_thread):
+    """Straight run (6 steps) vs a copy of it killed after step 4 whose step-4 checkpoint is truncated: resume
+    warns, starts from step 2, and ends with the same adapter."""
+    from safetensors.torch import load_file
+
+    common = ["--train.save_steps", "2", "--train.save_total_limit", "null", "--train.learning_rate", "1e-2"]
+    assert main(_train_args(tmp_path, tmp_path / "straight", *common)) == 0
+    out = tmp_path / "broken"
+    shutil.copytree(tmp_path / "straight", out)
+    shutil.rmtree(out / "adapter")  # as if killed right after the step-4 checkpoint
+    (out / "train_summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    weights = out / "checkpoints" / "step-000004" / "adapter" / "adapter_model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    with caplog.at_level("WARNING", logger="clmtune"):
+        assert main(_train_args(tmp_path, out, *common, "--resume")) == 0
+    assert "skipping checkpoint" in caplog.text and "step-000004: adapter/adapter_model.safetensors is corrupt" \
+        in caplog.text
+    assert f"resumed from {out / 'checkpoints' / 'step-000002'}" in capsys.readouterr().out
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

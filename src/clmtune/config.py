@@ -505,10 +505,16 @@ def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     if origin is float and isinstance(value, float) and not math.isfinite(value):
         problems.append(f"{name}={value!r} must be a finite number")
         return value
-    if origin is float and isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf",
-                                                                                            "infinity"):
-        problems.append(f"{name}={value!r} must be a finite number")
-        return value
+    if origin is float and isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) and nan as strings
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{name}={value!r} must be a finite number")
+            return value
     if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # "--model.revision 1" is a string to the user
     if origin is Any or isinstance(value, origin):

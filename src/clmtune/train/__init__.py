@@ -350,6 +350,19 @@ def _train_window(window: list[dict], model, accelerator, head: tuple[str | None
     return total, n_sup
 
 
+def check_finite(step: int, loss: float, grad_norm: float | None, last_saved: int, out: Path) -> None:
+    """Stop before an optimizer step that would write NaN/inf into the weights (``learning_rate: 1e9``, fp16
+    overflow, a broken row): the run would otherwise "finish" and report metrics of a broken model. Nothing of
+    this step is saved, so the last checkpoint stays the latest."""
+    bad = [f"{name} is {value}" for name, value in (("the loss", loss), ("the gradient norm", grad_norm))
+           if value is not None and not math.isfinite(value)]
+    if bad:
+        kept = (f"the last good checkpoint is step {last_saved} in {out / CHECKPOINTS}" if last_saved > 0
+                else "no checkpoint was written")
+        raise ClmtuneError(f"training stopped at step {step}: {' and '.join(bad)}; {kept}. Lower "
+                           "train.learning_rate, keep train.max_grad_norm set, or check the data")
+
+
 def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> TrainResult:
     """Train as ``cfg`` says and write the run folder (see README: "What a run folder holds").
 
@@ -480,6 +493,7 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
                 grad_norm = None  # the global norm before clipping, logged as transformers.Trainer does
                 if t_cfg.max_grad_norm is not None and t_cfg.deepspeed is None:  # DeepSpeed clips in its engine
                     grad_norm = float(accelerator.clip_grad_norm_(trainable, t_cfg.max_grad_norm))
+                check_finite(step + 1, loss_sum / max(n_sup, 1), grad_norm, last_saved, out)  # before the update
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

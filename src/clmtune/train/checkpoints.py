@@ -7,6 +7,7 @@ Split out of the train loop (``clmtune.train``) when that module passed ~600 lin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -17,6 +18,8 @@ import torch
 
 from clmtune.config import RunConfig
 from clmtune.errors import ClmtuneError
+
+log = logging.getLogger("clmtune")
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last inside a checkpoint
@@ -36,19 +39,72 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (a truncated safetensors file, a broken state or optimizer file), or
+    None. Cheap: safetensors headers only, and the zip CRCs of the ``torch.save`` files."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "step" not in state:
+            return f"{STATE_FILE} has no step"
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
+    weights = [p for p in (ckpt / "adapter" / "adapter_model.safetensors", ckpt / "model.safetensors") if p.exists()]
+    if not weights:
+        return "it holds no weights"
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001  SafetensorError and OSError both mean "cannot be read"
+            return f"{f.relative_to(ckpt)} is corrupt ({str(exc).splitlines()[0][:80]})"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        f = ckpt / name
+        if not f.exists():
+            continue  # DeepSpeed checkpoints hold weights only
+        try:
+            with zipfile.ZipFile(f) as z:
+                if (bad := z.testzip()) is not None:
+                    return f"{name} is corrupt ({bad} fails its CRC)"
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{name} is corrupt ({exc})"
+    return None
+
+
+def _newest_valid(found: list[Path]) -> Path | None:
+    """The newest checkpoint that can be resumed from; each corrupt newer one is skipped with a warning."""
+    for ckpt in reversed(found):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping checkpoint %s: %s; using the previous one", ckpt, problem)
+    return None
+
+
 def resolve_resume(out: Path, resume: str) -> Path:
-    """``latest`` -> newest checkpoint of ``out``; a checkpoint folder -> itself; a run folder -> its newest."""
+    """``latest`` -> newest valid checkpoint of ``out``; a checkpoint folder -> itself; a run folder -> its newest
+    valid one."""
     if resume == "latest":
         found = list_checkpoints(out)
         if not found:
             raise ClmtuneError(f"--resume: {out} has no checkpoint to resume from (looked for "
                                f"{out / CHECKPOINTS}/step-*/{STATE_FILE}); set train.save_steps to write checkpoints")
-        return found[-1]
+        if (ckpt := _newest_valid(found)) is None:
+            raise ClmtuneError(f"--resume: every checkpoint of {out} is corrupt ({', '.join(p.name for p in found)})"
+                               "; start over with --overwrite")
+        return ckpt
     path = Path(resume).expanduser()
     if (path / STATE_FILE).is_file() and _CKPT_RE.match(path.name):
+        if problem := checkpoint_problem(path):
+            raise ClmtuneError(f"--resume {resume}: the checkpoint is corrupt ({problem}); pass --resume alone to "
+                               "use the newest valid one")
         return path
     if list_checkpoints(path):
-        return list_checkpoints(path)[-1]
+        if (ckpt := _newest_valid(list_checkpoints(path))) is not None:
+            return ckpt
     raise ClmtuneError(f"--resume {resume}: not a checkpoint (a checkpoint is a folder step-NNNNNN holding "
                        f"{STATE_FILE}, e.g. {out / CHECKPOINTS}/step-000010); pass --resume alone for the latest one")
 
