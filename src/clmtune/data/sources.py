@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,8 @@ def _read_csv(path: Path, delimiter: str | None, encoding: str) -> list[dict[str
         raise ClmtuneError(f"{path} could not be parsed with delimiter {sep!r} ({msg}){hint}") from None
     df.columns = [str(c) for c in df.columns]
     _check_header(path, sep, encoding, quoting)
-    if quoting != csv.QUOTE_NONE and len(df) and df.apply(lambda col: col.str.contains("\n", regex=False)).any(axis=None):
+    multiline = len(df) and df.apply(lambda col: col.str.contains("\n", regex=False)).any(axis=None)
+    if quoting != csv.QUOTE_NONE and multiline:
         _check_quotes(path, sep, encoding, _categories(df))  # only a quoted cell spans lines: check the quotes
     if df.empty:
         raise ClmtuneError(f"{path} has a header line ({', '.join(df.columns)}) but no rows; add rows or fix the path")
@@ -297,7 +298,6 @@ class RawData:
     """Per split, the file (or dataset) it came from, for messages."""
     labels: list[str] | None = None
     """Label names declared by the source (RAFT ``task.json``, a HF ClassLabel), if any."""
-    notes: list[str] = field(default_factory=list)
 
 
 def _split_files(folder: Path) -> dict[str, Path]:

@@ -1,0 +1,173 @@
+"""Reading a configuration: YAML files, nested dicts and ``--section.key VALUE`` overrides, type-checked; writing
+it back."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from clmtune.config.run_config import RunConfig
+from clmtune.errors import ConfigError
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
+    """Check a YAML value against a field annotation; ints are accepted for floats."""
+    hint = annotation
+    if isinstance(value, RawOverride):
+        if hint is str or (get_origin(hint) in (Union, types.UnionType) and str in get_args(hint)
+                           and not value.strip().lower() in ("null", "~", "none")):
+            return str(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            problems.append(f"{name}={str(value)!r} could not be read as a value (YAML)")
+            return value
+    optional = False
+    if get_origin(hint) in (Union, types.UnionType):
+        optional = type(None) in get_args(hint)
+        hint = [a for a in get_args(hint) if a is not type(None)][0]
+    if value is None:
+        if not optional:
+            problems.append(f"{name} may not be empty")
+        return value
+    base = hint
+    origin = get_origin(base) or base
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{name}={value!r} must be a finite number")
+        return value
+    if origin is float and isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) and nan as strings
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{name}={value!r} must be a finite number")
+            return value
+    if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # "--model.revision 1" is a string to the user
+    if origin is Any or isinstance(value, origin):
+        if origin is int and isinstance(value, bool):
+            problems.append(f"{name}={value!r} must be an integer")
+        return value
+    if origin is list and isinstance(value, str):  # "--peft.target_modules q_proj" -> ["q_proj"]
+        return [value]
+    kind = getattr(origin, "__name__", str(origin))
+    problems.append(f"{name}={value!r} must be of type {kind}")
+    return value
+
+
+def structure_problems(raw: Any, where: str = "the config") -> list[str]:
+    """A config must be a mapping of sections, each a mapping of keys (``train: 5``, ``data: [a, b]`` or a whole
+    file that is a list would otherwise be dropped silently and the defaults used)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        return [f"{where} must be a mapping of sections (data:, model:, peft:, train:, eval:, generate:), "
+                f"got {_short(raw)} ({type(raw).__name__})"]
+    return [f"section {sec}: must be a mapping of keys (e.g. {sec}: {{key: value}}), got {_short(v)} "
+            f"({type(v).__name__})" for sec, v in raw.items() if v is not None and not isinstance(v, dict)]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def from_dict(raw: dict[str, Any] | None) -> RunConfig:
+    """Build a RunConfig from nested dicts and validate it; unknown sections/keys, wrong types and invalid values
+    are all reported together in one ConfigError."""
+    problems = structure_problems(raw)
+    if problems and not isinstance(raw, dict):
+        raise ConfigError(problems)
+    sections: dict[str, Any] = {}
+    for sec_name, sec_raw in (raw or {}).items():
+        if sec_name not in SECTIONS:
+            problems.append(f"unknown section {sec_name!r} (known: {', '.join(SECTIONS)})")
+            continue
+        cls = get_type_hints(RunConfig)[sec_name]  # the section's dataclass (annotations are strings)
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for key, value in (sec_raw if isinstance(sec_raw, dict) else {}).items():
+            if key not in hints:
+                problems.append(f"unknown key {sec_name}.{key} (known: {', '.join(hints)})")
+                continue
+            before = len(problems)
+            coerced = _coerce(f"{sec_name}.{key}", value, hints[key], problems)
+            if len(problems) == before:  # a value of the wrong type is left out, so validate() can still run
+                kwargs[key] = coerced
+        sections[sec_name] = cls(**kwargs)
+    cfg = RunConfig(**sections)
+    if problems:
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+        raise ConfigError(problems)
+    return cfg
+
+
+class RawOverride(str):
+    """A command-line value, parsed as YAML only when its field is not a string (so that a template such as
+    ``{text} label :`` stays text instead of becoming a YAML mapping)."""
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["--train.epochs", "3", "--data.labels", "[a, b]"]`` -> nested dict of ``RawOverride`` values."""
+    out: dict[str, Any] = {}
+    it = iter(pairs)
+    for key in it:
+        if not key.startswith("--") or "." not in key:
+            raise ConfigError([f"override {key!r} must look like --section.key VALUE (e.g. --train.epochs 3)"])
+        try:
+            value = next(it)
+        except StopIteration:
+            raise ConfigError([f"override {key} has no value"]) from None
+        section, _, name = key[2:].partition(".")
+        out.setdefault(section, {})[name] = RawOverride(value)
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for sec, values in extra.items():
+        if isinstance(out.get(sec), dict) and isinstance(values, dict):
+            out[sec].update(values)
+        elif out.get(sec) is None or not isinstance(values, dict):
+            out[sec] = values
+        # else: the base section is not a mapping (``train: 5``); keep it, so that from_dict reports it
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (or the embedded defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {str(path)!r} does not exist; see configs/ for examples"])
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path} is not valid YAML: {exc}".replace("\n", " ")]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"]) \
+                from None
+        if not isinstance(raw, dict):
+            raise ConfigError(structure_problems(raw, f"{path}"))
+    return from_dict(merge(raw, overrides or {})).validate()
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
