@@ -18,6 +18,7 @@ import torch
 
 from clmtune.config import RunConfig
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import os_errors, tmp_sibling
 from clmtune.models import unwrap
 from clmtune.run import ADAPTER, RunDir
 
@@ -151,19 +152,25 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: 
     final = RunDir(out).checkpoints / f"step-{state['step']:06d}"
     if not accelerator.is_main_process:
         return final
-    tmp = final.parent / f".tmp-step-{state['step']:06d}-{os.getpid()}"
+    tmp = tmp_sibling(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     unwrapped = accelerator.unwrap_model(model)
-    if is_peft:  # peft format, so a checkpoint can also be evaluated like a finished adapter
-        unwrapped.save_pretrained(tmp / ADAPTER, state_dict=weights, safe_serialization=True)
-    else:  # full fine-tuning: every weight; save_model stores tied weights (lm_head = embeddings) once
-        save_model(unwrapped, str(tmp / "model.safetensors"))
-    if accelerator.state.deepspeed_plugin is None:  # DeepSpeed shards optimizer state: weights-only checkpoint
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
+    trained = sum(p.numel() * p.element_size() for p in unwrapped.parameters() if p.requires_grad)
+    try:  # a full disk: one line naming the file; the half-written folder goes, the previous checkpoint stays
+        with os_errors(tmp, 3 * trained):  # weights + AdamW's two moments
+            if is_peft:  # peft format, so a checkpoint can also be evaluated like a finished adapter
+                unwrapped.save_pretrained(tmp / ADAPTER, state_dict=weights, safe_serialization=True)
+            else:  # full fine-tuning: every weight; save_model stores tied weights (lm_head = embeddings) once
+                save_model(unwrapped, str(tmp / "model.safetensors"))
+            if accelerator.state.deepspeed_plugin is None:  # DeepSpeed shards optimizer state: weights only
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(_rng_state(), tmp / "rng_state.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)  # atomic on one file system: `final` is either absent or complete
@@ -171,6 +178,23 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: 
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_weights(folder: Path, model, is_peft: bool) -> None:
+    """Load a run's saved ``adapter/`` (peft) or ``model/`` (``save_pretrained``) into ``model``: used when a run
+    killed after saving its weights is finished by ``--resume``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    unwrapped = unwrap(model)
+    if is_peft:
+        set_peft_model_state_dict(unwrapped, load_file(folder / "adapter_model.safetensors"))
+        return
+    # save_pretrained leaves out tied weights (lm_head = embeddings): only unexpected keys are an error
+    unexpected = unwrapped.load_state_dict(load_file(folder / "model.safetensors"), strict=False).unexpected_keys
+    if unexpected:
+        raise ClmtuneError(f"{folder} does not match the model (unexpected {sorted(unexpected)[:3]}); was it written "
+                           "by another config?")
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, is_peft: bool) -> dict:
