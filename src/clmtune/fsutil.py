@@ -60,13 +60,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_tmp(folder: str | Path) -> list[Path]:
-    """Remove ``.tmp-*`` entries in ``folder`` left by interrupted writes (their process is gone); returns them."""
+def clean_stale_tmp(folder: str | Path, name: str = "") -> list[Path]:
+    """Remove ``.tmp-*`` entries in ``folder`` left by interrupted writes (their process is gone); returns them.
+    ``name``: only the temporary siblings of that entry (``.tmp-<name>-<pid>``), in a folder clmtune does not own."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
-    for p in sorted(folder.glob(TMP_PREFIX + "*")):
+    for p in sorted(folder.glob(TMP_PREFIX + (f"{name}-*" if name else "*"))):
         pid = _pid_of(p.name)
         if pid is not None and (pid == os.getpid() or pid_alive(pid)):
             continue
