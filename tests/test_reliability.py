@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,203 @@ def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path, capsys, caplog, one_t
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders: finished marker, lock, atomic export and evaluation outputs, faults (kill, full disk)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished LoRA run (tiny GPT-2, 4 steps, checkpoints every 2) and a finished LM run, both from the CLI."""
+    from tinyrun import twitter_rows
+
+    tmp = tmp_path_factory.mktemp("runs")
+    data = twitter_rows(tmp)
+    torch.set_num_threads(1)
+    common = ["--no-eval", "--data.source", str(data), "--data.eval_fraction", "0.25", "--data.max_length", "48",
+              "--model.name_or_path", "builtin:tiny-gpt2", "--train.batch_size", "3", "--train.max_steps", "4",
+              "--train.save_steps", "2"]
+    assert main(["train", *common, "--data.labels", "[complaint, no complaint]", "--train.output_dir",
+                 str(tmp / "run")]) == 0
+    assert main(["train", *common, "--data.task", "lm", "--data.text_column", "Tweet text", "--train.output_dir",
+                 str(tmp / "lm")]) == 0
+    return tmp
+
+
+def _copy_run(tiny_run, tmp_path, name="run") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(tiny_run / name, dest)
+    return dest
+
+
+def _broken(kind: str, tiny_run: Path, tmp: Path) -> Path:
+    run = _copy_run(tiny_run, tmp)
+    if kind == "unfinished":
+        (run / "train_summary.json").unlink()
+    elif kind == "no-tokenizer":
+        shutil.rmtree(run / "tokenizer")
+    elif kind == "truncated":
+        with open(run / "adapter" / "adapter_model.safetensors", "r+b") as fh:
+            fh.truncate(1000)
+    return run
+
+
+RUN_CASES = [  # (id, how the folder is spoiled, arguments, expected line); {run} is the spoiled copy
+    ("eval-not-a-run", "empty", ["eval", "--run", "{tmp}"], "is not a clmtune run folder (no config.yaml)"),
+    ("eval-unfinished", "unfinished", ["eval", "--run", "{run}"],
+     "/run: its weights are saved but training did not finish writing (killed while saving?); `clmtune train "
+     "--config"),
+    ("eval-no-tokenizer", "no-tokenizer", ["eval", "--run", "{run}"], "has no tokenizer/ folder"),
+    ("generate-truncated-adapter", "truncated", ["generate", "--run", "{run}", "hi"],
+     "adapter/adapter_model.safetensors is corrupt or truncated"),
+    ("export-unfinished", "unfinished", ["export", "--run", "{run}", "--to", "{tmp}/out"], "cannot export"),
+    ("export-to-file", "none", ["export", "--run", "{run}", "--to", "{tmp}/afile"],
+     "--to {tmp}/afile is a file; give a folder path"),
+    ("export-under-file", "none", ["export", "--run", "{run}", "--to", "{tmp}/afile/out"],
+     "the folder of --to {tmp}/afile is a file; choose a folder path"),
+    ("train-output-is-file", "none", ["train", "--train.output_dir", "{tmp}/afile", "--train.max_steps", "1"],
+     "output folder {tmp}/afile is a file; choose a folder path"),
+    ("train-output-under-file", "none", ["train", "--train.output_dir", "{tmp}/afile/run"],
+     "output folder {tmp}/afile/run lies under a file ({tmp}/afile)"),
+    ("train-unfinished-without-resume", "unfinished", ["train", "--config", "{run}/config.yaml", "--train.output_dir", "{run}"],
+     "holds checkpoints of an unfinished run; continue it with --resume"),
+    ("lm-method-generate", "lm", ["eval", "--run", "{run}", "--method", "generate"],
+     "--method generate: a lm run is scored by perplexity"),
+]
+
+
+@pytest.mark.parametrize("spoil, args, expected", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_run_folder_error_is_one_line(spoil, args, expected, tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path, "lm") if spoil == "lm" else (
+        tmp_path if spoil == "empty" else _broken(spoil, tiny_run, tmp_path))
+    (tmp_path / "afile").write_text("x")
+    fill = lambda a: a.replace("{run}", str(run)).replace("{tmp}", str(tmp_path))  # noqa: E731
+    rc = main([fill(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("clmtune: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert fill(expected) in lines[0], lines[0]
+
+
+def test_resume_finishes_a_run_killed_before_its_summary(tiny_run, tmp_path, capsys):
+    run = _broken("unfinished", tiny_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")  # no checkpoint: only the saved weights are left to finish from
+    before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(["train", "--config", str(run / "config.yaml"), "--train.output_dir", str(run), "--resume", "--no-eval"]) == 0
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_loss"] == json.loads(
+        (run / "train_log.jsonl").read_text().splitlines()[-1])["loss"]
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run)]) == 0 and (run / "eval.json").is_file()
+
+
+def test_overwrite_clears_old_eval_files_and_lock_is_released(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path)
+    assert main(["eval", "--run", str(run)]) == 0
+    assert {"eval.json", "predictions.csv", "confusion_matrix.png"} <= {p.name for p in run.iterdir()}
+    assert main(["train", "--config", str(run / "config.yaml"), "--train.output_dir", str(run), "--overwrite", "--no-eval"]) == 0
+    names = {p.name for p in run.iterdir()}
+    assert not names & {"eval.json", "predictions.csv", "confusion_matrix.png", LOCK_NAME}, names
+    assert not [n for n in names if n.startswith(".tmp-")]
+
+
+def test_export_overwrite_replaces_the_folder_and_a_to_file_is_refused(tiny_run, tmp_path):
+    run, out = _copy_run(tiny_run, tmp_path), tmp_path / "export"
+    assert main(["export", "--run", str(run), "--to", str(out)]) == 0
+    assert (out / "adapter_config.json").is_file()
+    assert main(["export", "--run", str(run), "--to", str(out), "--merge", "--overwrite"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "adapter_config.json" not in names and "model.safetensors" in names, names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]
+
+
+def _killed_at(code: str, args: list[str]) -> int:
+    """Run ``clmtune ARGS`` in a subprocess whose ``code`` (Python, run first) patches a write to SIGKILL it."""
+    script = (f"import os, signal, sys\n{code}\nfrom clmtune.cli import main\nsys.exit(main({args!r}))\n")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300).returncode
+
+
+KILL_TOKENIZER_SAVE = ("import transformers.tokenization_utils_base as t\n"
+                       "t.PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: os.kill(os.getpid(), 9)")
+
+
+def test_export_killed_midway_leaves_the_old_export(tiny_run, tmp_path):
+    run, out = _copy_run(tiny_run, tmp_path), tmp_path / "export"
+    assert main(["export", "--run", str(run), "--to", str(out)]) == 0
+    old = sorted(p.name for p in out.iterdir())
+    # killed after the merged weights were written, before the tokenizer
+    rc = _killed_at(KILL_TOKENIZER_SAVE, ["export", "--run", str(run), "--to", str(out), "--merge", "--overwrite"])
+    assert rc == -9
+    assert sorted(p.name for p in out.iterdir()) == old  # the earlier export, untouched
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert len(left) == 1 and left[0].startswith(".tmp-export-")
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "export2")]) == 0
+    assert main(["export", "--run", str(run), "--to", str(out), "--merge", "--overwrite"]) == 0  # cleans it
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_eval_killed_before_its_metrics_leaves_no_stale_pair(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path)
+    assert main(["eval", "--run", str(run)]) == 0
+    code = ("import clmtune.evaluate.report as r\n"
+            "r.write_json_atomic = lambda *a, **k: os.kill(os.getpid(), 9)")
+    assert _killed_at(code, ["eval", "--run", str(run)]) == -9
+    assert not (run / "eval.json").exists()  # no old metrics next to the new predictions
+    rows = (run / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "id,text,gold,predicted" and len(rows) == 1 + 3  # complete, not 0 bytes
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
+    import clmtune.train.checkpoints as ck
+
+    run = _copy_run(tiny_run, tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "step-000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    rc = main(["train", "--config", str(run / "config.yaml"), "--train.output_dir", str(run), "--overwrite", "--no-eval"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2
+    assert "no space left on the device while writing" in err and "optimizer.pt (about" in err and "free)" in err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (run / "adapter").exists() and not (run / LOCK_NAME).exists()
+
+
+def test_two_trainers_into_one_folder(tiny_run, tmp_path, capsys):
+    """The second `clmtune train` into a folder another one is writing is refused; the first finishes alone. The
+    first waits (after taking the lock, before its optimizer steps) until the second has been refused."""
+    run, go = _copy_run(tiny_run, tmp_path), tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    args = ["train", "--config", str(run / "config.yaml"), "--train.output_dir", str(run), "--overwrite", "--no-eval"]
+    wait = ("import time, clmtune.train as t\nfit = t.TrainRecipe.fit\n"
+            f"def waiting(self):\n    while not os.path.exists({str(go)!r}): time.sleep(0.05)\n    return fit(self)\n"
+            "t.TrainRecipe.fit = waiting")
+    script = f"import os, sys\n{wait}\nfrom clmtune.cli import main\nsys.exit(main({[*args, '--train.seed', '1']!r}))\n"
+    first = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            if (run / LOCK_NAME).exists():
+                break
+            time.sleep(0.05)
+        assert main([*args, "--train.seed", "2"]) == 2  # the second writer: this process
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"is in use by another clmtune process (pid {first.pid}" in err, err
+        go.write_text("")
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+    cfg = (run / "config.yaml").read_text()
+    assert "seed: 1" in cfg and "seed: 2" not in cfg
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
+    assert not (run / LOCK_NAME).exists()
