@@ -524,3 +524,27 @@ def test_two_trainers_into_one_folder(tiny_run, tmp_path, capsys):
     assert "seed: 1" in cfg and "seed: 2" not in cfg
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
     assert not (run / LOCK_NAME).exists()
+
+
+def test_eval_data_is_read_with_the_runs_encoding_and_delimiter(tiny_run, tmp_path, capsys):
+    """A run trained on GBK, ';'-separated files: `eval --data` reads another such file the same way."""
+    import yaml
+
+    run = _copy_run(tiny_run, tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    cfg["data"].update(encoding="gbk", delimiter=";")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    data = tmp_path / "new.csv"
+    data.write_bytes("Tweet text;Label\n房间太脏了;complaint\n服务很好;no complaint\n".encode("gbk"))
+    assert main(["eval", "--run", str(run), "--data", str(data)]) == 0
+    rows = (run / "eval-new" / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[1].split(",")[1:3] == ["房间太脏了", "complaint"] and len(rows) == 3
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, monkeypatch):
+    def refused(self, data):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refused)  # as root nothing is read-only: refuse the probe write
+    with pytest.raises(ClmtuneError, match=r"cannot write .*\.tmp-probe-\d+: Permission denied; choose a folder"):
+        check_writable(tmp_path / "run")
