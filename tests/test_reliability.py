@@ -376,6 +376,8 @@ RUN_CASES = [  # (id, how the folder is spoiled, arguments, expected line); {run
     ("eval-no-tokenizer", "no-tokenizer", ["eval", "--run", "{run}"], "has no tokenizer/ folder"),
     ("generate-truncated-adapter", "truncated", ["generate", "--run", "{run}", "hi"],
      "adapter/adapter_model.safetensors is corrupt or truncated"),
+    ("generate-model-unfinished-run", "unfinished", ["generate", "--model", "{run}", "hi"],
+     "cannot load {run}: its weights are saved but training did not finish writing"),
     ("export-unfinished", "unfinished", ["export", "--run", "{run}", "--to", "{tmp}/out"], "cannot export"),
     ("export-to-file", "none", ["export", "--run", "{run}", "--to", "{tmp}/afile"],
      "--to {tmp}/afile is a file; give a folder path"),

@@ -198,6 +198,12 @@ class RunDir:
             raise ClmtuneError(f"{self.path} has no {SUMMARY}; did training finish?")
         return json.loads(self.summary_file.read_text(encoding="utf-8"))
 
+    def log_records(self) -> list[dict]:
+        """The lines of ``train_log.jsonl`` (one per logged optimizer step), oldest first."""
+        if not self.log_file.is_file():
+            return []
+        return [json.loads(ln) for ln in self.log_file.read_text(encoding="utf-8").splitlines() if ln]
+
     def labels(self) -> list[str]:
         """The label set training used (empty for tasks without labels)."""
         return self.load_summary().get("labels") or []

@@ -46,8 +46,8 @@ from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, fo
 from clmtune.fsutil import check_writable
 from clmtune.run import RunDir
 from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_state, _trainable_state,
-                                       list_checkpoints, load_checkpoint, load_weights, resolve_resume,
-                                       save_checkpoint)
+                                       list_checkpoints, load_checkpoint, load_weights, prepare_output_dir,
+                                       resolve_resume, save_checkpoint)
 from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_positions, head_trim_support, logits_to_keep,
                                 supervised_tokens, virtual_tokens)
 from clmtune.train.precision import bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights
@@ -71,24 +71,6 @@ class TrainResult:
     resumed_from: Path | None = None
     model: object = None
     """The trained (unwrapped) model, for callers that go on in the same process."""
-
-
-def prepare_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
-    run = RunDir(path)
-    if run.is_finished():
-        if resume:
-            raise ClmtuneError(f"{path} already holds a finished run; nothing to resume (pass --overwrite without "
-                               "--resume to train again)")
-        if not overwrite:
-            raise ClmtuneError(f"{path} already holds a finished run; choose another train.output_dir or pass "
-                               "--overwrite (or --train.overwrite true)")
-    if overwrite and not resume:
-        run.clear_outputs()
-    elif not resume and (list_checkpoints(path) or run.has_weights()):
-        what = "checkpoints" if list_checkpoints(path) else "the saved weights"
-        raise ClmtuneError(f"{path} holds {what} of an unfinished run; continue it with --resume, or start over "
-                           "with --overwrite")
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def trainable_summary(model) -> dict[str, int]:
@@ -299,8 +281,7 @@ class TrainRecipe:
 
         t_cfg, n_proc, ga = self.cfg.train, self.n_proc, self.cfg.train.gradient_accumulation_steps
         if self.finishing:  # the weights are final: take the steps and losses from the training log
-            records = [json.loads(ln) for ln in self.run.log_file.read_text(encoding="utf-8").splitlines() if ln] \
-                if self.run.log_file.is_file() else []
+            records = self.run.log_records()
             self.step = records[-1]["step"] if records else 0
             self.first_loss = records[0]["loss"] if records else None
             self.final_loss, self.seconds = (records[-1]["loss"] if records else None), 0.0

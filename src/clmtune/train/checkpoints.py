@@ -240,3 +240,21 @@ def _check_same_config(cfg: RunConfig, saved: dict, ckpt: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
+
+
+def prepare_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
+    run = RunDir(path)
+    if run.is_finished():
+        if resume:
+            raise ClmtuneError(f"{path} already holds a finished run; nothing to resume (pass --overwrite without "
+                               "--resume to train again)")
+        if not overwrite:
+            raise ClmtuneError(f"{path} already holds a finished run; choose another train.output_dir or pass "
+                               "--overwrite (or --train.overwrite true)")
+    if overwrite and not resume:
+        run.clear_outputs()
+    elif not resume and (list_checkpoints(path) or run.has_weights()):
+        what = "checkpoints" if list_checkpoints(path) else "the saved weights"
+        raise ClmtuneError(f"{path} holds {what} of an unfinished run; continue it with --resume, or start over "
+                           "with --overwrite")
+    path.mkdir(parents=True, exist_ok=True)
