@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -329,9 +330,6 @@ def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path, capsys, caplog, one_t
 # ---------------------------------------------------------------------------------------------------------------
 # Run folders: finished marker, lock, atomic export and evaluation outputs, faults (kill, full disk)
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished LoRA run (tiny GPT-2, 4 steps, checkpoints every 2) and a finished LM run, both from the CLI."""
@@ -440,15 +438,30 @@ def test_export_overwrite_replaces_the_folder_and_a_to_file_is_refused(tiny_run,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]
 
 
-def _killed_at(code: str, args: list[str]) -> int:
-    """Run ``clmtune ARGS`` in a subprocess whose ``code`` (Python, run first) patches a write to SIGKILL it."""
-    script = (f"import os, signal, sys\n{code}\nfrom clmtune.cli import main\nsys.exit(main({args!r}))\n")
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300).returncode
+def _in_child(patch, args: list[str]) -> int:
+    """Run ``clmtune ARGS`` in a forked child process (everything is imported already, so it starts in
+    milliseconds) after ``patch()``; return its exit status, or -N when a signal N ended it."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 3
+        try:
+            signal.alarm(240)  # a hung child ends (SIGALRM) instead of hanging the suite
+            patch()
+            code = main(args)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-KILL_TOKENIZER_SAVE = ("import transformers.tokenization_utils_base as t\n"
-                       "t.PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: os.kill(os.getpid(), 9)")
+def _kill_self(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_at_tokenizer_save():
+    import transformers.tokenization_utils_base as t
+
+    t.PreTrainedTokenizerBase.save_pretrained = _kill_self
 
 
 def test_export_killed_midway_leaves_the_old_export(tiny_run, tmp_path):
@@ -456,8 +469,8 @@ def test_export_killed_midway_leaves_the_old_export(tiny_run, tmp_path):
     assert main(["export", "--run", str(run), "--to", str(out)]) == 0
     old = sorted(p.name for p in out.iterdir())
     # killed after the merged weights were written, before the tokenizer
-    rc = _killed_at(KILL_TOKENIZER_SAVE, ["export", "--run", str(run), "--to", str(out), "--merge", "--overwrite"])
-    assert rc == -9
+    rc = _in_child(_kill_at_tokenizer_save, ["export", "--run", str(run), "--to", str(out), "--merge", "--overwrite"])
+    assert rc == -signal.SIGKILL
     assert sorted(p.name for p in out.iterdir()) == old  # the earlier export, untouched
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert len(left) == 1 and left[0].startswith(".tmp-export-")
@@ -469,9 +482,12 @@ def test_export_killed_midway_leaves_the_old_export(tiny_run, tmp_path):
 def test_eval_killed_before_its_metrics_leaves_no_stale_pair(tiny_run, tmp_path):
     run = _copy_run(tiny_run, tmp_path)
     assert main(["eval", "--run", str(run)]) == 0
-    code = ("import clmtune.evaluate.report as r\n"
-            "r.write_json_atomic = lambda *a, **k: os.kill(os.getpid(), 9)")
-    assert _killed_at(code, ["eval", "--run", str(run)]) == -9
+    import clmtune.evaluate.report as report
+
+    def kill_before_metrics():
+        report.write_json_atomic = _kill_self
+
+    assert _in_child(kill_before_metrics, ["eval", "--run", str(run)]) == -signal.SIGKILL
     assert not (run / "eval.json").exists()  # no old metrics next to the new predictions
     rows = (run / "predictions.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "id,text,gold,predicted" and len(rows) == 1 + 3  # complete, not 0 bytes
@@ -499,17 +515,32 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_run, t
 
 
 def test_two_trainers_into_one_folder(tiny_run, tmp_path, capsys):
-    """The second `clmtune train` into a folder another one is writing is refused; the first finishes alone. The
-    first waits (after taking the lock, before its optimizer steps) until the second has been refused."""
+    """The second `clmtune train` into a folder another process is writing is refused; the first finishes alone.
+    The first (a child process) waits after taking the lock, before its optimizer steps, until the second (this
+    process) has been refused."""
+    import clmtune.train as train_mod
+
     run, go = _copy_run(tiny_run, tmp_path), tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     args = ["train", "--config", str(run / "config.yaml"), "--train.output_dir", str(run), "--overwrite", "--no-eval"]
-    wait = ("import time, clmtune.train as t\nfit = t.TrainRecipe.fit\n"
-            f"def waiting(self):\n    while not os.path.exists({str(go)!r}): time.sleep(0.05)\n    return fit(self)\n"
-            "t.TrainRecipe.fit = waiting")
-    script = f"import os, sys\n{wait}\nfrom clmtune.cli import main\nsys.exit(main({[*args, '--train.seed', '1']!r}))\n"
-    first = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+
+    def wait_for_go():
+        fit = train_mod.TrainRecipe.fit
+
+        def waiting(self):
+            while not go.exists():
+                time.sleep(0.05)
+            return fit(self)
+
+        train_mod.TrainRecipe.fit = waiting
+
+    first = os.fork()
+    if first == 0:
+        code = 3
+        try:
+            wait_for_go()
+            code = main([*args, "--train.seed", "1"])
+        finally:
+            os._exit(code)
     try:
         for _ in range(1200):
             if (run / LOCK_NAME).exists():
@@ -517,11 +548,12 @@ def test_two_trainers_into_one_folder(tiny_run, tmp_path, capsys):
             time.sleep(0.05)
         assert main([*args, "--train.seed", "2"]) == 2  # the second writer: this process
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert f"is in use by another clmtune process (pid {first.pid}" in err, err
+        assert f"is in use by another clmtune process (pid {first}" in err, err
         go.write_text("")
-        assert first.wait(timeout=300) == 0
+        _, status = os.waitpid(first, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     finally:
-        first.kill()
+        go.write_text("")
     cfg = (run / "config.yaml").read_text()
     assert "seed: 1" in cfg and "seed: 2" not in cfg
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
