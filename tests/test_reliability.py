@@ -337,7 +337,8 @@ def tiny_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("runs")
     data = twitter_rows(tmp)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for this module's runs (forked children inherit it); restored after the module
     common = ["--no-eval", "--data.source", str(data), "--data.eval_fraction", "0.25", "--data.max_length", "48",
               "--model.name_or_path", "builtin:tiny-gpt2", "--train.batch_size", "3", "--train.max_steps", "4",
               "--train.save_steps", "2"]
@@ -345,7 +346,8 @@ def tiny_run(tmp_path_factory):
                  str(tmp / "run")]) == 0
     assert main(["train", *common, "--data.task", "lm", "--data.text_column", "Tweet text", "--train.output_dir",
                  str(tmp / "lm")]) == 0
-    return tmp
+    yield tmp
+    torch.set_num_threads(threads)
 
 
 def _copy_run(tiny_run, tmp_path, name="run") -> Path:
