@@ -388,6 +388,9 @@ class TrainRecipe:
                        "end_token": self.data.report["end_token"],
                        "truncated_train_rows": self.data.report["splits"]["train"]["truncated"],
                        "labels": self.data.labels, "data": self.data.report["data"], **self.params}
+            if "turns" in self.data.report["splits"]["train"]:  # chat: turns, tokens per turn, truncated, dropped
+                summary["conversations"] = {s: {k: v for k, v in st.items() if k not in ("prompt_tokens",)}
+                                            for s, st in self.data.report["splits"].items()}
             if self.n_proc > 1:
                 summary["distributed"] = {"num_processes": self.n_proc, "rows_seen_first_epoch_per_rank": per_rank}
             run.write_json(run.summary_file.name, summary)
