@@ -270,7 +270,7 @@ def test_api_key_body_limit_queue_limit_and_disconnect(engine):
         assert keyed.completions.create(model=MODEL, prompt="你好", max_tokens=2).choices[0].text is not None
 
 
-def test_cli_serve_rejects_bad_limits_and_prompt_learning_models(capsys, engine):
+def test_cli_serve_rejects_bad_limits_and_prompt_learning_models(capsys, engine, tmp_path):
     from peft import PromptTuningConfig, get_peft_model
 
     from clmtune import cli
@@ -280,6 +280,11 @@ def test_cli_serve_rejects_bad_limits_and_prompt_learning_models(capsys, engine)
     assert "--max-batch 0 must be positive" in capsys.readouterr().err
     assert cli.main(["serve", "--run", "/nonexistent/run"]) == 2
     assert "not a clmtune run folder" in capsys.readouterr().err
+    unfinished = tmp_path / "half"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("train:\n  output_dir: half\n", encoding="utf-8")
+    assert cli.main(["serve", "--run", str(unfinished)]) == 2
+    assert "cannot serve" in capsys.readouterr().err
     from transformers import AutoModelForCausalLM
 
     from clmtune.models import builtin_model_path

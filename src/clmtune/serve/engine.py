@@ -185,6 +185,7 @@ class Engine:
             m, tok = load_for_generation(None, model, device)
             return cls(m, tok, str(model))
         rd = RunDir(folder)
+        rd.check_finished("serve")  # one line saying why an unfinished run cannot be served
         cfg = rd.load_config()
         m, tok = rd.load_model(device=resolve_device(device), cfg=cfg)
         task = get_task(cfg.data.task)
