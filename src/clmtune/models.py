@@ -151,6 +151,9 @@ def builtin_model_path(name: str) -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """``builtin:NAME`` -> cached folder; an existing folder -> itself; anything else is taken as a hub id."""
+    if name_or_path == "auto":
+        raise ClmtuneError("model.name_or_path=auto is chosen from the training data by `clmtune train`/`prepare`; "
+                           "here give a model (a folder, a hub id or builtin:NAME)")
     if name_or_path.startswith(BUILTIN_PREFIX):
         return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX):]))
     path = Path(name_or_path).expanduser()
@@ -323,6 +326,11 @@ def apply_peft(model, settings: PeftSettings, tokenizer_path: str | None = None)
     if peft_cfg is None:
         model.requires_grad_(True)
         return model
+    if hasattr(peft_cfg, "fan_in_fan_out") and "fan_in_fan_out" not in settings.options and any(
+            type(m).__name__ == "Conv1D" for m in model.modules()):
+        # GPT-2's Conv1D stores its weight as (in, out): peft needs fan_in_fan_out=True and otherwise sets it
+        # itself, with a warning per run. Saying it up front gives the same adapter, without the warning.
+        peft_cfg.fan_in_fan_out = True
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as exc:  # e.g. "Target modules {'foo'} not found in the base model"

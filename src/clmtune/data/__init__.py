@@ -214,6 +214,17 @@ def label_set(cfg: DataConfig, raw: RawData) -> list[str]:
                    if not _is_missing(r[cfg.label_column]) and str(r[cfg.label_column]).strip()})
 
 
+def sample_rows(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """At most ``limit`` of ``examples``, drawn with ``seed`` (the same rows every time), in their original order
+    (``data.max_train_rows`` / ``data.max_eval_rows``)."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
 def load_task(cfg: DataConfig) -> TaskData:
     """Read the configured source into train/eval/test examples and the label set.
 
@@ -250,10 +261,16 @@ def load_task(cfg: DataConfig) -> TaskData:
     else:
         evals, eval_from = [], "none (data.eval_fraction=0)"
     test = examples.get("test", [])
+    before = {"train": len(train), "eval": len(evals)}
+    train = sample_rows(train, cfg.max_train_rows, cfg.seed)
+    evals = sample_rows(evals, cfg.max_eval_rows, cfg.seed)
     report = {"task": cfg.task, "rows_read": sum(read.values()), "train": len(train), "eval": len(evals),
               "test": len(test), "read": read, "sources": dict(raw.where), "eval_from": eval_from,
               "dropped_empty": {s: dropped.get(s, 0) for s in ("train", "eval", "test")},
               "dropped_duplicate": {s: dups.get(s, 0) for s in ("train", "eval", "test")}}
+    if cfg.max_train_rows is not None or cfg.max_eval_rows is not None:
+        report["rows_before_sampling"] = before
+        report["sampled"] = {"train": len(train), "eval": len(evals), "seed": cfg.seed}
     if classify:
         report["label_counts"] = {s: dict(Counter(e.label for e in ex if e.label is not None))
                                   for s, ex in (("train", train), ("eval", evals), ("test", test))}

@@ -57,8 +57,13 @@ class Prepared:
         d = r["data"]
         dropped = sum(d["dropped_empty"].values())
         dups = sum(d["dropped_duplicate"].values())
+        sampled = ""
+        if "sampled" in d:  # data.max_train_rows / max_eval_rows
+            b, k = d["rows_before_sampling"], d["sampled"]
+            sampled = (f"; sampled (seed {k['seed']}) train {k['train']} of {b['train']} rows, eval {k['eval']} of "
+                       f"{b['eval']}")
         return (f"data ({r['task']}): " + "; ".join(parts) + f"; {dropped} rows dropped (empty text), "
-                f"{dups} duplicates dropped; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
+                f"{dups} duplicates dropped{sampled}; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
 
 
 def context_check(cfg: DataConfig, context_length: int | None) -> None:
@@ -69,7 +74,7 @@ def context_check(cfg: DataConfig, context_length: int | None) -> None:
         key, value = "data.block_size", cfg.block_size
     else:
         key, value = "data.max_length", cfg.max_length
-    if value > context_length:
+    if value is not None and value > context_length:
         raise ClmtuneError(f"{key}={value} is larger than the model's context ({context_length} positions); "
                            f"set {key} to at most {context_length}")
 
@@ -200,8 +205,13 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     context_check(cfg, context_length)
     if cfg.prepared:
         return load_prepared(cfg.prepared, tokenizer, cfg)
-    enc = ClassificationEncoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
     task = task if task is not None else load_task(cfg)
+    if cfg.max_length is None:  # `auto` not resolved by the caller (clmtune.defaults does it for train/prepare)
+        from clmtune.data.profile import auto_max_length, sequence_lengths
+
+        lengths = sequence_lengths(tokenizer, cfg, task.train)
+        cfg = dataclasses.replace(cfg, max_length=auto_max_length(lengths, context_length)[0] if lengths else 64)
+    enc = ClassificationEncoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()

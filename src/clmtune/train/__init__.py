@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from clmtune.config import RunConfig, save_config
 from clmtune.data import IGNORE_INDEX, collate, prepare_data
+from clmtune.defaults import resolve_defaults
 from clmtune.errors import ClmtuneError
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
                              load_tokenizer, peft_type, resolve_model_path)
@@ -359,6 +360,7 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    cfg, auto = resolve_defaults(cfg, announce=int(os.environ.get("RANK", "0")) == 0)  # every `auto` -> a value
     t_cfg = cfg.train
     out = Path(t_cfg.output_dir)
     precision = t_cfg.precision
@@ -529,6 +531,8 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
         os.replace(tmp, out / name)  # `adapter/` (or `model/`) appears complete or not at all
         summary = {"steps": step, "epochs": t_cfg.epochs, "seconds": round(seconds, 2),
                    "first_loss": first_loss, "final_loss": final_loss, "method": cfg.peft.method,
+                   "model": cfg.model.name_or_path, "learning_rate": t_cfg.learning_rate,
+                   "max_length": cfg.data.max_length, "auto": auto,
                    "precision": precision, "lm_head_positions": head[0] or "all",
                    "resumed_from": str(ckpt) if ckpt else None,
                    "pad_token": {"token": tokenizer.pad_token, "id": tokenizer.pad_token_id},
