@@ -92,8 +92,9 @@ def resolve_defaults(cfg: RunConfig, announce: bool = True) -> tuple[RunConfig, 
 
     d = cfg.data
     lm_packed = d.task == "lm" and d.packing and d.block_size is not None  # max_length is not used then
-    if d.max_length is None and d.prepared:  # the saved splits were cut at a length already
-        meta = json.loads((Path(d.prepared) / "clmtune_prepared.json").read_text(encoding="utf-8"))
+    meta_file = Path(d.prepared or ".") / "clmtune_prepared.json"
+    if d.max_length is None and d.prepared and meta_file.is_file():  # the saved splits were cut at a length already
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
         d.max_length = meta["data"]["max_length"]
         chosen["data.max_length"] = {"value": d.max_length, "why": f"the length data.prepared={d.prepared} used"}
     elif not lm_packed:
