@@ -184,7 +184,13 @@ def split_indices(n: int, fraction: float, seed: int, strata: list[int] | None =
     ds = datasets.Dataset.from_dict({"_i": list(range(n))})
     kwargs = {}
     if strata is not None:
-        ds = ds.add_column("_y", strata).cast_column("_y", datasets.ClassLabel(num_classes=n_classes))
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a "Casting the dataset" bar for an instant cast of row numbers
+        try:
+            ds = ds.add_column("_y", strata).cast_column("_y", datasets.ClassLabel(num_classes=n_classes))
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
         kwargs["stratify_by_column"] = "_y"
     try:
         parts = ds.train_test_split(test_size=fraction, seed=seed, **kwargs)
