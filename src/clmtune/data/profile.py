@@ -10,7 +10,8 @@ import random
 import re
 from typing import Sequence
 
-from clmtune.data import ClassificationEncoder, Example
+from clmtune.data.encoder import Encoder
+from clmtune.tasks.examples import Example
 
 _CJK_IDEOGRAPH = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 CJK_THRESHOLD = 0.3
@@ -40,7 +41,7 @@ def text_sample(examples: Sequence[Example], seed: int, n: int = SAMPLE_ROWS) ->
 def sequence_lengths(tokenizer, cfg, examples: Sequence[Example]) -> list[int]:
     """Tokens of each training row before any cut: BOS (if the tokenizer adds one) + prompt + target + end token,
     as ``data.build_train_example`` builds it."""
-    enc = ClassificationEncoder(tokenizer, cfg)
+    enc = Encoder(tokenizer, cfg)
     prompts = enc.encode_texts([e.prompt for e in examples])
     targets = enc.encode_texts([e.target or e.label or "" for e in examples])
     return [len(enc.prefix) + len(p) + len(t) + 1 for p, t in zip(prompts, targets)]
