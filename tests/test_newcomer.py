@@ -323,3 +323,83 @@ def test_max_train_rows_samples_reproducibly_with_the_split_seed_and_is_counted(
                        "--data.max_eval_rows", "3", "--model.name_or_path", "builtin:gpt2-zh-small")
     assert code == 0
     assert "sampled with seed 123: train 10 of 32 rows (data.max_train_rows), eval 3 of 8" in out
+
+
+# --- item 5: each evaluation in its own place ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zh_run(tmp_path_factory):
+    """A 1-step LoRA run of the shipped Chinese model on 40 reviews (8 held out), max_length 32 so prompts get cut."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("zh_run")
+    torch.set_num_threads(1)
+    code = main(["train", "--data.source", str(reviews_csv(tmp)), *ZH, "--model.name_or_path",
+                 "builtin:gpt2-zh-small", "--data.max_length", "32", "--train.max_steps", "1", "--output-dir",
+                 str(tmp / "run")])
+    assert code == 0
+    return tmp / "run"
+
+
+def test_evaluating_twice_keeps_both_and_summarises_the_latest(zh_run, tmp_path, capsys):
+    # train already evaluated the held-out split with rank: RUN/eval/eval-rank/
+    rank_dir = zh_run / "eval" / "eval-rank"
+    rank_json = (rank_dir / "eval.json").read_bytes()
+    assert (rank_dir / "predictions.csv").is_file() and (rank_dir / "confusion_matrix.png").is_file()
+    # clmtune eval --run RUN --method generate: its own folder; rank's files untouched
+    code, out, _ = run(capsys, "eval", "--run", zh_run, "--method", "generate")
+    assert code == 0 and str(zh_run / "eval" / "eval-generate" / "eval.json") in out
+    assert (rank_dir / "eval.json").read_bytes() == rank_json
+    gen = json.loads((zh_run / "eval" / "eval-generate" / "eval.json").read_text(encoding="utf-8"))
+    latest = json.loads((zh_run / "eval.json").read_text(encoding="utf-8"))
+    assert latest == {**gen, "folder": "eval/eval-generate"}
+    # clmtune eval --run RUN --data other.csv: a third folder, named after the file
+    other = tmp_path / "other.csv"
+    other.write_text("label,review\n1,房间很干净\n0,早餐太差了\n", encoding="utf-8")
+    assert run(capsys, "eval", "--run", zh_run, "--data", other)[0] == 0
+    index = json.loads((zh_run / "eval" / "index.json").read_text(encoding="utf-8"))
+    assert set(index) == {"eval/eval-rank", "eval/eval-generate", "eval/file-other-rank"}
+    assert index["eval/eval-generate"]["method"] == "generate" and index["eval/file-other-rank"]["n"] == 2
+    assert index["eval/eval-rank"]["accuracy"] == json.loads(rank_json)["accuracy"]
+    assert json.loads((zh_run / "eval.json").read_text(encoding="utf-8"))["folder"] == "eval/file-other-rank"
+
+
+# --- item 6: one definition of a truncated prompt -------------------------------------------------------------------
+
+
+def test_prepare_rank_and_generate_report_the_same_truncated_count(zh_run, capsys):
+    # clmtune prepare --config RUN/config.yaml, then clmtune eval --method rank / generate: one number
+    code, out, _ = run(capsys, "prepare", "--config", zh_run / "config.yaml")
+    assert code == 0
+    said = [line for line in out.splitlines() if line.startswith("evaluation (rank and generate) cuts")]
+    counts = {}
+    for method in ("rank", "generate"):
+        assert run(capsys, "eval", "--run", zh_run, "--method", method)[0] == 0
+        counts[method] = json.loads((zh_run / "eval" / f"eval-{method}" / "eval.json").read_text())["truncated_prompts"]
+    n_eval = json.loads((zh_run / "train_summary.json").read_text(encoding="utf-8"))["data"]["eval"]
+    assert n_eval == 8 and counts["rank"] == counts["generate"] > 0
+    assert said == [f"evaluation (rank and generate) cuts {counts['rank']} of {n_eval} eval prompts: they leave room "
+                    "for the longest label + end token; 'truncated' above counts each row with its own label"]
+
+
+def test_a_prompt_that_just_fits_is_cut_by_neither_rank_nor_generate():
+    """max_length 20, labels of 2 tokens + end: a 17-token prompt fits exactly, an 18-token one is cut, the same
+    for both methods (generate used to leave room for one more token and cut the 17-token prompt too)."""
+    from clmtune.config import DataConfig, ModelConfig
+    from clmtune.data import Encoder
+    from clmtune.evaluate.predict import predict_generate, predict_rank
+    from clmtune.models import load_model, load_tokenizer
+    from clmtune.tasks.examples import Example
+
+    model_cfg = ModelConfig(name_or_path="builtin:tiny-gpt2-zh")
+    tok, model = load_tokenizer(model_cfg), load_model(model_cfg).eval()
+    enc = Encoder(tok, DataConfig(template="{review}", label_column="label", max_length=20))
+    labels = ["差评", "好评"]
+    assert enc.eval_reserve(labels) == 3
+    fits, cut = "房" * 17, "房" * 18
+    assert [len(ids) for ids in enc.encode_texts([fits, cut])] == [17, 18]
+    for prompts, expected in (([fits], 0), ([cut], 1), ([fits, cut, fits], 1)):
+        examples = [Example(id=str(i), prompt=p, label="好评", text=p) for i, p in enumerate(prompts)]
+        assert predict_rank(model, enc, examples, labels, 4).truncated == expected
+        assert predict_generate(model, enc, examples, labels, 4).truncated == expected

@@ -16,7 +16,9 @@ from typing import Any
 from clmtune.config import RunConfig
 from clmtune.data import SPLIT_ORDER, prepare_data
 from clmtune.data.features import check_save_target, save_prepared
+from clmtune.data import Encoder, load_task
 from clmtune.defaults import resolve_defaults
+from clmtune.tasks import get_task
 from clmtune.models import context_length, load_tokenizer
 from clmtune.text import format_table
 
@@ -37,7 +39,12 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
     cfg, auto = resolve_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=None)))
     data_cfg = cfg.data
     tokenizer = load_tokenizer(cfg.model)
-    prep = prepare_data(tokenizer, data_cfg, context_length=context_length(cfg.model), progress=progress)
+    task = load_task(data_cfg)
+    prep = prepare_data(tokenizer, data_cfg, task=task, context_length=context_length(cfg.model), progress=progress)
+    if get_task(data_cfg.task).evaluation == "labels" and task.eval:
+        # what `clmtune eval` (rank and generate) will report: room for the longest label, not each row's own
+        _, cut = Encoder(tokenizer, data_cfg).encode_eval_prompts(task.eval, prep.labels)
+        prep.report["eval_prompts_truncated"] = {"rows": len(task.eval), "truncated": cut}
     prep.report["auto"] = auto
     prep.report["model"] = cfg.model.name_or_path
     prep.report["max_length"] = data_cfg.max_length
@@ -68,6 +75,10 @@ def format_summary(report: dict[str, Any]) -> str:
                      _lens(st["prompt_tokens"]) if st else "-", _lens(st["target_tokens"]) if st else "-"])
     lines = format_table(head, rows).splitlines()
     lines.append("")
+    if "eval_prompts_truncated" in report:
+        e = report["eval_prompts_truncated"]
+        lines.append(f"evaluation (rank and generate) cuts {e['truncated']} of {e['rows']} eval prompts: they leave room "
+                     "for the longest label + end token; 'truncated' above counts each row with its own label")
     for key, choice in report.get("auto", {}).items():
         lines.append(f"{key}: auto -> {choice['value']} ({choice['why']})")
     if "data.max_length" in report.get("auto", {}):
