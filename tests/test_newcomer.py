@@ -383,6 +383,13 @@ def test_prepare_rank_and_generate_report_the_same_truncated_count(zh_run, capsy
                     "for the longest label + end token; 'truncated' above counts each row with its own label"]
 
 
+def test_training_again_with_overwrite_forgets_the_old_evaluations(zh_run, capsys):
+    assert (zh_run / "eval" / "index.json").is_file() and (zh_run / "eval.json").is_file()
+    code, _, _ = run(capsys, "train", "--config", zh_run / "config.yaml", "--overwrite", "--no-eval")
+    assert code == 0
+    assert not (zh_run / "eval").exists() and not (zh_run / "eval.json").exists()
+
+
 def test_a_prompt_that_just_fits_is_cut_by_neither_rank_nor_generate():
     """max_length 20, labels of 2 tokens + end: a 17-token prompt fits exactly, an 18-token one is cut, the same
     for both methods (generate used to leave room for one more token and cut the 17-token prompt too)."""
@@ -403,3 +410,19 @@ def test_a_prompt_that_just_fits_is_cut_by_neither_rank_nor_generate():
         examples = [Example(id=str(i), prompt=p, label="好评", text=p) for i, p in enumerate(prompts)]
         assert predict_rank(model, enc, examples, labels, 4).truncated == expected
         assert predict_generate(model, enc, examples, labels, 4).truncated == expected
+
+
+def test_the_shipped_chinese_model_gets_the_lora_targets_it_learns_with():
+    """Chosen by auto (or named) with LoRA and no target_modules: every linear layer + the character embedding,
+    r 16, as configs/chnsenticorp_classify.yaml (peft's default c_attn alone stays at the majority class)."""
+    from clmtune.defaults import resolve_defaults
+
+    cfg = load_config(None, parse_overrides(["--model.name_or_path", "builtin:gpt2-zh-small", "--data.max_length",
+                                             "64"]))
+    resolved, chosen = resolve_defaults(cfg, announce=False)
+    assert resolved.peft.target_modules == ["c_attn", "c_proj", "c_fc", "wte"] and resolved.peft.r == 16
+    assert chosen["peft.target_modules"]["value"] == ["c_attn", "c_proj", "c_fc", "wte"]
+    mine = load_config(None, parse_overrides(["--model.name_or_path", "builtin:gpt2-zh-small", "--data.max_length",
+                                              "64", "--peft.target_modules", "[c_attn]", "--peft.r", "4"]))
+    resolved, chosen = resolve_defaults(mine, announce=False)  # the user's own choice stays
+    assert resolved.peft.target_modules == ["c_attn"] and resolved.peft.r == 4 and "peft.target_modules" not in chosen

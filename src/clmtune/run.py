@@ -171,8 +171,10 @@ class RunDir:
         return self.has_adapter() or self.has_full_model()
 
     def clear_outputs(self) -> None:
-        """Remove what a finished or interrupted training left (weights, checkpoints, summary) before a new one."""
-        for target in (self.adapter, self.model, self.checkpoints, self.summary_file):
+        """Remove what a finished or interrupted training left (weights, checkpoints, summary, its evaluations) before
+        a new one: the evaluation index must not list results of weights that are gone."""
+        for target in (self.adapter, self.model, self.checkpoints, self.summary_file, self.path / EVALS,
+                       self.path / EVAL_JSON):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
