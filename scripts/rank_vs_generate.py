@@ -158,6 +158,9 @@ def main() -> int:
                                  "invalid": gen["invalid"]}
         row["clmtune eval --method rank"] = {"accuracy": round(rank["accuracy"], 4),
                                              "macro_f1": round(rank["macro_f1"], 4)}
+        rank_pred = [r["predicted"] for r in csv.DictReader(open(out / f"lora-{steps}-rank" / "predictions.csv",
+                                                                  encoding="utf-8"))]
+        row["rows_where_rank_and_generate_differ"] = sum(a != b for a, b in zip(rank_pred, gen_pred))
         row["gold_share"] = {a: round(sum(x == a for x in gold) / len(gold), 3) for a in ASPECTS}
         row["final_loss"], row["seconds"] = res.final_loss, round(time.perf_counter() - t0, 1)
         results[f"{steps} steps"] = row
