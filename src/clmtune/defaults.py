@@ -117,7 +117,13 @@ def resolve_defaults(cfg: RunConfig, announce: bool = True) -> tuple[RunConfig, 
 
         task = task or load_task(d)
         context = context_length(cfg.model)
-        lengths = sequence_lengths(load_tokenizer(cfg.model), d, task.train) if task.train else []
+        level = log.level
+        log.setLevel(max(level, logging.WARNING))  # the stage loads the tokenizer again and logs its pad token
+        try:
+            tokenizer = load_tokenizer(cfg.model)
+        finally:
+            log.setLevel(level)
+        lengths = sequence_lengths(tokenizer, d, task.train) if task.train else []
         if d.max_length is None and lengths:
             d.max_length, facts = auto_max_length(lengths, context)
             why = (f"99th percentile of the {facts['rows']} training rows' token lengths ({facts['p99_tokens']}, "
