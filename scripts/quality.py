@@ -92,9 +92,11 @@ def main() -> int:
     report = {"train_rows": len(train), "test_rows": len(test), "results": results}
     (out / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\nChnSentiCorp test.tsv ({len(test)} reviews), trained on {len(train)} rows of train.tsv")
-    print(f"{'system':<48}{'accuracy':>9}{'macro-F1':>10}{'time':>8}")
-    for name, r in results.items():
-        print(f"{name:<48}{r['accuracy']:>9.4f}{r['macro_f1']:>10.4f}{r['seconds']:>7.0f}s")
+    from clmtune.text import format_table
+
+    print(format_table(("system", "accuracy", "macro-F1", "time"),
+                       [(name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['seconds']:.0f}s")
+                        for name, r in results.items()], align="<>>>"))
     return 0
 
 

@@ -304,17 +304,6 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """Keep our own progress bars; hide the libraries' per-file loading bars and deprecation chatter."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
-
-
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat,
             "export": cmd_export, "serve": cmd_serve}
 
@@ -324,13 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "prepare"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="clmtune: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "prepare":  # tokenizing is all prepare does: let the fast tokenizer use every core
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
+    from clmtune.console import setup_console
+
+    setup_console(args.debug)
     try:
         return COMMANDS[args.command](args, extra)
     except ClmtuneError as exc:
