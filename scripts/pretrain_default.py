@@ -202,6 +202,9 @@ def main() -> int:
         stats["stage1"] = {"init": "given (--stage1-model)", "folder": str(stage1)}
         if (stage1 / "pretrain_stats.json").is_file():  # what that model's own run recorded (a shipped release)
             stats["stage1"]["recorded"] = json.loads((stage1 / "pretrain_stats.json").read_text(encoding="utf-8"))
+    elif args.pilot:  # speed only: 40 stage-2 steps from the random init, no stage 1
+        stage1 = build / "init"
+        stats["stage1"] = {"init": "skipped (--pilot)"}
     elif "stage1" in stats and "steps" in stats["stage1"]:
         stage1 = Path(stats["stage1"]["output_dir"]) / "model"  # resumed after stage 1 had finished
     else:
