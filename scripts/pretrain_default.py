@@ -1,7 +1,7 @@
 """Reproduce clmtune's default model, ``builtin:gpt2-zh-small``: a small Chinese GPT-2 pretrained by clmtune itself.
 
     PYTHONPATH=src python scripts/pretrain_default.py            # build, pretrain (2 stages), ship into assets
-    PYTHONPATH=src python scripts/pretrain_default.py --pilot    # ~2 minutes: measure tokens/s for sizing
+    PYTHONPATH=src python scripts/pretrain_default.py --pilot    # ~5 minutes: 40 stage-2 steps, tokens/s
     ... --resume                                                 # continue an interrupted run from its checkpoint
     ... --stage1-model FOLDER                                    # skip stage 1, continue from a stage-1 model
 
