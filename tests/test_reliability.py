@@ -60,8 +60,8 @@ CASES = [  # (id, arguments, expected text of the one line)
     ("lr-nan", ["train", "--config", "{tmp}/nan.yaml"], "train.learning_rate='nan' must be a finite number"),
     ("lr-nan-cli", ["train", "--train.learning_rate", "nan"], "train.learning_rate='nan' must be a finite number"),
     ("all-problems", ["train", "--config", "{tmp}/many.yaml"],
-     "invalid config (4 problems): train.max_steps='abc' must be of type int; train.learning_rate=nan must be a "
-     "finite number; data.template='{x:>9}': placeholder {x:>9} has a format spec"),
+     "invalid config (4 problems): train.max_steps='abc' must be an integer (e.g. 100); train.learning_rate=nan must "
+     "be a finite number; data.template='{x:>9}': placeholder {x:>9} has a format spec"),
     ("template-spec", ["prepare", "--data.template", "{Tweet text:>99999999}"],
      "placeholder {Tweet text:>99999999} has a format spec or conversion; only plain {column} placeholders"),
     ("template-nested", ["prepare", "--data.template", "{Tweet text:{Label}}"],
@@ -423,10 +423,11 @@ def test_resume_finishes_a_run_killed_before_its_summary(tiny_run, tmp_path, cap
 def test_overwrite_clears_old_eval_files_and_lock_is_released(tiny_run, tmp_path):
     run = _copy_run(tiny_run, tmp_path)
     assert main(["eval", "--run", str(run)]) == 0
-    assert {"eval.json", "predictions.csv", "confusion_matrix.png"} <= {p.name for p in run.iterdir()}
+    assert (run / "eval.json").is_file()
+    assert {"eval.json", "predictions.csv", "confusion_matrix.png"} <= {p.name for p in (run / "eval" / "eval-rank").iterdir()}
     assert main(["train", "--config", str(run / "config.yaml"), "--train.output_dir", str(run), "--overwrite", "--no-eval"]) == 0
     names = {p.name for p in run.iterdir()}
-    assert not names & {"eval.json", "predictions.csv", "confusion_matrix.png", LOCK_NAME}, names
+    assert not names & {"eval.json", "eval", "predictions.csv", "confusion_matrix.png", LOCK_NAME}, names
     assert not [n for n in names if n.startswith(".tmp-")]
 
 
@@ -490,9 +491,11 @@ def test_eval_killed_before_its_metrics_leaves_no_stale_pair(tiny_run, tmp_path)
         report.write_json_atomic = _kill_self
 
     assert _in_child(kill_before_metrics, ["eval", "--run", str(run)]) == -signal.SIGKILL
-    assert not (run / "eval.json").exists()  # no old metrics next to the new predictions
-    rows = (run / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    folder = run / "eval" / "eval-rank"
+    assert not (folder / "eval.json").exists()  # no old metrics next to the new predictions
+    rows = (folder / "predictions.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "id,text,gold,predicted" and len(rows) == 1 + 3  # complete, not 0 bytes
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -573,7 +576,7 @@ def test_eval_data_is_read_with_the_runs_encoding_and_delimiter(tiny_run, tmp_pa
     data = tmp_path / "new.csv"
     data.write_bytes("Tweet text;Label\n房间太脏了;complaint\n服务很好;no complaint\n".encode("gbk"))
     assert main(["eval", "--run", str(run), "--data", str(data)]) == 0
-    rows = (run / "eval-new" / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    rows = (run / "eval" / "file-new-rank" / "predictions.csv").read_text(encoding="utf-8").splitlines()
     assert rows[1].split(",")[1:3] == ["房间太脏了", "complaint"] and len(rows) == 3
 
 
