@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop at this string (repeatable); it is not printed")
     g.add_argument("--batch-size", type=int, help="prompts per batch (left-padded)")
     g.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", help="auto (bf16 where the CPU/GPU has native bf16 matrix units, else fp32), "
+                                   "bf16 or fp32; default: generate.dtype (auto)")
     g.add_argument("--no-truncate", action="store_true",
                    help="error on a prompt longer than the model's context instead of keeping its end")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -199,7 +201,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
              "num_return_sequences": args.num_return_sequences, "seed": args.seed, "stop": args.stop,
              "batch_size": args.batch_size, "truncate": False if args.no_truncate else None,
-             "device": args.device}
+             "device": args.device, "dtype": args.dtype}
     settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     try:
         RunConfig(generate=settings).validate()
@@ -208,7 +210,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         problems = [next((f"{flag}: {p}" for key, flag in flags.items() if p.startswith(key)), p)
                     for p in exc.problems]
         raise ConfigError(problems) from None
-    model, tok = load_for_generation(args.run, args.model, settings.device)
+    model, tok = load_for_generation(args.run, args.model, settings.device, settings.dtype)
     if args.stream:
         results = [stream(model, tok, prompts[0], settings)]
     else:

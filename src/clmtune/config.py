@@ -316,6 +316,10 @@ class GenerateConfig:
     """Where generation runs: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda``,
     ``cuda:N`` or ``mps``."""
 
+    dtype: str = "auto"
+    """Precision of the weights for generation: ``auto`` (bf16 where the CPU/GPU has native bf16 matrix units:
+    avx512_bf16/AMX, Ampere+; else fp32), ``bf16`` or ``fp32``. See ``clmtune.device``."""
+
 
 @dataclass
 class RunConfig:
@@ -397,6 +401,7 @@ class RunConfig:
         positive("generate.num_return_sequences", g.num_return_sequences)
         positive("generate.repetition_penalty", g.repetition_penalty)
         positive("generate.batch_size", g.batch_size)
+        choice("generate.dtype", g.dtype, ("auto", "fp32", "bf16"))
         if g.temperature == 0 and g.num_return_sequences > 1:
             p.append(f"generate.num_return_sequences={g.num_return_sequences} needs sampling: greedy decoding "
                      "(temperature 0) gives one continuation; set a temperature > 0")

@@ -20,6 +20,7 @@ import torch
 from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.data import leading_special_ids, left_pad, read_table
 from clmtune.errors import ClmtuneError
+from clmtune.inference import for_inference
 from clmtune.models import check_tokenizer_fits, load_model, load_run, load_tokenizer, model_device, resolve_device
 from clmtune.text import clean_text
 
@@ -38,9 +39,11 @@ class Generation:
     """The prompt was cut on the left to fit the model's context."""
 
 
-def load_for_generation(run: str | None = None, model: str | None = None, device: str = "auto"):
+def load_for_generation(run: str | None = None, model: str | None = None, device: str = "auto",
+                        dtype: str = "fp32"):
     """(model, tokenizer) from a run folder (base + adapter) or a plain/merged model folder, hub id or builtin name,
-    on ``device`` (``auto``: the GPU when there is one).
+    on ``device`` (``auto``: the GPU when there is one), in ``dtype`` (``auto``/``fp32``/``bf16``, see
+    ``clmtune.inference.for_inference``; the CLI passes ``generate.dtype``, whose default is ``auto``).
 
     ``model`` may also name a run folder (it holds ``config.yaml`` and ``adapter/``).
     """
@@ -52,11 +55,13 @@ def load_for_generation(run: str | None = None, model: str | None = None, device
     dev = resolve_device(device)
     if run is not None:
         m, tok, _ = load_run(run, device=dev)
-        return m, tok
-    cfg = ModelConfig(name_or_path=model)
-    m = load_model(cfg).eval().to(dev)
-    tok = load_tokenizer(cfg)
-    check_tokenizer_fits(m, tok, model)
+    else:
+        cfg = ModelConfig(name_or_path=model)
+        m = load_model(cfg).eval().to(dev)
+        tok = load_tokenizer(cfg)
+        check_tokenizer_fits(m, tok, model)
+    m, precision, why = for_inference(m, dtype)
+    log.info("generation in %s (%s)", precision, why)
     return m, tok
 
 
