@@ -212,6 +212,24 @@ def child(config: str, cfg_path: str) -> None:
         res = run_tutorial(cfg_dict)
     elif config == "trainer":
         res = run_trainer(cfg_dict)
+    elif config == "clmtune_bf16_packed":  # the train/ patch of issue 18 (bench/patches), applied from outside
+        import clmtune.train as tr
+        from clmtune.packed import pack_frozen_linears
+
+        to_bf16, restore, handles = tr.frozen_matmul_weights_to_bf16, tr.restore_weights, []
+
+        def to_bf16_packed(model):
+            swapped = to_bf16(model)
+            handles.append(pack_frozen_linears(model))
+            return swapped
+
+        def restore_unpacked(swapped):
+            for h in handles:
+                h.undo()
+            restore(swapped)
+
+        tr.frozen_matmul_weights_to_bf16, tr.restore_weights = to_bf16_packed, restore_unpacked
+        res = run_clmtune(cfg_dict, "bf16")
     else:
         res = run_clmtune(cfg_dict, "bf16" if config.endswith("bf16") else "fp32")
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -411,7 +429,7 @@ def main() -> None:
             results[config] = json.loads(line[0][7:])
         base, trainer = results.get("tutorial"), results.get("trainer")
         for config, r in results.items():
-            r["precision"] = "bf16" if config.endswith("bf16") else "fp32"
+            r["precision"] = "bf16" if "bf16" in config else "fp32"
             r["tokens_per_s"] = r["tokens"] / r["seconds"]
             r["speedup_vs_tutorial"] = base["seconds"] / r["seconds"] if base else None
             r["speedup_vs_trainer"] = trainer["seconds"] / r["seconds"] if trainer else None

@@ -11,7 +11,8 @@ from clmtune import device as devmod
 from clmtune.config import GenerateConfig, ModelConfig, RunConfig
 from clmtune.errors import ConfigError
 from clmtune.generate import generate, load_for_generation
-from clmtune.inference import PackedLinear, for_inference
+from clmtune.inference import for_inference
+from clmtune.packed import PackedLinear
 from clmtune.models import load_model, load_tokenizer
 
 native, _ = devmod.native_bf16("cpu")

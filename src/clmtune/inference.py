@@ -2,12 +2,7 @@
 
 bf16 on a CPU with native bf16 units (see ``clmtune.device``): the weights are cast to bf16 and every
 ``nn.Linear`` / GPT-2 ``Conv1D`` runs on a weight that oneDNN has packed once into its own blocked layout
-(``PackedLinear``). Measured on an AMD EPYC with avx512_bf16 (bench/README.md): a 768 x 3072 matmul of one row
-takes ~90 us packed against ~200 us in fp32 and ~190-270 us as a plain bf16 ``F.linear`` (PyTorch's bf16
-matrix-vector path converts to fp32 and gains nothing); with 8-32 rows the packed bf16 matmul is 3x fp32.
-Hand-written because the library route to the same kernels, ``torch.compile`` with inductor's ``freezing``,
-compiles for minutes on a small CPU before the first token, and recompiles for every new shape without a static
-cache; the packing here takes well under a second.
+(``clmtune.packed.PackedLinear``, which says why and what it gains).
 
 Inference only: ``PackedLinear`` has no backward, and the model should not be trained or saved afterwards (the
 fp32 weights are gone; reload it for that).
@@ -20,31 +15,9 @@ import logging
 import torch
 
 from clmtune.device import resolve_precision
+from clmtune.packed import PackedLinear
 
 log = logging.getLogger("clmtune")
-
-
-class PackedLinear(torch.nn.Module):
-    """``y = x W^T + b`` with W packed by oneDNN for bf16 (forward only).
-
-    Keeps ``weight`` (the bf16 tensor, shared with a tied embedding) so code that reads ``.weight`` (peft, tied
-    heads) still finds it; the packed copy is a plain attribute, not a parameter or buffer.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_param=None):
-        super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.weight = weight_param if weight_param is not None else torch.nn.Parameter(weight, requires_grad=False)
-        self.bias = bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16:
-            x = x.to(torch.bfloat16)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed by oneDNN"
 
 
 def _packable(module) -> tuple[torch.Tensor, torch.nn.Parameter] | None:
