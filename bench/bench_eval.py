@@ -12,6 +12,9 @@ number of examples. Cases (random weights, real tokenizers and data):
              (a label tree of 232 nodes)
   gpt2zh     GPT-2 12 layers x 768, vocabulary 21,128 (BERT Chinese characters), 48 ChnSentiCorp dev reviews
              (labels 差评 / 好评), max_length 64
+Methods ending in ``_bf16`` run the same method on a bf16 copy of the model (``clmtune.inference.for_inference``:
+bf16 weights, oneDNN-packed matmuls; the precision eval's ``auto`` picks on a CPU with native bf16 units) and
+report how often they predict the same label as fp32.
 Methods: ``tutorial`` (what users ran before clmtune: peft's causal-LM example, every prompt left-padded to
 ``max_length``, ``model.generate(max_new_tokens=10)`` in batches of 8 whatever ``--batch-sizes`` says, decoded and
 string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (clmtune's default: prompt + label tree in one forward), ``rank_shared_cache`` (the previous
@@ -54,8 +57,9 @@ from clmtune.models import (bert_chinese_tokenizer, builtin_model_path, load_mod
                             resolve_device)
 
 CASES = ("tiny-opt", "banking77", "gpt2zh")
-METHODS = ("tutorial", "rank", "rank_shared_cache", "generate")
+METHODS = ("tutorial", "rank", "rank_shared_cache", "generate", "rank_bf16", "generate_bf16")
 TUTORIAL_BATCH, TUTORIAL_NEW_TOKENS = 8, 10
+BF16_COPIES: dict[int, torch.nn.Module] = {}
 
 
 def setup(name: str, tmp: Path):
@@ -130,6 +134,8 @@ def tutorial_eval(model, tok, cfg, examples, labels, out: Path) -> dict:
 
 
 def run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> dict:
+    if method.endswith("_bf16"):  # the same method on the bf16 copy (what eval's precision `auto` would run)
+        model, method = BF16_COPIES[id(model)], method[:-5]
     t = time.process_time()
     res = _run_method(model, tok, cfg, examples, labels, method, out)
     res["cpu_seconds"] = time.process_time() - t
@@ -149,12 +155,18 @@ def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: P
           methods: tuple[str, ...] = METHODS) -> dict:
     model, tok, cfg, examples, labels = setup(name, tmp)
     model.to(device)
+    if any(m.endswith("_bf16") for m in methods):
+        import copy
+
+        from clmtune.inference import for_inference
+
+        BF16_COPIES[id(model)] = for_inference(copy.deepcopy(model), "bf16")[0]
     cfg.eval.batch_size = batch_size
     times: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
     for method in methods:  # warm-up
         run_method(model, tok, cfg, examples[:batch_size], labels, method, tmp / "warm")
-    agree = None
+    agree, bf16_agree = None, {}
     for _ in range(repeats):
         preds = {}
         for method in methods:
@@ -166,6 +178,8 @@ def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: P
             preds[method] = [r[-1] for r in rows]
         agree = preds["rank"] == preds.get("rank_shared_cache", preds["rank"])
         assert agree, "the two rank implementations predict differently"
+        bf16_agree = {m: sum(a == b for a, b in zip(preds[m], preds[m[:-5]])) / len(examples)
+                      for m in preds if m.endswith("_bf16")}
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"case": name, "examples": len(examples), "labels": len(labels), "batch_size": batch_size,
@@ -180,7 +194,7 @@ def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: P
             "speedup_vs_tutorial_cpu_time": {k: med_cpu["tutorial"] / v for k, v in med_cpu.items()},
             "speedup_rank_vs_generate_cpu_time": med_cpu["generate"] / med_cpu["rank"],
             "examples_per_s": {k: len(examples) / v for k, v in med.items()},
-            "rank_predictions_equal_shared_cache": agree,
+            "rank_predictions_equal_shared_cache": agree, "bf16_agreement_with_fp32": bf16_agree,
             "speedup_rank_vs_generate": med["generate"] / med["rank"],
             "speedup_rank_vs_rank_shared_cache": med.get("rank_shared_cache", float("nan")) / med["rank"]}
 
@@ -217,6 +231,10 @@ def main() -> None:
                       f"{x['generate']:>8.2f}x {r['speedup_rank_vs_generate']:>8.2f}x "
                       f"{r['speedup_rank_vs_generate_cpu_time']:>5.2f}x {r['speedup_rank_vs_rank_shared_cache']:>11.2f}x",
                       flush=True)
+                for k in [k for k in m if k.endswith("_bf16")]:
+                    print(f"{'':<10} {k}: {m[k]:.2f} s, {x[k]:.2f}x tutorial (cpu time "
+                          f"{r['speedup_vs_tutorial_cpu_time'][k]:.2f}x), same prediction as fp32 on "
+                          f"{100 * r['bf16_agreement_with_fp32'][k]:.1f} %", flush=True)
             out = HERE / "results" / f"eval_{name}.json"
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(results[name], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
