@@ -50,6 +50,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 
 import clmtune.evaluate as ev  # noqa: E402
+import clmtune.evaluate.scoring as scoring  # noqa: E402
 from clmtune.config import from_dict  # noqa: E402
 from clmtune.device import cpu_matrix_features, describe_cpu  # noqa: E402
 from clmtune.data import load_task, read_table, render_examples  # noqa: E402
@@ -57,7 +58,8 @@ from clmtune.models import (bert_chinese_tokenizer, builtin_model_path, load_mod
                             resolve_device)
 
 CASES = ("tiny-opt", "banking77", "gpt2zh")
-METHODS = ("tutorial", "rank", "rank_shared_cache", "generate", "rank_bf16", "generate_bf16")
+METHODS = ("tutorial", "rank", "rank_shared_cache", "constrained", "generate", "rank_bf16", "constrained_bf16",
+           "generate_bf16")
 TUTORIAL_BATCH, TUTORIAL_NEW_TOKENS = 8, 10
 BF16_COPIES: dict[int, torch.nn.Module] = {}
 
@@ -146,7 +148,7 @@ def _run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> di
     if method == "tutorial":
         return tutorial_eval(model, tok, cfg, examples, labels, out)
     if method == "rank_shared_cache":
-        with mock.patch.object(ev, "rank_strategy", lambda m: "shared_cache"):
+        with mock.patch.object(scoring, "rank_strategy", lambda m: "shared_cache"):
             return ev.evaluate_examples(model, tok, cfg, examples, labels, "rank", out, progress=False)
     return ev.evaluate_examples(model, tok, cfg, examples, labels, method, out, progress=False)
 

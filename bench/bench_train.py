@@ -212,24 +212,6 @@ def child(config: str, cfg_path: str) -> None:
         res = run_tutorial(cfg_dict)
     elif config == "trainer":
         res = run_trainer(cfg_dict)
-    elif config == "clmtune_bf16_packed":  # the train/ patch of issue 18 (bench/patches), applied from outside
-        import clmtune.train as tr
-        from clmtune.packed import pack_frozen_linears
-
-        to_bf16, restore, handles = tr.frozen_matmul_weights_to_bf16, tr.restore_weights, []
-
-        def to_bf16_packed(model):
-            swapped = to_bf16(model)
-            handles.append(pack_frozen_linears(model))
-            return swapped
-
-        def restore_unpacked(swapped):
-            for h in handles:
-                h.undo()
-            restore(swapped)
-
-        tr.frozen_matmul_weights_to_bf16, tr.restore_weights = to_bf16_packed, restore_unpacked
-        res = run_clmtune(cfg_dict, "bf16")
     else:
         res = run_clmtune(cfg_dict, "bf16" if config.endswith("bf16") else "fp32")
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

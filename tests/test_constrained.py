@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clmtune.config import ModelConfig
-from clmtune.constrained import Trie, constrained_decode
+from clmtune.evaluate.constrained import Trie, constrained_decode
 from clmtune.models import load_model, load_tokenizer
 
 LABELS = ["card arrival", "card linking", "card payment fee charged", "cash withdrawal", "no complaint"]
@@ -64,3 +64,31 @@ def test_the_head_is_restored_after_decoding():
     constrained_decode(model, prompts[:2], conts, tok.pad_token_id, batch_size=2)
     assert torch.equal(model(input_ids=ids).logits, before)
     assert "forward" not in vars(model.get_output_embeddings())
+
+
+def test_auto_picks_constrained_for_banking77_and_rank_for_two_labels(tmp_path):
+    """eval.method auto: banking_77's 77 labels make a tree far above the threshold -> constrained, whose
+    predictions are all labels; twitter_complaints' two labels -> rank. eval.json names both."""
+    import json
+
+    from clmtune.config import from_dict
+    from clmtune.data import Encoder, load_task
+    from clmtune.evaluate import evaluate_examples
+    from clmtune.evaluate.predict import CONSTRAINED_ABOVE_NODES, label_tree_nodes, resolve_method
+
+    model, tok, _, _ = _setup("tiny-opt")
+    bank = from_dict({"model": {"name_or_path": "builtin:tiny-opt"},
+                      "data": {"source": "builtin:raft/banking_77", "template": "Query : {Query} label : ",
+                               "label_column": "Label", "id_column": "ID", "end_token": "eos"}}).validate()
+    task = load_task(bank.data)
+    enc = Encoder(tok, bank.data)
+    assert label_tree_nodes(enc, task.labels) > CONSTRAINED_ABOVE_NODES
+    assert resolve_method("auto", enc, task.labels) == "constrained"
+    assert resolve_method("rank", enc, task.labels) == "rank"
+    result = evaluate_examples(model, tok, bank, task.train[:6], task.labels, "auto", tmp_path / "bank", False)
+    assert result["method"] == "constrained" and result["method_asked"] == "auto" and result["invalid"] == 0
+    saved = json.loads((tmp_path / "bank" / "eval.json").read_text())
+    assert saved["method"] == "constrained" and saved["n"] == 6
+    tweets = from_dict({"model": {"name_or_path": "builtin:tiny-opt"}}).validate()
+    tw = load_task(tweets.data)
+    assert resolve_method("auto", Encoder(tok, tweets.data), tw.labels) == "rank"

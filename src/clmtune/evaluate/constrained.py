@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clmtune.data import left_pad
+from clmtune.tasks.encoding import left_pad
 
 
 @dataclass

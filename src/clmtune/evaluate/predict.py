@@ -1,0 +1,97 @@
+"""Predictions of a label per example: ``rank`` (score every label, take the best; never invalid) or ``generate``
+(greedy decoding compared with the label names; outputs matching no label are ``invalid``, optionally mapped to
+the nearest label)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clmtune.evaluate.constrained import constrained_decode
+from clmtune.evaluate.scoring import LabelTree, _batches, _by_length, _continuations, label_scores
+from clmtune.models import model_device
+from clmtune.tasks.encoding import collate
+from clmtune.tasks.examples import Example
+from clmtune.text import clean_text, nearest_label
+
+
+@dataclass
+class Predictions:
+    predicted: list[str]
+    """Predicted label per example; for ``generate`` the cleaned output, which may be no label at all."""
+    invalid: int
+    """Outputs that match no label (always 0 for ``rank``)."""
+    mapped: list[str] | None = None
+    """``generate`` with ``map_invalid``: each output, or the nearest label when the output is invalid."""
+    truncated: int = 0
+    """Prompts cut to fit ``data.max_length``."""
+
+
+@torch.no_grad()
+def predict_rank(model, encoder, examples: list[Example], labels: list[str], batch_size: int,
+                 normalize: bool = False, progress: bool = False) -> Predictions:
+    reserve = max(len(c) for c in encoder.label_ids(labels)) + 1
+    prompts, truncated = encoder.encode_prompts(examples, reserve=reserve)
+    scores = label_scores(model, encoder, prompts, labels, batch_size, normalize, progress)
+    return Predictions(predicted=[labels[k] for k in scores.argmax(dim=1).tolist()], invalid=0, truncated=truncated)
+
+
+CONSTRAINED_ABOVE_NODES = 64
+"""``eval.method: auto`` uses ``constrained`` instead of ``rank`` when the label prefix tree has more nodes than
+this (``LabelTree``: one node per distinct proper prefix of label tokens + end token). ``rank`` runs the LM head
+over the whole vocabulary at every node for every example; ``constrained`` decodes at most one step per tree level
+and only multiplies the head rows of the allowed tokens. Measured (bench/README.md): with 2 labels (3-4 nodes)
+rank and greedy decoding cost about the same; with banking_77's 232 nodes rank was 3-4x slower than generate."""
+
+
+def label_tree_nodes(encoder, labels: list[str]) -> int:
+    return len(LabelTree.build(_continuations(encoder, labels)).token)
+
+
+def resolve_method(method: str, encoder, labels: list[str]) -> str:
+    """``auto`` -> ``rank`` or ``constrained`` by the size of the label tree; other methods as they are."""
+    if method != "auto":
+        return method
+    return "constrained" if label_tree_nodes(encoder, labels) > CONSTRAINED_ABOVE_NODES else "rank"
+
+
+@torch.no_grad()
+def predict_constrained(model, encoder, examples: list[Example], labels: list[str], batch_size: int,
+                        progress: bool = False) -> Predictions:
+    """Greedy decoding restricted to the label prefix tree (``clmtune.evaluate.constrained``): never invalid."""
+    reserve = max(len(c) for c in encoder.label_ids(labels)) + 1
+    prompts, truncated = encoder.encode_prompts(examples, reserve=reserve)
+    picks = constrained_decode(model, prompts, _continuations(encoder, labels), encoder.pad_id, batch_size,
+                               progress)
+    return Predictions(predicted=[labels[j] for j in picks], invalid=0, truncated=truncated)
+
+
+@torch.no_grad()
+def predict_generate(model, encoder, examples: list[Example], labels: list[str], batch_size: int,
+                     progress: bool = False, map_invalid: bool = True) -> Predictions:
+    """Greedy decoding with ``transformers``' ``generate`` (KV cache on), then clean and compare with the labels."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    max_new = max(len(c) for c in encoder.label_ids(labels)) + 2
+    prompts, truncated = encoder.encode_prompts(examples, reserve=max_new)
+    tok = encoder.tokenizer
+    gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=encoder.end_id,
+                               pad_token_id=encoder.pad_id)
+    outputs = [""] * len(prompts)
+    order = _by_length(prompts)  # batches of similar length: less padding
+    for group in tqdm(list(_batches(order, batch_size)), desc="eval (generate)", disable=not progress,
+                      unit="batch"):
+        chunk = [prompts[i] for i in group]
+        batch = collate([{"input_ids": c} for c in chunk], encoder.pad_id)  # (B, T) left-padded
+        ids = batch["input_ids"].to(model_device(model))
+        out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(ids.device),
+                             generation_config=gen_cfg)
+        for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new) new tokens
+            if encoder.end_id in row:
+                row = row[:row.index(encoder.end_id)]
+            outputs[i] = clean_text(tok.decode(row, skip_special_tokens=True))
+    invalid = sum(o not in labels for o in outputs)
+    mapped = [o if o in labels else nearest_label(o, labels) for o in outputs] if map_invalid else None
+    return Predictions(predicted=outputs, invalid=invalid, mapped=mapped, truncated=truncated)
