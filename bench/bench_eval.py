@@ -57,7 +57,7 @@ from clmtune.data import load_task, read_table, render_examples  # noqa: E402
 from clmtune.models import (bert_chinese_tokenizer, builtin_model_path, load_model, load_tokenizer,  # noqa: E402
                             resolve_device)
 
-CASES = ("tiny-opt", "banking77", "gpt2zh")
+CASES = ("tiny-opt", "banking77", "banking77-trained", "gpt2zh")
 METHODS = ("tutorial", "rank", "rank_shared_cache", "constrained", "generate", "rank_bf16", "constrained_bf16",
            "generate_bf16")
 TUTORIAL_BATCH, TUTORIAL_NEW_TOKENS = 8, 10
@@ -66,15 +66,17 @@ BF16_COPIES: dict[int, torch.nn.Module] = {}
 
 def setup(name: str, tmp: Path):
     """(model, tokenizer, RunConfig, examples, labels) for one benchmark case."""
-    if name in ("tiny-opt", "banking77"):
+    if name in ("tiny-opt", "banking77", "banking77-trained"):
         os.environ.setdefault("CLMTUNE_HOME", str(tmp / "home"))
         raw = {"model": {"name_or_path": str(builtin_model_path("tiny-opt"))}}
-        if name == "banking77":
+        if name.startswith("banking77"):
             raw["data"] = {"source": "builtin:raft/banking_77", "template": "Query : {Query} label : ",
-                           "label_column": "Label", "id_column": "ID", "end_token": "eos"}
+                           "label_column": "Label", "id_column": "ID", "end_token": "eos", "eval_fraction": 0.0}
         cfg = from_dict(raw).validate()
         task = load_task(cfg.data)
         examples, labels = task.test[:320 if name == "tiny-opt" else 32], task.labels
+        if name == "banking77-trained":
+            return trained_banking77(raw, tmp) + (task.train, labels)
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -135,6 +137,20 @@ def tutorial_eval(model, tok, cfg, examples, labels, out: Path) -> dict:
     return {"n": len(examples), "seconds": seconds}
 
 
+def trained_banking77(raw: dict, tmp: Path):
+    """tiny-opt fully fine-tuned on the 50 labelled banking_77 rows (40 epochs, fp32), evaluated on the same rows:
+    a memorisation test, so that the methods are compared on a model with real preferences among the labels (with
+    random weights every label is nearly equally likely and agreement between methods means little)."""
+    from clmtune.train import train
+
+    run = dict(raw, peft={"method": "full"},
+               train={"output_dir": str(tmp / "bank_run"), "overwrite": True, "epochs": 40, "batch_size": 10,
+                      "learning_rate": 3e-3, "precision": "fp32", "seed": 0})
+    cfg = from_dict(run).validate()
+    result = train(cfg, progress=False)
+    return result.model.eval(), load_tokenizer(cfg.model), cfg
+
+
 def run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> dict:
     if method.endswith("_bf16"):  # the same method on the bf16 copy (what eval's precision `auto` would run)
         model, method = BF16_COPIES[id(model)], method[:-5]
@@ -168,7 +184,7 @@ def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: P
     cpu: dict[str, list[float]] = {m: [] for m in methods}
     for method in methods:  # warm-up
         run_method(model, tok, cfg, examples[:batch_size], labels, method, tmp / "warm")
-    agree, bf16_agree = None, {}
+    agree, bf16_agree, accuracy = None, {}, {}
     for _ in range(repeats):
         preds = {}
         for method in methods:
@@ -178,10 +194,14 @@ def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: P
             cpu[method].append(res["cpu_seconds"])
             rows = list(csv.reader(open(tmp / method / "predictions.csv", encoding="utf-8")))[1:]
             preds[method] = [r[-1] for r in rows]
+            if "accuracy" in res:
+                accuracy[method] = res["accuracy"]
         agree = preds["rank"] == preds.get("rank_shared_cache", preds["rank"])
         assert agree, "the two rank implementations predict differently"
         bf16_agree = {m: sum(a == b for a, b in zip(preds[m], preds[m[:-5]])) / len(examples)
                       for m in preds if m.endswith("_bf16")}
+        agree_rank = {m: sum(a == b for a, b in zip(preds[m], preds["rank"])) / len(examples) for m in preds
+                      if "rank" in preds}
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"case": name, "examples": len(examples), "labels": len(labels), "batch_size": batch_size,
@@ -197,6 +217,7 @@ def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: P
             "speedup_rank_vs_generate_cpu_time": med_cpu["generate"] / med_cpu["rank"],
             "examples_per_s": {k: len(examples) / v for k, v in med.items()},
             "rank_predictions_equal_shared_cache": agree, "bf16_agreement_with_fp32": bf16_agree,
+            "accuracy": accuracy, "agreement_with_rank": agree_rank,
             "speedup_rank_vs_generate": med["generate"] / med["rank"],
             "speedup_rank_vs_rank_shared_cache": med.get("rank_shared_cache", float("nan")) / med["rank"]}
 
@@ -233,10 +254,14 @@ def main() -> None:
                       f"{x['generate']:>8.2f}x {r['speedup_rank_vs_generate']:>8.2f}x "
                       f"{r['speedup_rank_vs_generate_cpu_time']:>5.2f}x {r['speedup_rank_vs_rank_shared_cache']:>11.2f}x",
                       flush=True)
-                for k in [k for k in m if k.endswith("_bf16")]:
-                    print(f"{'':<10} {k}: {m[k]:.2f} s, {x[k]:.2f}x tutorial (cpu time "
-                          f"{r['speedup_vs_tutorial_cpu_time'][k]:.2f}x), same prediction as fp32 on "
-                          f"{100 * r['bf16_agreement_with_fp32'][k]:.1f} %", flush=True)
+                for k in m:
+                    acc = r["accuracy"].get(k)
+                    print(f"{'':<10} {k:<17} {m[k]:7.2f} s wall {r['median_cpu_seconds'][k]:7.2f} s cpu "
+                          f"{x[k]:6.2f}x tutorial ({r['speedup_vs_tutorial_cpu_time'][k]:.2f}x cpu)"
+                          + (f", accuracy {acc:.3f}" if acc is not None else "")
+                          + f", same label as rank {100 * r['agreement_with_rank'].get(k, float('nan')):.1f} %"
+                          + (f", same as fp32 {100 * r['bf16_agreement_with_fp32'][k]:.1f} %"
+                             if k in r["bf16_agreement_with_fp32"] else ""), flush=True)
             out = HERE / "results" / f"eval_{name}.json"
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(results[name], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -184,8 +184,7 @@ class TrainRecipe:
         t_cfg = self.cfg.train
         self.precision, self.precision_reason = resolve_precision(t_cfg.precision, training_device())
         if self.precision == "bf16" and (reason := bf16_unsupported_reason()):
-            log.warning("train.precision=%s asked for bf16, but %s; training in fp32 instead", t_cfg.precision,
-                        reason)
+            log.warning("train.precision=%s asked for, but %s; training in fp32 instead", t_cfg.precision, reason)
             self.precision, self.precision_reason = "fp32", reason
         log.info("training in %s (%s)", self.precision, self.precision_reason)
         self.accelerator = _accelerator(self.cfg, self.precision)
