@@ -1,5 +1,5 @@
-"""A/B in one process: clmtune's bf16 LoRA training with and without packed frozen matmuls (clmtune.packed; on by
-default in train.precision bf16 on a CPU, switched off here for the "plain" runs).
+"""A/B in one process: clmtune's bf16 LoRA training with and without packed frozen matmuls (clmtune.packed; not
+used by train(): this script applies it from outside, after ``frozen_matmul_weights_to_bf16``).
 
     python bench/ab_train_packed.py --repeats 2
 
@@ -36,7 +36,7 @@ def main() -> None:
     import clmtune.train as tr
     from clmtune.config import from_dict
     from clmtune.device import cpu_matrix_features
-    from clmtune.packed import PackedFrozen
+    from clmtune.packed import pack_frozen_linears
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="ab_bloom_"))
@@ -44,10 +44,22 @@ def main() -> None:
     cfg_dict = bt.task_config("bloom", work / "model", 50, work)
     cfg_dict["train"]["precision"] = "bf16"
     _, _, enc, feats = bt.features(cfg_dict, "longest")
-    pack = tr.pack_frozen_linears  # train() packs frozen bf16 matmuls on a CPU; "plain" turns that off
+    to_bf16, restore = tr.frozen_matmul_weights_to_bf16, tr.restore_weights
+    handles = []
+
+    def to_bf16_packed(model):
+        swapped = to_bf16(model)
+        handles.append(pack_frozen_linears(model))
+        return swapped
+
+    def restore_unpacked(swapped):
+        while handles:
+            handles.pop().undo()
+        restore(swapped)
 
     def run(packed: bool):
-        tr.pack_frozen_linears = pack if packed else (lambda model: PackedFrozen())
+        tr.frozen_matmul_weights_to_bf16 = to_bf16_packed if packed else to_bf16
+        tr.restore_weights = restore_unpacked if packed else restore
         cfg = from_dict(json.loads(json.dumps(cfg_dict))).validate()
         c = time.process_time()
         res = tr.train(cfg, progress=False)

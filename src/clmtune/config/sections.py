@@ -220,9 +220,9 @@ class TrainConfig:
     precision: str = "auto"
     """``auto``: bf16 where the CPU/GPU has native bf16 matrix units (avx512_bf16 or AMX; Ampere or newer), else
     fp32 (``clmtune.device``; the run summary says which and why). ``bf16``: autocast (weights of trainable
-    parameters stay fp32; frozen base weights are stored in bf16 so autocast does not re-cast them every step, and
-    on a CPU run on oneDNN-packed copies). ``fp32``: full precision, bit-reproducible runs. On a CPU without bf16
-    support an explicit ``bf16`` falls back to fp32 with a warning naming the reason."""
+    parameters stay fp32; frozen base weights are stored in bf16 so autocast does not re-cast them every step).
+    ``fp32``: full precision, bit-reproducible runs. On a CPU without bf16 support an explicit ``bf16`` falls back
+    to fp32 with a warning naming the reason."""
 
     group_by_length: bool = True
     """Batch rows of similar length together (shuffled groups: rows are shuffled, sorted by length within groups

@@ -49,7 +49,6 @@ from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_
 from clmtune.train.loss import (HeadMode, causal_lm_loss, head_positions, head_trim_support, logits_to_keep,
                                 supervised_tokens, virtual_tokens)
 from clmtune.device import resolve_precision
-from clmtune.packed import pack_frozen_linears
 from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights,
                                      training_device)
 from clmtune.train.sampler import EpochSampler, RowCollator
@@ -175,7 +174,6 @@ class TrainRecipe:
         self.rows_seen: list[int] = []  # rows this process trained on in its first epoch (reported for DDP)
         self.head = HeadMode()
         self.swapped: list = []
-        self.packed = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> "TrainRecipe":
@@ -234,11 +232,9 @@ class TrainRecipe:
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
             self.swapped = frozen_matmul_weights_to_bf16(self.model)
-            if self.accelerator.device.type == "cpu":  # frozen matmuls on oneDNN-packed W and W^T (clmtune.packed)
-                try:
-                    self.packed = pack_frozen_linears(self.model)
-                except (RuntimeError, AttributeError) as exc:  # a torch build without these oneDNN ops
-                    log.warning("bf16 training without packed matmuls (%s)", exc)
+            # Not packed (clmtune.packed.pack_frozen_linears): faster per product in a micro-benchmark, but 2.4x the
+            # CPU time of a whole epoch in bench/ab_train_packed.py (a guess, not profiled: each new batch length
+            # builds new oneDNN kernels, and the packing itself).
         lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
@@ -343,8 +339,6 @@ class TrainRecipe:
             bar.close()
             if self.log_file:
                 self.log_file.close()
-            if self.packed is not None:
-                self.packed.undo()
             restore_weights(self.swapped)  # the returned model is the fp32 one saved to disk
         self.seconds = time.perf_counter() - self.t0
         if not self.losses and self.ckpt is None:
