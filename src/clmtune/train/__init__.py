@@ -387,7 +387,7 @@ class TrainRecipe:
         return TrainResult(output_dir=run.path, steps=self.step, first_loss=self.first_loss,
                            final_loss=self.final_loss, seconds=self.seconds,
                            has_eval_split=self.data.eval is not None and len(self.data.eval) > 0,
-                           resumed_from=self.ckpt, model=acc.unwrap_model(self.model))
+                           resumed_from=self.ckpt, model=acc.unwrap_model(self.model, keep_fp32_wrapper=False))
 
 
 def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> TrainResult:
