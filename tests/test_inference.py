@@ -106,3 +106,17 @@ def test_load_for_generation_applies_the_dtype(trained):
         assert any(isinstance(m, PackedLinear) for m in m16.modules())
         out = generate(m16, tok, ["Tweet text : where is my parcel label : "], GenerateConfig(max_new_tokens=4))
         assert len(out[0].outputs) == 1
+
+
+def test_eval_dtype_auto_runs_bf16_and_records_it(trained, tmp_path):
+    from clmtune.data import assets_path
+    from clmtune.evaluate import evaluate_run
+
+    _, result = trained
+    rows = str(assets_path("raft/twitter_complaints/train.csv"))  # labelled tweets, the run's label set
+    m32, _ = evaluate_run(result.output_dir, data_file=rows, out_dir=tmp_path / "fp32", progress=False)
+    assert m32["precision"] == "fp32"  # eval.dtype defaults to fp32
+    m16, _ = evaluate_run(result.output_dir, data_file=rows, out_dir=tmp_path / "auto", progress=False,
+                          dtype="auto")
+    assert m16["precision"] == ("bf16" if native else "fp32")
+    assert m16["n"] == m32["n"] and m16["invalid"] == 0
