@@ -268,7 +268,7 @@ class EvalConfig:
 
     dtype: str = "fp32"
     """Precision of the weights for evaluation: ``fp32`` (default: metrics reproducible bit for bit), ``auto``
-    (bf16 where the hardware has native bf16 matrix units, as ``generate.dtype``; 1.5-2.4x faster on an
+    (bf16 where the hardware has native bf16 matrix units, as ``generate.dtype``; 1.4-2.5x faster on an
     avx512_bf16 CPU, and 96-100 % of predictions equal to fp32 in bench/README.md) or ``bf16``."""
 
     device: str = "auto"
