@@ -17,7 +17,9 @@ bf16 weights, oneDNN-packed matmuls; the precision eval's ``auto`` picks on a CP
 report how often they predict the same label as fp32.
 Methods: ``tutorial`` (what users ran before clmtune: peft's causal-LM example, every prompt left-padded to
 ``max_length``, ``model.generate(max_new_tokens=10)`` in batches of 8 whatever ``--batch-sizes`` says, decoded and
-string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (clmtune's default: prompt + label tree in one forward), ``rank_shared_cache`` (the previous
+string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (prompt + label tree in one
+forward; what ``eval.method: auto`` runs up to 64 tree nodes), ``constrained`` (greedy decoding on the label tree,
+``auto`` above 64 nodes), ``rank_shared_cache`` (the previous
 implementation: prompt forward, then its KV cache repeated per label and a second forward; kept for
 architectures that cannot take a custom 4D mask, e.g. BLOOM) and ``generate`` (greedy decoding of up to longest
 label + 2 tokens with the KV cache, stopping at the end token; random weights never write it, so every step runs).

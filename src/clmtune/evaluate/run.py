@@ -63,7 +63,8 @@ def evaluate_examples(model, tokenizer, cfg: RunConfig, examples: list[Example],
     if preds.truncated:
         log.warning("eval: %d of %d prompts were cut to fit data.max_length=%d", preds.truncated, len(examples),
                     cfg.data.max_length)
-    result = {"method": method, **({"method_asked": asked} if asked != method else {}), "n": len(examples), "invalid": preds.invalid, "seconds": round(seconds, 3),
+    result = {"method": method, **({"method_asked": asked} if asked != method else {}), "n": len(examples),
+              "invalid": preds.invalid, "seconds": round(seconds, 3),
               "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2), "truncated_prompts": preds.truncated,
               "precision": model_precision(model)}
     if method == "rank":
