@@ -13,7 +13,13 @@ Model: GPT-2 architecture, 12 layers x 768 wide, 12 heads, 1,024 positions, voca
 character tokenizer shipped with clmtune), random weights (seed 0); batch 1; top-k 10 sampling, temperature 1.
 Both paths must produce all 86 tokens (counted with a forward hook); a run that stopped early at [SEP]/[PAD]
 would be unfairly short, so the seed is moved on until it does not.
-Timed repeats alternate between the two paths (the machine is shared); the medians are compared.
+Paths: the tutorial's loop (fp32, as users ran it), clmtune's ``generate`` with fp32 weights and clmtune with the
+weights in the precision ``--dtype`` picks (``auto``: bf16 with oneDNN-packed matmuls where the CPU has native
+bf16 units, see ``clmtune.inference``). Timed repeats alternate between the paths (the machine is shared); the
+medians are compared, by wall-clock time and by the process's CPU time (on a machine where other jobs take the
+cores, CPU time is the steadier measure of the work done; both are printed).
+Also: greedy outputs of bf16 vs fp32 on 50 ChnSentiCorp prompts (32 new tokens; exact-match rate and the share of
+tokens before the first difference), and batched throughput at batch 8 and 32 (rows x steps per second).
 Threads: 1 by default (``--threads``). On this 2-core machine shared by three developers, 2 torch threads make every
 small op of a one-token step wait on an OpenMP barrier (a 12-layer one-token forward: ~30 ms with 1 thread,
 ~150 ms with 2), which measures the neighbours rather than the code. Both paths always use the same setting.
@@ -31,12 +37,16 @@ import sys
 import time
 from pathlib import Path
 
+import copy
+
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from clmtune.config import GenerateConfig  # noqa: E402
+from clmtune.device import cpu_matrix_features, describe_cpu  # noqa: E402
+from clmtune.inference import for_inference  # noqa: E402
 from clmtune.generate import generate  # noqa: E402
 from clmtune.models import bert_chinese_tokenizer  # noqa: E402
 
@@ -68,72 +78,135 @@ def tutorial_loop(model, input_ids: torch.Tensor, n: int, k: int = 10) -> torch.
 
 
 class Calls:
-    """Counts forward passes of the model (one per new token in both paths)."""
+    """Counts forward passes of a model (one per new token in every path)."""
 
-    def __init__(self, model):
+    def __init__(self, *models):
         self.n = 0
-        model.register_forward_pre_hook(self)
+        for m in models:
+            m.register_forward_pre_hook(self)
 
     def __call__(self, module, args):
         self.n += 1
 
 
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(t: tuple[float, float]) -> tuple[float, float]:
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def review_prompts(n: int) -> list[str]:
+    import csv
+
+    path = HERE.parent / "src/clmtune/assets/chnsenticorp/ChnSentiCorp_htl_all.csv"
+    with open(path, encoding="utf-8") as fh:
+        rows = [r["review"] for _, r in zip(range(10 * n), csv.DictReader(fh))]
+    return [r[:40] for r in rows[::10][:n]]  # every 10th review, its first 40 characters
+
+
+def greedy_agreement(m32, m16, tok, prompts: list[str], new: int = 32) -> dict:
+    s = GenerateConfig(max_new_tokens=new, temperature=0, batch_size=8)
+    a = [g.outputs[0] for g in generate(m32, tok, prompts, s)]
+    b = [g.outputs[0] for g in generate(m16, tok, prompts, s)]
+    same = sum(x == y for x, y in zip(a, b))
+    prefix = sum(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+                 for x, y in zip(a, b))
+    return {"prompts": len(prompts), "new_tokens": new, "identical": same, "identical_share": same / len(prompts),
+            "chars_before_first_difference_share": prefix / max(1, sum(len(x) for x in a))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both paths")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for all paths")
+    ap.add_argument("--dtype", default="auto", help="precision of the fast clmtune path (auto, bf16, fp32)")
+    ap.add_argument("--batch-sizes", default="8,32", help="batched throughput (clmtune only); empty: skip")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = build_model()
-    calls = Calls(model)
+    fast, precision, why = for_inference(copy.deepcopy(model), args.dtype)
+    calls = Calls(model, fast)
     ids = tok(PROMPT, add_special_tokens=False).input_ids
     input_ids = torch.tensor([ids])
+    label = f"clmtune_{precision}"
 
-    def run_clmtune(seed: int) -> float:
-        s = GenerateConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=10, seed=seed, batch_size=1)
+    def run_clmtune(m, seed: int, prompts=(PROMPT,), batch: int = 1):
+        s = GenerateConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=10, seed=seed, batch_size=batch)
         calls.n = 0
-        t = time.perf_counter()
-        generate(model, tok, [PROMPT], s)
-        return time.perf_counter() - t
+        t = clocks()
+        generate(m, tok, list(prompts), s)
+        return since(t)
 
-    def run_tutorial(seed: int) -> float:
+    def run_tutorial(seed: int):
         torch.manual_seed(seed)
         calls.n = 0
-        t = time.perf_counter()
+        t = clocks()
         tutorial_loop(model, input_ids, NEW_TOKENS)
-        return time.perf_counter() - t
+        return since(t)
 
-    seed = 0  # find a seed whose sample does not end early on an end/pad token
+    seed = 0  # find a seed whose sample does not end early on an end/pad token, in both clmtune paths
     while True:
-        run_clmtune(seed)
-        if calls.n == NEW_TOKENS:
+        run_clmtune(model, seed)
+        ok = calls.n == NEW_TOKENS
+        run_clmtune(fast, seed)
+        if ok and calls.n == NEW_TOKENS:
             break
         seed += 1
     run_tutorial(seed)  # warm-up of the long shapes
-    times: dict[str, list[float]] = {"tutorial": [], "clmtune": []}
+    paths = {"tutorial": run_tutorial, "clmtune_fp32": lambda s: run_clmtune(model, s)}
+    if precision != "fp32":
+        paths[label] = lambda s: run_clmtune(fast, s)
+    wall: dict[str, list[float]] = {k: [] for k in paths}
+    cpu: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(args.repeats):
-        times["tutorial"].append(run_tutorial(seed))
-        assert calls.n == NEW_TOKENS
-        times["clmtune"].append(run_clmtune(seed))
-        assert calls.n == NEW_TOKENS, calls.n
-    med = {k: statistics.median(v) for k, v in times.items()}
+        for k, f in paths.items():
+            w, c = f(seed)
+            assert calls.n == NEW_TOKENS, (k, calls.n)
+            wall[k].append(w)
+            cpu[k].append(c)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    batched = {}
+    prompts = review_prompts(50)
+    for b in [int(x) for x in args.batch_sizes.split(",") if x]:
+        for k, m in (("clmtune_fp32", model), (label, fast)) if precision != "fp32" else (("clmtune_fp32", model),):
+            w, c = run_clmtune(m, seed, prompts[:b], batch=b)
+            steps = calls.n
+            batched[f"{k} batch {b}"] = {"rows": b, "steps": steps, "wall_s": w, "cpu_s": c,
+                                         "row_tokens_per_s_wall": b * steps / w, "row_tokens_per_s_cpu": b * steps / c}
+    agreement = greedy_agreement(model, fast, tok, prompts) if precision != "fp32" else None
     result = {
         "model": "GPT-2 12 layers x 768, vocab 21,128, random weights", "batch": 1, "prompt_tokens": len(ids),
         "new_tokens": NEW_TOKENS, "sampling": "top-k 10, temperature 1", "seed": seed, "repeats": args.repeats,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__},
-        "seconds": times, "median_seconds": med,
+        "dtype": args.dtype, "fast_precision": precision, "fast_precision_reason": why,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {**cpu_matrix_features(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "torch": torch.__version__,
+                    "load_average": os.getloadavg()},
+        "seconds": wall, "cpu_seconds": cpu, "median_seconds": med, "median_cpu_seconds": med_cpu,
         "tokens_per_s": {k: NEW_TOKENS / v for k, v in med.items()},
-        "speedup_kv_cache_vs_tutorial": med["tutorial"] / med["clmtune"],
+        "speedup_vs_tutorial": {k: med["tutorial"] / v for k, v in med.items()},
+        "speedup_vs_tutorial_cpu_time": {k: med_cpu["tutorial"] / v for k, v in med_cpu.items()},
+        "batched": batched, "greedy_bf16_vs_fp32": agreement,
     }
     out = HERE / "results" / "generate_gpt2zh.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{'path':<10} {'median s':>9} {'tokens/s':>9} {'ratio':>7}")
-    for k in ("tutorial", "clmtune"):
-        print(f"{k:<10} {med[k]:>9.2f} {NEW_TOKENS / med[k]:>9.1f} {med['tutorial'] / med[k]:>6.2f}x")
-    print(f"KV-cache generate is {result['speedup_kv_cache_vs_tutorial']:.2f}x the tutorial's loop "
-          f"({NEW_TOKENS} new tokens, batch 1); written to {out}")
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{describe_cpu()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'path':<14} {'wall s':>8} {'tokens/s':>9} {'x tut':>7} {'cpu s':>8} {'x tut (cpu)':>12}")
+    for k in paths:
+        print(f"{k:<14} {med[k]:>8.2f} {NEW_TOKENS / med[k]:>9.1f} {med['tutorial'] / med[k]:>6.2f}x "
+              f"{med_cpu[k]:>8.2f} {med_cpu['tutorial'] / med_cpu[k]:>11.2f}x")
+    for k, r in batched.items():
+        print(f"{k:<24} {r['row_tokens_per_s_wall']:>7.1f} row-tokens/s wall, {r['row_tokens_per_s_cpu']:>7.1f} cpu "
+              f"({r['steps']} steps)")
+    if agreement:
+        print(f"greedy {precision} vs fp32 on {agreement['prompts']} prompts: {agreement['identical']} identical, "
+              f"{100 * agreement['chars_before_first_difference_share']:.1f} % of characters before the first "
+              "difference")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,20 @@ def test_bf16_training_tracks_fp32(tmp_path, one_thread):
     weights = load_file(bf16.output_dir / "adapter" / "adapter_model.safetensors")
     assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}  # fp32 master weights
     assert json.loads((bf16.output_dir / "train_summary.json").read_text())["precision"] == "bf16"
+
+
+def test_auto_precision_follows_the_hardware_and_says_why(tmp_path, one_thread, monkeypatch):
+    from clmtune import device
+    from clmtune.device import native_bf16
+
+    cfg = tiny_cfg(tmp_path, "lora", name="auto", max_steps=1)
+    assert cfg.train.precision == "auto"  # the default
+    train(cfg, progress=False)
+    summary = json.loads((tmp_path / "auto" / "train_summary.json").read_text())
+    native, why = native_bf16("cpu")
+    assert summary["precision"] == ("bf16" if native else "fp32")
+    assert summary["precision_reason"] == f"auto: {why}"
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))  # a CPU without bf16 units
+    train(tiny_cfg(tmp_path, "lora", name="auto_old_cpu", max_steps=1), progress=False)
+    summary = json.loads((tmp_path / "auto_old_cpu" / "train_summary.json").read_text())
+    assert summary["precision"] == "fp32" and "no native bf16 matrix units" in summary["precision_reason"]

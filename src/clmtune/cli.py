@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="eval", choices=["eval", "test"],
                    help="held-out labelled split (eval) or the unlabelled test file (test -> RAFT ID,Label)")
     e.add_argument("--data", help="evaluate on this file instead (labelled if it has the label column)")
-    e.add_argument("--method", choices=["rank", "generate"], help="override the run's eval.method")
+    e.add_argument("--method", choices=["auto", "rank", "constrained", "generate"],
+                   help="override the run's eval.method (auto: rank, or constrained for a big label tree)")
+    e.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override the run's eval.dtype (default fp32; "
+                   "auto: bf16 where the hardware has native bf16 matrix units)")
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
     e.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps; "
                                     "default: the run's eval.device")
@@ -74,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop at this string (repeatable); it is not printed")
     g.add_argument("--batch-size", type=int, help="prompts per batch (left-padded)")
     g.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", help="auto (bf16 where the CPU/GPU has native bf16 matrix units, else fp32), "
+                                   "bf16 or fp32; default: generate.dtype (auto)")
     g.add_argument("--no-truncate", action="store_true",
                    help="error on a prompt longer than the model's context instead of keeping its end")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -198,7 +203,8 @@ def _print_eval(metrics: dict, where: Path) -> None:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.evaluate import evaluate_run
 
-    metrics, where = evaluate_run(args.run, args.split, args.data, args.method, args.out, device=args.device)
+    metrics, where = evaluate_run(args.run, args.split, args.data, args.method, args.out, device=args.device,
+                                  dtype=args.dtype)
     _print_eval(metrics, where)
     return 0
 
@@ -214,7 +220,7 @@ def _generate_settings(args: argparse.Namespace, more: dict):
     base = RunDir(args.run).load_config().generate if args.run else GenerateConfig()
     given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
-             "device": args.device, **more}
+             "device": args.device, "dtype": getattr(args, "dtype", None), **more}
     settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     try:
         RunConfig(generate=settings).validate()
@@ -259,7 +265,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     settings = _generate_settings(args, {"num_return_sequences": args.num_return_sequences, "stop": args.stop,
                                          "batch_size": args.batch_size,
                                          "truncate": False if args.no_truncate else None})
-    model, tok = load_for_generation(args.run, args.model, settings.device)
+    model, tok = load_for_generation(args.run, args.model, settings.device, settings.dtype)
     if args.run:  # a chat run's prompts become user messages under its template (other tasks: as typed)
         from clmtune.run import RunDir
         from clmtune.tasks import get_task

@@ -21,6 +21,7 @@ from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.data import read_table
 from clmtune.tasks.encoding import collate, cut_prompt, leading_special_ids, token_ids
 from clmtune.errors import ClmtuneError
+from clmtune.inference import for_inference
 from clmtune.models import (check_tokenizer_fits, context_length, load_model, load_tokenizer, model_device,
                             resolve_device)
 from clmtune.run import RunDir
@@ -41,9 +42,11 @@ class Generation:
     """The prompt was cut on the left to fit the model's context."""
 
 
-def load_for_generation(run: str | None = None, model: str | None = None, device: str = "auto"):
+def load_for_generation(run: str | None = None, model: str | None = None, device: str = "auto",
+                        dtype: str = "fp32"):
     """(model, tokenizer) from a run folder (base + adapter) or a plain/merged model folder, hub id or builtin name,
-    on ``device`` (``auto``: the GPU when there is one).
+    on ``device`` (``auto``: the GPU when there is one), in ``dtype`` (``auto``/``fp32``/``bf16``, see
+    ``clmtune.inference.for_inference``; the CLI passes ``generate.dtype``, whose default is ``auto``).
 
     ``model`` may also name a run folder (adapter or full fine-tuning, see ``RunDir.is_run``).
     """
@@ -53,11 +56,14 @@ def load_for_generation(run: str | None = None, model: str | None = None, device
         run, model = model, None
     dev = resolve_device(device)
     if run is not None:
-        return RunDir(run).load_model(device=dev)
-    cfg = ModelConfig(name_or_path=model)
-    m = load_model(cfg).eval().to(dev)
-    tok = load_tokenizer(cfg)
-    check_tokenizer_fits(m, tok, model)
+        m, tok = RunDir(run).load_model(device=dev)
+    else:
+        cfg = ModelConfig(name_or_path=model)
+        m = load_model(cfg).eval().to(dev)
+        tok = load_tokenizer(cfg)
+        check_tokenizer_fits(m, tok, model)
+    m, precision, why = for_inference(m, dtype)
+    log.info("generation in %s (%s)", precision, why)
     return m, tok
 
 

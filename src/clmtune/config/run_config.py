@@ -105,6 +105,8 @@ class RunConfig:
         positive("generate.num_return_sequences", g.num_return_sequences)
         positive("generate.repetition_penalty", g.repetition_penalty)
         positive("generate.batch_size", g.batch_size)
+        choice("generate.dtype", g.dtype, PRECISIONS)
+        choice("eval.dtype", e.dtype, PRECISIONS)
         if g.temperature == 0 and g.num_return_sequences > 1:
             p.append(f"generate.num_return_sequences={g.num_return_sequences} needs sampling: greedy decoding "
                      "(temperature 0) gives one continuation; set a temperature > 0")

@@ -17,8 +17,11 @@ from typing import Sequence
 from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import Encoder, load_task, prepare_data, read_table, render_examples
 from clmtune.errors import ClmtuneError
+from clmtune.inference import for_inference, model_precision
+from clmtune.models import is_prompt_learning
 from clmtune.evaluate.metrics import classification_metrics, perplexity
-from clmtune.evaluate.predict import predict_generate, predict_rank
+from clmtune.evaluate.predict import (label_tree_nodes, predict_constrained, predict_generate, predict_rank,
+                                      resolve_method)
 from clmtune.evaluate.replies import predict_replies, reply_metrics, write_replies
 from clmtune.evaluate.report import write_label_report, write_result
 from clmtune.run import RunDir
@@ -40,12 +43,20 @@ def evaluate_examples(model, tokenizer, cfg: RunConfig, examples: list[Example],
     if not examples:
         raise ClmtuneError("the split to evaluate is empty; check the data file")
     encoder = Encoder(tokenizer, cfg.data)
+    asked, method = method, resolve_method(method, encoder, labels)
+    if asked == "auto":
+        log.info("eval.method auto: %s (label tree of %d nodes)", method, label_tree_nodes(encoder, labels))
+    if method == "constrained" and is_prompt_learning(model):
+        log.info("eval: constrained decoding does not drive peft prompt-learning models; using rank")
+        method = "rank"
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     if method == "rank":
         preds = predict_rank(model, encoder, examples, labels, cfg.eval.batch_size, cfg.eval.normalize_by_length,
                              progress)
+    elif method == "constrained":
+        preds = predict_constrained(model, encoder, examples, labels, cfg.eval.batch_size, progress)
     else:
         preds = predict_generate(model, encoder, examples, labels, cfg.eval.batch_size, progress,
                                  cfg.eval.map_invalid)
@@ -55,8 +66,10 @@ def evaluate_examples(model, tokenizer, cfg: RunConfig, examples: list[Example],
         log.warning("eval: %d of %d prompts were cut to fit data.max_length=%d with the longest label + end token "
                     "(the same count for rank and generate; training counts each row with its own label)",
                     preds.truncated, len(examples), cfg.data.max_length)
-    result = {"method": method, "n": len(examples), "invalid": preds.invalid, "seconds": round(seconds, 3),
-              "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2), "truncated_prompts": preds.truncated}
+    result = {"method": method, **({"method_asked": asked} if asked != method else {}), "n": len(examples),
+              "invalid": preds.invalid, "seconds": round(seconds, 3),
+              "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2), "truncated_prompts": preds.truncated,
+              "precision": model_precision(model)}
     if method == "rank":
         result["normalize_by_length"] = cfg.eval.normalize_by_length
     if all(e.label is not None for e in examples):
@@ -80,12 +93,12 @@ def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, ou
 
 def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None = None, method: str | None = None,
                  out_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
-                 ) -> tuple[dict, Path]:
+                 dtype: str | None = None) -> tuple[dict, Path]:
     """Evaluate a trained run on its held-out split (``eval``), its unlabelled ``test`` split, or ``data_file``.
 
     Returns (metrics, folder written to). Each evaluation has its own folder (``RunDir.eval_output_dir``:
     ``RUN/eval/<split or file-stem>-<method>/``) unless ``out_dir`` names one; ``RUN/eval.json`` is the latest
-    evaluation and ``RUN/eval/index.json`` lists them all. ``device``: overrides the run's ``eval.device``.
+    evaluation and ``RUN/eval/index.json`` lists them all. ``device``/``dtype``: override the run's ``eval.device``/``eval.dtype``.
     """
     run = RunDir(run_dir)
     cfg = run.load_config()
@@ -94,6 +107,8 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
         raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by perplexity, not by predicting "
                            "labels; drop --method")
     model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
+    model, precision, why = for_inference(model, dtype or cfg.eval.dtype)
+    log.info("eval in %s (%s)", precision, why)
     evaluator = EVALUATORS[get_task(cfg.data.task).evaluation]
     return evaluator(run, model, tokenizer, cfg, split, data_file, out_dir, progress, method)
 
@@ -119,7 +134,10 @@ def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: s
                 "; set data.eval_fraction > 0 or pass --data FILE" if split == "eval" else
                 "; set data.test_file or pass --data FILE"))
     method = method or cfg.eval.method
-    out = Path(out_dir) if out_dir else run.eval_output_dir(split, data_file, method)
+    chosen = resolve_method(method, Encoder(tokenizer, cfg.data), labels)  # the folder names what runs, not "auto"
+    if chosen == "constrained" and is_prompt_learning(model):
+        chosen = "rank"
+    out = Path(out_dir) if out_dir else run.eval_output_dir(split, data_file, chosen)
     result = evaluate_examples(model, tokenizer, cfg, examples, labels, method, out, progress)
     run.record_evaluation(out, result, split, data_file)
     return result, out

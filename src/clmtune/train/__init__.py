@@ -51,7 +51,9 @@ from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_
                                        resolve_resume, save_checkpoint)
 from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_positions, head_trim_support, logits_to_keep,
                                 supervised_tokens, virtual_tokens)
-from clmtune.train.precision import bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights
+from clmtune.device import resolve_precision
+from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights,
+                                     training_device)
 from clmtune.train.sampler import EpochSampler, RowCollator
 
 log = logging.getLogger("clmtune")
@@ -167,10 +169,11 @@ class TrainRecipe:
         from accelerate.utils import set_seed
 
         t_cfg = self.cfg.train
-        self.precision = t_cfg.precision
+        self.precision, self.precision_reason = resolve_precision(t_cfg.precision, training_device())
         if self.precision == "bf16" and (reason := bf16_unsupported_reason()):
-            log.warning("train.precision=bf16 asked for, but %s; training in fp32 instead", reason)
-            self.precision = "fp32"
+            log.warning("train.precision=%s asked for, but %s; training in fp32 instead", t_cfg.precision, reason)
+            self.precision, self.precision_reason = "fp32", reason
+        log.info("training in %s (%s)", self.precision, self.precision_reason)
         self.accelerator = _accelerator(self.cfg, self.precision)
         self.main = self.accelerator.is_main_process
         self.n_proc = self.accelerator.num_processes
@@ -225,6 +228,9 @@ class TrainRecipe:
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
             self.swapped = frozen_matmul_weights_to_bf16(self.model)
+            # Not packed (clmtune.packed.pack_frozen_linears): faster per product in a micro-benchmark, but 2.4x the
+            # CPU time of a whole epoch in bench/ab_train_packed.py (a guess, not profiled: each new batch length
+            # builds new oneDNN kernels, and the packing itself).
         lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
@@ -387,7 +393,8 @@ class TrainRecipe:
                        "first_loss": self.first_loss, "final_loss": self.final_loss, "method": cfg.peft.method,
                        "model": cfg.model.name_or_path, "learning_rate": cfg.train.learning_rate,
                        "max_length": cfg.data.max_length, "auto": self.auto,
-                       "precision": self.precision, "lm_head_positions": self.head.mode or "all",
+                       "precision": self.precision,
+                       "precision_reason": self.precision_reason, "lm_head_positions": self.head.mode or "all",
                        "resumed_from": str(self.ckpt) if self.ckpt else None,
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
                        "end_token": self.data.report["end_token"],
@@ -403,7 +410,7 @@ class TrainRecipe:
         return TrainResult(output_dir=run.path, steps=self.step, first_loss=self.first_loss,
                            final_loss=self.final_loss, seconds=self.seconds,
                            has_eval_split=self.data.eval is not None and len(self.data.eval) > 0,
-                           resumed_from=self.ckpt, model=acc.unwrap_model(self.model))
+                           resumed_from=self.ckpt, model=acc.unwrap_model(self.model, keep_fp32_wrapper=False))
 
 
 def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> TrainResult:

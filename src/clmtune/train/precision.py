@@ -51,3 +51,9 @@ def frozen_matmul_weights_to_bf16(model) -> list[tuple[torch.nn.Parameter, torch
 def restore_weights(swapped: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     for w, data in swapped:
         w.data = data
+
+
+def training_device() -> str:
+    """Where ``accelerate`` will train (``cuda`` when a GPU is visible, else ``cpu``): what ``precision: auto``
+    asks about."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,70 @@
+"""Put a model into the precision chosen for inference (generation, evaluation): fp32 as loaded, or bf16.
+
+bf16 on a CPU with native bf16 units (see ``clmtune.device``): the weights are cast to bf16 and every
+``nn.Linear`` / GPT-2 ``Conv1D`` runs on a weight that oneDNN has packed once into its own blocked layout
+(``clmtune.packed.PackedLinear``, which says why and what it gains).
+
+Inference only: ``PackedLinear`` has no backward, and the model should not be trained or saved afterwards (the
+fp32 weights are gone; reload it for that).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from clmtune.device import resolve_precision
+from clmtune.packed import PackedLinear
+
+log = logging.getLogger("clmtune")
+
+
+def _packable(module) -> tuple[torch.Tensor, torch.nn.Parameter] | None:
+    """(weight as out x in, the parameter to keep) for a plain Linear or GPT-2 Conv1D, else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) is torch.nn.Linear:
+        return module.weight.data, module.weight
+    if type(module) is Conv1D:  # weight stored in x out
+        return module.weight.data.t(), module.weight
+    return None
+
+
+def pack_linears(model) -> int:
+    """Replace every plain ``nn.Linear``/``Conv1D`` of a bf16 CPU model with a ``PackedLinear``; returns how many."""
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            got = _packable(child)
+            if got is not None and got[0].dtype == torch.bfloat16 and got[0].device.type == "cpu":
+                swaps.append((parent, name, child, got))
+    for parent, name, child, (weight, param) in swaps:
+        setattr(parent, name, PackedLinear(weight, child.bias, weight_param=param if type(child) is torch.nn.Linear
+                                           else None))
+    return len(swaps)
+
+
+def model_precision(model) -> str:
+    """``bf16`` when the model's floating-point weights are bf16, else ``fp32``."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return "bf16" if p is not None and p.dtype == torch.bfloat16 else "fp32"
+
+
+def for_inference(model, choice: str = "auto"):
+    """The model in the precision ``choice`` (``auto``/``fp32``/``bf16``) resolves to on its device, in place;
+    returns (model, precision, reason). Call once, right after loading, before any inference."""
+    device = next(model.parameters()).device
+    precision, why = resolve_precision(choice, device)
+    if precision == "fp32" or getattr(model, "_clmtune_precision", None) == "bf16":
+        return model, model_precision(model), why
+    model.to(torch.bfloat16)
+    packed = 0
+    if device.type == "cpu":
+        try:
+            packed = pack_linears(model)
+        except (RuntimeError, AttributeError) as exc:  # a torch build without these oneDNN ops: plain bf16 still works
+            log.warning("bf16 inference without packed matmuls (%s)", exc)
+    model._clmtune_precision = "bf16"
+    log.info("inference in bf16 (%s; %d matmuls packed by oneDNN)", why, packed)
+    return model, "bf16", why
