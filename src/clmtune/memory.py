@@ -178,6 +178,47 @@ def estimate_for_model(model, *, batch_size: int, seq_len: int, head_positions: 
                     runtime=runtime)
 
 
+def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precision: str, head_mode: str | None,
+                 runtime: int = 0) -> MemoryEstimate:
+    """The estimate of a clmtune run (``cfg``: its ``RunConfig``) for the longest batch it will see.
+
+    ``lengths``/``label_counts``: tokens and supervised tokens of each training row. The sequence length is the
+    longest row (``padding: longest`` pads each batch to its longest row) or ``max_length``, plus virtual tokens;
+    the LM head runs on the supervised positions of every row (``head_mode`` set) or at every position.
+    """
+    from clmtune.models import input_virtual_tokens, model_dtype, unwrap
+
+    t_cfg, d_cfg = cfg.train, cfg.data
+    seq = max(lengths, default=1)
+    if d_cfg.padding == "max_length":
+        seq = max(seq, d_cfg.max_length)
+    seq += input_virtual_tokens(model)
+    batch = min(t_cfg.batch_size, max(len(lengths), 1))
+    positions = batch * (max(label_counts, default=1) if head_mode else seq)
+    compute = torch.bfloat16 if precision == "bf16" else model_dtype(cfg.model)  # the activations' dtype
+    return estimate_for_model(unwrap(model), batch_size=batch, seq_len=seq, head_positions=positions,
+                              compute_dtype=compute, gradient_checkpointing=t_cfg.gradient_checkpointing,
+                              runtime=runtime)
+
+
+def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) -> MemoryEstimate:
+    """The run's estimate without reading any weights: the model and its adapter are built on the ``meta``
+    device (shapes only) from the model's config.json (``clmtune prepare`` prints this)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from clmtune.models import apply_peft, model_dtype, resolve_model_path
+
+    target = resolve_model_path(cfg.model.name_or_path)
+    config = AutoConfig.from_pretrained(target, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=model_dtype(cfg.model),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+        model = apply_peft(model, cfg.peft, tokenizer_path=target)
+    head = "mask" if cfg.train.logits_on_labels_only else None
+    return estimate_run(model, lengths, label_counts, cfg, cfg.train.precision, head, runtime=current_rss())
+
+
 def current_rss() -> int:
     """Resident memory of this process now (bytes; Linux /proc, else the peak so far)."""
     try:
