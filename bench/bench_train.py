@@ -322,7 +322,14 @@ def write_readme(peaks: dict) -> None:
             continue  # an older file without MFU
         parts.append(f"### {res['model']}: {res['description']}\n\nMeasured {res['when']}; {res['setup']}.\n\n"
                      + mfu_table(res["model"], res["results"], res["matmul_peak_flops"]) + "\n")
-    (HERE / "README.md").write_text("\n".join(parts), encoding="utf-8")
+    readme = HERE / "README.md"
+    kept = ""  # the sections other benchmarks maintain (bench_memory.py), between their markers
+    if readme.is_file() and MEMORY_BEGIN in (old := readme.read_text(encoding="utf-8")):
+        kept = old[old.index(MEMORY_BEGIN):old.index(MEMORY_END) + len(MEMORY_END)] + "\n"
+    readme.write_text("\n".join(parts) + ("\n" + kept if kept else ""), encoding="utf-8")
+
+
+MEMORY_BEGIN, MEMORY_END = "<!-- bench_memory.py: begin -->", "<!-- bench_memory.py: end -->"
 
 
 README_HEAD = """# Training benchmark (`bench/bench_train.py`, `make bench`)

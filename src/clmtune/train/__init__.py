@@ -301,7 +301,8 @@ class TrainRecipe:
                         now = time.perf_counter()
                         record = {"step": self.step, "epoch": epoch + 1, "loss": round(self.losses[-1], 6),
                                   "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                  "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1)}
+                                  "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
+                                  "seconds": round(now - window_start, 4)}  # since the previous line
                         self.log_file.write(json.dumps(record) + "\n")
                         self.log_file.flush()
                         window_tokens, window_start = 0, now
