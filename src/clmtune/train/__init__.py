@@ -256,6 +256,7 @@ class TrainRecipe:
         self.estimate = estimate_run(unwrap(self.model), [len(f["input_ids"]) for f in self.features],
                                      [sum(1 for x in f["labels"] if x != -100) for f in self.features], self.cfg,
                                      self.precision, self.head.mode, self.runtime)
+        self.estimate.weights += sum(d.numel() * d.element_size() for _, d in self.swapped)  # kept fp32 originals
         if self.main:
             log.info(self.estimate.table())
 
