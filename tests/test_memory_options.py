@@ -130,6 +130,12 @@ def test_estimate_and_measured_peak_in_the_summary(tmp_path, one_thread):
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     assert (est["gradients"], est["optimizer"]) == (4 * trainable, 8 * trainable)
 
+    # `clmtune prepare` builds the model on the meta device (no weights read): the same estimate, runtime aside
+    from clmtune.prepare import prepare
+
+    before = prepare(cfg, progress=False).memory.as_dict()
+    assert {k: v for k, v in before.items() if k != "runtime"} == {k: v for k, v in est.items() if k != "runtime"}
+
 
 def test_deterministic_runs_are_identical(tmp_path, one_thread):
     a = train(tiny_cfg(tmp_path, epochs=2, name="a", deterministic=True), progress=False)
