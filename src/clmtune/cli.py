@@ -126,7 +126,7 @@ def memory_line(memory: dict) -> str:
     from clmtune.memory import mib
 
     est = memory["estimate"]
-    cpu = memory["measured"].startswith("peak resident")
+    cpu = memory["measured"].startswith("peak resident")  # RSS holds the runtime too
     expected = est["total"] + (est["runtime"] if cpu else 0)
     return (f"memory: estimated {mib(expected)} ({mib(est['total'])} for the training step"
             + (f" + {mib(est['runtime'])} runtime" if cpu else "") + f"), measured peak {mib(memory['measured_peak'])}"

@@ -49,7 +49,7 @@ from clmtune.train.loss import (HeadMode, causal_lm_loss, head_positions, head_t
                                 supervised_tokens, virtual_tokens)
 from clmtune.train.precision import bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
-                                     restore_determinism, seed_everything)
+                                     reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
 
 log = logging.getLogger("clmtune")
@@ -188,6 +188,7 @@ class TrainRecipe:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.is_peft = cfg.peft.method != "full"
+        reset_peak(self.accelerator.device)  # the measured peak is this run's, from here on
         self.runtime = current_rss()  # the process before the weights: Python, torch, tokenizer, data
         base = load_model(cfg.model, model_dtype(cfg.model), quantize=True)
         check_tokenizer_fits(base, self.tokenizer, cfg.model.name_or_path)

@@ -15,7 +15,7 @@ import torch
 
 from clmtune.config import RunConfig
 from clmtune.errors import ClmtuneError
-from clmtune.memory import MemoryEstimate, current_rss, estimate_run, measured_peak
+from clmtune.memory import MemoryEstimate, current_rss, estimate_run, measured_peak, reset_peak
 
 log = logging.getLogger("clmtune")
 
@@ -119,7 +119,7 @@ def prepare_base(model, cfg: RunConfig):
 def memory_summary(est: MemoryEstimate | None, device: torch.device) -> dict:
     """``train_summary.json``'s ``memory``: the estimate's parts and the measured peak (bytes)."""
     peak = measured_peak(device)
-    what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident memory (ru_maxrss)"
+    what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident memory (VmHWM)"
     out = {"measured_peak": peak, "measured": what}
     if est is not None:
         out["estimate"] = est.as_dict()
@@ -128,5 +128,5 @@ def memory_summary(est: MemoryEstimate | None, device: torch.device) -> dict:
     return out
 
 
-__all__ = ["current_rss", "estimate_run", "make_accelerator", "memory_summary", "prepare_base",
+__all__ = ["reset_peak", "current_rss", "estimate_run", "make_accelerator", "memory_summary", "prepare_base",
            "restore_determinism", "seed_everything"]
