@@ -374,11 +374,24 @@ def main() -> None:
         steps = str(args.llama_steps if model == "llama1b" else args.bloom_steps)
         load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
         results, skipped = {}, {}
+
+        def save() -> None:  # after every configuration: an interrupted run keeps what it measured
+            rows = "50 twitter_complaints rows, batch 8" if model == "bloom560m" else \
+                f"{args.llama_rows} ChnSentiCorp rows, batch 2, {args.llama_steps} steps per configuration"
+            out = {"model": model, "description": MODELS[model], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "setup": f"{rows}; LoRA r=8 on peft's default modules",
+                   "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                               "capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": load_start,
+                               "load_average_end": " ".join(f"{x:.1f}" for x in os.getloadavg())},
+                   "results": results, "skipped": skipped}
+            (HERE / "results" / f"memory_{model}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
+
         for config in args.configs.split(","):
             print(f"[{model}] {config} ...", flush=True)
             if (why := wait_for_memory(model, config, cfg)) is not None:
                 print(f"    skipped: {why}", flush=True)
                 skipped[config] = why
+                save()
                 continue
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--child", config, str(cfg_path), steps],
@@ -389,19 +402,11 @@ def main() -> None:
                 print(proc.stderr[-3000:])
                 raise SystemExit(f"{model}/{config} failed")
             results[config] = summarize(json.loads(line[0][7:]))
+            save()
             r = results[config]
             print(f"    {r['cpu_s_per_step']:.2f} CPU s/step ({r['s_per_step']:.1f} wall), peak {r['peak_rss'] / 2 ** 30:.2f}"
                   f" GiB, estimate {r['estimate_plus_runtime'] / 2 ** 30:.2f} GiB ({time.perf_counter() - t0:.0f} s "
                   "with loading)", flush=True)
-        rows = "50 twitter_complaints rows, batch 8" if model == "bloom560m" else \
-            f"{args.llama_rows} ChnSentiCorp rows, batch 2, {args.llama_steps} steps per configuration"
-        out = {"model": model, "description": MODELS[model], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "setup": f"{rows}; LoRA r=8 on peft's default modules",
-               "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                           "capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": load_start,
-                           "load_average_end": " ".join(f"{x:.1f}" for x in os.getloadavg())},
-               "results": results, "skipped": skipped}
-        (HERE / "results" / f"memory_{model}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
         print(f"\n{model}\n" + table(results) + "\n", flush=True)
     print(f"written {write_markdown()} and bench/README.md")
 
