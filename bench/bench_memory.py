@@ -254,12 +254,13 @@ def cpu_name() -> str:
 def table(results: dict) -> str:
     gib = 2 ** 30
     base = {p: results.get(f"tutorial_{p}") for p in ("fp32", "bf16", "bf16_gc")}
-    lines = ["| config | CPU s/step | CPU s/epoch | tokens per CPU s | x tutorial (same precision) | wall s/step "
+    lines = ["| config | CPU s/step | CPU s/epoch | tokens per CPU s | x tutorial tokens/CPU s (same precision) | wall s/step "
              "(shared) | peak RSS GiB | estimate GiB (runtime + step) | estimate / peak | loss first -> last |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         ref = base.get(name.split("_", 1)[1])
-        ratio = f"{ref['cpu_s_per_step'] / r['cpu_s_per_step']:.2f}" if ref else "-"
+        # per real token: the recipes put different rows into their few measured steps (clmtune groups by length)
+        ratio = f"{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}" if ref else "-"
         epoch = f"{r['cpu_s_per_epoch']:.0f}" + ("" if r["measured_epoch"] else " (est.)")
         e = r["estimate"]
         lines.append(f"| {name} | {r['cpu_s_per_step']:.2f} | {epoch} | {r['tokens_per_cpu_s']:.0f} | {ratio} | "
@@ -279,7 +280,8 @@ with one torch thread, one after another in the same run. **tutorial** = peft's 
 **clmtune** = `clmtune train` defaults; bf16 = `model.dtype: bf16` + `train.precision: bf16`; gc =
 `train.gradient_checkpointing: true`. CPU s/step is the process's CPU time per optimizer step (one torch thread:
 the work itself, what one free core takes), median of the steps after the first; CPU s/epoch is that x the steps
-of one epoch ("est.": measured on fewer steps than an epoch). Wall s/step is what the shared machine gave. Peak RSS is the child's maximum resident memory;
+of one epoch ("est.": measured on fewer steps than an epoch; rough for the 1.1B model, whose one measured step
+holds rows of different lengths in the two recipes, so compare tokens per CPU s there). Wall s/step is what the shared machine gave. Peak RSS is the child's maximum resident memory;
 the estimate is `clmtune.memory` for the same step (weights + gradients + optimizer + activations + logits), plus
 the process's resident memory before the weights were loaded ("runtime"), so it compares with the peak RSS.
 The machine is shared with other jobs (load average below): absolute times move with the load, ratios within a
