@@ -254,7 +254,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Keep only each transformer layer's input during the forward pass and recompute the rest in the backward pass
     (transformers' ``gradient_checkpointing_enable``, non-reentrant, so no input-gradient hook is needed): the
-    same loss and gradients, much less activation memory, ~30 % more compute."""
+    same loss and gradients, much less activation memory, ~35 % more compute (bench/README.md)."""
 
     deterministic: bool = False
     """Use only deterministic kernels (``torch.use_deterministic_algorithms``, cuDNN deterministic, cuBLAS
