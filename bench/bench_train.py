@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -227,7 +226,11 @@ def child(config: str, cfg_path: str) -> None:
         res = run_trainer(cfg_dict)
     else:
         res = run_clmtune(cfg_dict, "bf16" if config.endswith("bf16") else "fp32")
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from clmtune.memory import peak_rss
+
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so the child would report the parent's RSS (which built the
+    # model) as its floor
+    res["peak_rss_mb"] = peak_rss() / 2 ** 20
     print("RESULT " + json.dumps(res))
 
 

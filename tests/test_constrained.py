@@ -79,7 +79,8 @@ def test_auto_picks_constrained_for_banking77_and_rank_for_two_labels(tmp_path):
     model, tok, _, _ = _setup("tiny-opt")
     bank = from_dict({"model": {"name_or_path": "builtin:tiny-opt"},
                       "data": {"source": "builtin:raft/banking_77", "template": "Query : {Query} label : ",
-                               "label_column": "Label", "id_column": "ID", "end_token": "eos"}}).validate()
+                               "label_column": "Label", "id_column": "ID", "end_token": "eos",
+                               "max_length": 64}}).validate()
     task = load_task(bank.data)
     enc = Encoder(tok, bank.data)
     assert label_tree_nodes(enc, task.labels) > CONSTRAINED_ABOVE_NODES

@@ -38,7 +38,8 @@ def test_cli_prepare_prints_summary_and_saves_for_train(tmp_path, capsys):
     assert main(["prepare", "--config", cfg, "--save", str(save), "--data.max_length", "48"]) == 0
     out = capsys.readouterr().out
     for text in ("split", "dropped empty", "truncated", "prompt tok p50/p95/max", "labels (77)", "end token: '</s>'",
-                 "pad token: '<pad>'", f"saved to {save}"):
+                 "pad token: '<pad>'", f"saved to {save}", "memory estimate (batch 8 x ", "activations",
+                 "runtime before load"):
         assert text in out
     meta = json.loads((save / "clmtune_prepared.json").read_text(encoding="utf-8"))
     assert meta["data"]["max_length"] == 48 and len(meta["labels"]) == 77
@@ -84,6 +85,7 @@ def test_lm_training_on_reviews_lowers_the_loss(tmp_path, capsys):
                  "--peft.options", "{modules_to_save: [lm_head]}"]) == 0
     out = capsys.readouterr().out
     assert "eval (perplexity" in out
+    assert "memory: estimated " in out and "measured peak " in out  # the estimate beside the measured peak
     result = json.loads((run / "eval.json").read_text(encoding="utf-8"))
     assert result["method"] == "perplexity" and result["tokens"] > 0
     # the held-out perplexity of the fine-tuned run is below the untrained base model's on the same sequences

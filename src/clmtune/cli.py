@@ -147,6 +147,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"resumed from {result.resumed_from}")
         print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
               f"{result.final_loss:.4f}")
+        if result.memory and "estimate" in result.memory:
+            print(memory_line(result.memory))
         run = RunDir(result.output_dir)
         weights = run.weights(is_peft=cfg.peft.method != "full")
         print(f"run folder: {run.path}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {run.tokenizer}\n"
@@ -156,6 +158,18 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if done.metrics is not None:
         _print_eval(done.metrics, done.eval_dir)
     return 0
+
+
+def memory_line(memory: dict) -> str:
+    """``train_summary.json``'s memory as one line: the estimate next to the measured peak."""
+    from clmtune.memory import mib
+
+    est = memory["estimate"]
+    cpu = memory["measured"].startswith("peak resident")  # RSS holds the runtime too
+    expected = est["total"] + (est["runtime"] if cpu else 0)
+    return (f"memory: estimated {mib(expected)} ({mib(est['total'])} for the training step"
+            + (f" + {mib(est['runtime'])} runtime" if cpu else "") + f"), measured peak {mib(memory['measured_peak'])}"
+            f" ({memory['measured']})")
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
@@ -168,6 +182,7 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(result.report, indent=2, ensure_ascii=False))
     else:
         print(format_summary(result.report))
+        print(result.memory.table() if result.memory is not None else result.memory_note)
         print(f"prepared in {result.seconds:.1f}s")
     if result.saved_to is not None:
         print(f"saved to {result.saved_to} (train with --data.prepared {result.saved_to})")

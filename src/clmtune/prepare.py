@@ -19,6 +19,7 @@ from clmtune.data.features import check_save_target, save_prepared
 from clmtune.data import Encoder, load_task
 from clmtune.defaults import resolve_defaults
 from clmtune.tasks import get_task
+from clmtune.memory import estimate_before_loading
 from clmtune.models import context_length, load_tokenizer
 from clmtune.text import format_table
 
@@ -28,6 +29,10 @@ class PrepareResult:
     report: dict[str, Any]
     seconds: float
     saved_to: Path | None
+    memory: Any = None
+    """``clmtune.memory.MemoryEstimate`` of training this config (shapes only, no weights read), or None."""
+    memory_note: str | None = None
+    """Why there is no estimate, when there is none."""
 
 
 def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = False,
@@ -50,7 +55,16 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
     prep.report["max_length"] = data_cfg.max_length
     seconds = time.perf_counter() - t0
     saved = save_prepared(prep, save, data_cfg, tokenizer, overwrite) if save is not None else None
-    return PrepareResult(report=prep.report, seconds=seconds, saved_to=saved)
+    memory, note = None, None
+    if prep.train is not None and len(prep.train):
+        try:
+            memory = estimate_before_loading(cfg, [len(x) for x in prep.train["input_ids"]],
+                                             [sum(1 for t in x if t != -100) for x in prep.train["labels"]])
+        except Exception as exc:  # noqa: BLE001 - the estimate is advice; the data report must still come out
+            note = f"no memory estimate ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    else:
+        note = "no memory estimate (no training rows)"
+    return PrepareResult(report=prep.report, seconds=seconds, saved_to=saved, memory=memory, memory_note=note)
 
 
 def _lens(x: dict[str, int]) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clmtune.config.sections import (END_TOKENS, EVAL_METHODS, PADDING, PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS,
+from clmtune.config.sections import (END_TOKENS, EVAL_METHODS, MODEL_DTYPES, PADDING, PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS,
                                      TEXT_SAMPLE_BY, TRUNCATION_SIDES, DataConfig, EvalConfig, GenerateConfig,
                                      ModelConfig, PeftSettings, TrainConfig, device_problem)
 from clmtune.errors import ConfigError
@@ -55,6 +55,7 @@ class RunConfig:
         choice("peft.method", self.peft.method, PEFT_METHODS)
         choice("eval.method", e.method, EVAL_METHODS)
         choice("train.precision", t.precision, PRECISIONS)
+        p.extend(model_problems(self))
         p.extend(peft_problems(self.peft))
         if t.save_steps is not None:
             positive("train.save_steps", t.save_steps)
@@ -149,6 +150,27 @@ def peft_problems(s: PeftSettings) -> list[str]:
         if unknown:
             p.append(f"peft.options {unknown} are not options of {cls.__name__} (peft.method={s.method}); valid "
                      f"options: {', '.join(known)}")
+    return p
+
+
+def model_problems(cfg: "RunConfig") -> list[str]:
+    """``model.dtype`` and the bitsandbytes loading switches, against the method."""
+    m, method = cfg.model, cfg.peft.method
+    if m.dtype not in MODEL_DTYPES:
+        return [f"model.dtype={m.dtype!r} is not one of {', '.join(MODEL_DTYPES)}"]
+    p = []
+    if m.load_in_4bit and m.load_in_8bit:
+        p.append("model.load_in_4bit and model.load_in_8bit are both true; choose one")
+    if method == "full" and (m.load_in_4bit or m.load_in_8bit):
+        p.append("peft.method=full cannot train quantized weights; use an adapter method (e.g. lora) with "
+                 "model.load_in_4bit/load_in_8bit, or load in fp32")
+    elif method == "full" and m.dtype != "fp32":
+        p.append(f"peft.method=full trains every weight, which model.dtype={m.dtype} would keep in {m.dtype} "
+                 "(AdamW updates lost to rounding); use model.dtype: fp32 with train.precision: bf16")
+    if method == "prefix_tuning" and cfg.train.gradient_checkpointing:
+        p.append("peft.method=prefix_tuning does not work with train.gradient_checkpointing (peft refuses it: the "
+                 "prefix lives in the attention cache, which recomputation would extend twice); set it to false or "
+                 "use prompt_tuning/p_tuning/lora")
     return p
 
 

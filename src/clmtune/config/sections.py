@@ -27,6 +27,7 @@ def device_problem(name: object) -> str | None:
         return None
     return f"{name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "bf16")
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
 """Values of ``train.precision``, ``eval.dtype`` and ``generate.dtype`` (``auto``: see ``clmtune.device``)."""
 AUTO = "auto"
 """Value of a key that clmtune chooses from the data and the method (``model.name_or_path``,
@@ -188,6 +189,19 @@ class ModelConfig:
     """Also load ``pytorch_model.bin`` (pickle) weights when a folder has no ``.safetensors`` file. They are
     loaded with ``torch.load(weights_only=True)``; still, only enable this for files you trust."""
 
+    dtype: str = "fp32"
+    """Precision the frozen base weights are loaded in: ``fp32``, ``bf16`` or ``fp16`` (half the memory of fp32).
+    Trainable adapter weights stay fp32 (peft's ``autocast_adapter_dtype``), so the saved adapter is fp32.
+    ``peft.method: full`` trains every weight and needs ``fp32`` (use ``train.precision: bf16`` for speed)."""
+
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base quantized to 4-bit NF4 through ``bitsandbytes`` (``pip install bitsandbytes``,
+    on a device bitsandbytes supports, e.g. a CUDA GPU); compute in ``model.dtype`` (bf16 recommended). Adapter
+    methods only. A clear error names what is missing where bitsandbytes cannot run."""
+
+    load_in_8bit: bool = False
+    """Load the frozen base in 8-bit (LLM.int8) through ``bitsandbytes``; the same conditions as ``load_in_4bit``."""
+
 
 @dataclass
 class PeftSettings:
@@ -283,6 +297,16 @@ class TrainConfig:
 
     save_total_limit: int | None = 2
     """Keep only the last K checkpoints (older ones are deleted); ``None`` keeps all."""
+
+    gradient_checkpointing: bool = False
+    """Keep only each transformer layer's input during the forward pass and recompute the rest in the backward pass
+    (transformers' ``gradient_checkpointing_enable``, non-reentrant, so no input-gradient hook is needed): the
+    same loss and gradients, much less activation memory, ~35 % more compute (bench/README.md)."""
+
+    deterministic: bool = False
+    """Use only deterministic kernels (``torch.use_deterministic_algorithms``, cuDNN deterministic, cuBLAS
+    workspace config), so a run, and a run resumed from a checkpoint, give bit-identical weights on a GPU. Slower
+    on GPUs; an op without a deterministic kernel raises an error naming it."""
 
     deepspeed: str | None = None
     """DeepSpeed config JSON (e.g. ``configs/deepspeed/zero3_offload.json``) handed to the engine through

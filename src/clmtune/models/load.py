@@ -156,17 +156,54 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
     raise ClmtuneError(f"{folder} holds no model weights (*.safetensors); is it the right folder?")
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
-    """``AutoModelForCausalLM`` from a local folder, a hub id or a built-in name."""
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The torch dtype of ``model.dtype`` (the frozen base's storage precision in training)."""
+    return TORCH_DTYPES[cfg.dtype]
+
+
+def quantization_config(cfg: ModelConfig):
+    """transformers' ``BitsAndBytesConfig`` for ``model.load_in_4bit``/``load_in_8bit``, or None; a one-line
+    ClmtuneError where bitsandbytes is not installed."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    import importlib.util
+
+    what = "model.load_in_4bit" if cfg.load_in_4bit else "model.load_in_8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ClmtuneError(f"{what} needs the bitsandbytes package (pip install bitsandbytes) and a device it "
+                           "supports (a CUDA GPU); without them set it to false (model.dtype: bf16 halves memory)")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_4bit:  # QLoRA's settings: NF4, double quantization, compute in the model dtype
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=model_dtype(cfg))
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, quantize: bool = False):
+    """``AutoModelForCausalLM`` from a local folder, a hub id or a built-in name. ``quantize``: apply
+    ``model.load_in_4bit``/``load_in_8bit`` (training loads the frozen base this way)."""
     from transformers import AutoModelForCausalLM
 
     target = resolve_model_path(cfg.name_or_path)
     if Path(target).is_dir():
         _check_weights(Path(target), cfg.allow_pickle_weights)
+    quant = quantization_config(cfg) if quantize else None
+    extra = {"quantization_config": quant} if quant is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-            use_safetensors=None if cfg.allow_pickle_weights else True)
+            use_safetensors=None if cfg.allow_pickle_weights else True, **extra)
+    except (ImportError, RuntimeError) as exc:
+        if quant is None:
+            raise
+        # transformers' bitsandbytes checks (no GPU, a build without this device's kernels): one line, not a trace
+        raise ClmtuneError(f"cannot load {target} with {'4' if cfg.load_in_4bit else '8'}-bit bitsandbytes "
+                           f"quantization here ({str(exc).splitlines()[0][:200]}); set model.load_in_4bit/"
+                           "load_in_8bit to false, or train on a device bitsandbytes supports") from None
     except (OSError, ValueError) as exc:
         if remote := _remote_code_error(target, exc):
             raise remote from None

@@ -43,7 +43,7 @@ from clmtune.data import prepare_data
 from clmtune.defaults import resolve_defaults
 from clmtune.errors import ClmtuneError
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
-                            load_tokenizer, resolve_model_path)
+                            load_tokenizer, model_dtype, resolve_model_path, unwrap)
 from clmtune.fsutil import check_writable
 from clmtune.run import RunDir
 from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_state, _trainable_state,
@@ -54,6 +54,8 @@ from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_pos
 from clmtune.device import resolve_precision
 from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights,
                                      training_device)
+from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
+                                     reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
 
 log = logging.getLogger("clmtune")
@@ -72,6 +74,8 @@ class TrainResult:
     seconds: float
     has_eval_split: bool
     resumed_from: Path | None = None
+    memory: dict | None = None
+    """``train_summary.json``'s ``memory``: the estimate's parts and the measured peak (bytes)."""
     model: object = None
     """The trained (unwrapped) model, for callers that go on in the same process."""
 
@@ -80,35 +84,6 @@ def trainable_summary(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "all_params": total}
-
-
-def _accelerator(cfg: RunConfig, precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    t_cfg = cfg.train
-    # accelerate keeps process-wide singletons: a second train() in one process (tests, notebooks) could not
-    # change precision, and a run that crashed leaves its dataloader registered. Each train() is a fresh run.
-    # The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    kwargs = {}
-    if t_cfg.deepspeed is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ClmtuneError(f"train.deepspeed={t_cfg.deepspeed!r} needs the deepspeed package (pip install "
-                               "deepspeed) and CUDA GPUs; without them, leave train.deepspeed unset")
-        from accelerate.utils import DeepSpeedPlugin
-
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=str(Path(t_cfg.deepspeed).expanduser()),
-                                                     gradient_accumulation_steps=t_cfg.gradient_accumulation_steps)
-    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
-        # torchrun on a CPU-only machine: accelerate picks DDP over gloo only when told cpu=True (without it every
-        # process silently trains alone on all the data). `accelerate launch --cpu` sets this itself.
-        kwargs["cpu"] = True
-    return Accelerator(gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
-                       mixed_precision="bf16" if precision == "bf16" else "no", **kwargs)
 
 
 def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc: int,
@@ -163,18 +138,17 @@ class TrainRecipe:
         self.rows_seen: list[int] = []  # rows this process trained on in its first epoch (reported for DDP)
         self.head = HeadMode()
         self.swapped: list = []
+        self.estimate, self.determinism = None, None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> "TrainRecipe":
-        from accelerate.utils import set_seed
-
         t_cfg = self.cfg.train
         self.precision, self.precision_reason = resolve_precision(t_cfg.precision, training_device())
         if self.precision == "bf16" and (reason := bf16_unsupported_reason()):
             log.warning("train.precision=%s asked for, but %s; training in fp32 instead", t_cfg.precision, reason)
             self.precision, self.precision_reason = "fp32", reason
         log.info("training in %s (%s)", self.precision, self.precision_reason)
-        self.accelerator = _accelerator(self.cfg, self.precision)
+        self.accelerator = make_accelerator(self.cfg, self.precision)
         self.main = self.accelerator.is_main_process
         self.n_proc = self.accelerator.num_processes
         if self.main:  # before minutes of loading: a folder that cannot be written, or that another run writes
@@ -194,7 +168,7 @@ class TrainRecipe:
         if self.main:
             prepare_output_dir(self.run.path, t_cfg.overwrite, self.resume is not None)
         self.accelerator.wait_for_everyone()  # no process reads the folder before rank 0 has checked/cleaned it
-        set_seed(t_cfg.seed)
+        self.determinism = seed_everything(self.cfg)  # deterministic kernels too, with train.deterministic
         self._setup_data()
         self._setup_model()
         self._setup_optimization()
@@ -214,8 +188,11 @@ class TrainRecipe:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.is_peft = cfg.peft.method != "full"
-        base = load_model(cfg.model)
+        reset_peak(self.accelerator.device)  # the measured peak is this run's, from here on
+        self.runtime = current_rss()  # the process before the weights: Python, torch, tokenizer, data
+        base = load_model(cfg.model, model_dtype(cfg.model), quantize=True)
         check_tokenizer_fits(base, self.tokenizer, cfg.model.name_or_path)
+        base = prepare_base(base, cfg)  # gradient checkpointing, quantized-base preparation
         self.model = apply_peft(base, cfg.peft, tokenizer_path=resolve_model_path(cfg.model.name_or_path))
         self.params = trainable_summary(self.model)
         log.info("model: %s, method %s, %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
@@ -283,6 +260,12 @@ class TrainRecipe:
                 log.info("LM head on the last labelled positions of each batch (this model's forward takes an "
                          "integer logits_to_keep only)")
             self.head = HeadMode(mode, virtual_tokens(self.model))
+        self.estimate = estimate_run(unwrap(self.model), [len(f["input_ids"]) for f in self.features],
+                                     [sum(1 for x in f["labels"] if x != -100) for f in self.features], self.cfg,
+                                     self.precision, self.head.mode, self.runtime)
+        self.estimate.weights += sum(d.numel() * d.element_size() for _, d in self.swapped)  # kept fp32 originals
+        if self.main:
+            log.info(self.estimate.table())
 
     # -- fit -------------------------------------------------------------------------------------------------
     def fit(self) -> "TrainRecipe":
@@ -338,7 +321,8 @@ class TrainRecipe:
                         now = time.perf_counter()
                         record = {"step": self.step, "epoch": epoch + 1, "loss": round(self.losses[-1], 6),
                                   "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                  "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1)}
+                                  "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
+                                  "seconds": round(now - window_start, 4)}  # since the previous line
                         self.log_file.write(json.dumps(record) + "\n")
                         self.log_file.flush()
                         window_tokens, window_start = 0, now
@@ -351,6 +335,7 @@ class TrainRecipe:
             if self.log_file:
                 self.log_file.close()
             restore_weights(self.swapped)  # the returned model is the fp32 one saved to disk
+            restore_determinism(self.determinism)  # process-wide flags: leave them as they were
         self.seconds = time.perf_counter() - self.t0
         if not self.losses and self.ckpt is None:
             raise ClmtuneError("no training step was run; check train.epochs, train.max_steps and the data")
@@ -399,18 +384,21 @@ class TrainRecipe:
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
                        "end_token": self.data.report["end_token"],
                        "truncated_train_rows": self.data.report["splits"]["train"]["truncated"],
-                       "labels": self.data.labels, "data": self.data.report["data"], **self.params}
+                       "labels": self.data.labels, "data": self.data.report["data"], **self.params,
+                       "memory": memory_summary(self.estimate, acc.device)}
             if "turns" in self.data.report["splits"]["train"]:  # chat: turns, tokens per turn, truncated, dropped
                 summary["conversations"] = {s: {k: v for k, v in st.items() if k not in ("prompt_tokens",)}
                                             for s, st in self.data.report["splits"].items()}
             if self.n_proc > 1:
                 summary["distributed"] = {"num_processes": self.n_proc, "rows_seen_first_epoch_per_rank": per_rank}
             run.write_json(run.summary_file.name, summary)
+        else:
+            summary = {"memory": None}
         acc.wait_for_everyone()
         return TrainResult(output_dir=run.path, steps=self.step, first_loss=self.first_loss,
                            final_loss=self.final_loss, seconds=self.seconds,
                            has_eval_split=self.data.eval is not None and len(self.data.eval) > 0,
-                           resumed_from=self.ckpt, model=acc.unwrap_model(self.model, keep_fp32_wrapper=False))
+                           resumed_from=self.ckpt, memory=summary["memory"], model=acc.unwrap_model(self.model, keep_fp32_wrapper=False))
 
 
 def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> TrainResult:

@@ -28,7 +28,7 @@ STATE_FILE = "trainer_state.json"  # written last inside a checkpoint
 _CKPT_RE = re.compile(r"^step-(\d+)$")
 # config keys that may change between an interrupted run and its resumption
 _RESUMABLE_CHANGES = {"train.output_dir", "train.overwrite", "train.save_steps", "train.save_total_limit",
-                      "train.log_every", "eval.batch_size", "eval.method", "eval.normalize_by_length"}
+                      "train.log_every", "train.gradient_checkpointing", "eval.batch_size", "eval.method", "eval.normalize_by_length"}
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -1,0 +1,417 @@
+"""Real sizes: time and memory of LoRA training on the tutorial's model sizes, clmtune vs the tutorial's recipe,
+fp32 / bf16 / bf16 + gradient checkpointing, measured in the same run.
+
+    python bench/bench_memory.py                       # both models (~30-40 min on a shared 2-core CPU)
+    python bench/bench_memory.py --models bloom560m --configs tutorial_fp32,clmtune_fp32
+
+Models (random weights, configs written from the public model configs; real tokenizers of the same languages):
+  bloom560m  bigscience/bloomz-560m's architecture: 24 layers x 1024, 16 heads, vocabulary 250,880; the 50
+             twitter_complaints rows, max_length 64, batch 8: one full epoch (7 steps)
+  llama1b    a 1.1B LLaMA (TinyLlama-1.1B's config: 22 layers x 2048, GQA 32/4 heads, intermediate 5632,
+             vocabulary 32,000); ChnSentiCorp reviews as 好评/差评 classification, max_length 256, batch 2,
+             --llama-steps optimizer steps (the BERT-Chinese tokenizer stands in for LLaMA's: ids < 21,128)
+Configurations (each in its own child process, one after another, so the peak RSS is its own):
+  tutorial_*  peft's causal-LM example: every row padded to max_length, model(**batch).loss (full logits);
+              bf16: the model loaded with dtype=torch.bfloat16; gc: + gradient_checkpointing_enable() and
+              enable_input_require_grads(), as peft's docs show
+  clmtune_*   clmtune's train(): fp32 default; bf16 = model.dtype: bf16 + train.precision: bf16;
+              gc = + train.gradient_checkpointing: true
+Reported: seconds per step (median over steps after the first), seconds per epoch, real (non-pad) tokens/s, peak
+RSS of the child, and clmtune's memory estimate for the same step (``clmtune.memory``; runtime + estimate
+compared with the peak RSS). Writes bench/results/memory_<model>.json, bench/results/memory.md and its section
+of bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ["tutorial_fp32", "clmtune_fp32", "tutorial_bf16", "clmtune_bf16", "tutorial_bf16_gc", "clmtune_bf16_gc"]
+MODELS = {
+    "bloom560m": "BLOOM-560m architecture (24 layers x 1024, vocabulary 250,880), twitter_complaints (50 rows, "
+                 "max_length 64, batch 8, one epoch)",
+    "llama1b": "1.1B LLaMA architecture (22 layers x 2048, GQA 32/4 heads, intermediate 5632, vocabulary 32,000), "
+               "ChnSentiCorp reviews (max_length 256, batch 2)",
+}
+
+
+def _bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", HERE / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_model(name: str, folder: Path) -> None:
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from clmtune.models import _opt_bpe_tokenizer, bert_chinese_tokenizer
+
+    torch.manual_seed(0)
+    # built directly in bf16 (how it is stored, see below): a 1.1B model in fp32 plus its bf16 copy would need 6.6 GB
+    torch.set_default_dtype(torch.bfloat16)
+    if name == "bloom560m":  # bigscience/bloomz-560m config.json
+        tok = _opt_bpe_tokenizer()
+        model = BloomForCausalLM(BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16,
+                                             layer_norm_epsilon=1e-5, pad_token_id=tok.pad_token_id,
+                                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+    else:  # TinyLlama/TinyLlama-1.1B config.json
+        tok = bert_chinese_tokenizer()
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                             num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                                             max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                             tie_word_embeddings=False, pad_token_id=0, bos_token_id=101,
+                                             eos_token_id=102))
+    torch.set_default_dtype(torch.float32)
+    # stored in bf16 (half the disk and load time); every configuration loads it in the dtype it asks for
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+
+
+def task_config(model: str, model_dir: Path, work: Path, rows: int) -> dict:
+    bt = _bench_train()
+    cfg = bt.task_config("bloom" if model == "bloom560m" else "gpt2zh", model_dir, rows, work)
+    if model == "llama1b":
+        cfg["train"]["batch_size"] = 2
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one configuration (child process)
+
+
+def run_tutorial(cfg_dict: dict, bf16: bool, gc: bool, max_steps: int | None) -> dict:
+    from functools import partial
+
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+
+    from clmtune.data import collate
+    from clmtune.memory import current_rss, estimate_for_model
+
+    bt = _bench_train()
+    cfg, tok, enc, feats = bt.features(cfg_dict, "max_length")
+    runtime = current_rss()
+    torch.manual_seed(42)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path,
+                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
+    if gc:  # what peft's docs show for gradient checkpointing with a frozen base
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32, lora_dropout=0.1))
+    bs, length = cfg.train.batch_size, cfg.data.max_length
+    loader = torch.utils.data.DataLoader(feats, batch_size=bs, shuffle=True,
+                                         collate_fn=partial(collate, pad_id=enc.pad_id, length=length))
+    steps = len(loader) if max_steps is None else min(max_steps, len(loader))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+    est = estimate_for_model(model, batch_size=bs, seq_len=length, head_positions=bs * length,
+                             compute_dtype=torch.bfloat16 if bf16 else torch.float32, gradient_checkpointing=gc,
+                             runtime=runtime)
+    model.train()
+    times, cpu, tokens, losses = [], [], [], []
+    for batch in loader:
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        tokens.append(int(batch["attention_mask"].sum()))
+        if len(times) >= steps:
+            break
+    return {"step_seconds": times, "step_cpu_seconds": cpu, "step_tokens": tokens, "losses": losses,
+            "steps_per_epoch": len(loader), "estimate": est.as_dict()}
+
+
+def run_clmtune(cfg_dict: dict, bf16: bool, gc: bool, max_steps: int | None) -> dict:
+    from clmtune.config import from_dict
+    from clmtune.train import TrainRecipe
+
+    t = cfg_dict["train"]
+    t.update({"precision": "bf16" if bf16 else "fp32", "gradient_checkpointing": gc, "max_steps": max_steps})
+    cfg_dict["model"]["dtype"] = "bf16" if bf16 else "fp32"
+    cfg = from_dict(cfg_dict).validate()
+    recipe = TrainRecipe(cfg, progress=False).setup()
+    # CPU time of each optimizer step: stamp every optimizer.step() call (the step boundaries of the loop)
+    stamps, step = [time.process_time()], recipe.optimizer.step
+
+    def stamped_step(*a, **kw):
+        out = step(*a, **kw)
+        stamps.append(time.process_time())
+        return out
+
+    recipe.optimizer.step = stamped_step
+    result = recipe.fit().save()
+    log = [json.loads(line) for line in open(Path(cfg.train.output_dir) / "train_log.jsonl")]
+    summary = json.loads((Path(cfg.train.output_dir) / "train_summary.json").read_text())
+    return {"step_seconds": [r["seconds"] for r in log],
+            "step_cpu_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
+            "step_tokens": [round(r["seconds"] * r["tokens_per_s"]) for r in log],  # log_every 1: one step a line
+            "losses": [r["loss"] for r in log],
+            "steps_per_epoch": -(-summary["data"]["train"] // cfg.train.batch_size), "memory": result.memory}
+
+
+def child(config: str, cfg_path: str, max_steps: int | None) -> None:
+    import torch
+
+    from clmtune.memory import peak_rss
+
+    torch.set_num_threads(1)
+    cfg_dict = json.loads(Path(cfg_path).read_text())
+    recipe, precision, *rest = config.split("_")
+    bf16, gc = precision == "bf16", bool(rest)
+    res = (run_tutorial if recipe == "tutorial" else run_clmtune)(cfg_dict, bf16, gc, max_steps)
+    res["peak_rss"] = peak_rss()
+    print("RESULT " + json.dumps(res))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parent: build, run every configuration, tabulate
+
+
+def summarize(res: dict) -> dict:
+    """Per-step numbers. On a shared machine wall time depends on the other jobs; with one torch thread the
+    process's CPU time is the work itself, so the CPU-time columns are the ones to compare (and what one free
+    core of this CPU would take)."""
+    times, cpu, tokens = res["step_seconds"], res["step_cpu_seconds"], res["step_tokens"]
+    s_step = statistics.median(times[1:] or times)  # the first step pays one-time costs (allocation, kernel choice)
+    cpu_step = statistics.median(cpu[1:] or cpu)
+    n_tok = statistics.median(tokens[1:] or tokens)
+    out = {"steps": len(times), "s_per_step": s_step, "cpu_s_per_step": cpu_step, "s_first_step": times[0],
+           "cpu_s_per_epoch": cpu_step * res["steps_per_epoch"], "s_per_epoch": s_step * res["steps_per_epoch"],
+           "steps_per_epoch": res["steps_per_epoch"], "measured_epoch": len(times) == res["steps_per_epoch"],
+           "tokens_per_cpu_s": n_tok / cpu_step, "tokens_per_s": n_tok / s_step, "first_loss": res["losses"][0],
+           "last_loss": res["losses"][-1], "peak_rss": res["peak_rss"]}
+    est = res["estimate"] if "estimate" in res else res["memory"]["estimate"]
+    out["estimate"] = est
+    out["estimate_plus_runtime"] = est["total"] + est["runtime"]
+    out["estimate_over_peak"] = out["estimate_plus_runtime"] / res["peak_rss"]
+    return out
+
+
+PARAMS = {"bloom560m": 559_214_592, "llama1b": 1_100_048_384}
+
+
+def memory_needed(model: str, config: str, cfg: dict) -> int:
+    """Bytes a configuration needs, from the earlier runs: the weights in their dtype, ~0.7 GB of Python/torch/
+    tokenizer, and for the tutorial's full logits 4 fp32 copies of batch x max_length x vocabulary (logits, their
+    log-softmax and both gradients)."""
+    vocab = 250_880 if model == "bloom560m" else 32_000
+    need = PARAMS[model] * (2 if "bf16" in config else 4) + int(0.7 * 2 ** 30)
+    if config.startswith("tutorial"):
+        need += 4 * 4 * cfg["train"]["batch_size"] * cfg["data"]["max_length"] * vocab
+    return need
+
+
+def available_memory() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def wait_for_memory(model: str, config: str, cfg: dict, patience_s: int = 300) -> str | None:
+    """None when the machine has the memory the configuration needs (waiting up to ``patience_s`` for other
+    jobs to free it: the machine is shared), else why it was skipped."""
+    need, t0 = memory_needed(model, config, cfg), time.time()
+    while True:
+        free = available_memory()
+        if free is None or free > need:
+            return None
+        if time.time() - t0 > patience_s:
+            return (f"needs about {need / 2 ** 30:.1f} GiB, only {free / 2 ** 30:.1f} GiB were available for "
+                    f"{patience_s} s (shared machine)")
+        time.sleep(10)
+
+
+def cpu_name() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
+
+
+def table(results: dict) -> str:
+    gib = 2 ** 30
+    base = {p: results.get(f"tutorial_{p}") for p in ("fp32", "bf16", "bf16_gc")}
+    lines = ["| config | CPU s/step | CPU s/epoch | tokens per CPU s | x tutorial tokens/CPU s (same precision) | wall s/step "
+             "(shared) | peak RSS GiB | estimate GiB (runtime + step) | estimate / peak | loss first -> last |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        ref = base.get(name.split("_", 1)[1])
+        # per real token: the recipes put different rows into their few measured steps (clmtune groups by length)
+        ratio = f"{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}" if ref else "-"
+        epoch = f"{r['cpu_s_per_epoch']:.0f}" + ("" if r["measured_epoch"] else " (est.)")
+        e = r["estimate"]
+        lines.append(f"| {name} | {r['cpu_s_per_step']:.2f} | {epoch} | {r['tokens_per_cpu_s']:.0f} | {ratio} | "
+                     f"{r['s_per_step']:.1f} | {r['peak_rss'] / gib:.2f} | {e['runtime'] / gib:.2f} + "
+                     f"{e['total'] / gib:.2f} = {r['estimate_plus_runtime'] / gib:.2f} | "
+                     f"{r['estimate_over_peak']:.2f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+SECTION_HEAD = """## Real sizes: time and memory (`bench/bench_memory.py`)
+
+LoRA (r=8, peft's default modules) on the tutorial's model sizes with random weights (configs written from the
+public `config.json` of bigscience/bloomz-560m and TinyLlama-1.1B), each configuration in its own child process
+with one torch thread, one after another in the same run. **tutorial** = peft's causal-LM example (rows padded to
+`max_length`, `model(**batch).loss` over every position); its bf16 rows load the model with
+`dtype=torch.bfloat16`, its gc rows add `gradient_checkpointing_enable()` + `enable_input_require_grads()`.
+**clmtune** = `clmtune train` defaults; bf16 = `model.dtype: bf16` + `train.precision: bf16`; gc =
+`train.gradient_checkpointing: true`. CPU s/step is the process's CPU time per optimizer step (one torch thread:
+the work itself, what one free core takes), median of the steps after the first; CPU s/epoch is that x the steps
+of one epoch ("est.": measured on fewer steps than an epoch; rough for the 1.1B model, whose one measured step
+holds rows of different lengths in the two recipes, so compare tokens per CPU s there). Wall s/step is what the shared machine gave. Peak RSS is the child's maximum resident memory;
+the estimate is `clmtune.memory` for the same step (weights + gradients + optimizer + activations + logits), plus
+the process's resident memory before the weights were loaded ("runtime"), so it compares with the peak RSS.
+The machine is shared with other jobs (load average below): absolute times move with the load, ratios within a
+run much less.
+"""
+
+
+GPU_NOTE = """## GPU checks (`bench/gpu_check.py`): prepared, not run yet
+
+No GPU was available to this work, so DeepSpeed ZeRO-2, ZeRO-3 + CPU offload, FSDP (accelerate, FSDP2), QLoRA
+(bitsandbytes 4-bit) and exact resume on CUDA have not run. `python bench/gpu_check.py --out DIR` runs them all in a
+few minutes on one GPU (needs a CUDA build of torch; `pip install deepspeed bitsandbytes` for those checks, which
+are otherwise reported as skipped): each trains builtin:tiny-opt a few steps, saves, reloads the adapter with plain
+peft on an fp32 base and compares it with the weights gathered from the engine (non-empty, equal); `resume`
+compares an interrupted + resumed CUDA run with an uninterrupted one, with `train.deterministic` off and on; every
+run's `memory` (estimate vs `torch.cuda.max_memory_allocated`) is in DIR/gpu_check.json.
+"""
+
+
+def user_sentence(results_by_model: dict) -> str:
+    bloom = results_by_model.get("bloom560m", {})
+    parts = []
+    if "clmtune_bf16" in bloom and "tutorial_fp32" in bloom:
+        parts.append(f"One epoch of twitter_complaints (50 rows, batch 8) with bloomz-560m's architecture takes about "
+                     f"{bloom['clmtune_bf16']['cpu_s_per_epoch']:.0f} s of one core of this CPU with clmtune in bf16 "
+                     f"({bloom['clmtune_fp32']['cpu_s_per_epoch']:.0f} s in fp32), against "
+                     f"{bloom['tutorial_fp32']['cpu_s_per_epoch']:.0f} s with the tutorial's fp32 recipe, and needs "
+                     f"{bloom['clmtune_bf16']['peak_rss'] / 2 ** 30:.1f} GiB of RAM (tutorial: "
+                     f"{bloom['tutorial_fp32']['peak_rss'] / 2 ** 30:.1f} GiB).")
+    llama = results_by_model.get("llama1b", {})
+    best = min(llama.values(), key=lambda r: r["peak_rss"]) if llama else None
+    if best:
+        name = next(k for k, v in llama.items() if v is best)
+        parts.append(f"A 1.1B LLaMA trains with LoRA in {best['peak_rss'] / 2 ** 30:.1f} GiB ({name}) at "
+                     f"{best['cpu_s_per_step']:.0f} CPU s per step of 2 ChnSentiCorp reviews: on a CPU that is for trying a "
+                     "setup out, not for training on 9,600 rows.")
+    return " ".join(parts)
+
+
+def write_markdown() -> Path:
+    parts, by_model = [], {}
+    for f in sorted((HERE / "results").glob("memory_*.json")):
+        res = json.loads(f.read_text())
+        by_model[res["model"]] = res["results"]
+        m = res["machine"]
+        parts.append(f"### {res['description']}\n\nMeasured {res['when']} on {m['cpu']} ({m['cpu_count']} cores, "
+                     f"{m['capability']}, torch {m['torch']}, 1 torch thread per run), load average "
+                     f"{m['load_average_start']} at the start and {m['load_average_end']} at the end; "
+                     f"{res['setup']}.\n\n" + table(res["results"]) + "\n"
+                     + "".join(f"\n{k} not run: {v}\n" for k, v in res.get("skipped", {}).items()))
+    body = SECTION_HEAD + "\n" + user_sentence(by_model) + "\n\n" + "\n".join(parts) + "\n" + GPU_NOTE
+    out = HERE / "results" / "memory.md"
+    out.write_text(body, encoding="utf-8")
+    bt = _bench_train()
+    readme = HERE / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    section = f"{bt.MEMORY_BEGIN}\n{body}\n{bt.MEMORY_END}"
+    if bt.MEMORY_BEGIN in text:
+        text = text[:text.index(bt.MEMORY_BEGIN)] + section + text[text.index(bt.MEMORY_END) + len(bt.MEMORY_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    readme.write_text(text, encoding="utf-8")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--bloom-steps", type=int, default=3,
+                    help="optimizer steps of each bloom560m configuration (7 = the whole epoch; fewer: the epoch "
+                         "time is extrapolated from the median step)")
+    ap.add_argument("--llama-steps", type=int, default=2, help="optimizer steps of each llama1b configuration")
+    ap.add_argument("--llama-rows", type=int, default=64, help="ChnSentiCorp rows of the llama1b task")
+    ap.add_argument("--child", nargs=3, metavar=("CONFIG", "CFG_JSON", "MAX_STEPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        config, cfg_path, steps = args.child
+        return child(config, cfg_path, int(steps) if steps != "none" else None)
+
+    import torch
+
+    (HERE / "results").mkdir(exist_ok=True)
+    for model in args.models.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"bench_memory_{model}_"))
+        model_dir = work / "model"
+        print(f"[{model}] building the model (random weights) ...", flush=True)
+        build_model(model, model_dir)
+        cfg = task_config(model, model_dir, work, args.llama_rows)
+        cfg_path = work / "cfg.json"
+        cfg_path.write_text(json.dumps(cfg))
+        steps = str(args.llama_steps if model == "llama1b" else args.bloom_steps)
+        load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        results, skipped = {}, {}
+
+        def save() -> None:  # after every configuration: an interrupted run keeps what it measured
+            rows = "50 twitter_complaints rows, batch 8" if model == "bloom560m" else \
+                f"{args.llama_rows} ChnSentiCorp rows, batch 2, {args.llama_steps} steps per configuration"
+            out = {"model": model, "description": MODELS[model], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "setup": f"{rows}; LoRA r=8 on peft's default modules",
+                   "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                               "capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": load_start,
+                               "load_average_end": " ".join(f"{x:.1f}" for x in os.getloadavg())},
+                   "results": results, "skipped": skipped}
+            (HERE / "results" / f"memory_{model}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
+
+        for config in args.configs.split(","):
+            print(f"[{model}] {config} ...", flush=True)
+            if (why := wait_for_memory(model, config, cfg)) is not None:
+                print(f"    skipped: {why}", flush=True)
+                skipped[config] = why
+                save()
+                continue
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", config, str(cfg_path), steps],
+                                  capture_output=True, text=True,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(proc.stderr[-3000:])
+                raise SystemExit(f"{model}/{config} failed")
+            results[config] = summarize(json.loads(line[0][7:]))
+            save()
+            r = results[config]
+            print(f"    {r['cpu_s_per_step']:.2f} CPU s/step ({r['s_per_step']:.1f} wall), peak {r['peak_rss'] / 2 ** 30:.2f}"
+                  f" GiB, estimate {r['estimate_plus_runtime'] / 2 ** 30:.2f} GiB ({time.perf_counter() - t0:.0f} s "
+                  "with loading)", flush=True)
+        print(f"\n{model}\n" + table(results) + "\n", flush=True)
+    print(f"written {write_markdown()} and bench/README.md")
+
+
+if __name__ == "__main__":
+    main()
