@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, help="destination folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     x.add_argument("--overwrite", action="store_true")
+
+    rp = sub.add_parser("report", help="write a self-contained report.html about one or more runs",
+                        description="Curves, final metrics, per-class scores, confusion matrix, wrong predictions "
+                                    "with their texts, data summary, timings and config; several runs side by side.")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) written by `clmtune train`")
+    rp.add_argument("--out", help="HTML file to write (default: RUN/report.html; for several runs report.html "
+                                  "beside the first)")
     return p
 
 
@@ -234,6 +241,13 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.report import write_report
+
+    print(f"report written to {write_report(args.runs, args.out)}")
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Keep our own progress bars; hide the libraries' per-file loading bars and deprecation chatter."""
     import warnings
@@ -246,7 +260,7 @@ def _quiet_libraries() -> None:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate,
-            "export": cmd_export}
+            "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
