@@ -39,10 +39,11 @@ def main() -> int:
 
     from clmtune.config import load_config
     from clmtune.data import prepare_data
-    from clmtune.evaluate import evaluate_run, perplexity
+    from clmtune.evaluate import perplexity
     from clmtune.generate import generate
     from clmtune.models import load_model, load_tokenizer
-    from clmtune.train import train
+    from clmtune.run import RunDir
+    from clmtune.workflows import train_and_evaluate
 
     out = Path(args.out)
     rows, t_all = [], time.perf_counter()
@@ -58,8 +59,8 @@ def main() -> int:
             "peft": {"method": method, **({"target_modules": None} if method == "full" else {})},
             "train": {"output_dir": str(out / f"classify-{method}"), "overwrite": True, "max_steps": steps,
                       **extra}})
-        res = train(cfg)
-        metrics, _ = evaluate_run(res.output_dir, "eval")
+        done = train_and_evaluate(cfg)
+        res, metrics = done.train, done.metrics
         support = [c["support"] for c in metrics["per_class"].values()]
         majority = max(support) / sum(support)  # accuracy of always answering the most frequent label
         rows.append((f"classify 好评/差评 ({method})", f"{res.steps} steps", "accuracy", metrics["accuracy"],
@@ -79,16 +80,16 @@ def main() -> int:
     held_out = prepare_data(tok, cfg.data, progress=False).eval
     feats = [{"input_ids": i, "labels": lab} for i, lab in zip(held_out["input_ids"], held_out["labels"])]
     before = perplexity(load_model(cfg.model), feats, tok.pad_token_id, batch_size=16, progress=True)
-    res = train(cfg)
-    after, _ = evaluate_run(res.output_dir, "eval")
+    done = train_and_evaluate(cfg)
+    res, after = done.train, done.metrics
     rows.append(("hotel-review LM (LoRA)", f"{res.steps} steps", "ppl before", before["perplexity"], None))
     rows.append(("", "", "ppl after", after["perplexity"], time.perf_counter() - t0))
     print(f"held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
           f"({after['tokens']} tokens)", flush=True)
 
-    from clmtune.models import load_run
-
-    model, tok, run_cfg = load_run(res.output_dir)
+    run = RunDir(res.output_dir)
+    run_cfg = run.load_config()
+    model, tok = run.load_model(cfg=run_cfg)
     settings = dataclasses.replace(run_cfg.generate, max_new_tokens=48, top_k=10, temperature=1.0, seed=0)
     with torch.no_grad():
         gens = generate(model, tok, PROMPTS, settings)

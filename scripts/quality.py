@@ -45,8 +45,8 @@ def tfidf_baseline(train: list[dict], test: list[dict]) -> dict:
 
 def finetune(method: str, train_file: Path, test_file: Path, out: Path, lr: float, model: str) -> dict:
     from clmtune.config import load_config
-    from clmtune.evaluate import evaluate_run
-    from clmtune.train import train
+    from clmtune.run import RunDir
+    from clmtune.workflows import train_and_evaluate
 
     cfg = load_config(ROOT / "configs" / "chnsenticorp_classify.yaml", {
         "data": {"source": str(train_file), "eval_file": str(test_file), "text_column": "text_a",
@@ -56,9 +56,9 @@ def finetune(method: str, train_file: Path, test_file: Path, out: Path, lr: floa
         "train": {"output_dir": str(out / method), "overwrite": True, "epochs": 1, "batch_size": 16,
                   "learning_rate": lr, "warmup_steps": 20}})
     t0 = time.perf_counter()
-    res = train(cfg)
-    metrics, _ = evaluate_run(res.output_dir, "eval")
-    summary = json.loads((res.output_dir / "train_summary.json").read_text(encoding="utf-8"))
+    done = train_and_evaluate(cfg)
+    res, metrics = done.train, done.metrics
+    summary = RunDir(res.output_dir).load_summary()
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "steps": res.steps,
             "final_loss": res.final_loss, "trainable_params": summary["trainable_params"],
             "test_rows": sum(c["support"] for c in metrics["per_class"].values()),

@@ -11,7 +11,8 @@ from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
 from clmtune.export import export_run
-from clmtune.models import forward_inputs, load_model, load_run
+from clmtune.models import forward_inputs, load_model
+from clmtune.run import load_run
 from clmtune.train import train
 
 

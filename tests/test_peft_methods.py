@@ -13,7 +13,8 @@ from clmtune.config import GenerateConfig, ModelConfig, PeftSettings
 from clmtune.data import collate
 from clmtune.evaluate import evaluate_run
 from clmtune.generate import generate_texts
-from clmtune.models import apply_peft, forward_inputs, load_model, load_run, load_tokenizer, resolve_model_path
+from clmtune.models import apply_peft, forward_inputs, load_model, load_tokenizer, resolve_model_path
+from clmtune.run import load_run
 from clmtune.train import train
 
 INIT_TEXT = "Classify if the tweet is a complaint or not:"

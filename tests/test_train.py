@@ -10,7 +10,8 @@ import torch
 from clmtune.config import load_config
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
-from clmtune.models import forward_inputs, load_model, load_run
+from clmtune.models import forward_inputs, load_model
+from clmtune.run import load_run
 
 
 def test_lora_trains_only_the_adapter(trained):

@@ -1,4 +1,4 @@
-"""The fast training path (issue 7): length-grouped batches, LM head only on labelled positions, per-token loss
+"""The fast training path: length-grouped batches, LM head only on labelled positions, per-token loss
 across gradient accumulation, pad_to_multiple_of, bf16 fallback. Each trick must leave the loss unchanged."""
 
 from __future__ import annotations

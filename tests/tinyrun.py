@@ -1,4 +1,4 @@
-"""Helpers for the training tests (issue 4): a 12-row slice of the shipped RAFT task and small configs.
+"""Helpers for the training tests: a 12-row slice of the shipped RAFT task and small configs.
 
 With 12 rows and ``eval_fraction=0.25`` a run trains on 9 rows; ``batch_size=9`` makes every optimizer step see
 the same batch, so the training loss must go down step after step (no shuffling noise).

@@ -95,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.config import load_config, merge, parse_overrides
-    from clmtune.evaluate import evaluate_run
-    from clmtune.train import train
+    from clmtune.run import RunDir
+    from clmtune.workflows import is_main_process, train_and_evaluate
 
     overrides = parse_overrides(extra)
     shortcuts = {}
@@ -107,35 +107,23 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.deepspeed:
         shortcuts["deepspeed"] = args.deepspeed
     cfg = load_config(args.config, merge(overrides, {"train": {**overrides.get("train", {}), **shortcuts}}))
-    result = train(cfg, resume=args.resume)
-    out = result.output_dir
-    if not _is_main_process():
-        return 0  # under torchrun / accelerate launch only rank 0 reports and evaluates
-    if result.resumed_from:
-        print(f"resumed from {result.resumed_from}")
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
-          f"{result.final_loss:.4f}")
-    weights = out / ("model" if cfg.peft.method == "full" else "adapter")
-    print(f"run folder: {out}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {out / 'tokenizer'}\n"
-          f"  config:    {out / 'config.yaml'}\n  log:       {out / 'train_log.jsonl'}")
-    if result.has_eval_split and not args.no_eval:
-        _release(result)
-        metrics, where = evaluate_run(out, "eval")
-        _print_eval(metrics, where)
+
+    def report(result) -> None:
+        if not is_main_process():
+            return  # under torchrun / accelerate launch only rank 0 reports and evaluates
+        if result.resumed_from:
+            print(f"resumed from {result.resumed_from}")
+        print(f"trained {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
+              f"{result.final_loss:.4f}")
+        run = RunDir(result.output_dir)
+        weights = run.weights(is_peft=cfg.peft.method != "full")
+        print(f"run folder: {run.path}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {run.tokenizer}\n"
+              f"  config:    {run.config_file}\n  log:       {run.log_file}")
+
+    done = train_and_evaluate(cfg, evaluate=not args.no_eval, resume=args.resume, on_trained=report)
+    if done.metrics is not None:
+        _print_eval(done.metrics, done.eval_dir)
     return 0
-
-
-def _release(result) -> None:
-    """Drop the trained model before evaluation reloads the run from disk (on ``eval.device``), so a GPU does not
-    hold two copies of it."""
-    import gc
-
-    import torch
-
-    result.model = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
@@ -154,14 +142,12 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
-
-
 def _print_eval(metrics: dict, where: Path) -> None:
+    from clmtune.run import EVAL_JSON, PREDICTIONS_CSV
+
     if metrics["method"] == "perplexity":
         print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} tokens): perplexity "
-              f"{metrics['perplexity']:.2f}\n  results:     {where / 'eval.json'}")
+              f"{metrics['perplexity']:.2f}\n  results:     {where / EVAL_JSON}")
         return
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:
@@ -171,7 +157,7 @@ def _print_eval(metrics: dict, where: Path) -> None:
         mapped = metrics["mapped_to_nearest_label"]
         line += f" (mapped to the nearest label: accuracy {mapped['accuracy']:.4f}, macro-F1 {mapped['macro_f1']:.4f})"
     print(f"{line}; {metrics['examples_per_s']:.1f} examples/s")
-    print(f"  results:     {where / 'eval.json'}\n  predictions: {where / 'predictions.csv'}")
+    print(f"  results:     {where / EVAL_JSON}\n  predictions: {where / PREDICTIONS_CSV}")
     if "confusion_matrix_png" in metrics.get("files", {}):
         print(f"  confusion:   {where / metrics['files']['confusion_matrix_png']}")
 
@@ -190,7 +176,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.config import GenerateConfig, RunConfig
     from clmtune.errors import ConfigError
     from clmtune.generate import generate, load_for_generation, read_prompts_file, stream, write_jsonl
-    from clmtune.models import read_run_config
+    from clmtune.run import RunDir
 
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -201,7 +187,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         raise ClmtuneError("no prompt given; pass prompt text or --prompts-file FILE")
     if args.stream and len(prompts) != 1:
         raise ClmtuneError(f"--stream prints one prompt's continuation, got {len(prompts)} prompts; drop --stream")
-    base = read_run_config(args.run).generate if args.run else GenerateConfig()
+    base = RunDir(args.run).load_config().generate if args.run else GenerateConfig()
     given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
              "num_return_sequences": args.num_return_sequences, "seed": args.seed, "stop": args.stop,

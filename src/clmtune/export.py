@@ -10,7 +10,8 @@ import torch
 from clmtune.config import MERGEABLE_METHODS
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
-from clmtune.models import forward_inputs, load_run, read_run_config
+from clmtune.models import forward_inputs
+from clmtune.run import RunDir
 
 
 def export_run(run_dir: str | Path, to: str | Path, merge: bool = False, overwrite: bool = False) -> Path:
@@ -20,21 +21,22 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False, overwri
     model's logits on a probe batch before anything is written. A ``full`` run has no adapter: its fine-tuned
     model is exported as it is (with or without ``merge``). Prompt-learning adapters cannot be merged.
     """
-    run_dir, to = Path(run_dir), Path(to)
+    run, to = RunDir(run_dir), Path(to)
     if to.exists() and any(to.iterdir()) and not overwrite:
         raise ClmtuneError(f"{to} exists and is not empty; choose another folder or pass --overwrite")
-    method = read_run_config(run_dir).peft.method
+    cfg = run.load_config()
+    method = cfg.peft.method
     if merge and method not in MERGEABLE_METHODS + ("full",):
         raise ClmtuneError(f"--merge: a {method} adapter is not mergeable (its learned virtual tokens are extra "
                            "inputs, not changes to the base weights); export without --merge and load it with peft, "
                            f"or train with peft.method {' or '.join(MERGEABLE_METHODS)}")
-    model, tokenizer, _ = load_run(run_dir)
+    model, tokenizer = run.load_model(cfg=cfg)
     if method == "full":  # already a full model
         model.save_pretrained(to, safe_serialization=True)
         tokenizer.save_pretrained(to)
         return to
     if not merge:
-        shutil.copytree(run_dir / "adapter", to, dirs_exist_ok=True)
+        shutil.copytree(run.adapter, to, dirs_exist_ok=True)
         tokenizer.save_pretrained(to)
         return to
     probe = collate([{"input_ids": tokenizer("clmtune merge check 合并", add_special_tokens=False).input_ids}],

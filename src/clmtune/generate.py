@@ -18,9 +18,12 @@ from typing import Callable, Sequence
 import torch
 
 from clmtune.config import GenerateConfig, ModelConfig
-from clmtune.data import leading_special_ids, left_pad, read_table
+from clmtune.data import read_table
+from clmtune.tasks.encoding import collate, cut_prompt, leading_special_ids, token_ids
 from clmtune.errors import ClmtuneError
-from clmtune.models import check_tokenizer_fits, load_model, load_run, load_tokenizer, model_device, resolve_device
+from clmtune.models import (check_tokenizer_fits, context_length, load_model, load_tokenizer, model_device,
+                            resolve_device)
+from clmtune.run import RunDir
 from clmtune.text import clean_text
 
 log = logging.getLogger("clmtune")
@@ -42,35 +45,20 @@ def load_for_generation(run: str | None = None, model: str | None = None, device
     """(model, tokenizer) from a run folder (base + adapter) or a plain/merged model folder, hub id or builtin name,
     on ``device`` (``auto``: the GPU when there is one).
 
-    ``model`` may also name a run folder (it holds ``config.yaml`` and ``adapter/``).
+    ``model`` may also name a run folder (adapter or full fine-tuning, see ``RunDir.is_run``).
     """
     if (run is None) == (model is None):
         raise ClmtuneError("give exactly one of --run RUN_DIR or --model MODEL")
-    if model is not None and (Path(model) / "adapter" / "adapter_config.json").is_file() \
-            and (Path(model) / "config.yaml").is_file():
+    if model is not None and RunDir.is_run(model):
         run, model = model, None
     dev = resolve_device(device)
     if run is not None:
-        m, tok, _ = load_run(run, device=dev)
-        return m, tok
+        return RunDir(run).load_model(device=dev)
     cfg = ModelConfig(name_or_path=model)
     m = load_model(cfg).eval().to(dev)
     tok = load_tokenizer(cfg)
     check_tokenizer_fits(m, tok, model)
     return m, tok
-
-
-def context_length(model) -> int | None:
-    """Longest sequence the model takes (learned position tables); ``None`` when its config sets no limit.
-
-    peft prompt-learning models spend ``num_virtual_tokens`` of it on their virtual tokens.
-    """
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    peft_cfg = getattr(model, "active_peft_config", None)
-    if n and getattr(peft_cfg, "is_prompt_learning", False):
-        n -= peft_cfg.num_virtual_tokens
-    return n
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -97,7 +85,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | N
             raise ClmtuneError(f"prompt #{i + 1} is empty; give some text to continue")
     prefix = leading_special_ids(tokenizer)
     out, cut = [], []
-    for i, ids in enumerate(tokenizer(list(prompts), add_special_tokens=False).input_ids):
+    for i, ids in enumerate(token_ids(tokenizer, prompts)):
         ids = prefix + ids
         over = max_prompt_tokens is not None and len(ids) > max_prompt_tokens
         if over:
@@ -105,10 +93,9 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | N
                 raise ClmtuneError(f"prompt #{i + 1} has {len(ids)} tokens but only {max_prompt_tokens} fit (model "
                                    "context minus --max-new-tokens); shorten it, lower --max-new-tokens, or drop "
                                    "--no-truncate to keep its end")
-            keep = max_prompt_tokens - len(prefix)
             log.warning("prompt #%d has %d tokens; kept its last %d to fit the model's context minus "
                         "max_new_tokens (--no-truncate makes this an error)", i + 1, len(ids), max_prompt_tokens)
-            ids = prefix + ids[len(ids) - keep:]
+            ids = cut_prompt(ids, max_prompt_tokens, "left", len(prefix))
         out.append(ids)
         cut.append(over)
     return out, cut
@@ -198,8 +185,9 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerateConfig,
     torch.manual_seed(settings.seed)
     groups = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     for group in tqdm(groups, desc="generate", disable=not progress or len(groups) < 2, unit="batch"):
-        input_ids = left_pad([ids[i] for i in group], tokenizer.pad_token_id).to(model_device(model))  # (B, T)
-        attention_mask = left_pad([[1] * len(ids[i]) for i in group], 0).to(input_ids.device)  # (B, T)
+        batch = collate([{"input_ids": ids[i]} for i in group], tokenizer.pad_token_id)  # left-padded (B, T)
+        input_ids = batch["input_ids"].to(model_device(model))
+        attention_mask = batch["attention_mask"].to(input_ids.device)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
                              stopping_criteria=_stopping_criteria(tokenizer, settings.stop, input_ids.shape[1]))
         new = out[:, input_ids.shape[1]:].tolist()  # (B * k, new tokens); row r is prompt group[r // k]

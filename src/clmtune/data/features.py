@@ -27,8 +27,11 @@ from typing import Any
 import numpy as np
 
 from clmtune.config import DataConfig
-from clmtune.data import (IGNORE_INDEX, SPLIT_ORDER, ClassificationEncoder, Example, TaskData, _cut_prompt,
-                          build_train_example, load_task)
+from clmtune.data.encoder import Encoder
+from clmtune.tasks.encoding import build_sft_example  # noqa: F401  (re-exported: tests import it from here)
+from clmtune.tasks.examples import SPLIT_ORDER, Example, TaskData
+from clmtune.data.load import load_task
+from clmtune.tasks import get_task
 from clmtune.errors import ClmtuneError
 
 META_FILE = "clmtune_prepared.json"
@@ -65,89 +68,10 @@ def context_check(cfg: DataConfig, context_length: int | None) -> None:
     """Sequences may not be longer than the model's position table (``None``: the model has no limit)."""
     if context_length is None:
         return
-    if cfg.task == "lm" and cfg.packing and cfg.block_size is not None:
-        key, value = "data.block_size", cfg.block_size
-    else:
-        key, value = "data.max_length", cfg.max_length
+    key, value = get_task(cfg.task).length_limit(cfg)
     if value > context_length:
         raise ClmtuneError(f"{key}={value} is larger than the model's context ({context_length} positions); "
                            f"set {key} to at most {context_length}")
-
-
-def build_sft_example(prompt_ids: list[int], target_ids: list[int], end_id: int, max_length: int,
-                      truncation_side: str = "left", keep_prefix: int = 0) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, was_truncated) for a prompt -> response row, unpadded.
-
-    Too long: the prompt is cut first (``truncation_side``, its leading special tokens kept), but keeps at least
-    half of ``max_length``; then the response is cut on the right (its end token goes with it: it did not end).
-    """
-    target = list(target_ids) + [end_id]
-    prompt = list(prompt_ids)
-    cut = len(prompt) + len(target) > max_length
-    if cut:
-        keep = min(len(prompt), max(max_length - len(target), max_length // 2, keep_prefix + 1))
-        if keep < len(prompt):
-            prompt = _cut_prompt(prompt, keep, truncation_side, keep_prefix)
-        target = target[:max_length - len(prompt)]
-    return prompt + target, [IGNORE_INDEX] * len(prompt) + target, cut
-
-
-def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    # No attention masks / token type ids: converting them to Python lists costs ~25 % of the tokenizer call.
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                     return_token_type_ids=False).input_ids
-
-
-def _encode_pairs(batch: dict[str, list], tokenizer, prefix: list[int], end_id: int, cfg: DataConfig) -> dict:
-    """datasets.map body for classify/sft: 1,000 prompts and targets per call, tokenized by the fast tokenizer."""
-    prompts = _ids(tokenizer, batch["prompt"])
-    targets = _ids(tokenizer, batch["target"])
-    out = {"input_ids": [], "labels": [], "truncated": [], "prompt_len": [], "target_len": []}
-    for p, t, label in zip(prompts, targets, batch["target"]):
-        p = prefix + p
-        if cfg.task == "classify":
-            ids, labels, cut = build_train_example(p, t, end_id, cfg.max_length, cfg.truncation_side, label,
-                                                   keep_prefix=len(prefix))
-        else:
-            ids, labels, cut = build_sft_example(p, t, end_id, cfg.max_length, cfg.truncation_side, len(prefix))
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["truncated"].append(cut)
-        out["prompt_len"].append(len(p))
-        out["target_len"].append(len(t) + 1)
-    return out
-
-
-def _encode_texts(batch: dict[str, list], tokenizer, prefix: list[int], end_id: int, cut_to: int | None) -> dict:
-    """datasets.map body for lm: prefix + text + end per row, cut on the right to ``cut_to`` (no packing)."""
-    out = {"input_ids": [], "truncated": [], "prompt_len": [], "target_len": []}
-    for t in _ids(tokenizer, batch["target"]):
-        ids = prefix + t + [end_id]
-        out["target_len"].append(len(ids))
-        out["prompt_len"].append(0)
-        out["truncated"].append(cut_to is not None and len(ids) > cut_to)
-        out["input_ids"].append(ids[:cut_to] if cut_to is not None else ids)
-    return out
-
-
-def _pack(ids_column, block_size: int) -> tuple[dict[str, list], int]:
-    """Concatenate all rows and cut them into blocks of ``block_size`` tokens.
-
-    Hand-written (transformers' run_clm ``group_texts`` is an example script, not a library function, and drops a
-    remainder per 1,000-row batch): here only the final remainder is short, kept as a last shorter block when it
-    has >= 2 tokens (one token predicts nothing). Returns (columns, tokens dropped). Blocks cross text boundaries;
-    the end token between texts tells the model where one stops.
-    """
-    flat = ids_column.combine_chunks().flatten().to_numpy()  # (N_tokens,), one copy out of Arrow
-    n_full = len(flat) // block_size
-    blocks = flat[:n_full * block_size].reshape(n_full, block_size).tolist()  # (n_full, block_size)
-    rest = flat[n_full * block_size:]
-    dropped = 0
-    if len(rest) >= 2:
-        blocks.append(rest.tolist())
-    else:
-        dropped = len(rest)
-    return {"input_ids": blocks, "labels": blocks}, dropped
 
 
 def _lengths(values) -> dict[str, int]:
@@ -166,24 +90,13 @@ def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[i
     # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
     common = dict(batched=True, batch_size=1000, remove_columns=["prompt", "target"], desc=f"tokenize {split}",
                   new_fingerprint=f"clmtune-{split}-{len(examples)}-{os.getpid()}")
-    if cfg.task == "lm":
-        cut_to = None if cfg.packing else cfg.max_length
-        ds = ds.map(partial(_encode_texts, tokenizer=tokenizer, prefix=prefix, end_id=end_id, cut_to=cut_to), **common)
-    else:
-        ds = ds.map(partial(_encode_pairs, tokenizer=tokenizer, prefix=prefix, end_id=end_id, cfg=cfg), **common)
+    task = get_task(cfg.task)
+    ds = ds.map(partial(task.encode, tokenizer=tokenizer, prefix=prefix, end_id=end_id, d=cfg), **common)
     column = lambda name: ds.data.column(name).to_numpy()  # noqa: E731  Arrow -> numpy, not row by row
     stats = {"rows": len(examples), "truncated": int(column("truncated").sum()),
              "prompt_tokens": _lengths(column("prompt_len")), "target_tokens": _lengths(column("target_len"))}
     ds = ds.remove_columns(["truncated", "prompt_len", "target_len"])
-    if cfg.task == "lm":
-        if cfg.packing:
-            block = cfg.block_size or cfg.max_length
-            columns, dropped = _pack(ds.data.column("input_ids"), block)
-            stats.update(block_size=block, tokens=int(sum(len(b) for b in columns["input_ids"])),
-                         tail_tokens_dropped=dropped)
-            ds = datasets.Dataset.from_dict(columns)
-        else:
-            ds = ds.add_column("labels", ds.data.column("input_ids"))
+    ds = task.finish_split(ds, stats, cfg)
     stats["features"] = len(ds)
     return ds, stats
 
@@ -200,7 +113,7 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     context_check(cfg, context_length)
     if cfg.prepared:
         return load_prepared(cfg.prepared, tokenizer, cfg)
-    enc = ClassificationEncoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
+    enc = Encoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
     task = task if task is not None else load_task(cfg)
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,6 @@ class RawData:
     """Per split, the file (or dataset) it came from, for messages."""
     labels: list[str] | None = None
     """Label names declared by the source (RAFT ``task.json``, a HF ClassLabel), if any."""
-    notes: list[str] = field(default_factory=list)
 
 
 def _split_files(folder: Path) -> dict[str, Path]:

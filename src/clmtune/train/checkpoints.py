@@ -17,8 +17,9 @@ import torch
 
 from clmtune.config import RunConfig
 from clmtune.errors import ClmtuneError
+from clmtune.models import unwrap
+from clmtune.run import ADAPTER, RunDir
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last inside a checkpoint
 _CKPT_RE = re.compile(r"^step-(\d+)$")
 # config keys that may change between an interrupted run and its resumption
@@ -28,7 +29,7 @@ _RESUMABLE_CHANGES = {"train.output_dir", "train.overwrite", "train.save_steps",
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run folder, oldest first (a folder counts only once its state file is there)."""
-    folder = Path(run_dir) / CHECKPOINTS
+    folder = RunDir(run_dir).checkpoints
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))
@@ -42,7 +43,7 @@ def resolve_resume(out: Path, resume: str) -> Path:
         found = list_checkpoints(out)
         if not found:
             raise ClmtuneError(f"--resume: {out} has no checkpoint to resume from (looked for "
-                               f"{out / CHECKPOINTS}/step-*/{STATE_FILE}); set train.save_steps to write checkpoints")
+                               f"{RunDir(out).checkpoints}/step-*/{STATE_FILE}); set train.save_steps to write checkpoints")
         return found[-1]
     path = Path(resume).expanduser()
     if (path / STATE_FILE).is_file() and _CKPT_RE.match(path.name):
@@ -50,7 +51,7 @@ def resolve_resume(out: Path, resume: str) -> Path:
     if list_checkpoints(path):
         return list_checkpoints(path)[-1]
     raise ClmtuneError(f"--resume {resume}: not a checkpoint (a checkpoint is a folder step-NNNNNN holding "
-                       f"{STATE_FILE}, e.g. {out / CHECKPOINTS}/step-000010); pass --resume alone for the latest one")
+                       f"{STATE_FILE}, e.g. {RunDir(out).checkpoints}/step-000010); pass --resume alone for the latest one")
 
 
 def _rng_state() -> dict:
@@ -91,15 +92,15 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: 
     from safetensors.torch import save_model
 
     weights = _trainable_state(model, accelerator)  # collective under DeepSpeed
-    final = out / CHECKPOINTS / f"step-{state['step']:06d}"
+    final = RunDir(out).checkpoints / f"step-{state['step']:06d}"
     if not accelerator.is_main_process:
         return final
-    tmp = out / CHECKPOINTS / f".tmp-step-{state['step']:06d}-{os.getpid()}"
+    tmp = final.parent / f".tmp-step-{state['step']:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     unwrapped = accelerator.unwrap_model(model)
     if is_peft:  # peft format, so a checkpoint can also be evaluated like a finished adapter
-        unwrapped.save_pretrained(tmp / "adapter", state_dict=weights, safe_serialization=True)
+        unwrapped.save_pretrained(tmp / ADAPTER, state_dict=weights, safe_serialization=True)
     else:  # full fine-tuning: every weight; save_model stores tied weights (lm_head = embeddings) once
         save_model(unwrapped, str(tmp / "model.safetensors"))
     if accelerator.state.deepspeed_plugin is None:  # DeepSpeed shards optimizer state: weights-only checkpoint
@@ -125,9 +126,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, is_peft: bool) -> d
     from safetensors.torch import load_file, load_model
 
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    unwrapped = getattr(model, "module", model)
+    unwrapped = unwrap(model)
     if is_peft:
-        set_peft_model_state_dict(unwrapped, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+        set_peft_model_state_dict(unwrapped, load_file(ckpt / ADAPTER / "adapter_model.safetensors"))
     else:
         missing, unexpected = load_model(unwrapped, str(ckpt / "model.safetensors"), strict=False)
         if missing or unexpected:

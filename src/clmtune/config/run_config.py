@@ -1,0 +1,155 @@
+"""``RunConfig``: all sections together, and ``validate()``, which collects every problem into one ``ConfigError``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clmtune.config.sections import (END_TOKENS, EVAL_METHODS, PADDING, PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS,
+                                     TEXT_SAMPLE_BY, TRUNCATION_SIDES, DataConfig, EvalConfig, GenerateConfig,
+                                     ModelConfig, PeftSettings, TrainConfig, device_problem)
+from clmtune.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        """Check every value; raise one ConfigError listing all problems."""
+        p: list[str] = []
+
+        def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                p.append(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+        def positive(name: str, value: float, allow_zero: bool = False) -> None:
+            if value < 0 or (value == 0 and not allow_zero):
+                p.append(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+        from clmtune.tasks import get_task, task_names  # the registry names the task shapes
+
+        d, t, e, g = self.data, self.train, self.eval, self.generate
+        choice("data.task", d.task, task_names())
+        choice("data.end_token", d.end_token, END_TOKENS)
+        choice("data.truncation_side", d.truncation_side, TRUNCATION_SIDES)
+        choice("data.padding", d.padding, PADDING)
+        choice("data.text_sample_by", d.text_sample_by, TEXT_SAMPLE_BY)
+        choice("peft.method", self.peft.method, PEFT_METHODS)
+        choice("eval.method", e.method, EVAL_METHODS)
+        choice("train.precision", t.precision, PRECISIONS)
+        p.extend(peft_problems(self.peft))
+        if t.save_steps is not None:
+            positive("train.save_steps", t.save_steps)
+        if t.save_total_limit is not None:
+            positive("train.save_total_limit", t.save_total_limit)
+        if t.deepspeed is not None:
+            p.extend(deepspeed_problems(t.deepspeed))
+        if not d.template:
+            p.append("data.template is empty; give a prompt such as 'Text : {text} label : '")
+        if not 0 <= d.eval_fraction < 1:
+            p.append(f"data.eval_fraction={d.eval_fraction!r} must be in [0, 1)")
+        if d.labels is not None and len(set(d.labels)) != len(d.labels):
+            p.append(f"data.labels has duplicates: {d.labels}")
+        positive("data.max_length", d.max_length)
+        if d.pad_to_multiple_of is not None and d.pad_to_multiple_of <= 0:
+            p.append(f"data.pad_to_multiple_of={d.pad_to_multiple_of!r} must be a positive integer such as 8, or "
+                     "null to pad each batch to exactly its longest row")
+        if d.block_size is not None:
+            positive("data.block_size", d.block_size)
+        if d.task in task_names():
+            p.extend(get_task(d.task).config_problems(d))
+        if d.delimiter is not None and len(d.delimiter) != 1:
+            p.append(f"data.delimiter={d.delimiter!r} must be one character, e.g. ',' or '\\t'")
+        positive("peft.r", self.peft.r)
+        positive("train.epochs", t.epochs)
+        if t.max_steps is not None:
+            positive("train.max_steps", t.max_steps)
+        positive("train.batch_size", t.batch_size)
+        positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+        positive("train.learning_rate", t.learning_rate)
+        positive("train.log_every", t.log_every)
+        positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+        if t.max_grad_norm is not None:
+            positive("train.max_grad_norm", t.max_grad_norm)
+        positive("eval.batch_size", e.batch_size)
+        positive("generate.max_new_tokens", g.max_new_tokens)
+        positive("generate.temperature", g.temperature, allow_zero=True)
+        positive("generate.top_k", g.top_k, allow_zero=True)
+        positive("generate.num_return_sequences", g.num_return_sequences)
+        positive("generate.repetition_penalty", g.repetition_penalty)
+        positive("generate.batch_size", g.batch_size)
+        if g.temperature == 0 and g.num_return_sequences > 1:
+            p.append(f"generate.num_return_sequences={g.num_return_sequences} needs sampling: greedy decoding "
+                     "(temperature 0) gives one continuation; set a temperature > 0")
+        if any(not s for s in g.stop):
+            p.append("generate.stop has an empty string; remove it")
+        if not 0 < g.top_p <= 1:
+            p.append(f"generate.top_p={g.top_p!r} must be in (0, 1]")
+        for name, dev in (("eval.device", e.device), ("generate.device", g.device)):
+            if problem := device_problem(dev):
+                p.append(f"{name}={problem}")
+        if p:
+            raise ConfigError(p)
+        return self
+
+
+def peft_problems(s: PeftSettings) -> list[str]:
+    """Method-specific checks; ``peft.options`` keys are checked against the peft config class's own fields."""
+    p: list[str] = []
+    if s.method not in PEFT_METHODS:
+        return p  # already reported by validate()
+    if s.num_virtual_tokens <= 0:
+        p.append(f"peft.num_virtual_tokens={s.num_virtual_tokens!r} must be > 0")
+    if s.init_text is not None and s.method != "prompt_tuning":
+        p.append(f"peft.init_text is only used by prompt_tuning, not {s.method}; remove it or set "
+                 "peft.method: prompt_tuning")
+    if s.init_text is not None and not s.init_text.strip():
+        p.append("peft.init_text is empty; give a sentence such as 'Classify if the tweet is a complaint or not:'")
+    if s.method == "full":
+        if s.options:
+            p.append(f"peft.options {sorted(s.options)} given, but peft.method=full uses no peft config; remove them")
+        return p
+    if s.target_modules is not None and s.method not in ("lora", "ia3"):
+        p.append(f"peft.target_modules is only used by lora and ia3, not {s.method}; remove it")
+    if s.options:
+        import peft  # ~1 s import, only paid when options are given
+
+        cls = getattr(peft, PEFT_CONFIG_CLASSES[s.method])
+        known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        unknown = sorted(k for k in s.options if k not in known)
+        if unknown:
+            p.append(f"peft.options {unknown} are not options of {cls.__name__} (peft.method={s.method}); valid "
+                     f"options: {', '.join(known)}")
+    return p
+
+
+def deepspeed_problems(path: str) -> list[str]:
+    """The DeepSpeed file must exist, be JSON, and choose ZeRO stage 2 or 3 (what clmtune ships and documents)."""
+    import json
+
+    f = Path(path).expanduser()
+    if not f.is_file():
+        return [f"train.deepspeed={path!r}: no such file (examples ship in configs/deepspeed/)"]
+    try:
+        ds = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [f"train.deepspeed={path!r} is not valid JSON ({exc})"]
+    stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds, dict) else None
+    if stage not in (2, 3):
+        return [f"train.deepspeed={path!r}: zero_optimization.stage is {stage!r}; clmtune supports ZeRO stage 2 or 3 "
+                "(see configs/deepspeed/zero2.json, zero3_offload.json)"]
+    if stage == 3 and ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save") is not True:
+        return [f"train.deepspeed={path!r}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
+                ": true saves empty adapters (each process only holds a shard); set it to true"]
+    return []

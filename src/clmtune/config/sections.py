@@ -1,0 +1,302 @@
+"""The sections of a run configuration: one dataclass per YAML section, a docstring per field; the allowed values."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+END_TOKENS = ("eos", "pad")
+TRUNCATION_SIDES = ("left", "right")
+PADDING = ("longest", "max_length")
+PEFT_METHODS = ("lora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full")
+PEFT_CONFIG_CLASSES = {"lora": "LoraConfig", "prefix_tuning": "PrefixTuningConfig", "prompt_tuning": "PromptTuningConfig",
+                       "p_tuning": "PromptEncoderConfig", "ia3": "IA3Config"}
+"""peft config class of each method (``full`` has none: every weight is trained, no adapter)."""
+MERGEABLE_METHODS = ("lora", "ia3")
+EVAL_METHODS = ("rank", "generate")
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+"""Values of ``eval.device`` / ``generate.device``."""
+
+
+def device_problem(name: object) -> str | None:
+    """Why ``name`` is not a device setting (``"'gpu' is not a device: use ..."``), or None when it is one."""
+    if re.fullmatch(DEVICE_PATTERN, str(name)):
+        return None
+    return f"{name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:raft/twitter_complaints"
+    """Where the examples come from: a CSV/TSV/JSON/JSONL/Parquet/TXT file; a folder with its own split files
+    (``train.*``, ``dev.*``/``validation.*``, ``test.*``); a RAFT task folder (``train.csv``, ``test_unlabeled.csv``,
+    ``task.json``); a folder of ``.txt`` files; ``hf:NAME`` or ``hf:NAME:SUBSET`` for a Hugging Face dataset (needs
+    network the first time); or ``builtin:NAME`` for data shipped with clmtune (``builtin:raft/twitter_complaints``,
+    ``builtin:raft/banking_77``, ``builtin:chnsenticorp/ChnSentiCorp_htl_all.csv``)."""
+
+    task: str = "classify"
+    """Shape of the work. ``classify``: classification as generation (prompt, then the label's words);
+    ``sft``: prompt -> response pairs, loss on the response only; ``lm``: plain causal language modelling on
+    ``text_column`` (each text + end token), loss on every real token."""
+
+    template: str = "Tweet text : {Tweet text} label : "
+    """Prompt template (``classify``, ``sft``); ``{column}`` placeholders are filled from each row. The label's
+    words (``classify``) or the response (``sft``) follow it."""
+
+    response_template: str = "{response}"
+    """``sft`` only: template of the response the model learns to write after the prompt (e.g. ``{output}``)."""
+
+    text_column: str = "text"
+    """``lm`` only: column with the text to learn (``.txt`` sources have one column, ``text``)."""
+
+    label_column: str = "Label"
+    """Column that holds the gold label (a label name, or an index into ``labels``)."""
+
+    id_column: str = "ID"
+    """Column with a row identifier, used in predictions files; row numbers are used when the column is absent."""
+
+    labels: list[str] | None = None
+    """Label names (the words the model learns to write). ``None``: from ``task.json`` of a RAFT folder or the
+    dataset's ClassLabel names, else the sorted distinct values of the label column. Underscores become spaces
+    (``no_complaint`` -> ``no complaint``). Integer labels map to names by position: with ``[差评, 好评]``, 0 -> 差评
+    and 1 -> 好评; a value that is neither a name nor a valid position is an error."""
+
+    test_file: str | None = None
+    """Optional file of rows to predict (``clmtune eval --split test``), labelled or not. A RAFT folder's
+    ``test_unlabeled.csv`` or a folder's ``test.*`` file is used when this is unset."""
+
+    eval_file: str | None = None
+    """Optional file of labelled held-out rows; a folder's ``dev.*``/``validation.*`` file is used when this is
+    unset. When there is one, ``eval_fraction`` is not used."""
+
+    eval_fraction: float = 0.2
+    """Fraction of the labelled rows held out for evaluation when the source has no eval split of its own
+    (deterministic, ``seed``); 0 trains on all rows."""
+
+    seed: int = 123
+    """Seed of the train/eval split (the tutorial's ``train_test_split(0.2, seed=123)``)."""
+
+    stratify: bool = False
+    """``classify`` only: keep the label proportions equal in the train and eval splits."""
+
+    dedup: bool = False
+    """Drop rows whose prompt and target repeat an earlier row (counted in the report); duplicates are kept by
+    default."""
+
+    delimiter: str | None = None
+    """Column separator of CSV/TSV files; ``None``: ``,`` for ``.csv`` and a tab for ``.tsv``."""
+
+    encoding: str = "utf-8"
+    """Text encoding of the source files (e.g. ``gbk`` for files saved by older Chinese Windows tools)."""
+
+    text_sample_by: str = "line"
+    """``.txt`` sources: one example per ``line``, per ``paragraph`` (blank-line separated) or per ``document``
+    (whole file); the same choice as ``datasets``' text loader."""
+
+    max_length: int = 64
+    """Longest training sequence in tokens: prompt + target + end token (``lm`` without packing: text + end)."""
+
+    truncation_side: str = "left"
+    """When a row is too long, the side of the *prompt* that is cut (``left`` keeps the prompt's end, next to the
+    label). A classification label and its end token are never cut; an ``sft`` response is cut on the right once
+    the prompt is down to half of ``max_length``."""
+
+    end_token: str = "eos"
+    """Token appended after the target: the tokenizer's ``eos`` token, or its ``pad`` token (the tutorial's)."""
+
+    padding: str = "longest"
+    """``longest``: left-pad each batch to its longest row (fast); ``max_length``: pad every row to
+    ``max_length`` (the tutorial's recipe)."""
+
+    pad_to_multiple_of: int | None = None
+    """``padding: longest`` only: round each batch's length up to a multiple of this (e.g. 8 for tensor-core or
+    oneDNN-friendly shapes); ``None``: exactly the longest row."""
+
+    packing: bool = True
+    """``lm`` only: concatenate all texts (each + end token) and cut them into ``block_size`` blocks; ``false``:
+    one text per row, cut to ``max_length`` and padded."""
+
+    block_size: int | None = None
+    """``lm`` with packing: tokens per block; ``None`` uses ``max_length``. At most the model's context length."""
+
+    prepared: str | None = None
+    """Folder written by ``clmtune prepare --save``: training reuses its tokenized splits instead of tokenizing
+    again. It must have been prepared with the same data settings and tokenizer."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-opt"
+    """A local model folder, a Hugging Face hub id (needs network the first time), or ``builtin:tiny-opt``: a
+    tiny randomly initialised OPT model with the real OPT/GPT-2 BPE tokenizer, for trying clmtune out."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
+
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off unless you trust that repository."""
+
+    allow_pickle_weights: bool = False
+    """Also load ``pytorch_model.bin`` (pickle) weights when a folder has no ``.safetensors`` file. They are
+    loaded with ``torch.load(weights_only=True)``; still, only enable this for files you trust."""
+
+
+@dataclass
+class PeftSettings:
+    method: str = "lora"
+    """``lora`` (default), ``prefix_tuning``, ``prompt_tuning``, ``p_tuning``, ``ia3`` (all from the ``peft``
+    library), or ``full``: fine-tune every weight, no adapter (the run saves a full model)."""
+
+    r: int = 8
+    """``lora`` only: rank."""
+
+    lora_alpha: int = 32
+    """``lora`` only: scaling numerator (scale = lora_alpha / r)."""
+
+    lora_dropout: float = 0.1
+    """``lora`` only: dropout on the LoRA input."""
+
+    target_modules: list[str] | None = None
+    """``lora``/``ia3``: module names to adapt; ``None`` uses peft's default for the model's architecture."""
+
+    num_virtual_tokens: int = 8
+    """``prefix_tuning``/``prompt_tuning``/``p_tuning``: number of learned virtual tokens put before every input."""
+
+    init_text: str | None = None
+    """``prompt_tuning`` only: initialise the virtual tokens from this text's token embeddings (peft's
+    ``PromptTuningInit.TEXT``), e.g. ``Classify if the tweet is a complaint or not:``. ``None``: random init."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed as they are to the method's peft config class (``LoraConfig``,
+    ``PrefixTuningConfig``, ``PromptTuningConfig``, ``PromptEncoderConfig``, ``IA3Config``); they override the
+    fields above (e.g. ``{use_rslora: true}``, ``{encoder_hidden_size: 128}``, ``{feedforward_modules: [fc2]}``)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/twitter_complaints"
+    """Run folder: adapter, tokenizer, resolved config, training log, evaluation results."""
+
+    overwrite: bool = False
+    """Allow writing into a folder that already holds a finished run."""
+
+    epochs: int = 10
+    """Passes over the training split (50 rows of a RAFT task need several)."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides ``epochs`` when reached first)."""
+
+    batch_size: int = 8
+    """Rows per forward pass."""
+
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step."""
+
+    learning_rate: float = 3e-3
+    """Peak learning rate of AdamW (the peft example uses 3e-2 for prompt tuning; LoRA likes ~1e-3..3e-3)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    warmup_steps: int = 0
+    """Linear warm-up steps, then linear decay to 0."""
+
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this before each optimizer step (``transformers.Trainer``'s default);
+    ``null`` disables (the peft example's loop does not clip). Under DeepSpeed set ``gradient_clipping`` in its
+    JSON instead."""
+
+    seed: int = 42
+    """Seed for weight init of adapters, dropout and data order."""
+
+    log_every: int = 1
+    """Write a ``train_log.jsonl`` line every N optimizer steps."""
+
+    precision: str = "fp32"
+    """``fp32``, or ``bf16`` autocast (weights of trainable parameters stay fp32; frozen base weights are stored in
+    bf16 so autocast does not re-cast them every step). On a CPU without bf16 support, training falls back to fp32
+    with a warning naming the reason."""
+
+    group_by_length: bool = True
+    """Batch rows of similar length together (shuffled groups: rows are shuffled, sorted by length within groups
+    of 50 batches, and the batches shuffled), so per-batch padding adds few pad tokens; ``false``: plain shuffle."""
+
+    logits_on_labels_only: bool = True
+    """Run the LM head only on the last positions that carry a label (``logits_to_keep``), not at every position;
+    the loss is the same. Falls back to full logits (logged) for models whose forward has no ``logits_to_keep``."""
+
+    save_steps: int | None = None
+    """Write a checkpoint (adapter, optimizer, scheduler, RNG states, step) every N optimizer steps and at the end,
+    into ``output_dir/checkpoints/step-NNNNNN``; ``clmtune train --resume`` continues from the latest.
+    ``None``: no checkpoints, only the final adapter."""
+
+    save_total_limit: int | None = 2
+    """Keep only the last K checkpoints (older ones are deleted); ``None`` keeps all."""
+
+    deepspeed: str | None = None
+    """DeepSpeed config JSON (e.g. ``configs/deepspeed/zero3_offload.json``) handed to the engine through
+    ``accelerate``; needs ``pip install deepspeed`` and GPUs. ``None``: plain DDP / single process."""
+
+
+@dataclass
+class EvalConfig:
+    method: str = "rank"
+    """``rank``: score every label's tokens after the prompt and pick the most likely (never invalid);
+    ``generate``: greedy decoding, compared with the label names (the peft example's method)."""
+
+    batch_size: int = 16
+    """Rows per forward pass during evaluation."""
+
+    normalize_by_length: bool = False
+    """``rank`` only: compare mean instead of summed log-likelihood per label token."""
+
+    map_invalid: bool = True
+    """``generate`` only: also report metrics with each invalid output mapped to the nearest label by edit distance
+    (as peft's example does for RAFT submissions); the raw metrics are always reported too. Submissions use the
+    mapped labels."""
+
+    device: str = "auto"
+    """Where evaluation runs: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``."""
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 32
+    """Upper bound on generated tokens per sequence."""
+
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+
+    top_k: int = 10
+    """Sample among the k most likely tokens (0 disables)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling: smallest set of tokens with this total probability (1 disables)."""
+
+    num_return_sequences: int = 1
+    """Continuations per prompt."""
+
+    seed: int = 0
+    """Seed for sampling, so output is reproducible."""
+
+    repetition_penalty: float = 1.0
+    """Divide the logits of tokens already in the sequence by this (CTRL paper's penalty; 1 disables)."""
+
+    stop: list[str] = field(default_factory=list)
+    """Stop a continuation when it contains one of these strings (the string itself is not returned)."""
+
+    batch_size: int = 8
+    """Prompts per ``generate`` call (left-padded together)."""
+
+    truncate: bool = True
+    """A prompt longer than the model's context (minus ``max_new_tokens``) keeps its end and a warning is logged;
+    ``False``: it is an error."""
+
+    device: str = "auto"
+    """Where generation runs: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``."""

@@ -1,0 +1,22 @@
+"""Evaluate stage: classification as generation (accuracy, macro-F1, confusion matrix, RAFT submissions) and
+perplexity of language modelling, split by job:
+
+- ``scoring``: rank kernels (label log-likelihoods after a prompt: packed tree, shared KV cache, pairs);
+- ``predict``: a label per example by ``rank`` (never invalid) or ``generate`` (greedy decoding, invalid outputs
+  counted and optionally mapped to the nearest label);
+- ``metrics``: accuracy, macro-F1, confusion matrix; perplexity;
+- ``report``: the files (``eval.json``, ``predictions.csv``, the confusion matrix PNG);
+- ``run``: orchestration, asking the run's task which evaluation it gets.
+"""
+
+from __future__ import annotations
+
+from clmtune.evaluate.metrics import classification_metrics, perplexity
+from clmtune.evaluate.predict import Predictions, predict_generate, predict_rank
+from clmtune.evaluate.report import plot_confusion_matrix, submission_names
+from clmtune.evaluate.run import evaluate_examples, evaluate_lm, evaluate_run
+from clmtune.evaluate.scoring import PACKED_MODEL_TYPES, RANK_STRATEGIES, LabelTree, label_scores, rank_strategy
+
+__all__ = ["PACKED_MODEL_TYPES", "RANK_STRATEGIES", "LabelTree", "Predictions", "classification_metrics",
+           "evaluate_examples", "evaluate_lm", "evaluate_run", "label_scores", "perplexity", "plot_confusion_matrix",
+           "predict_generate", "predict_rank", "rank_strategy", "submission_names"]

@@ -1,0 +1,144 @@
+"""Evaluation orchestration: load a run, ask its task which evaluation it gets, predict, score, write the report.
+
+``labels`` tasks (classify): a label per example by ``rank`` or ``generate`` -> accuracy, macro-F1, confusion
+matrix, or a RAFT submission for unlabelled examples. ``perplexity`` tasks (sft, lm): token-weighted perplexity of
+the held-out split, tokenized like training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from clmtune.config import EVAL_METHODS, RunConfig
+from clmtune.data import Encoder, load_task, prepare_data, read_table, render_examples
+from clmtune.errors import ClmtuneError
+from clmtune.evaluate.metrics import classification_metrics, perplexity
+from clmtune.evaluate.predict import predict_generate, predict_rank
+from clmtune.evaluate.report import write_label_report, write_result
+from clmtune.run import RunDir
+from clmtune.tasks import get_task
+from clmtune.tasks.examples import Example
+
+log = logging.getLogger("clmtune")
+
+
+def evaluate_examples(model, tokenizer, cfg: RunConfig, examples: list[Example], labels: list[str],
+                      method: str, out_dir: Path, progress: bool = True) -> dict:
+    """Predict ``examples``; write ``eval.json``, ``predictions.csv`` and (labelled) the confusion matrix PNG into
+    ``out_dir``; return what ``eval.json`` holds.
+
+    Unlabelled examples give a RAFT submission: ``predictions.csv`` with columns ``ID,Label``.
+    """
+    if method not in EVAL_METHODS:
+        raise ClmtuneError(f"eval method {method!r} is not one of {', '.join(EVAL_METHODS)}")
+    if not examples:
+        raise ClmtuneError("the split to evaluate is empty; check the data file")
+    encoder = Encoder(tokenizer, cfg.data)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    if method == "rank":
+        preds = predict_rank(model, encoder, examples, labels, cfg.eval.batch_size, cfg.eval.normalize_by_length,
+                             progress)
+    else:
+        preds = predict_generate(model, encoder, examples, labels, cfg.eval.batch_size, progress,
+                                 cfg.eval.map_invalid)
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    if preds.truncated:
+        log.warning("eval: %d of %d prompts were cut to fit data.max_length=%d", preds.truncated, len(examples),
+                    cfg.data.max_length)
+    result = {"method": method, "n": len(examples), "invalid": preds.invalid, "seconds": round(seconds, 3),
+              "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2), "truncated_prompts": preds.truncated}
+    if method == "rank":
+        result["normalize_by_length"] = cfg.eval.normalize_by_length
+    if all(e.label is not None for e in examples):
+        gold = [e.label for e in examples]
+        result.update(classification_metrics(gold, preds.predicted, labels))
+        if preds.mapped is not None:
+            result["mapped_to_nearest_label"] = classification_metrics(gold, preds.mapped, labels)
+    return write_label_report(result, out_dir, examples, preds.predicted, preds.mapped, method == "generate",
+                              labels, cfg)
+
+
+def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, out_dir: Path, batch_size: int = 8,
+                progress: bool = True) -> dict:
+    """Perplexity of a held-out split of tokenized features, written to ``out_dir/eval.json``."""
+    t0 = time.perf_counter()
+    result = {"method": "perplexity", **perplexity(model, features, pad_id, batch_size, progress)}
+    seconds = time.perf_counter() - t0
+    result.update(seconds=round(seconds, 3), examples_per_s=round(len(features) / max(seconds, 1e-9), 2))
+    return write_result(result, out_dir)
+
+
+def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None = None, method: str | None = None,
+                 out_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
+                 ) -> tuple[dict, Path]:
+    """Evaluate a trained run on its held-out split (``eval``), its unlabelled ``test`` split, or ``data_file``.
+
+    Returns (metrics, folder written to). Default folders: the run folder for ``eval``, ``RUN/test`` for ``test``,
+    ``RUN/eval-<file stem>`` for a data file. ``device``: overrides the run's ``eval.device``.
+    """
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
+    evaluator = EVALUATORS[get_task(cfg.data.task).evaluation]
+    return evaluator(run, model, tokenizer, cfg, split, data_file, out_dir, progress, method)
+
+
+def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+                         out_dir: str | Path | None, progress: bool, method: str | None) -> tuple[dict, Path]:
+    """A label per example of the held-out split, the ``test`` split or ``data_file``."""
+    labels = run.labels()
+    if data_file is not None:
+        path = Path(data_file)
+        if not path.is_file():
+            raise ClmtuneError(f"--data {data_file!r}: no such file")
+        rows = read_table(path)
+        labelled = bool(rows) and cfg.data.label_column in rows[0]
+        examples, _ = render_examples(rows, cfg.data, labels, str(path), labelled=labelled)
+        default_out = run.eval_output_dir(data_file=path)
+    else:
+        if split not in get_task(cfg.data.task).eval_splits:
+            raise ClmtuneError(f"--split {split!r} is not one of {', '.join(get_task(cfg.data.task).eval_splits)}")
+        task = load_task(cfg.data)
+        examples = task.eval if split == "eval" else task.test
+        if not examples:
+            raise ClmtuneError(f"the run's {split!r} split is empty" + (
+                "; set data.eval_fraction > 0 or pass --data FILE" if split == "eval" else
+                "; set data.test_file or pass --data FILE"))
+        default_out = run.eval_output_dir(split)
+    out = Path(out_dir) if out_dir else default_out
+    result = evaluate_examples(model, tokenizer, cfg, examples, labels, method or cfg.eval.method, out, progress)
+    return result, out
+
+
+def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+                     out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
+    """Perplexity of a run (``sft``, ``lm``) on its held-out split or on ``data_file`` (tokenized like training)."""
+    if data_file is not None:
+        if not Path(data_file).is_file():
+            raise ClmtuneError(f"--data {data_file!r}: no such file")
+        data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
+                                       eval_fraction=0.0, prepared=None)
+        features = prepare_data(tokenizer, data_cfg).train
+        default_out = run.eval_output_dir(data_file=data_file)
+    else:
+        if split not in get_task(cfg.data.task).eval_splits:
+            raise ClmtuneError(f"--split {split!r}: an {cfg.data.task} run is scored by perplexity on its held-out "
+                               "'eval' split or on --data FILE")
+        features = prepare_data(tokenizer, cfg.data).eval
+        if features is None or len(features) == 0:
+            raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
+        default_out = run.eval_output_dir("eval")
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(features["input_ids"], features["labels"])]
+    out = Path(out_dir) if out_dir else default_out
+    return evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress), out
+
+
+EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run}
+"""``Task.evaluation`` -> the function that evaluates a run of that task."""

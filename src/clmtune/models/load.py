@@ -1,0 +1,158 @@
+"""Loading tokenizers and causal LMs through ``transformers``' Auto classes, the context length, devices."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from clmtune.config import ModelConfig, device_problem
+from clmtune.errors import ClmtuneError
+from clmtune.models.builtin import resolve_model_path
+from clmtune.models.peft_methods import is_prompt_learning, unwrap
+
+log = logging.getLogger("clmtune")
+
+
+def _hub_error(name: str, exc: Exception) -> ClmtuneError:
+    return ClmtuneError(f"could not load {name!r}: it is not a local folder, and downloading it from the Hugging Face "
+                        f"hub failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Hub downloads need "
+                        "network; on an offline machine download the model elsewhere and pass its folder")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """Tokenizer of the model, with a pad token guaranteed (see ``ensure_pad_token``)."""
+    from transformers import AutoTokenizer
+
+    target = path or resolve_model_path(cfg.name_or_path)
+    if Path(target).is_dir() and not any((Path(target) / n).is_file() for n in _TOKENIZER_FILES):
+        # Without this check transformers 5 builds an *empty* tokenizer from config.json's model type, and the
+        # first encode fails deep inside with "IndexError: index is out of bounds for dimension with size 0".
+        raise ClmtuneError(f"{target} has no usable tokenizer (none of {', '.join(_TOKENIZER_FILES)}); copy the "
+                           "tokenizer files of the model into it (tokenizer.save_pretrained(folder))")
+    try:
+        tok = AutoTokenizer.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if Path(target).is_dir():
+            raise ClmtuneError(f"{target} has no usable tokenizer ({str(exc).splitlines()[0][:200]}); copy the "
+                               "tokenizer files (tokenizer.json or vocab files + tokenizer_config.json) into it") from None
+        raise _hub_error(target, exc) from None
+    ensure_pad_token(tok)
+    return tok
+
+
+def check_tokenizer_fits(model, tokenizer, where: str) -> None:
+    """A tokenizer with more entries than the model has embedding rows would index past the embedding (an
+    IndexError deep in the forward pass, or garbage on GPU): stop early and say both numbers. Fewer entries is
+    normal (vocabularies are often padded to a multiple of 8/64)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ClmtuneError(f"the tokenizer of {where} has {len(tokenizer)} entries but the model's embedding has "
+                           f"{rows} rows; use the tokenizer saved with this model (or resize the embedding with "
+                           "model.resize_token_embeddings and save both)")
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Use the tokenizer's own pad token; if it has none, its end-of-sequence token. Returns what was chosen."""
+    if tokenizer.pad_token_id is not None:
+        msg = f"pad token: {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}, the tokenizer's own)"
+    elif tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        msg = f"pad token: {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}, the end-of-sequence token; " \
+              "the tokenizer has no pad token)"
+    else:
+        raise ClmtuneError("the tokenizer has neither a pad nor an end-of-sequence token; add one "
+                           "(tokenizer.add_special_tokens) and save it with the model")
+    tokenizer.padding_side = "left"
+    log.info(msg)
+    return msg
+
+
+def context_length(model_or_cfg) -> int | None:
+    """How many token positions the input may take: the model's position table (``max_position_embeddings`` & co.
+    of its config), minus the virtual tokens a loaded prompt-learning model puts in front of the input. ``None``
+    when there is no fixed limit (ALiBi models such as BLOOM) or, given a ``ModelConfig``, when its config cannot
+    be read here (loading the model reports that).
+
+    Takes a ``ModelConfig`` (before loading: training checks ``data.max_length`` against it) or a loaded model
+    (generation fits the prompt + new tokens into it)."""
+    from transformers import AutoConfig
+
+    if isinstance(model_or_cfg, ModelConfig):
+        cfg = model_or_cfg
+        try:
+            target = resolve_model_path(cfg.name_or_path)
+            mc = AutoConfig.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError, ClmtuneError):
+            return None
+        return _position_limit(mc)
+    n = _position_limit(model_or_cfg.config)
+    if n and is_prompt_learning(model_or_cfg):
+        n -= unwrap(model_or_cfg).active_peft_config.num_virtual_tokens
+    return n
+
+
+def _position_limit(config) -> int | None:
+    config = getattr(config, "text_config", None) or config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    names = [p.name for p in folder.iterdir()]
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    if any(n.endswith(".bin") or n.endswith(".bin.index.json") for n in names):
+        if allow_pickle:
+            return
+        raise ClmtuneError(f"{folder} only has pickled weights (pytorch_model.bin); convert them to safetensors, or "
+                           "set model.allow_pickle_weights: true if you trust the file")
+    raise ClmtuneError(f"{folder} holds no model weights (*.safetensors); is it the right folder?")
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """``AutoModelForCausalLM`` from a local folder, a hub id or a built-in name."""
+    from transformers import AutoModelForCausalLM
+
+    target = resolve_model_path(cfg.name_or_path)
+    if Path(target).is_dir():
+        _check_weights(Path(target), cfg.allow_pickle_weights)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+            use_safetensors=None if cfg.allow_pickle_weights else True)
+    except (OSError, ValueError) as exc:
+        if Path(target).is_dir():
+            raise ClmtuneError(f"could not load the model in {target}: {str(exc).splitlines()[0][:300]}") from None
+        raise _hub_error(target, exc) from None
+    return model
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when torch sees one, else the CPU; else the named device, checked to exist."""
+    name = str(name)
+    if problem := device_problem(name):
+        raise ClmtuneError(f"device {problem}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            raise ClmtuneError(f"device {name!r}: torch {torch.__version__} sees {count} CUDA GPU(s); use cpu or auto")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ClmtuneError("device 'mps': this torch build has no Apple GPU support here; use cpu or auto")
+    return torch.device(name)
+
+
+def model_device(model) -> torch.device:
+    """Where the model's (first) weights are: inputs must be moved there."""
+    return next(model.parameters()).device

@@ -1,0 +1,126 @@
+"""peft adapters: build the config of a method, attach it, and what a (possibly wrapped) peft model is."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+from clmtune.config import PEFT_CONFIG_CLASSES, PEFT_METHODS, PeftSettings
+from clmtune.errors import ClmtuneError
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Distinct leaf names of the model's Linear/Conv1D layers: the valid ``target_modules`` values."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def build_peft_config(settings: PeftSettings, tokenizer_path: str | None = None):
+    """The peft config object for ``settings`` (``None`` for ``full``). ``options`` override the named fields."""
+    import peft
+
+    method = settings.method
+    if method == "full":
+        return None
+    if method not in PEFT_CONFIG_CLASSES:
+        raise ClmtuneError(f"peft.method={method!r} is not one of {', '.join(PEFT_METHODS)}")
+    cls = getattr(peft, PEFT_CONFIG_CLASSES[method])
+    kwargs: dict[str, Any] = {"task_type": peft.TaskType.CAUSAL_LM}
+    if method == "lora":
+        kwargs.update(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules)
+    elif method == "ia3":
+        kwargs.update(target_modules=settings.target_modules)
+    else:  # prompt-learning methods
+        kwargs.update(num_virtual_tokens=settings.num_virtual_tokens)
+        if method == "prompt_tuning":
+            if settings.init_text is not None:
+                kwargs.update(prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                              prompt_tuning_init_text=settings.init_text, tokenizer_name_or_path=tokenizer_path)
+            else:
+                kwargs.update(prompt_tuning_init=peft.PromptTuningInit.RANDOM)
+    kwargs.update(settings.options)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # unknown option (validate() normally catches it first)
+        known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        raise ClmtuneError(f"peft.options: {exc}; valid options of {cls.__name__}: {', '.join(known)}") from None
+    except ValueError as exc:  # peft's own checks on option values
+        raise ClmtuneError(f"peft.options for {method}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def apply_peft(model, settings: PeftSettings, tokenizer_path: str | None = None):
+    """Wrap the model with a fresh adapter from ``peft``; ``full`` returns the model with every weight trainable.
+
+    ``tokenizer_path``: where peft loads the tokenizer for ``prompt_tuning`` text init (the model folder).
+    """
+    from peft import get_peft_model
+
+    peft_cfg = build_peft_config(settings, tokenizer_path)
+    if peft_cfg is None:
+        model.requires_grad_(True)
+        return model
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:  # e.g. "Target modules {'foo'} not found in the base model"
+        raise ClmtuneError(f"peft could not apply {settings.method} (target_modules={settings.target_modules}): "
+                           f"{str(exc).splitlines()[0][:200]}; linear layers of this model: "
+                           f"{linear_layer_names(model)}") from None
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel / DeepSpeed engine wrapper (the model itself when unwrapped)."""
+    return getattr(model, "module", model)
+
+
+def peft_type(model) -> str | None:
+    """The active peft method of a (possibly DDP-wrapped) model, e.g. ``"PROMPT_TUNING"``; ``None`` for a plain
+    transformers model."""
+    cfg = getattr(unwrap(model), "active_peft_config", None)
+    return None if cfg is None else str(getattr(cfg.peft_type, "value", cfg.peft_type))
+
+
+def is_prompt_learning(model) -> bool:
+    """peft prompt learning (prefix, prompt, p-tuning): virtual tokens in front of the input or in the KV cache,
+    added inside peft's ``forward``/``generate``."""
+    cfg = getattr(unwrap(model), "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+def input_virtual_tokens(model) -> int:
+    """Positions peft puts in front of the input (prompt tuning, p-tuning); prefix tuning's go to the KV cache."""
+    if peft_type(model) in ("PROMPT_TUNING", "P_TUNING"):
+        return int(unwrap(model).active_peft_config.num_virtual_tokens)
+    return 0
+
+
+def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model inputs for a left-padded batch.
+
+    With left padding, positions must start at 0 on each row's first real token; OPT and BLOOM derive this from the
+    attention mask, but GPT-2 and LLaMA number positions from the sequence start unless ``position_ids`` is given,
+    so we pass ``position_ids`` (B, T) when the model takes them.
+
+    peft and positions (peft 0.21, ``_adjust_prompt_learning_kwargs``):
+    - prefix tuning: peft shifts our position_ids by num_virtual_tokens (the prefix sits in the KV cache): correct.
+    - prompt tuning / p-tuning: peft *drops* position_ids (with a warning) and prepends the virtual tokens before
+      the pads, so GPT-2/LLaMA number positions 0..n_virtual+T-1 over [virtual | pads | text]. We do not pass them
+      (no warning per batch); training, ``logits_to_keep`` scoring and peft's ``generate`` all see the same
+      numbering, so results are consistent, but the text's positions depend on the row's left padding.
+      Fall-back kept on purpose: fixing it would mean re-implementing peft's forward and generate.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    unwrapped = unwrap(model)
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    if input_virtual_tokens(unwrapped):
+        return inputs
+    if "position_ids" in inspect.signature(base.forward).parameters:
+        mask = batch["attention_mask"]
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return inputs

@@ -1,0 +1,238 @@
+"""The run folder (a foundation): the one module that knows where each file of a run lives.
+
+A run folder is what ``clmtune train`` writes into ``train.output_dir``::
+
+    config.yaml          the resolved config the run was trained with
+    adapter/             peft adapter (adapter methods)        | model/   every weight (peft.method: full)
+    tokenizer/           the tokenizer, pad token included
+    train_log.jsonl      one line per logged optimizer step
+    train_summary.json   written last: steps, losses, label set, data report
+    checkpoints/         step-NNNNNN folders while (or after) training with train.save_steps
+    eval.json, predictions.csv, confusion_matrix.png     evaluation of the held-out split (``eval_output_dir``)
+
+Stages ask a ``RunDir`` for paths, for loading (config, tokenizer, model: adapter or full) and for atomic writes;
+no other module spells these names.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from clmtune.config import RunConfig, load_config, save_config
+from clmtune.errors import ClmtuneError
+
+ADAPTER = "adapter"
+MODEL = "model"
+TOKENIZER = "tokenizer"
+CONFIG = "config.yaml"
+SUMMARY = "train_summary.json"
+TRAIN_LOG = "train_log.jsonl"
+CHECKPOINTS = "checkpoints"
+# Evaluation outputs, inside ``RunDir.eval_output_dir(...)`` or a folder the user names (``eval --out``).
+EVAL_JSON = "eval.json"
+PREDICTIONS_CSV = "predictions.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+
+_ADAPTER_MARK = "adapter_config.json"  # written by peft's save_pretrained
+_MODEL_MARK = "config.json"  # written by transformers' save_pretrained
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes: a temporary sibling, then os.replace, so a reader never sees half a file.
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def write_csv_atomic(path: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return write_text_atomic(path, buf.getvalue())
+
+
+class RunDir:
+    """One run folder: its paths, whether it finished, and loading what it holds."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- paths -----------------------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / TRAIN_LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def weights(self, is_peft: bool) -> Path:
+        """Where the trained weights go: ``adapter/`` for adapter methods, ``model/`` for full fine-tuning."""
+        return self.adapter if is_peft else self.model
+
+    def eval_output_dir(self, split: str = "eval", data_file: str | Path | None = None) -> Path:
+        """Default folder of an evaluation's files: the run folder (held-out ``eval`` split), ``RUN/test`` (the
+        ``test`` split) or ``RUN/eval-<file stem>`` (a data file)."""
+        if data_file is not None:
+            return self.path / f"eval-{Path(data_file).stem}"
+        return self.path if split == "eval" else self.path / "test"
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """A finished run folder: its config plus trained weights, adapter or full model."""
+        run = RunDir(path)
+        return run.config_file.is_file() and run.is_finished()
+
+    def has_adapter(self) -> bool:
+        return (self.adapter / _ADAPTER_MARK).is_file()
+
+    def has_full_model(self) -> bool:
+        return (self.model / _MODEL_MARK).is_file()
+
+    def is_finished(self) -> bool:
+        """Training wrote its weights (they are renamed into place complete, so present means finished)."""
+        return self.has_adapter() or self.has_full_model()
+
+    def clear_outputs(self) -> None:
+        """Remove what a finished or interrupted training left (weights, checkpoints, summary) before a new one."""
+        for target in (self.adapter, self.model, self.checkpoints, self.summary_file):
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def load_config(self) -> RunConfig:
+        if not self.config_file.is_file():
+            raise ClmtuneError(f"{self.path} is not a clmtune run folder (no {CONFIG}); give the output_dir of "
+                               "`clmtune train`")
+        return load_config(self.config_file)
+
+    def load_summary(self) -> dict:
+        if not self.summary_file.is_file():
+            raise ClmtuneError(f"{self.path} has no {SUMMARY}; did training finish?")
+        return json.loads(self.summary_file.read_text(encoding="utf-8"))
+
+    def labels(self) -> list[str]:
+        """The label set training used (empty for tasks without labels)."""
+        return self.load_summary().get("labels") or []
+
+    def load_tokenizer(self, cfg: RunConfig | None = None):
+        from clmtune.models import load_tokenizer
+
+        cfg = cfg or self.load_config()
+        return load_tokenizer(cfg.model, str(self.tokenizer))
+
+    def load_model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   cfg: RunConfig | None = None):
+        """(model, tokenizer) in eval mode on ``device``: the base model + ``adapter/`` (peft), or ``model/``."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from clmtune.models import check_tokenizer_fits, fix_prompt_learning_generation, load_model, resolve_device
+
+        cfg = cfg or self.load_config()
+        device = device if isinstance(device, torch.device) else resolve_device(device)  # bad name fails first
+        if cfg.peft.method == "full":
+            if not self.has_full_model():
+                raise ClmtuneError(f"{self.path} has no trained model ({self.model}/{_MODEL_MARK}); did training "
+                                   "finish?")
+            model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype, use_safetensors=True)
+        else:
+            if not self.has_adapter():
+                raise ClmtuneError(f"{self.path} has no trained adapter ({self.adapter}/{_ADAPTER_MARK}); did "
+                                   "training finish?")
+            model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(self.adapter))
+            fix_prompt_learning_generation(model)
+        tok = self.load_tokenizer(cfg)
+        check_tokenizer_fits(model, tok, str(self.path))
+        return model.eval().to(device), tok
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def save_config(self, cfg: RunConfig) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.config_file)
+        return self.config_file
+
+    def write_json(self, relpath: str | Path, obj: Any) -> Path:
+        return write_json_atomic(self.path / relpath, obj)
+
+    def write_text(self, relpath: str | Path, text: str) -> Path:
+        return write_text_atomic(self.path / relpath, text)
+
+    def write_csv(self, relpath: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
+        return write_csv_atomic(self.path / relpath, header, rows)
+
+    def save_weights(self, model, is_peft: bool, state_dict=None) -> Path:
+        """``save_pretrained`` into a hidden folder renamed into place: ``adapter/`` (or ``model/``) appears
+        complete or not at all, so ``is_finished`` never sees half a model."""
+        final = self.weights(is_peft)
+        tmp = self.path / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+
+def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
+    """(model, tokenizer, config) of a finished run folder, in eval mode on ``device``."""
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    model, tok = run.load_model(device=device, dtype=dtype, cfg=cfg)
+    return model, tok, cfg
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    return RunDir(run_dir).load_config()

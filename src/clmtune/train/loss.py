@@ -1,0 +1,97 @@
+"""The training loss and the LM-head trimming: next-token cross-entropy on the supervised positions only, and
+which positions the LM head must run on (``logits_to_keep``) so that nothing else is computed."""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from clmtune.models import input_virtual_tokens, unwrap
+from clmtune.tasks.examples import IGNORE_INDEX
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over supervised positions: their mean, or (``reduction="sum"``) their sum.
+
+    logits: (B, L, V); labels: (B, T). The two are aligned on the right: L < T when the LM head only ran on the
+    last positions, L > T when peft prepended virtual tokens (prompt tuning, p-tuning: L = n_virtual + T).
+    Position t predicts token t+1, so logits[:, :-1] are scored against labels[:, 1:] (of the same last T).
+    logits (N, V) (the LM head ran only on the supervised positions, see ``head_positions``): row k scores the
+    k-th supervised label of labels[:, 1:] in row-major order.
+    """
+    if logits.dim() == 2:
+        targets = labels[:, 1:]
+        targets = targets[targets != IGNORE_INDEX]  # (N,), row-major like hidden_states[mask]
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+    n = min(logits.shape[1], labels.shape[1])
+    logits, labels = logits[:, -n:], labels[:, -n:]
+    shift_logits = logits[:, :-1].float()  # (B, n-1, V); fp32 for a stable log-softmax under bf16 autocast
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Number of positions that carry loss: labels (B, T) -> count of labels[:, 1:] != IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many last positions the LM head must run on so that every supervised label is predicted.
+
+    labels (B, T), left-padded: label t is predicted by position t-1, so with j the first column where any row
+    is supervised, the last T - j + 1 positions suffice (a classification batch: label words + end + 1, ~4 of
+    T ~ 40..256). Returns T (every position) when column 0 is supervised (``lm`` rows).
+    """
+    columns = (labels != IGNORE_INDEX).any(0)  # (T,)
+    if not bool(columns.any()):
+        return 1
+    first = int(columns.float().argmax())
+    return int(labels.shape[1]) - max(first - 1, 0)
+
+
+def head_trim_support(model) -> tuple[str | None, str | None]:
+    """How the LM head can be limited to the positions that need it: ``("mask", None)`` when the model slices its
+    hidden states with transformers' ``slice_logits_to_keep`` (a boolean (B, L) mask keeps exactly the supervised
+    positions), ``("last", None)`` when it takes an integer ``logits_to_keep``, ``(None, reason)`` when it cannot
+    (then training computes full logits)."""
+    import sys
+
+    unwrapped = unwrap(model)
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return None, f"{type(base).__name__}.forward has no logits_to_keep argument"
+    if getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None:
+        return "mask", None
+    return "last", None
+
+
+def virtual_tokens(model) -> int:
+    """Positions peft puts in front of the input (prompt tuning, p-tuning); prefix tuning's go to the KV cache."""
+    return input_virtual_tokens(model)
+
+
+class HeadMode(NamedTuple):
+    """How the LM head is limited during training (``train.logits_on_labels_only``): ``mode`` ``"mask"`` (a boolean
+    mask of the supervised positions), ``"last"`` (an integer ``logits_to_keep``) or ``None`` (every position);
+    ``n_virtual``: positions peft prepends (prompt tuning, p-tuning), which the mask must cover."""
+
+    mode: str | None = None
+    n_virtual: int = 0
+
+
+def head_positions(labels: torch.Tensor, mode: str, n_virtual: int = 0) -> torch.Tensor | int:
+    """``logits_to_keep`` for a left-padded batch. ``last``: the int K of ``logits_to_keep(labels)``.
+    ``mask``: a bool (B, n_virtual + T) mask of the positions that predict a label (position t predicts label
+    t+1); the model then returns (N, V) logits, N = supervised tokens, and the LM head (a d x V matmul, the
+    largest one for big vocabularies) runs on nothing else. The mask makes transformers gather the hidden states
+    into one contiguous (N, d) tensor; an int K slices a non-contiguous (B, K, d) view, which F.linear turns into a
+    batched matmul against the weight broadcast B times: measured 3x slower than one (N, d) x (d, V) mm."""
+    if mode == "last":
+        return logits_to_keep(labels)
+    mask = torch.zeros(labels.shape[0], n_virtual + labels.shape[1], dtype=torch.bool, device=labels.device)
+    mask[:, n_virtual:-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
