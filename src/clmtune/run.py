@@ -8,6 +8,10 @@ A run folder is what ``clmtune train`` writes into ``train.output_dir``::
     train_log.jsonl      one line per logged optimizer step
     train_summary.json   written last: steps, losses, label set, data report
     checkpoints/         step-NNNNNN folders while (or after) training with train.save_steps
+    best/                the best weights so far, while training with train.save_best (moved into the result)
+    loss.png             training curves, written at the end of training
+    tensorboard/         event files with train.report_to: [tensorboard]
+    report.html          ``clmtune report RUN``
     eval.json, predictions.csv, confusion_matrix.png     evaluation of the held-out split (``eval_output_dir``)
 
 Stages ask a ``RunDir`` for paths, for loading (config, tokenizer, model: adapter or full) and for atomic writes;
@@ -36,6 +40,10 @@ CONFIG = "config.yaml"
 SUMMARY = "train_summary.json"
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # the best weights so far while training with train.save_best (checkpoint format)
+TENSORBOARD = "tensorboard"  # event files of train.report_to: [tensorboard]
+LOSS_PNG = "loss.png"
+REPORT_HTML = "report.html"
 # Evaluation outputs, inside ``RunDir.eval_output_dir(...)`` or a folder the user names (``eval --out``).
 EVAL_JSON = "eval.json"
 PREDICTIONS_CSV = "predictions.csv"
@@ -115,6 +123,22 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def loss_png(self) -> Path:
+        return self.path / LOSS_PNG
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / REPORT_HTML
+
     def weights(self, is_peft: bool) -> Path:
         """Where the trained weights go: ``adapter/`` for adapter methods, ``model/`` for full fine-tuning."""
         return self.adapter if is_peft else self.model
@@ -145,7 +169,8 @@ class RunDir:
 
     def clear_outputs(self) -> None:
         """Remove what a finished or interrupted training left (weights, checkpoints, summary) before a new one."""
-        for target in (self.adapter, self.model, self.checkpoints, self.summary_file):
+        for target in (self.adapter, self.model, self.checkpoints, self.summary_file, self.best, self.tensorboard,
+                       self.loss_png):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():

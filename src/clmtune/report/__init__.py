@@ -10,8 +10,10 @@ from clmtune.errors import ClmtuneError
 
 def default_report_path(runs: Sequence[str | Path]) -> Path:
     """``RUN/report.html`` for one run; for several, ``report.html`` in the first run's parent folder."""
+    from clmtune.run import REPORT_HTML, RunDir
+
     first = Path(runs[0])
-    return first / "report.html" if len(runs) == 1 else first.resolve().parent / "report.html"
+    return RunDir(first).report_html if len(runs) == 1 else first.resolve().parent / REPORT_HTML
 
 
 def write_report(runs: Sequence[str | Path], out: str | Path | None = None, title: str | None = None) -> Path:

@@ -57,9 +57,11 @@ def _metric_keys(s: Mapping) -> list[str]:
             and k not in ("eval_seconds", "eval_n", "eval_rows")]
 
 
-def plot_loss(records: Sequence[Mapping], path, title: str = "training loss") -> Path:
-    """Write ``loss.png`` (``path``: a file name, or a binary file object): training loss (raw and smoothed) and held-out loss against optimizer steps, the learning
-    rate on a second axis; with eval metrics (``eval_accuracy``, ...), a second panel below. Returns the path."""
+def plot_loss(records: Sequence[Mapping], path, title: str = "training loss", best_step: int | None = None) -> Path:
+    """Write ``loss.png`` (``path``: a file name, or a binary file object): training loss (raw and smoothed) and
+    held-out loss against optimizer steps, the learning rate on a second axis; with eval metrics (``eval_accuracy``,
+    ...), a second panel below; ``best_step``: a dotted line where the kept (best) weights come from. Returns the
+    path (or the file object)."""
     from clmtune.fonts import use_cjk_font
 
     s = series(records)
@@ -91,6 +93,11 @@ def plot_loss(records: Sequence[Mapping], path, title: str = "training loss") ->
         lr_ax.tick_params(axis="y", colors=LR_COLOR)
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         lr_ax.set_ylim(bottom=0)
+    if best_step is not None:
+        for row in axes:
+            line = row[0].axvline(best_step, color="#31a354", linestyle=":", linewidth=1.5,
+                                  label=f"best weights (step {best_step})")
+        handles.append(line)
     ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.85)
     ax.set_title(title)
     if metrics:

@@ -68,7 +68,7 @@ def _png_of(run: RunFiles) -> bytes | None:
     """The run's loss curve, drawn from its log (so it is current), or its ``loss.png`` when the log has none."""
     if any("loss" in r or "eval_loss" in r for r in run.log):
         buf = io.BytesIO()
-        plot_loss(run.log, buf, title=f"{run.name}: loss")
+        plot_loss(run.log, buf, title=f"{run.name}: loss", best_step=(run.summary.get("best") or {}).get("step"))
         return buf.getvalue()
     return run.loss_png.read_bytes() if run.loss_png else None
 
@@ -126,6 +126,8 @@ def _metrics_rows(run: RunFiles) -> list[tuple[str, Any]]:
     best = run.summary.get("best")
     if isinstance(best, dict):
         rows.append(("best checkpoint", f"step {best.get('step')} ({best.get('metric')} {_fmt(best.get('value'))})"))
+    if run.summary.get("early_stopped_at"):
+        rows.append(("early stopped at step", run.summary["early_stopped_at"]))
     return rows
 
 
@@ -212,6 +214,7 @@ def comparison(runs: Sequence[RunFiles]) -> str:
     """The side-by-side table of several runs (best accuracy / macro-F1 / perplexity in bold) and overlaid curves."""
     keys = [("model", lambda r: _model(r)), ("method", lambda r: r.config.get("peft", {}).get("method")),
             ("steps", lambda r: r.summary.get("steps")), ("final training loss", lambda r: r.summary.get("final_loss")),
+            ("kept weights from step", lambda r: (r.summary.get("best") or {}).get("step")),
             ("accuracy", lambda r: (r.eval or {}).get("accuracy")),
             ("macro-F1", lambda r: (r.eval or {}).get("macro_f1")),
             ("perplexity", lambda r: (r.eval or {}).get("perplexity")),

@@ -1,4 +1,4 @@
-"""Read what a finished run folder holds, for the report: one place that knows the file names it reads.
+"""Read what a run folder holds, for the report (paths from ``RunDir``, the run folder's owner).
 
 Every file is optional except that a run needs ``train_summary.json`` or ``train_log.jsonl``: a run that is still
 training has only its log, an LM run has no predictions, a run without an eval split has no ``eval.json``.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clmtune.errors import ClmtuneError
+from clmtune.run import CONFUSION_PNG, EVAL_JSON, PREDICTIONS_CSV, RunDir
 
 log = logging.getLogger("clmtune")
 
@@ -76,18 +77,17 @@ def read_run(path: str | Path, name: str | None = None) -> RunFiles:
     path = Path(path)
     if not path.is_dir():
         raise ClmtuneError(f"{path}: no such folder; pass a run folder written by `clmtune train`")
-    summary_path, log_path = path / "train_summary.json", path / "train_log.jsonl"
-    if not summary_path.is_file() and not log_path.is_file():
-        raise ClmtuneError(f"{path}: not a run folder (no train_summary.json or train_log.jsonl); pass a folder "
-                           "written by `clmtune train`")
+    rd = RunDir(path)
+    if not rd.summary_file.is_file() and not rd.log_file.is_file():
+        raise ClmtuneError(f"{path}: not a run folder (no {rd.summary_file.name} or {rd.log_file.name}); pass a "
+                           "folder written by `clmtune train`")
     run = RunFiles(path=path, name=name or path.name)
-    config_path = path / "config.yaml"
-    if config_path.is_file():
-        run.config_text = config_path.read_text(encoding="utf-8")
+    if rd.config_file.is_file():
+        run.config_text = rd.config_file.read_text(encoding="utf-8")
         run.config = yaml.safe_load(run.config_text) or {}
-    run.summary = _read_json(summary_path) or {}
-    if log_path.is_file():
-        for line in log_path.read_text(encoding="utf-8").splitlines():
+    run.summary = _read_json(rd.summary_file) or {}
+    if rd.log_file.is_file():
+        for line in rd.log_file.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             try:
@@ -95,19 +95,19 @@ def read_run(path: str | Path, name: str | None = None) -> RunFiles:
             except json.JSONDecodeError:
                 run.bad_log_lines += 1  # a run killed mid-write leaves a partial last line
         if run.bad_log_lines:
-            log.warning("%s: skipped %d unreadable line(s)", log_path, run.bad_log_lines)
-    run.eval = _read_json(path / "eval.json")
+            log.warning("%s: skipped %d unreadable line(s)", rd.log_file, run.bad_log_lines)
+    eval_dir = rd.eval_output_dir("eval")
+    run.eval = _read_json(eval_dir / EVAL_JSON)
     if run.eval is not None:
-        run.eval_dir = path
+        run.eval_dir = eval_dir
         files = run.eval.get("files", {})
-        preds = path / files.get("predictions", "predictions.csv")
+        preds = eval_dir / files.get("predictions", PREDICTIONS_CSV)
         if preds.is_file():
             with open(preds, newline="", encoding="utf-8") as fh:
                 run.predictions = list(csv.DictReader(fh))
-        png = path / files.get("confusion_matrix_png", "confusion_matrix.png")
+        png = eval_dir / files.get("confusion_matrix_png", CONFUSION_PNG)
         run.confusion_png = png if png.is_file() else None
-    loss_png = path / "loss.png"
-    run.loss_png = loss_png if loss_png.is_file() else None
+    run.loss_png = rd.loss_png if rd.loss_png.is_file() else None
     return run
 
 
