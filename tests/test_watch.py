@@ -175,3 +175,19 @@ def test_watch_config_errors(tmp_path, monkeypatch):
     cfg.data.eval_fraction = 0.0
     with pytest.raises(ClmtuneError, match="train.eval_steps needs a held-out split"):
         train(cfg, progress=False)
+
+
+def test_cli_train_prints_best_weights_and_curves(tmp_path, capsys, one_thread):
+    from clmtune.cli import main
+
+    data = _chinese_csv(tmp_path)
+    out = tmp_path / "cli"
+    rc = main(["train", "--output-dir", str(out), "--no-eval", "--data.source", str(data),
+               "--data.template", "评论：{review} 评价：", "--data.label_column", "label", "--data.labels", "[差评, 好评]",
+               "--data.max_length", "48", "--model.name_or_path", "builtin:tiny-gpt2", "--train.max_steps", "4",
+               "--train.batch_size", "9", "--train.eval_steps", "2", "--train.save_best", "{metric: eval_loss}"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    best = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))["best"]
+    assert f"kept the best weights: step {best['step']} (eval_loss {best['value']:.4f})" in printed
+    assert f"curves:    {out / 'loss.png'}" in printed

@@ -117,8 +117,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
               f"{result.final_loss:.4f}")
         run = RunDir(result.output_dir)
         weights = run.weights(is_peft=cfg.peft.method != "full")
+        summary = run.load_summary()
+        if summary.get("early_stopped_at"):
+            print(f"stopped early at step {summary['early_stopped_at']} (train.early_stopping_patience)")
+        if best := summary.get("best"):
+            print(f"kept the best weights: step {best['step']} ({best['metric']} {best['value']:.4f})")
         print(f"run folder: {run.path}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {run.tokenizer}\n"
               f"  config:    {run.config_file}\n  log:       {run.log_file}")
+        if run.loss_png.is_file():
+            print(f"  curves:    {run.loss_png}   (clmtune report {run.path}: report.html)")
 
     done = train_and_evaluate(cfg, evaluate=not args.no_eval, resume=args.resume, on_trained=report)
     if done.metrics is not None:
