@@ -231,7 +231,7 @@ def comparison(runs: Sequence[RunFiles]) -> str:
         best = None
         if label in ("accuracy", "macro-F1") and numeric:
             best = max(numeric)
-        elif label in ("perplexity", "final training loss") and numeric:
+        elif label == "perplexity" and numeric:  # (training losses of different tasks do not compare)
             best = min(numeric)
         cells = "".join(
             f"<td class='num{' best' if best is not None and v == best and len(numeric) > 1 else ''}'>"
