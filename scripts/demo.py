@@ -7,7 +7,9 @@
    too: without it this small model's adapter stays near the majority class; see the model card).
 2. LoRA language-model fine-tuning on the hotel reviews: perplexity of the held-out 10 % before and after, then
    top-k sampling from 早餐太差，无论去多少人 and two more prompts.
-3. A summary table (also in OUT/summary.json) and OUT/report.html (curves, metrics, wrong predictions; each run
+3. Chat fine-tuning on the chatterbot-zh conversations (configs/chat_zh.yaml, capped at --chat-steps): the
+   replies to two held-out questions before and after, the held-out assistant-token loss and reply ROUGE-L.
+4. A summary table (also in OUT/summary.json) and OUT/report.html (curves, metrics, wrong predictions; each run
    also has its own loss.png).
 
 Training is capped (train.max_steps) so the whole demo stays under ~10 minutes on 2 CPU cores; the configs in
@@ -27,6 +29,55 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["早餐太差，无论去多少人", "房间很干净，服务员", "这家酒店的位置"]
 
 
+def chat_step(model_name: str, out: Path, steps: int, rows: list) -> list[dict]:
+    """Full fine-tuning on chatterbot-zh (configs/chat_zh.yaml, ``steps`` steps): the replies to two held-out
+    questions before and after, the held-out assistant-token loss and reply ROUGE-L (appended to ``rows``)."""
+    import dataclasses
+
+    from clmtune.chat import ChatSession
+    from clmtune.chat_templates import install_chat_template
+    from clmtune.config import load_config
+    from clmtune.data import load_task
+    from clmtune.models import load_model, load_tokenizer
+    from clmtune.run import RunDir
+    from clmtune.workflows import train_and_evaluate
+
+    print("\n== 3/3 chat fine-tuning on the chatterbot-zh conversations (full fine-tuning, zh template) ==",
+          flush=True)
+    t0 = time.perf_counter()
+    cfg = load_config(ROOT / "configs" / "chat_zh.yaml", {
+        "model": {"name_or_path": model_name},
+        "train": {"output_dir": str(out / "chat"), "overwrite": True, "max_steps": steps}})
+    greedy = dataclasses.replace(cfg.generate, temperature=0.0, max_new_tokens=24)
+    questions = [e.prompt for e in load_task(cfg.data).eval[:2]]  # held out: never trained on
+    base_tok = load_tokenizer(cfg.model)
+    install_chat_template(base_tok, cfg.data.chat_template)
+    base = ChatSession(load_model(cfg.model).eval(), base_tok, greedy)
+    before_replies = [ask(base, q) for q in questions]
+    done = train_and_evaluate(cfg)
+    res, chat_metrics = done.train, done.metrics
+    run = RunDir(res.output_dir)
+    model, tok = run.load_model(cfg=run.load_config())
+    tuned = ChatSession(model, tok, greedy)  # the template comes from the run's saved tokenizer
+    after_replies = [ask(tuned, q) for q in questions]
+    rows.append(("chatterbot-zh chat (full)", f"{res.steps} steps", "asst. loss", chat_metrics["loss"], None))
+    rows.append(("", "", "ROUGE-L x100", chat_metrics["replies"]["rouge_l"], time.perf_counter() - t0))
+    print(f"held-out assistant-token loss {chat_metrics['loss']:.3f} (perplexity {chat_metrics['perplexity']:.1f}), "
+          f"reply ROUGE-L {chat_metrics['replies']['rouge_l']:.1f}, BLEU-4 {chat_metrics['replies']['bleu4']:.1f}")
+    print("\nheld-out questions (greedy, repetition penalty %.1f): before -> after fine-tuning" %
+          greedy.repetition_penalty)
+    for q, b, a in zip(questions, before_replies, after_replies):
+        print(f"  用户：{q}\n    before: {b or '(empty)'}\n    after:  {a or '(empty)'}")
+
+    return [{"question": q, "before": b, "after": a} for q, b, a in zip(questions, before_replies, after_replies)]
+
+
+def ask(session, question: str) -> str:
+    """A one-turn reply (the session's history is cleared first)."""
+    session.reset()
+    return session.send(question)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/demo", help="folder for the two runs and summary.json")
@@ -34,6 +85,8 @@ def main() -> int:
     ap.add_argument("--classify-steps", type=int, default=150, help="LoRA steps of 16 reviews (1 epoch = 389)")
     ap.add_argument("--full-steps", type=int, default=150, help="full fine-tuning steps of 16 reviews")
     ap.add_argument("--lm-steps", type=int, default=120, help="LoRA steps of 8 blocks of 128 tokens")
+    ap.add_argument("--chat-steps", type=int, default=36, help="full fine-tuning steps of 16 conversations "
+                                                              "(1 epoch = 24)")
     args = ap.parse_args()
 
     import torch
@@ -50,7 +103,7 @@ def main() -> int:
     rows, t_all = [], time.perf_counter()
 
     # 1. classification ---------------------------------------------------------------------------------------
-    print("== 1/2 classification: ChnSentiCorp_htl_all, 80/20 split (seed 123), LoRA then full fine-tuning ==",
+    print("== 1/3 classification: ChnSentiCorp_htl_all, 80/20 split (seed 123), LoRA then full fine-tuning ==",
           flush=True)
     for method, steps, extra in (("lora", args.classify_steps, {}),
                                  ("full", args.full_steps, {"learning_rate": 3e-4})):
@@ -72,7 +125,7 @@ def main() -> int:
     rows.append(("", "", "majority class", majority, None))
 
     # 2. LM fine-tuning + generation -----------------------------------------------------------------------------
-    print("== 2/2 LoRA language-model fine-tuning on the hotel reviews ==", flush=True)
+    print("== 2/3 LoRA language-model fine-tuning on the hotel reviews ==", flush=True)
     t0 = time.perf_counter()
     cfg = load_config(ROOT / "configs" / "chnsenticorp_lm.yaml", {
         "model": {"name_or_path": args.model},
@@ -99,6 +152,9 @@ def main() -> int:
     for g in gens:
         print(f"  {g.prompt} | {g.outputs[0]}")
 
+    # 3. chat fine-tuning -----------------------------------------------------------------------------------------
+    chat = chat_step(args.model, out, args.chat_steps, rows)
+
     # summary --------------------------------------------------------------------------------------------------
     total = time.perf_counter() - t_all
     print(f"\n{'step':<28}{'training':<12}{'metric':<16}{'value':>8}{'time':>9}")
@@ -107,11 +163,12 @@ def main() -> int:
     print(f"{'total':<56}{total:>15.0f}s")
     summary = {"model": args.model, "rows": [dict(zip(("step", "training", "metric", "value", "seconds"), r))
                                              for r in rows],
-               "generations": [{"prompt": g.prompt, "output": g.outputs[0]} for g in gens], "seconds": total}
+               "generations": [{"prompt": g.prompt, "output": g.outputs[0]} for g in gens],
+               "chat": chat, "seconds": total}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     from clmtune.report import write_report
 
-    report = write_report([out / "classify-lora", out / "classify-full", out / "lm"], out / "report.html")
+    report = write_report([out / name for name in ("classify-lora", "classify-full", "lm", "chat")], out / "report.html")
     print(f"demo finished: runs, metrics and generations are in {out}/ (summary.json)\nreport: {report}")
     return 0
 

@@ -78,6 +78,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="error on a prompt longer than the model's context instead of keeping its end")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
+    c = sub.add_parser("chat", help="talk to a chat run (or a model with a chat template) in the terminal",
+                       description="A multi-turn conversation rendered with the run's chat template; replies are "
+                                   "streamed. Commands: /reset, /system TEXT, /history, /exit (or Ctrl-D). "
+                                   "Sampling defaults come from the run's generate section.")
+    csrc = c.add_mutually_exclusive_group(required=True)
+    csrc.add_argument("--run", help="run folder written by `clmtune train` (data.task: chat)")
+    csrc.add_argument("--model", help="model folder (or run folder), hub id, or builtin:NAME")
+    c.add_argument("--chat-template", help="chatml, alpaca, zh or a .jinja file, for a model without a template "
+                                           "(a run keeps the one it was trained with)")
+    c.add_argument("--system", help="system prompt to start with")
+    c.add_argument("--max-new-tokens", type=int)
+    c.add_argument("--temperature", type=float, help="0 = greedy decoding")
+    c.add_argument("--top-k", type=int)
+    c.add_argument("--top-p", type=float)
+    c.add_argument("--repetition-penalty", type=float)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
+
     x = sub.add_parser("export", help="export the adapter, or a merged full model")
     x.add_argument("--run", required=True)
     x.add_argument("--to", required=True, help="destination folder")
@@ -150,11 +168,17 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _print_eval(metrics: dict, where: Path) -> None:
-    from clmtune.run import EVAL_JSON, PREDICTIONS_CSV
+    from clmtune.run import EVAL_JSON, PREDICTIONS_CSV, PREDICTIONS_JSONL
 
-    if metrics["method"] == "perplexity":
-        print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} tokens): perplexity "
-              f"{metrics['perplexity']:.2f}\n  results:     {where / EVAL_JSON}")
+    if metrics["method"] in ("perplexity", "perplexity+replies"):
+        print(f"eval (perplexity, n={metrics['n']} sequences, {metrics['tokens']} scored tokens): loss "
+              f"{metrics['nll_per_token']:.4f}, perplexity {metrics['perplexity']:.2f}")
+        if "replies" in metrics:
+            r = metrics["replies"]
+            print(f"replies ({r['decoding']}, n={r['n']}): ROUGE-L {r['rouge_l']:.2f}, BLEU-4 {r['bleu4']:.2f}, "
+                  f"exact match {r['exact_match']:.2f} (character level, x100)\n"
+                  f"  predictions: {where / PREDICTIONS_JSONL}")
+        print(f"  results:     {where / EVAL_JSON}")
         return
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:
@@ -177,13 +201,49 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+def _generate_settings(args: argparse.Namespace, more: dict):
+    """The run's generate section (clmtune's defaults with --model) with the sampling flags the user gave."""
     import dataclasses
 
     from clmtune.config import GenerateConfig, RunConfig
     from clmtune.errors import ConfigError
-    from clmtune.generate import generate, load_for_generation, read_prompts_file, stream, write_jsonl
     from clmtune.run import RunDir
+
+    base = RunDir(args.run).load_config().generate if args.run else GenerateConfig()
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+             "device": args.device, **more}
+    settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    try:
+        RunConfig(generate=settings).validate()
+    except ConfigError as exc:  # also name the flag the user typed: "--top-p: generate.top_p=1.5 must be ..."
+        flags = {f"generate.{k}=": "--" + k.replace("_", "-") for k in given}
+        problems = [next((f"{flag}: {p}" for key, flag in flags.items() if p.startswith(key)), p)
+                    for p in exc.problems]
+        raise ConfigError(problems) from None
+    return settings
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.chat import ChatSession, repl
+    from clmtune.chat_templates import install_chat_template
+    from clmtune.generate import load_for_generation
+
+    settings = _generate_settings(args, {})
+    model, tok = load_for_generation(args.run, args.model, settings.device)
+    if args.chat_template:
+        install_chat_template(tok, args.chat_template)
+    elif not getattr(tok, "chat_template", None):
+        raise ClmtuneError(f"{args.run or args.model} has no chat template; train it with data.task: chat, or pass "
+                           "--chat-template chatml|alpaca|zh|FILE.jinja")
+    repl(ChatSession(model, tok, settings, system=args.system))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    import dataclasses
+
+    from clmtune.generate import generate, load_for_generation, read_prompts_file, stream, write_jsonl
 
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -194,21 +254,18 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         raise ClmtuneError("no prompt given; pass prompt text or --prompts-file FILE")
     if args.stream and len(prompts) != 1:
         raise ClmtuneError(f"--stream prints one prompt's continuation, got {len(prompts)} prompts; drop --stream")
-    base = RunDir(args.run).load_config().generate if args.run else GenerateConfig()
-    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-             "num_return_sequences": args.num_return_sequences, "seed": args.seed, "stop": args.stop,
-             "batch_size": args.batch_size, "truncate": False if args.no_truncate else None,
-             "device": args.device}
-    settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-    try:
-        RunConfig(generate=settings).validate()
-    except ConfigError as exc:  # also name the flag the user typed: "--top-p: generate.top_p=1.5 must be ..."
-        flags = {f"generate.{k}=": "--" + k.replace("_", "-") for k in given}
-        problems = [next((f"{flag}: {p}" for key, flag in flags.items() if p.startswith(key)), p)
-                    for p in exc.problems]
-        raise ConfigError(problems) from None
+    settings = _generate_settings(args, {"num_return_sequences": args.num_return_sequences, "stop": args.stop,
+                                         "batch_size": args.batch_size,
+                                         "truncate": False if args.no_truncate else None})
     model, tok = load_for_generation(args.run, args.model, settings.device)
+    if args.run:  # a chat run's prompts become user messages under its template (other tasks: as typed)
+        from clmtune.run import RunDir
+        from clmtune.tasks import get_task
+
+        data_cfg = RunDir(args.run).load_config().data
+        task = get_task(data_cfg.task)
+        prompts = [task.format_prompt(p, data_cfg, tok) for p in prompts]
+        settings = dataclasses.replace(settings, stop=list(settings.stop) + task.stop_strings(tok))
     if args.stream:
         results = [stream(model, tok, prompts[0], settings)]
     else:
@@ -252,7 +309,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate,
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat,
             "export": cmd_export, "report": cmd_report}
 
 

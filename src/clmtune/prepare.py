@@ -72,6 +72,11 @@ def format_summary(report: dict[str, Any]) -> str:
         if "block_size" in st:
             lines.append(f"{s}: {st['tokens']} tokens packed into {st['features']} blocks of {st['block_size']} "
                          f"(last block shorter; {st['tail_tokens_dropped']} tail tokens dropped)")
+        if "turns" in st:
+            lines.append(f"{s}: {st['conversations']} conversations, {st['turns']} assistant turns trained on, tokens "
+                         f"per turn p50/p95/max {_lens(st['tokens_per_turn'])}; {st['truncated']} conversations "
+                         f"lost {st['turns_dropped']} oldest turns to fit max_length, {st['dropped_too_long']} "
+                         "dropped (too long even with only their last turn)")
     counts = d.get("label_counts")
     if counts:
         labels = report["labels"]

@@ -47,6 +47,7 @@ REPORT_HTML = "report.html"
 # Evaluation outputs, inside ``RunDir.eval_output_dir(...)`` or a folder the user names (``eval --out``).
 EVAL_JSON = "eval.json"
 PREDICTIONS_CSV = "predictions.csv"
+PREDICTIONS_JSONL = "predictions.jsonl"
 CONFUSION_PNG = "confusion_matrix.png"
 
 _ADAPTER_MARK = "adapter_config.json"  # written by peft's save_pretrained

@@ -36,12 +36,13 @@ class DataConfig:
     (``train.*``, ``dev.*``/``validation.*``, ``test.*``); a RAFT task folder (``train.csv``, ``test_unlabeled.csv``,
     ``task.json``); a folder of ``.txt`` files; ``hf:NAME`` or ``hf:NAME:SUBSET`` for a Hugging Face dataset (needs
     network the first time); or ``builtin:NAME`` for data shipped with clmtune (``builtin:raft/twitter_complaints``,
-    ``builtin:raft/banking_77``, ``builtin:chnsenticorp/ChnSentiCorp_htl_all.csv``)."""
+    ``builtin:raft/banking_77``, ``builtin:chnsenticorp/ChnSentiCorp_htl_all.csv``, ``builtin:chat/chatterbot-zh``)."""
 
     task: str = "classify"
     """Shape of the work. ``classify``: classification as generation (prompt, then the label's words);
     ``sft``: prompt -> response pairs, loss on the response only; ``lm``: plain causal language modelling on
-    ``text_column`` (each text + end token), loss on every real token."""
+    ``text_column`` (each text + end token), loss on every real token; ``chat``: multi-turn conversations
+    (Alpaca, ShareGPT or OpenAI ``messages`` rows) rendered with a chat template, loss on the assistant's turns."""
 
     template: str = "Tweet text : {Tweet text} label : "
     """Prompt template (``classify``, ``sft``); ``{column}`` placeholders are filled from each row. The label's
@@ -126,6 +127,25 @@ class DataConfig:
     prepared: str | None = None
     """Folder written by ``clmtune prepare --save``: training reuses its tokenized splits instead of tokenizing
     again. It must have been prepared with the same data settings and tokenizer."""
+
+    format: str | None = None
+    """``chat`` only: the conversation format of the rows, ``alpaca`` (``instruction``, ``input``, ``output``,
+    optional ``system`` and ``history``), ``sharegpt`` (``conversations: [{from, value}]``) or ``openai``
+    (``messages: [{role, content}]``); ``None``: detected from the columns of the first row."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    """``chat`` only: your column names for the fields of the format, e.g. ``{instruction: prompt, output:
+    response}`` or ``{messages: dialog, role: speaker, content: text}``. Fields: instruction, input, output, system,
+    history, conversations, messages, role, content."""
+
+    chat_template: str | None = None
+    """``chat`` only: how a conversation becomes text. ``None``: the tokenizer's own chat template (an error when it
+    has none); ``chatml``, ``alpaca`` or ``zh`` (``用户：…\n助手：…``, for character tokenizers): a built-in
+    template; or the path of a ``.jinja`` file. The template used is saved with the run's tokenizer."""
+
+    train_on: str = "all"
+    """``chat`` only: which assistant turns carry the loss, ``all`` (every one, each with its end token) or
+    ``last`` (only the final reply). System and user tokens never do."""
 
 
 @dataclass

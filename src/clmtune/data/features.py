@@ -111,6 +111,7 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     import datasets
 
     context_check(cfg, context_length)
+    get_task(cfg.task).prepare_tokenizer(tokenizer, cfg)
     if cfg.prepared:
         return load_prepared(cfg.prepared, tokenizer, cfg)
     enc = Encoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token

@@ -17,6 +17,7 @@ from typing import Any
 
 from clmtune.config import DataConfig
 from clmtune.errors import ClmtuneError
+from clmtune.tasks import get_task
 
 BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf:"
@@ -40,7 +41,7 @@ def resolve_source(source: str) -> Path:
         if not name or not path.exists():
             raise ClmtuneError(f"data.source={source!r}: clmtune ships no data set named {name!r} (shipped: "
                                "builtin:raft/twitter_complaints, builtin:raft/banking_77, "
-                               "builtin:chnsenticorp/ChnSentiCorp_htl_all.csv)")
+                               "builtin:chnsenticorp/ChnSentiCorp_htl_all.csv, builtin:chat/chatterbot-zh)")
         return path
     path = Path(source).expanduser()
     if not path.exists():
@@ -181,9 +182,16 @@ def _read_txt(path: Path, encoding: str, sample_by: str) -> list[dict[str, Any]]
 
 
 def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8",
-               sample_by: str = "line") -> list[dict[str, Any]]:
-    """Read a CSV/TSV/JSON/JSONL/Parquet/TXT file into a list of row dicts (values kept as written)."""
+               sample_by: str = "line", nested: bool = False) -> list[dict[str, Any]]:
+    """Read a CSV/TSV/JSON/JSONL/Parquet/TXT file into a list of row dicts (values kept as written).
+
+    ``nested``: JSON/JSONL/Parquet rows are records that may hold lists and differ in optional keys
+    (conversations; see ``clmtune.data.conversations.read_records``)."""
     suffix = path.suffix.lower()
+    if nested and suffix in (".json", ".jsonl", ".parquet"):
+        from clmtune.data.conversations import read_records
+
+        return read_records(path, encoding)[0]
     if suffix in (".csv", ".tsv"):
         return _read_csv(path, delimiter, encoding)
     if suffix in (".json", ".jsonl"):
@@ -272,7 +280,8 @@ def load_raw(cfg: DataConfig) -> RawData:
         raw = _load_hf(cfg)
     else:
         path = resolve_source(cfg.source)
-        read = dict(delimiter=cfg.delimiter, encoding=cfg.encoding, sample_by=cfg.text_sample_by)
+        read = dict(delimiter=cfg.delimiter, encoding=cfg.encoding, sample_by=cfg.text_sample_by,
+                    nested=get_task(cfg.task).nested_rows)
         labels = None
         if path.is_dir():
             files = _split_files(path)
@@ -295,6 +304,7 @@ def load_raw(cfg: DataConfig) -> RawData:
             p = Path(name).expanduser()
             if not p.is_file():
                 raise ClmtuneError(f"data.{split}_file={name!r} does not exist")
-            raw.splits[split] = read_table(p, cfg.delimiter, cfg.encoding, cfg.text_sample_by)
+            raw.splits[split] = read_table(p, cfg.delimiter, cfg.encoding, cfg.text_sample_by,
+                                           get_task(cfg.task).nested_rows)
             raw.where[split] = str(p)
     return raw

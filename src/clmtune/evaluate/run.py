@@ -1,8 +1,9 @@
 """Evaluation orchestration: load a run, ask its task which evaluation it gets, predict, score, write the report.
 
 ``labels`` tasks (classify): a label per example by ``rank`` or ``generate`` -> accuracy, macro-F1, confusion
-matrix, or a RAFT submission for unlabelled examples. ``perplexity`` tasks (sft, lm): token-weighted perplexity of
-the held-out split, tokenized like training.
+matrix, or a RAFT submission for unlabelled examples. ``perplexity`` tasks (lm): token-weighted perplexity of
+the held-out split, tokenized like training. ``replies`` tasks (sft, chat): that perplexity on the supervised
+tokens, plus generated replies scored by character ROUGE-L, BLEU-4 and exact match.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from clmtune.data import Encoder, load_task, prepare_data, read_table, render_ex
 from clmtune.errors import ClmtuneError
 from clmtune.evaluate.metrics import classification_metrics, perplexity
 from clmtune.evaluate.predict import predict_generate, predict_rank
+from clmtune.evaluate.replies import predict_replies, reply_metrics, write_replies
 from clmtune.evaluate.report import write_label_report, write_result
 from clmtune.run import RunDir
 from clmtune.tasks import get_task
@@ -140,5 +142,29 @@ def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, 
     return evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress), out
 
 
-EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run}
+def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+                          out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
+    """Chat and sft runs: the perplexity of the held-out split on the supervised (assistant / response) tokens,
+    then greedy replies to its prompts scored against the references; ``predictions.jsonl``/``.csv`` keep them."""
+    result, out = _evaluate_lm_run(run, model, tokenizer, cfg, split, data_file, out_dir, progress)
+    data_cfg = cfg.data
+    if data_file is not None:
+        data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
+                                       eval_fraction=0.0, prepared=None)
+    task = load_task(data_cfg)
+    examples = task.train if data_file is not None else task.eval
+    t0 = time.perf_counter()
+    replies = predict_replies(model, tokenizer, examples, get_task(cfg.data.task).nested_rows,
+                              cfg.generate.max_new_tokens, Encoder(tokenizer, cfg.data).end_id,
+                              cfg.generate.repetition_penalty, cfg.eval.batch_size, progress)
+    write_replies(replies, out)
+    result = {**result, "method": "perplexity+replies", "loss": result["nll_per_token"],
+              "replies": {**reply_metrics(replies), "decoding": "greedy",
+                          "max_new_tokens": cfg.generate.max_new_tokens,
+                          "repetition_penalty": cfg.generate.repetition_penalty,
+                          "seconds": round(time.perf_counter() - t0, 3)}}
+    return write_result(result, out), out
+
+
+EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run}
 """``Task.evaluation`` -> the function that evaluates a run of that task."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from clmtune.errors import ClmtuneError
 from clmtune.tasks.base import Task
+from clmtune.tasks.chat import ChatTask
 from clmtune.tasks.classify import ClassifyTask
 from clmtune.tasks.lm import LmTask
 from clmtune.tasks.sft import SftTask
@@ -35,5 +36,6 @@ def task_names() -> tuple[str, ...]:
 register_task(ClassifyTask())
 register_task(SftTask())
 register_task(LmTask())
+register_task(ChatTask())
 
 __all__ = ["Task", "get_task", "register_task", "task_names"]

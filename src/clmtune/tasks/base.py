@@ -26,6 +26,9 @@ class Task:
     """The default evaluation of a run: ``labels`` (predict a label per example, accuracy/F1) or ``perplexity``."""
     eval_splits: tuple[str, ...] = ("eval",)
     """Splits ``clmtune eval --split`` accepts for this task."""
+    nested_rows: bool = False
+    """Rows hold nested lists/objects (conversations): JSON/JSONL/Parquet files are read as records whose optional
+    keys may differ from row to row, lists kept as lists."""
 
     # -- configuration -----------------------------------------------------------------------------------------
     def config_problems(self, d: "DataConfig") -> list[str]:
@@ -35,6 +38,10 @@ class Task:
     def length_limit(self, d: "DataConfig") -> tuple[str, int]:
         """(key, value) of the setting that bounds a sequence's length, checked against the model's context."""
         return "data.max_length", d.max_length
+
+    def prepare_tokenizer(self, tokenizer, d: "DataConfig") -> None:
+        """Set up the tokenizer before anything is encoded (e.g. install a chat template); it is saved with the
+        run, so generation later sees the same setup."""
 
     # -- rows -> examples --------------------------------------------------------------------------------------
     def check_columns(self, d: "DataConfig", columns: list[str], where: str) -> None:
@@ -78,9 +85,13 @@ class Task:
         return ds
 
     # -- generation ------------------------------------------------------------------------------------------
-    def format_prompt(self, text: str, d: "DataConfig") -> str:
+    def format_prompt(self, text: str, d: "DataConfig", tokenizer=None) -> str:
         """The text a user's prompt is turned into before generation (as is for these shapes)."""
         return text
+
+    def stop_strings(self, tokenizer) -> list[str]:
+        """Text that ends a generated continuation besides the end token (none for these shapes)."""
+        return []
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,7 +1,8 @@
 """``sft``: a prompt from ``data.template``, then a free-text response from ``data.response_template``.
 
     input_ids = prompt_ids + response_ids + [end]     labels: -100 on the prompt
-Evaluated by perplexity on the held-out split (response tokens only).
+Evaluated by perplexity on the held-out split (response tokens only) and by generated responses scored
+against the references (character ROUGE-L, BLEU-4, exact match).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from clmtune.tasks.classify import encode_pairs
 
 class SftTask(Task):
     name = "sft"
+    evaluation = "replies"
 
     def config_problems(self, d) -> list[str]:
         if not d.response_template:

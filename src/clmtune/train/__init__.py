@@ -393,6 +393,9 @@ class TrainRecipe:
                        "truncated_train_rows": self.data.report["splits"]["train"]["truncated"],
                        "labels": self.data.labels, "data": self.data.report["data"],
                        "splits": self.data.report["splits"], **self.params}
+            if "turns" in self.data.report["splits"]["train"]:  # chat: turns, tokens per turn, truncated, dropped
+                summary["conversations"] = {s: {k: v for k, v in st.items() if k not in ("prompt_tokens",)}
+                                            for s, st in self.data.report["splits"].items()}
             if self.watch.every:
                 summary.update(eval_steps=self.watch.every, best=best, early_stopped_at=self.watch.stopped_at)
             if self.n_proc > 1:

@@ -1,0 +1,125 @@
+"""Generated replies to held-out prompts (chat and sft runs), scored against the references.
+
+A chat conversation is cut before its last assistant reply; the rest (system prompt, earlier turns, the last user
+message) is rendered with the run's chat template plus the assistant's generation prompt. An sft example's prompt
+is its rendered ``data.template``. The model writes a reply (greedy, ``generate.max_new_tokens``,
+``generate.repetition_penalty``; batched with left padding, KV cache on), stopped by the end token or the
+template's end marker, and the reply is compared with the reference by character ROUGE-L, BLEU-4 and exact match
+(``clmtune.textmetrics``). Every prompt, reference and reply goes to ``predictions.jsonl`` and ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from clmtune.chat_templates import reply_stops
+from clmtune.evaluate.scoring import _batches, _by_length
+from clmtune.models import context_length, model_device
+from clmtune.run import PREDICTIONS_CSV, PREDICTIONS_JSONL, write_csv_atomic, write_text_atomic
+from clmtune.tasks.encoding import collate, cut_prompt, leading_special_ids, token_ids
+from clmtune.tasks.examples import Example
+from clmtune.text import clean_text
+from clmtune.textmetrics import score_texts
+
+
+@dataclass
+class Reply:
+    prompt: str
+    """The last user message (chat) or the rendered prompt (sft)."""
+    reference: str
+    generated: str
+    earlier_turns: int = 0
+    """User/assistant pairs before the prompt that the model saw (chat)."""
+
+
+def split_last_reply(conversation: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """(messages up to the last user message, the last assistant reply)."""
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return conversation[:last], conversation[last]["content"]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], room: int | None) -> tuple[list[int], int]:
+    """(rendered prompt ids, earlier pairs kept): the oldest pairs are left out while the prompt is longer than
+    ``room`` (as training truncates); a last message alone still too long keeps its end."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    while True:
+        ids = list(tokenizer.apply_chat_template(system + body, tokenize=True, add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"])
+        if room is None or len(ids) <= room or len(body) <= 1:
+            return (ids[-room:] if room is not None and len(ids) > room else ids), (len(body) - 1) // 2
+        body = body[2:]
+
+
+def _finish(text: str, stops: Sequence[str]) -> str:
+    text = clean_text(text)
+    cut = [text.find(s) for s in stops if s in text]
+    return text[:min(cut)].rstrip() if cut else text
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, end_id: int,
+                     repetition_penalty: float = 1.0, batch_size: int = 16, progress: bool = False) -> list[str]:
+    """Greedy continuation of each prompt (token ids), cleaned, cut at the template's end marker."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    extra_ids, stops = reply_stops(tokenizer)
+    eos = sorted({end_id, *extra_ids})
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                               pad_token_id=tokenizer.pad_token_id, repetition_penalty=repetition_penalty,
+                               stop_strings=stops or None)
+    kwargs = {"tokenizer": tokenizer} if stops else {}
+    outputs = [""] * len(prompts)
+    for group in tqdm(list(_batches(_by_length(prompts), batch_size)), desc="eval (replies)", disable=not progress,
+                      unit="batch"):
+        batch = collate([{"input_ids": prompts[i]} for i in group], tokenizer.pad_token_id)  # (B, T) left-padded
+        ids = batch["input_ids"].to(model_device(model))
+        out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(ids.device),
+                             generation_config=gen_cfg, **kwargs)
+        for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new_tokens) new tokens
+            cut = [row.index(e) for e in eos if e in row]
+            outputs[i] = _finish(tokenizer.decode(row[:min(cut)] if cut else row, skip_special_tokens=True), stops)
+    return outputs
+
+
+def predict_replies(model, tokenizer, examples: list[Example], chat: bool, max_new_tokens: int, end_id: int,
+                    repetition_penalty: float = 1.0, batch_size: int = 16, progress: bool = False) -> list[Reply]:
+    """A reply per held-out example: chat examples hold their conversation as JSON in ``target``; sft examples a
+    prompt and its reference response."""
+    ctx = context_length(model)
+    room = None if ctx is None else max(ctx - max_new_tokens, 1)
+    prompts, items = [], []
+    if chat:
+        for e in examples:
+            msgs, reference = split_last_reply(json.loads(e.target))
+            ids, earlier = chat_prompt_ids(tokenizer, msgs, room)
+            prompts.append(ids)
+            items.append((msgs[-1]["content"], reference, earlier))
+    else:
+        prefix = leading_special_ids(tokenizer)
+        for e, ids in zip(examples, token_ids(tokenizer, [e.prompt for e in examples])):
+            ids = prefix + ids
+            prompts.append(cut_prompt(ids, room, "left", len(prefix)) if room and len(ids) > room else ids)
+            items.append((e.prompt, e.target or "", 0))
+    generated = generate_replies(model, tokenizer, prompts, max_new_tokens, end_id, repetition_penalty, batch_size,
+                                 progress)
+    return [Reply(prompt=p, reference=r, generated=g, earlier_turns=n) for (p, r, n), g in zip(items, generated)]
+
+
+def write_replies(replies: Sequence[Reply], out_dir: Path) -> None:
+    rows = [{"prompt": r.prompt, "reference": r.reference, "generated": r.generated,
+             "earlier_turns": r.earlier_turns} for r in replies]
+    write_text_atomic(out_dir / PREDICTIONS_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_csv_atomic(out_dir / PREDICTIONS_CSV, ["prompt", "reference", "generated", "earlier_turns"],
+                     [[r["prompt"], r["reference"], r["generated"], r["earlier_turns"]] for r in rows])
+
+
+def reply_metrics(replies: Sequence[Reply]) -> dict:
+    """Character ROUGE-L, BLEU-4, exact match (x100) and n."""
+    return score_texts([r.generated for r in replies], [r.reference for r in replies])

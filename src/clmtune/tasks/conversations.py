@@ -1,0 +1,199 @@
+"""Conversation data: Alpaca, ShareGPT and OpenAI ``messages`` rows -> one normal form.
+
+Every conversation becomes a list of ``{"role": "system"|"user"|"assistant", "content": str}`` dicts: an
+optional system prompt first, then user and assistant turns alternating, starting with the user and containing at
+least one assistant turn. The three shapes read here (JSON, JSONL or Parquet; auto-detected, or forced with
+``data.format``):
+
+    alpaca    {"instruction", "input" (optional), "output", "system" (optional), "history": [[q, a], ...]}
+    sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}
+    openai    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+
+Column names (and the role/content keys inside messages) can be mapped: ``columns={"instruction": "prompt"}`` reads
+the file's ``prompt`` column as the instruction. Broken rows are not skipped: ``to_conversations`` raises one
+``ClmtuneError`` whose single line names the rows of each problem and the fix. The one thing dropped is a final
+user message with no reply (nothing to learn from it); those are counted in ``ConversationSet.dropped``.
+Reading files is ``clmtune.data.conversations``' job; this module only normalises records.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from clmtune.errors import ClmtuneError
+
+FORMATS = ("alpaca", "sharegpt", "openai")
+ROLES = ("system", "user", "assistant")
+DEFAULT_COLUMNS = {
+    "instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history",
+    "conversations": "conversations", "messages": "messages", "role": None, "content": None,
+}
+"""Our field -> the file's column. ``role``/``content`` name the keys inside each message (``None``: ``from``/
+``value`` or ``role``/``content``, whichever the message has)."""
+ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+"""Role names accepted in ShareGPT (``human``, ``gpt``) and OpenAI (``user``, ``assistant``) messages."""
+_SHOW_ROWS = 5  # rows named per problem in an error message
+
+
+@dataclass
+class ConversationSet:
+    """Normalised conversations, the format they were read as, and what was dropped (counted, never silently)."""
+
+    conversations: list[list[dict[str, str]]]
+    format: str
+    rows: int
+    row_numbers: list[int] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def turns(self) -> int:
+        """Number of messages (system prompts included), the unit chatterbot-corpus counts in."""
+        return sum(len(c) for c in self.conversations)
+
+
+def _columns(columns: dict[str, str] | None) -> dict[str, str | None]:
+    unknown = sorted(set(columns or {}) - set(DEFAULT_COLUMNS))
+    if unknown:
+        raise ClmtuneError(f"data.columns has unknown field(s) {unknown}; map any of {sorted(DEFAULT_COLUMNS)} to "
+                           "your file's column names")
+    return {**DEFAULT_COLUMNS, **(columns or {})}
+
+
+def detect_format(records: list[dict[str, Any]], columns: dict[str, str] | None = None, where: str = "data") -> str:
+    """``openai`` / ``sharegpt`` / ``alpaca`` from the keys of the first record."""
+    cols = _columns(columns)
+    keys = set(records[0]) if records else set()
+    if cols["messages"] in keys:
+        return "openai"
+    if cols["conversations"] in keys:
+        return "sharegpt"
+    if cols["instruction"] in keys and cols["output"] in keys:
+        return "alpaca"
+    raise ClmtuneError(f"{where}: cannot tell the conversation format from the columns {sorted(keys)}; give "
+                       f"{cols['messages']!r} (OpenAI), {cols['conversations']!r} (ShareGPT) or "
+                       f"{cols['instruction']!r} + {cols['output']!r} (Alpaca), map yours with data.columns, or set "
+                       "data.format")
+
+
+def _plain(value: Any) -> Any:
+    """Lists as lists: pandas reads Parquet list columns as numpy arrays."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (str, bytes)) else value
+
+
+def _text(value: Any) -> str:
+    """Message content as a string: OpenAI content parts are joined; None is empty."""
+    if value is None:
+        return ""
+    value = _plain(value)
+    if isinstance(value, list):  # [{"type": "text", "text": ...}, ...]
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
+    return value if isinstance(value, str) else str(value)
+
+
+def _from_alpaca(rec: dict[str, Any], cols: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = []
+    system = _text(rec.get(cols["system"]))
+    if system.strip():
+        msgs.append({"role": "system", "content": system})
+    history = _plain(rec.get(cols["history"]))
+    history = [] if history is None or (isinstance(history, float) and history != history) else history
+    for pair in history:
+        pair = _plain(pair)
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            msgs.append({"role": "history entry", "content": str(pair)})  # reported as an unknown role
+            continue
+        msgs += [{"role": "user", "content": _text(pair[0])}, {"role": "assistant", "content": _text(pair[1])}]
+    instruction, extra = _text(rec.get(cols["instruction"])), _text(rec.get(cols["input"]))
+    # LLaMA-Factory's and Alpaca's own convention: the input follows the instruction on a new line.
+    user = "\n".join(p for p in (instruction, extra) if p.strip())
+    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(rec.get(cols["output"]))}]
+    return msgs
+
+
+def _from_messages(rec: dict[str, Any], key: str, cols: dict[str, Any]) -> list[dict[str, str]] | None:
+    raw = _plain(rec.get(key))
+    if not isinstance(raw, (list, tuple)):
+        return None
+    msgs = []
+    for m in raw:
+        if not isinstance(m, dict):
+            msgs.append({"role": repr(m)[:20], "content": ""})
+            continue
+        role_key = cols["role"] or ("role" if "role" in m else "from")
+        content_key = cols["content"] or ("content" if "content" in m else "value")
+        role = str(m.get(role_key, "")).strip().lower()
+        msgs.append({"role": ROLE_NAMES.get(role, role or "(none)"), "content": _text(m.get(content_key))})
+    return msgs
+
+
+def _problem(msgs: list[dict[str, str]] | None) -> str | None:
+    """The first thing wrong with a conversation (a key of ``_FIXES``), or None."""
+    if msgs is None:
+        return "not a list"
+    if any(m["role"] not in ROLES for m in msgs):
+        return "unknown role"
+    if any(not m["content"].strip() for m in msgs):
+        return "empty message"
+    body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
+    for i, m in enumerate(body):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            return "roles out of order"
+    if not any(m["role"] == "assistant" for m in body):
+        return "no assistant turn"
+    return None
+
+
+_FIXES = {
+    "not a list": "give the messages as a list of {role, content} (ShareGPT: {from, value}) objects",
+    "unknown role": "use the roles system, user, assistant (ShareGPT: system, human, gpt); remove tool/function "
+                    "messages",
+    "empty message": "give every message some text, or remove the empty message",
+    "roles out of order": "start with an optional system message, then alternate user and assistant, starting "
+                          "with the user (merge consecutive messages of one role)",
+    "no assistant turn": "give every conversation at least one assistant reply (nothing is learned without one)",
+}
+
+
+def _rows(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:_SHOW_ROWS])
+    more = f" and {len(numbers) - _SHOW_ROWS} more" if len(numbers) > _SHOW_ROWS else ""
+    return f"row{'s' if len(numbers) > 1 else ''} {shown}{more}"
+
+
+def to_conversations(records: list[dict[str, Any]], fmt: str | None = None, columns: dict[str, str] | None = None,
+                     numbers: Iterable[int] | None = None, where: str = "data") -> ConversationSet:
+    """Normalise records of one format (``fmt=None``: detected); one error line listing every broken row."""
+    numbers = list(numbers) if numbers is not None else list(range(1, len(records) + 1))
+    cols = _columns(columns)
+    if fmt is None:
+        fmt = detect_format(records, columns, where)
+    elif fmt not in FORMATS:
+        raise ClmtuneError(f"data.format={fmt!r} is not a conversation format; use one of {', '.join(FORMATS)}")
+    if fmt == "alpaca":
+        needed = [cols["instruction"], cols["output"]]
+    else:
+        needed = [cols["messages"] if fmt == "openai" else cols["conversations"]]
+    conversations, kept_numbers, problems = [], [], defaultdict(list)
+    dropped = {"final_user_message": 0}
+    for rec, n in zip(records, numbers):
+        missing = [c for c in needed if c not in rec]
+        if missing:
+            raise ClmtuneError(f"{where} row {n} has no column {missing[0]!r} (it has {sorted(rec)}); data.format="
+                               f"{fmt} needs {needed}: map your column names with data.columns or fix the row")
+        msgs = _from_alpaca(rec, cols) if fmt == "alpaca" else _from_messages(rec, needed[0], cols)
+        if msgs and msgs[-1]["role"] == "user" and len(msgs) > 1:
+            msgs = msgs[:-1]  # a question nobody answered teaches nothing; dropped and counted
+            dropped["final_user_message"] += 1
+        problem = _problem(msgs)
+        if problem:
+            problems[problem].append(n)
+            continue
+        conversations.append(msgs)
+        kept_numbers.append(n)
+    if problems:
+        parts = [f"{_rows(rows)}: {what} ({_FIXES[what]})" for what, rows in problems.items()]
+        raise ClmtuneError(f"{where} ({fmt}): " + "; ".join(parts))
+    if not conversations:
+        raise ClmtuneError(f"{where} has no conversations; give at least one row")
+    return ConversationSet(conversations, fmt, len(records), kept_numbers, dropped)
