@@ -226,3 +226,30 @@ def test_report_renders_in_headless_chromium(zh_runs, tmp_path):
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
     assert (tmp_path / "report.png").stat().st_size > 50_000
     json.dumps(images)  # keep for a failure message
+
+
+def test_report_of_a_chat_run_shows_reply_scores_and_replies(tmp_path):
+    """A run folder as a chat run leaves it (files written here, no training): loss curve, reply metrics, replies."""
+    from clmtune.report import write_report
+
+    run = tmp_path / "chat"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 / s, "learning_rate": 1e-3})
+                                                 + "\n" for s in range(1, 6)) + '{"step": 5, "eval_loss": 2.5}\n'
+                                         + '{"step": 6, "loss"', encoding="utf-8")  # a torn last line is skipped
+    (run / "train_summary.json").write_text(json.dumps({"steps": 5, "final_loss": 0.6, "data": {"task": "chat"}}),
+                                            encoding="utf-8")
+    (run / "eval.json").write_text(json.dumps({"method": "perplexity+replies", "loss": 2.4, "perplexity": 11.0,
+                                               "n": 2, "replies": {"rouge_l": 17.8, "bleu4": 3.1,
+                                                                   "exact_match": 0.0}}), encoding="utf-8")
+    with open(run / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "reference", "generated", "earlier_turns"])
+        w.writerow(["你好", "你好！", "你好呀", "0"])
+        w.writerow(["<b>梦想</b>", "环游世界", "吃饭", "1"])
+    page = write_report([run]).read_text(encoding="utf-8")
+    for text in ("reply ROUGE-L", "17.8", "held-out loss", "2.4000", "2 of 2 held-out prompts", "你好呀",
+                 "&lt;b&gt;梦想&lt;/b&gt;"):
+        assert text in page, text
+    assert "<b>梦想" not in page  # texts are escaped
+    assert page.count("data:image/png;base64,") == 1  # the curves (no confusion matrix for chat)

@@ -119,6 +119,11 @@ def _data_section(run: RunFiles) -> str:
 def _metrics_rows(run: RunFiles) -> list[tuple[str, Any]]:
     e = run.eval or {}
     rows = [(label, e[key]) for key, label in METRIC_ROWS if key in e]
+    if isinstance(e.get("loss"), (int, float)):
+        rows.append(("held-out loss", e["loss"]))
+    replies = e.get("replies") if isinstance(e.get("replies"), dict) else {}
+    rows += [(label, replies[key]) for key, label in (("rouge_l", "reply ROUGE-L"), ("bleu4", "reply BLEU-4"),
+                                                    ("exact_match", "reply exact match")) if key in replies]
     mapped = e.get("mapped_to_nearest_label")
     if mapped:
         rows += [("accuracy (invalid mapped to nearest label)", mapped.get("accuracy")),
@@ -156,8 +161,23 @@ def _per_class(run: RunFiles) -> str:
     return "<h3>Per class</h3>" + _table(("label", "precision", "recall", "F1", "support"), rows, cls="per-class")
 
 
+def _replies(run: RunFiles) -> str:
+    """sft/chat runs: a fixed-seed sample of held-out prompts with the reference and the generated reply."""
+    import random
+
+    rows = run.predictions
+    k = min(len(rows), 10)
+    sample = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), k))]
+    return (f"<h3>Replies</h3><p class='muted'>{k} of {len(rows):,} held-out prompts (a fixed-seed sample), greedy "
+            "decoding.</p>" + _table(("prompt", "reference", "generated"),
+                                    [(_clip(r.get("prompt", "")), _clip(r.get("reference", "")),
+                                      _clip(r.get("generated", ""))) for r in sample], cls="replies"))
+
+
 def _wrong(run: RunFiles) -> str:
     wrong = run.wrong
+    if run.predictions and "generated" in run.predictions[0]:
+        return _replies(run)
     if not run.predictions or "gold" not in run.predictions[0]:
         return ""
     sample = run.wrong_sample()
