@@ -10,6 +10,7 @@ import torch
 from clmtune.config import MERGEABLE_METHODS
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import atomic_folder, check_writable, clean_stale_tmp
 from clmtune.models import forward_inputs
 from clmtune.run import RunDir
 
@@ -22,23 +23,35 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False, overwri
     model is exported as it is (with or without ``merge``). Prompt-learning adapters cannot be merged.
     """
     run, to = RunDir(run_dir), Path(to)
+    if to.exists() and not to.is_dir():
+        raise ClmtuneError(f"--to {to} is a file; give a folder path (the export is a folder of files)")
     if to.exists() and any(to.iterdir()) and not overwrite:
         raise ClmtuneError(f"{to} exists and is not empty; choose another folder or pass --overwrite")
+    check_writable(to.parent, "the folder of --to")
+    clean_stale_tmp(to.parent, to.name)
     cfg = run.load_config()
+    run.check_finished("export")
     method = cfg.peft.method
     if merge and method not in MERGEABLE_METHODS + ("full",):
         raise ClmtuneError(f"--merge: a {method} adapter is not mergeable (its learned virtual tokens are extra "
                            "inputs, not changes to the base weights); export without --merge and load it with peft, "
                            f"or train with peft.method {' or '.join(MERGEABLE_METHODS)}")
     model, tokenizer = run.load_model(cfg=cfg)
-    if method == "full":  # already a full model
-        model.save_pretrained(to, safe_serialization=True)
-        tokenizer.save_pretrained(to)
-        return to
-    if not merge:
-        shutil.copytree(run.adapter, to, dirs_exist_ok=True)
-        tokenizer.save_pretrained(to)
-        return to
+    # Everything is written into a hidden sibling folder renamed to `to` at the end: a killed export leaves no
+    # half folder that loads, and --overwrite replaces the old folder as a whole (no stale adapter_config.json).
+    with atomic_folder(to, replace=overwrite) as tmp:
+        if method == "full":  # already a full model
+            model.save_pretrained(tmp, safe_serialization=True)
+        elif not merge:
+            shutil.copytree(run.adapter, tmp, dirs_exist_ok=True)
+        else:
+            _merged(model, tokenizer).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return to
+
+
+def _merged(model, tokenizer):
+    """The adapter merged into the base weights, checked (finite; same logits as the adapter model)."""
     probe = collate([{"input_ids": tokenizer("clmtune merge check 合并", add_special_tokens=False).input_ids}],
                     tokenizer.pad_token_id)
     with torch.no_grad():
@@ -52,9 +65,7 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False, overwri
     if not torch.allclose(before, after, atol=1e-4, rtol=1e-4):
         raise ClmtuneError(f"merged logits differ from adapter logits (max diff {(before - after).abs().max():.2e}); "
                            "not exported")
-    merged.save_pretrained(to, safe_serialization=True)
-    tokenizer.save_pretrained(to)
-    return to
+    return merged
 
 
 def _untie_adapted_embeddings(model) -> bool:

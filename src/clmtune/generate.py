@@ -49,7 +49,7 @@ def load_for_generation(run: str | None = None, model: str | None = None, device
     """
     if (run is None) == (model is None):
         raise ClmtuneError("give exactly one of --run RUN_DIR or --model MODEL")
-    if model is not None and RunDir.is_run(model):
+    if model is not None and RunDir(model).config_file.is_file():  # a run folder, finished or not (then: why)
         run, model = model, None
     dev = resolve_device(device)
     if run is not None:

@@ -30,8 +30,9 @@ from typing import Any, Iterable
 
 import torch
 
-from clmtune.config import RunConfig, load_config, save_config
+from clmtune.config import RunConfig, load_config
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import FolderLock, atomic_write_bytes, clean_stale_tmp, os_errors, tmp_sibling
 
 ADAPTER = "adapter"
 MODEL = "model"
@@ -55,16 +56,14 @@ _MODEL_MARK = "config.json"  # written by transformers' save_pretrained
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Atomic writes: a temporary sibling, then os.replace, so a reader never sees half a file.
+# Atomic writes: a temporary sibling, then os.replace, so a reader never sees half a file (clmtune.fsutil: the
+# data is flushed to disk first, and a full disk is one line naming the file).
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -164,18 +163,54 @@ class RunDir:
     def has_full_model(self) -> bool:
         return (self.model / _MODEL_MARK).is_file()
 
-    def is_finished(self) -> bool:
-        """Training wrote its weights (they are renamed into place complete, so present means finished)."""
+    def has_weights(self) -> bool:
+        """Trained weights are in place (renamed in complete), finished or not."""
         return self.has_adapter() or self.has_full_model()
 
+    def is_finished(self) -> bool:
+        """Training finished: ``train_summary.json``, written last (atomically), is the marker, next to complete
+        weights. Weights without the summary are a run killed while saving: ``--resume`` finishes it."""
+        return self.has_weights() and self.summary_file.is_file()
+
+    def check_finished(self, what: str = "evaluate") -> None:
+        """One line saying why this folder cannot be used as a finished run."""
+        if not self.config_file.is_file():
+            raise ClmtuneError(f"{self.path} is not a clmtune run folder (no {CONFIG}); give the output_dir of "
+                               "`clmtune train`")
+        if not self.is_finished():
+            state = ("its weights are saved but training did not finish writing (killed while saving?); "
+                     "`clmtune train --config {cfg} --resume` finishes it" if self.has_weights() else
+                     "training did not finish (no trained weights); continue it with `clmtune train --config {cfg} "
+                     "--resume` (needs checkpoints) or train again")
+            raise ClmtuneError(f"cannot {what} {self.path}: " + state.format(cfg=self.config_file))
+        if not self.tokenizer.is_dir():
+            raise ClmtuneError(f"{self.path} has no {TOKENIZER}/ folder (the run's tokenizer); copy the whole run "
+                               "folder, or train again")
+
+    def eval_files(self) -> list[Path]:
+        """Evaluation outputs of earlier evaluations: the files in the run folder and the ``test``/``eval-*``
+        folders."""
+        found = [self.path / n for n in (EVAL_JSON, PREDICTIONS_CSV, CONFUSION_PNG)]
+        found += [self.path / "test", *self.path.glob("eval-*")]
+        return [p for p in found if p.exists()]
+
     def clear_outputs(self) -> None:
-        """Remove what a finished or interrupted training left (weights, checkpoints, summary) before a new one."""
-        for target in (self.adapter, self.model, self.checkpoints, self.summary_file, self.best, self.tensorboard,
-                       self.loss_png):
+        """Remove what a finished or interrupted training left (weights, checkpoints, summary, evaluations of the
+        old weights, curves, best weights, tracker files) before a new one."""
+        for target in (self.adapter, self.model, self.checkpoints, self.summary_file, *self.eval_files(), self.best,
+                       self.tensorboard, self.loss_png):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+
+    def lock(self) -> FolderLock:
+        """The exclusive lock of this folder for one writer (``with run.lock(): ...``)."""
+        return FolderLock(self.path)
+
+    def clean_temporary(self) -> list[Path]:
+        """Remove ``.tmp-*`` items that interrupted writes left here and in ``checkpoints/``."""
+        return clean_stale_tmp(self.path) + clean_stale_tmp(self.checkpoints)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def load_config(self) -> RunConfig:
@@ -188,6 +223,12 @@ class RunDir:
         if not self.summary_file.is_file():
             raise ClmtuneError(f"{self.path} has no {SUMMARY}; did training finish?")
         return json.loads(self.summary_file.read_text(encoding="utf-8"))
+
+    def log_records(self) -> list[dict]:
+        """The lines of ``train_log.jsonl`` (one per logged optimizer step), oldest first."""
+        if not self.log_file.is_file():
+            return []
+        return [json.loads(ln) for ln in self.log_file.read_text(encoding="utf-8").splitlines() if ln]
 
     def labels(self) -> list[str]:
         """The label set training used (empty for tasks without labels)."""
@@ -205,19 +246,23 @@ class RunDir:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from clmtune.models import check_tokenizer_fits, fix_prompt_learning_generation, load_model, resolve_device
+        from clmtune.models import (check_safetensors, check_tokenizer_fits, fix_prompt_learning_generation,
+                                    load_model, resolve_device)
 
         cfg = cfg or self.load_config()
         device = device if isinstance(device, torch.device) else resolve_device(device)  # bad name fails first
+        self.check_finished("load")
         if cfg.peft.method == "full":
             if not self.has_full_model():
                 raise ClmtuneError(f"{self.path} has no trained model ({self.model}/{_MODEL_MARK}); did training "
                                    "finish?")
+            check_safetensors(self.model, "train the run again")
             model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype, use_safetensors=True)
         else:
             if not self.has_adapter():
                 raise ClmtuneError(f"{self.path} has no trained adapter ({self.adapter}/{_ADAPTER_MARK}); did "
                                    "training finish?")
+            check_safetensors(self.adapter, "train the run again (or `clmtune train --resume` from a checkpoint)")
             model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(self.adapter))
             fix_prompt_learning_generation(model)
         tok = self.load_tokenizer(cfg)
@@ -226,9 +271,10 @@ class RunDir:
 
     # -- writing ---------------------------------------------------------------------------------------------
     def save_config(self, cfg: RunConfig) -> Path:
+        import yaml
+
         self.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.config_file)
-        return self.config_file
+        return write_text_atomic(self.config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 
     def write_json(self, relpath: str | Path, obj: Any) -> Path:
         return write_json_atomic(self.path / relpath, obj)
@@ -241,14 +287,34 @@ class RunDir:
 
     def save_weights(self, model, is_peft: bool, state_dict=None) -> Path:
         """``save_pretrained`` into a hidden folder renamed into place: ``adapter/`` (or ``model/``) appears
-        complete or not at all, so ``is_finished`` never sees half a model."""
+        complete or not at all. A full disk is one line naming the file; the hidden folder is removed."""
         final = self.weights(is_peft)
-        tmp = self.path / f".tmp-{final.name}"
+        tmp = tmp_sibling(final)
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        needed = sum(t.numel() * t.element_size() for t in (state_dict or model.state_dict()).values())
+        try:
+            with os_errors(tmp, needed):
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
+
+    def save_tokenizer(self, tokenizer) -> Path:
+        """The tokenizer, written like the weights (hidden folder, then rename)."""
+        tmp = tmp_sibling(self.tokenizer)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with os_errors(tmp):
+                tokenizer.save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(self.tokenizer, ignore_errors=True)
+        os.replace(tmp, self.tokenizer)
+        return self.tokenizer
 
 
 def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,

@@ -4,6 +4,7 @@ it back."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -41,6 +42,19 @@ def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     origin = get_origin(base) or base
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is float and isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{name}={value!r} must be a finite number")
+        return value
+    if origin is float and isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) and nan as strings
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{name}={value!r} must be a finite number")
+            return value
     if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # "--model.revision 1" is a string to the user
     if origin is Any or isinstance(value, origin):
@@ -54,29 +68,54 @@ def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     return value
 
 
-def from_dict(raw: dict[str, Any] | None) -> RunConfig:
-    """Build a RunConfig from nested dicts; unknown sections/keys and wrong types are reported together."""
-    raw = raw or {}
-    problems: list[str] = []
+def structure_problems(raw: Any, where: str = "the config") -> list[str]:
+    """A config must be a mapping of sections, each a mapping of keys (``train: 5``, ``data: [a, b]`` or a whole
+    file that is a list would otherwise be dropped silently and the defaults used)."""
+    if raw is None:
+        return []
     if not isinstance(raw, dict):
-        raise ConfigError([f"the config must be a mapping of sections, got {type(raw).__name__}"])
+        return [f"{where} must be a mapping of sections (data:, model:, peft:, train:, eval:, generate:), "
+                f"got {_short(raw)} ({type(raw).__name__})"]
+    return [f"section {sec}: must be a mapping of keys (e.g. {sec}: {{key: value}}), got {_short(v)} "
+            f"({type(v).__name__})" for sec, v in raw.items() if v is not None and not isinstance(v, dict)]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def from_dict(raw: dict[str, Any] | None) -> RunConfig:
+    """Build a RunConfig from nested dicts and validate it; unknown sections/keys, wrong types and invalid values
+    are all reported together in one ConfigError."""
+    problems = structure_problems(raw)
+    if problems and not isinstance(raw, dict):
+        raise ConfigError(problems)
     sections: dict[str, Any] = {}
-    for sec_name, sec_raw in raw.items():
+    for sec_name, sec_raw in (raw or {}).items():
         if sec_name not in SECTIONS:
             problems.append(f"unknown section {sec_name!r} (known: {', '.join(SECTIONS)})")
             continue
         cls = get_type_hints(RunConfig)[sec_name]  # the section's dataclass (annotations are strings)
         hints = get_type_hints(cls)
         kwargs = {}
-        for key, value in (sec_raw or {}).items():
+        for key, value in (sec_raw if isinstance(sec_raw, dict) else {}).items():
             if key not in hints:
                 problems.append(f"unknown key {sec_name}.{key} (known: {', '.join(hints)})")
                 continue
-            kwargs[key] = _coerce(f"{sec_name}.{key}", value, hints[key], problems)
+            before = len(problems)
+            coerced = _coerce(f"{sec_name}.{key}", value, hints[key], problems)
+            if len(problems) == before:  # a value of the wrong type is left out, so validate() can still run
+                kwargs[key] = coerced
         sections[sec_name] = cls(**kwargs)
+    cfg = RunConfig(**sections)
     if problems:
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
         raise ConfigError(problems)
-    return RunConfig(**sections)
+    return cfg
 
 
 class RawOverride(str):
@@ -105,8 +144,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for sec, values in extra.items():
         if isinstance(out.get(sec), dict) and isinstance(values, dict):
             out[sec].update(values)
-        else:
+        elif out.get(sec) is None or not isinstance(values, dict):
             out[sec] = values
+        # else: the base section is not a mapping (``train: 5``); keep it, so that from_dict reports it
     return out
 
 
@@ -121,6 +161,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path} is not valid YAML: {exc}".replace("\n", " ")]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"]) \
+                from None
+        if not isinstance(raw, dict):
+            raise ConfigError(structure_problems(raw, f"{path}"))
     return from_dict(merge(raw, overrides or {})).validate()
 
 

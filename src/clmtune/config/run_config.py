@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ class RunConfig:
         from clmtune.tasks import get_task, task_names  # the registry names the task shapes
 
         d, t, e, g = self.data, self.train, self.eval, self.generate
+        for sec in dataclasses.fields(self):  # nan/inf pass every ``< 0`` check: reject them first
+            for f in dataclasses.fields(getattr(self, sec.name)):
+                value = getattr(getattr(self, sec.name), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    p.append(f"{sec.name}.{f.name}={value!r} must be a finite number")
         choice("data.task", d.task, task_names())
         choice("data.end_token", d.end_token, END_TOKENS)
         choice("data.truncation_side", d.truncation_side, TRUNCATION_SIDES)

@@ -57,3 +57,34 @@ class Encoder:
 
 
 ClassificationEncoder = Encoder  # the name the tests and older callers use
+
+
+def label_token_problems(tokenizer, labels: Sequence[str], label_ids: Sequence[Sequence[int]],
+                         end_id: int) -> list[str]:
+    """Labels the model could not tell apart: two labels whose token ids (+ end token) are equal (``Good``/``good``
+    after a lower-casing tokenizer), or a label containing the unknown token (``😀`` -> ``[UNK]``). Training would
+    "succeed" and predict one label for every row, so this is checked before anything is trained."""
+    tok = tokenizer.convert_ids_to_tokens
+    seqs = [tuple(ids) + (end_id,) for ids in label_ids]
+    problems, seen = [], {}
+    for lab, seq in zip(labels, seqs):
+        seen.setdefault(seq, []).append(lab)
+    for seq, same in seen.items():
+        if len(same) > 1:
+            problems.append(f"labels {same} all tokenize to {tok(list(seq))}")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        for lab, seq in zip(labels, seqs):
+            if unk in seq:
+                problems.append(f"label {lab!r} tokenizes to {tok(list(seq))}, with the unknown token "
+                                f"{tokenizer.unk_token!r}")
+    return problems
+
+
+def check_label_tokens(encoder: Encoder, labels: Sequence[str]) -> None:
+    """Raise one error naming every label problem of ``label_token_problems``."""
+    problems = label_token_problems(encoder.tokenizer, labels, encoder.label_ids(labels), encoder.end_id)
+    if problems:
+        raise ClmtuneError("the model cannot tell the labels apart: " + "; ".join(problems) + "; use label words "
+                           "that this tokenizer knows and writes differently (rename them in the data, or map "
+                           "integer labels with data.labels: [positive, negative])")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from clmtune.config import DataConfig
-from clmtune.data.encoder import Encoder
+from clmtune.data.encoder import Encoder, check_label_tokens
 from clmtune.tasks.encoding import build_sft_example  # noqa: F401  (re-exported: tests import it from here)
 from clmtune.tasks.examples import SPLIT_ORDER, Example, TaskData
 from clmtune.data.load import load_task
@@ -116,6 +116,8 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
         return load_prepared(cfg.prepared, tokenizer, cfg)
     enc = Encoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
     task = task if task is not None else load_task(cfg)
+    if get_task(cfg.task).has_labels and task.labels:
+        check_label_tokens(enc, task.labels)
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()

@@ -3,6 +3,7 @@ split. ``load_task`` is the entry point."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
 
@@ -11,6 +12,8 @@ from clmtune.tasks.examples import Example, TaskData, is_missing, normalize_labe
 from clmtune.data.sources import RawData, load_raw
 from clmtune.errors import ClmtuneError
 from clmtune.tasks import get_task
+
+log = logging.getLogger("clmtune")
 
 
 def render_examples(rows: list[dict[str, Any]], cfg: DataConfig, labels: list[str] | None, where: str,
@@ -83,6 +86,8 @@ def load_task(cfg: DataConfig) -> TaskData:
     ``eval_fraction`` of train is held out.
     """
     raw = load_raw(cfg)
+    for warning in get_task(cfg.task).config_warnings(cfg):
+        log.warning(warning)
     classify = get_task(cfg.task).has_labels
     labels = label_set(cfg, raw) if classify else []
     examples, read, dropped, dups = {}, {}, {}, {}

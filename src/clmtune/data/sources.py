@@ -103,15 +103,75 @@ def _read_csv(path: Path, delimiter: str | None, encoding: str) -> list[dict[str
     except UnicodeDecodeError:
         raise _encoding_error(path, encoding) from None
     except (ValueError, pd.errors.ParserError) as exc:
+        if "EOF inside string" in str(exc):
+            _check_quotes(path, sep, encoding)
         msg = str(exc).strip().splitlines()[-1]
         hint = _delimiter_hint(path, sep, encoding) or "; check data.delimiter (quote fields that contain it)"
         raise ClmtuneError(f"{path} could not be parsed with delimiter {sep!r} ({msg}){hint}") from None
     df.columns = [str(c) for c in df.columns]
+    _check_header(path, sep, encoding, quoting)
+    multiline = len(df) and df.apply(lambda col: col.str.contains("\n", regex=False)).any(axis=None)
+    if quoting != csv.QUOTE_NONE and multiline:
+        _check_quotes(path, sep, encoding, _categories(df))  # only a quoted cell spans lines: check the quotes
+    if df.empty:
+        raise ClmtuneError(f"{path} has a header line ({', '.join(df.columns)}) but no rows; add rows or fix the path")
     if len(df.columns) == 1:
         hint = _delimiter_hint(path, sep, encoding)
         if hint:
             raise ClmtuneError(f"{path}: read a single column {df.columns[0]!r} with delimiter {sep!r}{hint}")
     return df.to_dict(orient="records")
+
+
+def _check_header(path: Path, sep: str, encoding: str, quoting: int) -> None:
+    """pandas renames a repeated column to ``name.1``: a template would silently read the first one."""
+    with open(path, encoding=encoding, newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sep, quoting=quoting), [])
+    dups = sorted({c for c in header if header.count(c) > 1})
+    if dups:
+        raise ClmtuneError(f"{path}: column name(s) {dups} appear more than once in the header line; give every "
+                           "column its own name")
+
+
+def _categories(df) -> tuple[int, dict[int, set[str]]]:
+    """(number of columns, {column index: its values}) for the columns with few distinct values (labels)."""
+    cats = {}
+    for j, c in enumerate(df.columns):
+        values = set(df[c])
+        if len(values) <= 20 and len(values) * 2 <= len(df):
+            cats[j] = values
+    return len(df.columns), cats
+
+
+def _looks_like_row(line: str, sep: str, shape: tuple[int, dict[int, set[str]]] | None) -> bool:
+    """A line inside a cell that splits into as many fields as the file has columns, with every label-like field
+    holding one of that column's values: most likely a row swallowed by an unclosed quote."""
+    if shape is None or not shape[1]:
+        return False
+    fields = line.split(sep)
+    return len(fields) == shape[0] and all(fields[j] in values for j, values in shape[1].items())
+
+
+def _check_quotes(path: Path, sep: str, encoding: str, shape: tuple[int, dict[int, set[str]]] | None = None) -> None:
+    """An unbalanced ``"`` makes a CSV reader swallow the following lines into one cell (rows merged silently).
+    The file is read again with the standard library's strict reader, which stops at malformed quoting; a cell
+    that still holds whole lines looking like rows (``_looks_like_row``) is reported too."""
+    with open(path, encoding=encoding, newline="") as fh:
+        reader = csv.reader(fh, delimiter=sep, strict=True)
+        start = 1
+        try:
+            for record in reader:
+                for cell in record:
+                    inner = [line for line in cell.split("\n")[1:] if _looks_like_row(line, sep, shape)]
+                    if inner:
+                        raise ClmtuneError(
+                            f"{path} line {start}: a quoted cell runs over lines {start}-{reader.line_num} and "
+                            f"holds lines that look like rows ({inner[0][:40]!r}): a '\"' is probably not closed, "
+                            "so rows were merged into one cell; close the quote or double it (\"\") inside a cell")
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise ClmtuneError(f"{path} line {start}: a quote ('\"') opened here is not closed properly ({exc}, "
+                               f"line {reader.line_num}), so the following rows would be merged into one cell; "
+                               "close the quote, or double a quote inside a quoted cell (\"\")") from None
 
 
 def _check_same_keys(records: list, path: Path, unit: str) -> list[dict[str, Any]]:
@@ -132,6 +192,20 @@ def _check_same_keys(records: list, path: Path, unit: str) -> list[dict[str, Any
     return records
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` keeps the last of two equal keys silently; a repeated column name is an error here."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _read_json(path: Path, encoding: str) -> list[dict[str, Any]]:
     # Hand-written rather than pandas.read_json: we want line numbers for bad lines and mixed keys.
     try:
@@ -144,13 +218,19 @@ def _read_json(path: Path, encoding: str) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=_no_duplicate_keys))
+            except _DuplicateKey as exc:
+                raise ClmtuneError(f"{path} line {n}: key {exc.args[0]!r} appears twice in one object; give every "
+                                   "column its own name") from None
             except json.JSONDecodeError as exc:
                 raise ClmtuneError(f"{path} line {n} is not valid JSON ({exc.msg}); a .jsonl file holds one JSON "
                                    "object per line") from None
         return _check_same_keys(records, path, "line")
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise ClmtuneError(f"{path}: key {exc.args[0]!r} appears twice in one object; give every column its own "
+                           "name") from None
     except json.JSONDecodeError as exc:
         raise ClmtuneError(f"{path} line {exc.lineno} is not valid JSON ({exc.msg}); if it holds one object per "
                            "line, name it .jsonl") from None
@@ -188,6 +268,8 @@ def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8"
     ``nested``: JSON/JSONL/Parquet rows are records that may hold lists and differ in optional keys
     (conversations; see ``clmtune.data.conversations.read_records``)."""
     suffix = path.suffix.lower()
+    if path.is_file() and (path.stat().st_size == 0 or (path.stat().st_size < 4096 and not path.read_bytes().strip())):
+        raise ClmtuneError(f"{path} is empty ({path.stat().st_size} bytes); fill it or point to the right file")
     if nested and suffix in (".json", ".jsonl", ".parquet"):
         from clmtune.data.conversations import read_records
 

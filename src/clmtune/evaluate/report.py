@@ -4,11 +4,13 @@ and the RAFT submission shape for unlabelled examples. Files are written atomica
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from clmtune.config import RunConfig
 from clmtune.data import resolve_source
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import clean_stale_tmp, tmp_sibling
 from clmtune.run import CONFUSION_PNG, EVAL_JSON, PREDICTIONS_CSV, write_csv_atomic, write_json_atomic
 from clmtune.tasks.examples import Example, normalize_label
 
@@ -48,7 +50,12 @@ def plot_confusion_matrix(matrix: dict, path: Path, title: str) -> Path:
                     ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        tmp = tmp_sibling(path)
+        try:  # a temporary name, then rename: a killed evaluation leaves no half PNG
+            fig.savefig(tmp, dpi=100, format="png")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     plt.close(fig)
     return path
 
@@ -76,6 +83,11 @@ def write_label_report(result: dict, out_dir: Path, examples: list[Example], pre
     Unlabelled: a RAFT submission, ``ID,Label`` with ``task.json``'s label spelling.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    # eval.json is written last: remove the old one first, so that an interrupted evaluation never leaves new
+    # predictions next to old metrics (each file itself is written to a temporary name and renamed)
+    (out_dir / EVAL_JSON).unlink(missing_ok=True)
+    for name in (EVAL_JSON, PREDICTIONS_CSV, CONFUSION_PNG):
+        clean_stale_tmp(out_dir, name)  # left by an evaluation that was killed while writing
     files = {"predictions": PREDICTIONS_CSV}
     if "confusion_matrix" in result:
         title = (f"{result['method']}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "

@@ -87,6 +87,10 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     """
     run = RunDir(run_dir)
     cfg = run.load_config()
+    run.check_finished("evaluate")
+    if method is not None and get_task(cfg.data.task).evaluation != "labels":
+        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by perplexity, not by predicting "
+                           "labels; drop --method")
     model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
     evaluator = EVALUATORS[get_task(cfg.data.task).evaluation]
     return evaluator(run, model, tokenizer, cfg, split, data_file, out_dir, progress, method)
@@ -100,7 +104,7 @@ def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: s
         path = Path(data_file)
         if not path.is_file():
             raise ClmtuneError(f"--data {data_file!r}: no such file")
-        rows = read_table(path)
+        rows = read_table(path, cfg.data.delimiter, cfg.data.encoding, cfg.data.text_sample_by)  # as in training
         labelled = bool(rows) and cfg.data.label_column in rows[0]
         examples, _ = render_examples(rows, cfg.data, labels, str(path), labelled=labelled)
         default_out = run.eval_output_dir(data_file=path)

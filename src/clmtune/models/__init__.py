@@ -11,13 +11,14 @@ from __future__ import annotations
 from clmtune.models.builtin import (BUILTIN_MODELS, BUILTIN_VERSION, SHIPPED_MODELS, _opt_bpe_tokenizer,
                                     bert_chinese_tokenizer, builtin_model_path, clmtune_home, resolve_model_path)
 from clmtune.models.compat import fix_prompt_learning_generation
-from clmtune.models.load import (check_tokenizer_fits, context_length, ensure_pad_token, load_model, load_tokenizer,
-                                 model_device, resolve_device)
+from clmtune.models.load import (check_safetensors, check_tokenizer_fits, context_length, ensure_pad_token,
+                                 load_model, load_tokenizer, model_device, resolve_device)
 from clmtune.models.peft_methods import (apply_peft, build_peft_config, forward_inputs, input_virtual_tokens,
                                          is_prompt_learning, linear_layer_names, peft_type, unwrap)
 
 __all__ = ["BUILTIN_MODELS", "BUILTIN_VERSION", "SHIPPED_MODELS", "_opt_bpe_tokenizer", "apply_peft",
-           "bert_chinese_tokenizer", "build_peft_config", "builtin_model_path", "check_tokenizer_fits", "clmtune_home",
+           "bert_chinese_tokenizer", "build_peft_config", "builtin_model_path", "check_safetensors",
+           "check_tokenizer_fits", "clmtune_home",
            "context_length", "ensure_pad_token", "fix_prompt_learning_generation", "forward_inputs",
            "input_virtual_tokens", "is_prompt_learning", "linear_layer_names", "load_model", "load_tokenizer",
            "model_device", "peft_type", "resolve_device", "resolve_model_path", "unwrap"]

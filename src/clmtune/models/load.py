@@ -21,6 +21,17 @@ def _hub_error(name: str, exc: Exception) -> ClmtuneError:
                         "network; on an offline machine download the model elsewhere and pass its folder")
 
 
+def _remote_code_error(target: str, exc: Exception) -> ClmtuneError | None:
+    """transformers refuses a repository that ships its own Python code unless trust_remote_code is set; say
+    which clmtune setting allows it instead of transformers' keyword argument."""
+    text = str(exc)
+    if "custom code" not in text and "trust_remote_code" not in text:
+        return None
+    return ClmtuneError(f"{target} ships its own model code (auto_map in its config), which clmtune does not run "
+                        "unless you allow it: set model.trust_remote_code: true in the config "
+                        "(train: --model.trust_remote_code true), only for a repository you trust")
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
 
@@ -38,6 +49,8 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
+        if remote := _remote_code_error(target, exc):
+            raise remote from None
         if Path(target).is_dir():
             raise ClmtuneError(f"{target} has no usable tokenizer ({str(exc).splitlines()[0][:200]}); copy the "
                                "tokenizer files (tokenizer.json or vocab files + tokenizer_config.json) into it") from None
@@ -46,15 +59,25 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
+VOCAB_MIN_FILL = 0.75
+"""A tokenizer must cover at least this share of the embedding rows (the rest is taken as padding)."""
+
+
 def check_tokenizer_fits(model, tokenizer, where: str) -> None:
     """A tokenizer with more entries than the model has embedding rows would index past the embedding (an
-    IndexError deep in the forward pass, or garbage on GPU): stop early and say both numbers. Fewer entries is
-    normal (vocabularies are often padded to a multiple of 8/64)."""
+    IndexError deep in the forward pass, or garbage on GPU): stop early and say both numbers. A few fewer entries
+    is normal (vocabularies are often padded to a multiple of 8/64); far fewer means another vocabulary."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ClmtuneError(f"the tokenizer of {where} has {len(tokenizer)} entries but the model's embedding has "
                            f"{rows} rows; use the tokenizer saved with this model (or resize the embedding with "
                            "model.resize_token_embeddings and save both)")
+    # Far fewer entries than rows is not padding but another vocabulary (a BPE model with the BERT character
+    # tokenizer: 21,128 entries for 50,265 rows): every id would mean a different token and training "works" on
+    # noise. Padding adds a few percent at most (Qwen2: 151,665 -> 151,936; phi-2: 50,295 -> 51,200).
+    if len(tokenizer) < rows * VOCAB_MIN_FILL:
+        raise ClmtuneError(f"the tokenizer of {where} has {len(tokenizer)} entries but the model's embedding has "
+                           f"{rows} rows: they are not the same vocabulary; use the tokenizer saved with this model")
 
 
 def ensure_pad_token(tokenizer) -> str:
@@ -106,9 +129,24 @@ def _position_limit(config) -> int | None:
     return None
 
 
+def check_safetensors(folder: str | Path, fix: str = "copy the model again") -> None:
+    """Every ``*.safetensors`` file in ``folder`` has a complete header covering the whole file (a truncated copy
+    or an interrupted write would otherwise surface as a SafetensorError traceback deep inside loading)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001  SafetensorError, OSError: all mean "this file cannot be read"
+            raise ClmtuneError(f"{f} is corrupt or truncated ({str(exc).splitlines()[0][:120]}, "
+                               f"{f.stat().st_size} bytes); {fix}") from None
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     names = [p.name for p in folder.iterdir()]
     if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        check_safetensors(folder)
         return
     if any(n.endswith(".bin") or n.endswith(".bin.index.json") for n in names):
         if allow_pickle:
@@ -130,6 +168,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
             target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
             use_safetensors=None if cfg.allow_pickle_weights else True)
     except (OSError, ValueError) as exc:
+        if remote := _remote_code_error(target, exc):
+            raise remote from None
         if Path(target).is_dir():
             raise ClmtuneError(f"could not load the model in {target}: {str(exc).splitlines()[0][:300]}") from None
         raise _hub_error(target, exc) from None

@@ -13,6 +13,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from clmtune.tasks.examples import Example, check_columns, is_missing, template_fields
+from clmtune.templates import template_problem
 
 if TYPE_CHECKING:
     from clmtune.config import DataConfig
@@ -33,6 +34,10 @@ class Task:
     # -- configuration -----------------------------------------------------------------------------------------
     def config_problems(self, d: "DataConfig") -> list[str]:
         """Problems of the ``data`` settings that only this task has (``RunConfig.validate`` reports them)."""
+        return []
+
+    def config_warnings(self, d: "DataConfig") -> list[str]:
+        """Settings that work but are probably not what was meant (logged once when the data is loaded)."""
         return []
 
     def length_limit(self, d: "DataConfig") -> tuple[str, int]:
@@ -98,6 +103,14 @@ class Task:
 def fields(template: str, key: str = "data.template") -> tuple[str, ...]:
     """The placeholders of a template, parsed once per template (not once per row)."""
     return tuple(template_fields(template, key))
+
+
+def template_warnings(d: "DataConfig") -> list[str]:
+    """A prompt template without placeholders gives every row the same prompt."""
+    if d.template and not template_problem(d.template) and not fields(d.template):
+        return [f"data.template={d.template!r} has no {{column}} placeholder: every prompt is the same text, so the "
+                "model cannot tell rows apart; add one, e.g. 'Text : {text} label : '"]
+    return []
 
 
 def check_template_columns(d: "DataConfig", columns: list[str], where: str, response: bool = False) -> None:

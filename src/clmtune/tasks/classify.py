@@ -11,7 +11,8 @@ from typing import Any
 from clmtune.tasks.encoding import build_train_example, token_ids
 from clmtune.tasks.examples import Example, cell_text, is_missing, map_label, row_name
 from clmtune.errors import ClmtuneError
-from clmtune.tasks.base import Task, check_template_columns, fields
+from clmtune.tasks.base import Task, check_template_columns, fields, template_warnings
+from clmtune.templates import fill_template, template_problem
 
 
 class ClassifyTask(Task):
@@ -19,6 +20,13 @@ class ClassifyTask(Task):
     has_labels = True
     evaluation = "labels"
     eval_splits = ("eval", "test")
+
+    def config_problems(self, d) -> list[str]:
+        problem = template_problem(d.template, "data.template") if d.template else None
+        return [problem] if problem else []
+
+    def config_warnings(self, d) -> list[str]:
+        return template_warnings(d)
 
     def check_columns(self, d, columns, where):
         check_template_columns(d, columns, where)
@@ -35,7 +43,7 @@ class ClassifyTask(Task):
                 raise ClmtuneError(f"{where} {row_name(where, i)}: empty label in column {d.label_column!r}; "
                                    "fill it in or remove the row")
             label = map_label(cell, labels, f"{where} {row_name(where, i)}")
-        return Example(id=rid, prompt=d.template.format(**values), label=label, text=" ".join(values.values()),
+        return Example(id=rid, prompt=fill_template(d.template, values), label=label, text=" ".join(values.values()),
                        target=label)
 
     def encode(self, batch, tokenizer, prefix, end_id, d) -> dict:

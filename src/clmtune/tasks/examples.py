@@ -3,11 +3,12 @@ the checks of template placeholders against a file's columns."""
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 from typing import Any
 
 from clmtune.errors import ClmtuneError
+from clmtune.templates import template_fields as _template_fields
+from clmtune.templates import template_problem
 
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.functional.cross_entropy`` skips."""
@@ -44,11 +45,10 @@ def normalize_label(value: Any) -> str:
 
 
 def template_fields(template: str, key: str = "data.template") -> list[str]:
-    try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        raise ClmtuneError(f"{key}={template!r} is not a valid template ({exc}); "
-                           "write placeholders as {column}, and braces as {{ }}") from None
+    """Column names of a template of plain ``{column}`` placeholders (anything else is an error)."""
+    if problem := template_problem(template, key):
+        raise ClmtuneError(problem)
+    return _template_fields(template)
 
 
 def is_missing(value: Any) -> bool:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from clmtune.tasks.encoding import build_sft_example
 from clmtune.tasks.examples import Example, cell_text
-from clmtune.tasks.base import Task, check_template_columns, fields
+from clmtune.tasks.base import Task, check_template_columns, fields, template_warnings
 from clmtune.tasks.classify import encode_pairs
+from clmtune.templates import fill_template, template_problem
 
 
 class SftTask(Task):
@@ -18,9 +19,15 @@ class SftTask(Task):
     evaluation = "replies"
 
     def config_problems(self, d) -> list[str]:
+        p = [template_problem(d.template, "data.template") if d.template else None]
         if not d.response_template:
-            return ["data.response_template is empty; give the response column, e.g. '{response}'"]
-        return []
+            p.append("data.response_template is empty; give the response column, e.g. '{response}'")
+        else:
+            p.append(template_problem(d.response_template, "data.response_template"))
+        return [x for x in p if x]
+
+    def config_warnings(self, d) -> list[str]:
+        return template_warnings(d)
 
     def check_columns(self, d, columns, where):
         check_template_columns(d, columns, where, response=True)
@@ -33,8 +40,8 @@ class SftTask(Task):
         r_values = {f: cell_text(row[f]) for f in r_fields}
         if r_fields and not any(v.strip() for v in r_values.values()):
             return None
-        return Example(id=rid, prompt=d.template.format(**values), label=None, text=" ".join(values.values()),
-                       target=d.response_template.format(**r_values))
+        return Example(id=rid, prompt=fill_template(d.template, values), label=None, text=" ".join(values.values()),
+                       target=fill_template(d.response_template, r_values))
 
     def encode(self, batch, tokenizer, prefix, end_id, d) -> dict:
         return encode_pairs(batch, tokenizer, prefix, end_id, d, build_sft_example)

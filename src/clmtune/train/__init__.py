@@ -43,10 +43,12 @@ from clmtune.data import prepare_data
 from clmtune.errors import ClmtuneError
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
                             load_tokenizer, resolve_model_path)
+from clmtune.fsutil import check_writable
 from clmtune.run import RunDir
 from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_state, _trainable_state,
-                                       list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
-from clmtune.train.loss import (HeadMode, causal_lm_loss, head_positions, head_trim_support, logits_to_keep,
+                                       list_checkpoints, load_checkpoint, load_weights, prepare_output_dir,
+                                       resolve_resume, save_checkpoint)
+from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_positions, head_trim_support, logits_to_keep,
                                 supervised_tokens, virtual_tokens)
 from clmtune.train.precision import bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights
 from clmtune.train.sampler import EpochSampler, RowCollator
@@ -70,23 +72,6 @@ class TrainResult:
     resumed_from: Path | None = None
     model: object = None
     """The trained (unwrapped) model, for callers that go on in the same process."""
-
-
-def prepare_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
-    run = RunDir(path)
-    if run.is_finished():
-        if resume:
-            raise ClmtuneError(f"{path} already holds a finished run; nothing to resume (pass --overwrite without "
-                               "--resume to train again)")
-        if not overwrite:
-            raise ClmtuneError(f"{path} already holds a finished run; choose another train.output_dir or pass "
-                               "--overwrite (or --train.overwrite true)")
-    if overwrite and not resume:
-        run.clear_outputs()
-    elif not resume and list_checkpoints(path):
-        raise ClmtuneError(f"{path} holds checkpoints of an unfinished run; continue it with --resume, or start over "
-                           "with --overwrite")
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def trainable_summary(model) -> dict[str, int]:
@@ -171,6 +156,7 @@ class TrainRecipe:
     def __init__(self, cfg: RunConfig, progress: bool = True, resume: str | None = None):
         self.cfg, self.progress, self.resume = cfg, progress, resume
         self.run = RunDir(cfg.train.output_dir)
+        self.lock = None
         self.ckpt: Path | None = None
         self.step, self.first_loss, self.losses = 0, None, []
         self.rows_seen: list[int] = []  # rows this process trained on in its first epoch (reported for DDP)
@@ -189,7 +175,14 @@ class TrainRecipe:
         self.accelerator = _accelerator(self.cfg, self.precision)
         self.main = self.accelerator.is_main_process
         self.n_proc = self.accelerator.num_processes
-        if self.resume is not None:
+        if self.main:  # before minutes of loading: a folder that cannot be written, or that another run writes
+            check_writable(self.run.path)
+            self.lock = self.run.lock().acquire()
+            self.run.clean_temporary()
+        # killed between saving the weights and the summary, without checkpoints: --resume writes the bookkeeping
+        self.finishing = (self.resume is not None and self.run.has_weights() and not self.run.is_finished()
+                          and not list_checkpoints(self.run.path))
+        if self.resume is not None and not self.finishing:
             if t_cfg.deepspeed is not None:
                 raise ClmtuneError("--resume is not supported with train.deepspeed (DeepSpeed shards the optimizer "
                                    "state); restart the run, or resume without DeepSpeed")
@@ -261,6 +254,8 @@ class TrainRecipe:
     def _setup_state(self) -> None:
         """Resumed position, the log file, the LM-head mode."""
         self.epoch0, self.skip, self.rng, self.resumed_state = 0, 0, None, None
+        if self.finishing:
+            load_weights(self.run.weights(self.is_peft), self.model, self.is_peft)
         if self.ckpt is not None:
             state = self.resumed_state = load_checkpoint(self.ckpt, self.model, self.optimizer, self.scheduler,
                                                          self.is_peft)
@@ -275,7 +270,8 @@ class TrainRecipe:
                 kept = [ln for ln in log_path.read_text(encoding="utf-8").splitlines()
                         if ln and json.loads(ln)["step"] <= self.step]
                 log_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-        self.log_file = open(log_path, "a" if self.ckpt is not None else "w", encoding="utf-8") if self.main else None
+        resumed = self.ckpt is not None or self.finishing
+        self.log_file = open(log_path, "a" if resumed else "w", encoding="utf-8") if self.main else None
         self.last_saved = self.step if self.ckpt is not None else -1
         if self.cfg.train.logits_on_labels_only:
             mode, reason = head_trim_support(self.model)
@@ -291,6 +287,16 @@ class TrainRecipe:
         from tqdm.auto import tqdm
 
         t_cfg, n_proc, ga = self.cfg.train, self.n_proc, self.cfg.train.gradient_accumulation_steps
+        if self.finishing:  # the weights are final: take the steps and losses from the training log
+            records = self.run.log_records()
+            self.step = records[-1]["step"] if records else 0
+            self.first_loss = records[0]["loss"] if records else None
+            self.final_loss, self.seconds = (records[-1]["loss"] if records else None), 0.0
+            log.info("%s: the weights were saved but not the summary; finishing the run (step %d)", self.run.path,
+                     self.step)
+            if self.log_file:
+                self.log_file.close()
+            return self
         window_tokens, self.t0 = 0, time.perf_counter()
         window_start = self.t0
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.progress and self.main),
@@ -313,6 +319,8 @@ class TrainRecipe:
                     grad_norm = None  # the global norm before clipping, logged as transformers.Trainer does
                     if t_cfg.max_grad_norm is not None and t_cfg.deepspeed is None:  # DeepSpeed clips itself
                         grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, t_cfg.max_grad_norm))
+                    check_finite(self.step + 1, loss_sum / max(n_sup, 1), grad_norm,  # before the update
+                                 self.last_saved, self.run.checkpoints)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad()
@@ -372,6 +380,12 @@ class TrainRecipe:
         self.last_saved = self.step
         log.debug("checkpoint written: %s", where)
 
+    def release(self) -> None:
+        """Give the output folder's lock back (also after an error)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     # -- save ------------------------------------------------------------------------------------------------
     def save(self) -> TrainResult:
         from accelerate.utils import gather_object
@@ -382,8 +396,9 @@ class TrainRecipe:
         weights = _trainable_state(self.model, acc)  # collective (ZeRO-3 gather); the real weights, not shards
         per_rank = gather_object([self.rows_seen]) if self.n_proc > 1 else [self.rows_seen]
         if self.main:
-            self.tokenizer.save_pretrained(run.tokenizer)
-            run.save_weights(acc.unwrap_model(self.model), self.is_peft, state_dict=weights)
+            run.save_tokenizer(self.tokenizer)
+            if not self.finishing:
+                run.save_weights(acc.unwrap_model(self.model), self.is_peft, state_dict=weights)
             summary = {"steps": self.step, "epochs": cfg.train.epochs, "seconds": round(self.seconds, 2),
                        "first_loss": self.first_loss, "final_loss": self.final_loss, "method": cfg.peft.method,
                        "precision": self.precision, "lm_head_positions": self.head.mode or "all",
@@ -400,8 +415,8 @@ class TrainRecipe:
                 summary.update(eval_steps=self.watch.every, best=best, early_stopped_at=self.watch.stopped_at)
             if self.n_proc > 1:
                 summary["distributed"] = {"num_processes": self.n_proc, "rows_seen_first_epoch_per_rank": per_rank}
-            run.write_json(run.summary_file.name, summary)
             write_loss_png(run, best["step"] if best else None)
+            run.write_json(run.summary_file.name, summary)  # last: marks the run finished
         acc.wait_for_everyone()
         return TrainResult(output_dir=run.path, steps=self.step, first_loss=self.first_loss,
                            final_loss=self.final_loss, seconds=self.seconds,
@@ -414,4 +429,8 @@ def train(cfg: RunConfig, progress: bool = True, resume: str | None = None) -> T
 
     ``resume``: ``"latest"`` (newest checkpoint of ``train.output_dir``) or a checkpoint folder.
     """
-    return TrainRecipe(cfg, progress, resume).setup().fit().save()
+    recipe = TrainRecipe(cfg, progress, resume)
+    try:
+        return recipe.setup().fit().save()
+    finally:
+        recipe.release()

@@ -4,11 +4,14 @@ which positions the LM head must run on (``logits_to_keep``) so that nothing els
 from __future__ import annotations
 
 import inspect
+import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from clmtune.errors import ClmtuneError
 from clmtune.models import input_virtual_tokens, unwrap
 from clmtune.tasks.examples import IGNORE_INDEX
 
@@ -95,3 +98,17 @@ def head_positions(labels: torch.Tensor, mode: str, n_virtual: int = 0) -> torch
     mask = torch.zeros(labels.shape[0], n_virtual + labels.shape[1], dtype=torch.bool, device=labels.device)
     mask[:, n_virtual:-1] = labels[:, 1:] != IGNORE_INDEX
     return mask
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None, last_saved: int, checkpoints: Path) -> None:
+    """Stop before an optimizer step that would write NaN/inf into the weights (``learning_rate: 1e9``, fp16
+    overflow, a broken row): the run would otherwise "finish" and report metrics of a broken model. Nothing of
+    this step is saved, so the last checkpoint stays the latest. Under several processes the loss and the norm
+    are global, so every process stops at the same step."""
+    bad = [f"{name} is {value}" for name, value in (("the loss", loss), ("the gradient norm", grad_norm))
+           if value is not None and not math.isfinite(value)]
+    if bad:
+        kept = (f"the last good checkpoint is step {last_saved} in {checkpoints}" if last_saved > 0
+                else "no checkpoint was written")
+        raise ClmtuneError(f"training stopped at step {step}: {' and '.join(bad)}; {kept}. Lower "
+                           "train.learning_rate, keep train.max_grad_norm set, or check the data")

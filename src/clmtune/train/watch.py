@@ -179,10 +179,10 @@ class Watch:
     # -- best weights ----------------------------------------------------------------------------------------
     def _save_best(self) -> None:
         """Write the current trainable weights to ``RUN/best`` (checkpoint format: peft adapter or safetensors)."""
-        from clmtune.train.checkpoints import save_weights
+        from clmtune.train.checkpoints import save_checkpoint_weights
 
         r = self.r
-        save_weights(r.run.best, r.model, r.accelerator, r.is_peft)
+        save_checkpoint_weights(r.run.best, r.model, r.accelerator, r.is_peft)
 
     def finish(self) -> dict[str, Any] | None:
         """After fit: load the best weights back into the model (they become the run's result) and say where they
@@ -192,10 +192,10 @@ class Watch:
             r.accelerator.end_training()
         if not self.save_best or self.keeper is None or self.keeper.best_step is None:
             return None
-        from clmtune.train.checkpoints import load_weights
+        from clmtune.train.checkpoints import load_checkpoint_weights
 
         r.accelerator.wait_for_everyone()
-        load_weights(r.run.best, r.model, r.is_peft)
+        load_checkpoint_weights(r.run.best, r.model, r.is_peft)
         r.accelerator.wait_for_everyone()
         if r.main:
             shutil.rmtree(r.run.best, ignore_errors=True)
