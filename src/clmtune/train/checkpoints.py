@@ -186,6 +186,8 @@ def load_checkpoint_weights(folder: Path, model, is_peft: bool) -> None:
 def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: dict, keep: int | None,
                     is_peft: bool) -> Path:
     """Write ``out/checkpoints/step-N`` atomically (temp folder + rename); delete all but the last ``keep``."""
+    from safetensors.torch import save_model
+
     weights = _trainable_state(model, accelerator)  # collective under DeepSpeed
     final = RunDir(out).checkpoints / f"step-{state['step']:06d}"
     if not accelerator.is_main_process:
