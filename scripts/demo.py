@@ -91,7 +91,9 @@ def main() -> int:
 
     import torch
 
-    from clmtune.config import load_config
+    from clmtune.config import ADAPTER_KEYS, PeftSettings, load_config
+    from clmtune.console import setup_console
+    from clmtune.text import format_table
     from clmtune.data import prepare_data
     from clmtune.evaluate import perplexity
     from clmtune.generate import generate
@@ -99,20 +101,23 @@ def main() -> int:
     from clmtune.run import RunDir
     from clmtune.workflows import train_and_evaluate
 
+    setup_console()
     out = Path(args.out)
     rows, t_all = [], time.perf_counter()
 
     # 1. classification ---------------------------------------------------------------------------------------
     print("== 1/3 classification: ChnSentiCorp_htl_all, 80/20 split (seed 123), LoRA then full fine-tuning ==",
           flush=True)
-    for method, steps, extra in (("lora", args.classify_steps, {}),
-                                 ("full", args.full_steps, {"learning_rate": 3e-4})):
+    for method, steps in (("lora", args.classify_steps), ("full", args.full_steps)):
         t0 = time.perf_counter()
+        # full fine-tuning uses none of the config's LoRA keys (r, target_modules); its learning rate is the
+        # per-method default (train.learning_rate: auto -> 3e-4 for full, 2e-3 for LoRA)
+        no_adapter = {k: getattr(PeftSettings(), k) for k in ADAPTER_KEYS} if method == "full" else {}
         cfg = load_config(ROOT / "configs" / "chnsenticorp_classify.yaml", {
             "model": {"name_or_path": args.model},
-            "peft": {"method": method, **({"target_modules": None} if method == "full" else {})},
+            "peft": {"method": method, **no_adapter},
             "train": {"output_dir": str(out / f"classify-{method}"), "overwrite": True, "max_steps": steps,
-                      "eval_steps": 75, "eval_max_rows": 200, **extra}})  # curves of held-out loss/accuracy
+                      "eval_steps": 75, "eval_max_rows": 200}})  # curves of held-out loss/accuracy
         done = train_and_evaluate(cfg)
         res, metrics = done.train, done.metrics
         support = [c["support"] for c in metrics["per_class"].values()]
@@ -157,10 +162,9 @@ def main() -> int:
 
     # summary --------------------------------------------------------------------------------------------------
     total = time.perf_counter() - t_all
-    print(f"\n{'step':<28}{'training':<12}{'metric':<16}{'value':>8}{'time':>9}")
-    for name, steps, metric, value, secs in rows:
-        print(f"{name:<28}{steps:<12}{metric:<16}{value:>8.4f}{'' if secs is None else f'{secs:7.0f}s':>9}")
-    print(f"{'total':<56}{total:>15.0f}s")
+    table = [(name, steps, metric, f"{value:.4f}", "" if secs is None else f"{secs:.0f}s")
+             for name, steps, metric, value, secs in rows] + [("total", "", "", "", f"{total:.0f}s")]
+    print("\n" + format_table(("step", "training", "metric", "value", "time"), table, align="<<<>>"))
     summary = {"model": args.model, "rows": [dict(zip(("step", "training", "metric", "value", "seconds"), r))
                                              for r in rows],
                "generations": [{"prompt": g.prompt, "output": g.outputs[0]} for g in gens],

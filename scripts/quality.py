@@ -61,6 +61,7 @@ def finetune(method: str, train_file: Path, test_file: Path, out: Path, lr: floa
     summary = RunDir(res.output_dir).load_summary()
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "steps": res.steps,
             "final_loss": res.final_loss, "trainable_params": summary["trainable_params"],
+            "precision": summary.get("precision"), "max_length": cfg.data.max_length,
             "test_rows": sum(c["support"] for c in metrics["per_class"].values()),
             "seconds": time.perf_counter() - t0}
 
@@ -72,11 +73,18 @@ def main() -> int:
     ap.add_argument("--model", default="builtin:gpt2-zh-small")
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=3e-4)
+    ap.add_argument("--data", default=str(DATA), help="folder with ChnSentiCorp train.tsv and test.tsv")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--only", choices=("lora", "full"), help="fine-tune with this method only (the baseline runs)")
     args = ap.parse_args()
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_all, test = read_tsv(DATA / "train.tsv"), read_tsv(DATA / "test.tsv")
+    data = Path(args.data)
+    train_all, test = read_tsv(data / "train.tsv"), read_tsv(data / "test.tsv")
     train = train_all[: args.train_rows] if args.train_rows else train_all  # train.tsv is already shuffled
     train_file = out / "train_subset.tsv"
     # tab-separated without quoting, as clmtune reads .tsv (texts hold no tabs or newlines: they came from a TSV)
@@ -86,15 +94,20 @@ def main() -> int:
     results = {"tfidf_char13_logreg (same rows)": tfidf_baseline(train, test)}
     if len(train) < len(train_all):
         results["tfidf_char13_logreg (all 9,600 rows)"] = tfidf_baseline(train_all, test)
-    results[f"{args.model} + LoRA"] = finetune("lora", train_file, DATA / "test.tsv", out, args.lora_lr, args.model)
-    results[f"{args.model} full fine-tuning"] = finetune("full", train_file, DATA / "test.tsv", out, args.full_lr,
-                                                         args.model)
+    if args.only != "full":
+        results[f"{args.model} + LoRA"] = finetune("lora", train_file, data / "test.tsv", out, args.lora_lr,
+                                                   args.model)
+    if args.only != "lora":
+        results[f"{args.model} full fine-tuning"] = finetune("full", train_file, data / "test.tsv", out,
+                                                             args.full_lr, args.model)
     report = {"train_rows": len(train), "test_rows": len(test), "results": results}
     (out / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\nChnSentiCorp test.tsv ({len(test)} reviews), trained on {len(train)} rows of train.tsv")
-    print(f"{'system':<48}{'accuracy':>9}{'macro-F1':>10}{'time':>8}")
-    for name, r in results.items():
-        print(f"{name:<48}{r['accuracy']:>9.4f}{r['macro_f1']:>10.4f}{r['seconds']:>7.0f}s")
+    from clmtune.text import format_table
+
+    print(format_table(("system", "accuracy", "macro-F1", "time"),
+                       [(name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['seconds']:.0f}s")
+                        for name, r in results.items()], align="<>>>"))
     return 0
 
 

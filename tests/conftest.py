@@ -43,7 +43,8 @@ def trained(tmp_path_factory):
         w.writeheader()
         w.writerows(rows)
     cfg = load_config(overrides={
-        "data": {"source": str(data), "eval_fraction": 0.0, "labels": ["complaint", "no complaint"]},
+        "data": {"source": str(data), "eval_fraction": 0.0, "labels": ["complaint", "no complaint"], "max_length": 64},
+        "model": {"name_or_path": "builtin:tiny-opt"},
         "train": {"output_dir": str(tmp / "out"), "max_steps": 40, "epochs": 40, "batch_size": 8,
                   "learning_rate": 1e-2, "seed": 7}})
     result = train(cfg, progress=False)

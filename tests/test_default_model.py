@@ -51,6 +51,26 @@ def test_default_model_ships_in_the_package_as_gpt2_with_a_cut_bert_vocab(defaul
     assert "[UNK]" not in tok.tokenize("ABCxyz!?@#0123456789")
 
 
+def test_default_model_is_stored_in_bf16_and_loads_in_the_dtype_asked_for():
+    """The weights are bf16 on disk (half the fp32 size; the model was pretrained under bf16 autocast); load_model
+    converts them to the requested dtype, exactly (every bf16 value is an fp32 value), and keeps wte/lm_head tied."""
+    from safetensors import safe_open
+
+    folder = builtin_model_path("gpt2-zh-small")
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    n_params = sum(t.numel() for k, t in stored.items() if k != "lm_head.weight")  # tied to wte if stored
+    assert (folder / "model.safetensors").stat().st_size < 2.1 * n_params  # 2 bytes each + header
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(ModelConfig(DEFAULT), dtype=dtype)
+        params = dict(model.named_parameters())
+        assert {p.dtype for p in params.values()} == {dtype}
+        wte = params["transformer.wte.weight"]
+        assert torch.equal(wte, stored["transformer.wte.weight"].to(dtype))
+        assert model.get_output_embeddings().weight.data_ptr() == wte.data_ptr()  # still tied after the cast
+
+
 def test_default_model_knows_the_test_reviews_it_never_saw(default_model, shared_data):
     """Perplexity on ChnSentiCorp test.tsv (never trained on): far below the random model's, and few [UNK]."""
     from clmtune.evaluate import perplexity

@@ -51,7 +51,7 @@ def _naive_scores(model, prompts, conts) -> torch.Tensor:
 
 
 def _prompts(tok, texts):
-    enc = ClassificationEncoder(tok, DataConfig(template="{t} label : "))
+    enc = ClassificationEncoder(tok, DataConfig(template="{t} label : ", max_length=64))
     exs = [Example(id=str(i), prompt=f"{t} label : ", label=None, text=t) for i, t in enumerate(texts)]
     return enc, enc.encode_prompts(exs)[0]
 
@@ -177,7 +177,7 @@ def test_perplexity_is_token_weighted_and_ignores_padding():
 
 def test_rank_eval_on_real_data_never_invalid():
     model, tok = _load("builtin:tiny-opt")
-    cfg = DataConfig()
+    cfg = DataConfig(max_length=64)
     task = load_task(cfg)
     enc = ClassificationEncoder(tok, cfg)
     prompts, _ = enc.encode_prompts(task.eval, reserve=4)

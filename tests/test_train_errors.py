@@ -39,15 +39,15 @@ def test_unknown_method_and_options_list_the_valid_ones():
 
 
 def test_options_reach_peft(one_thread):
-    model = apply_peft(load_model(ModelConfig()), PeftSettings(method="p_tuning", options={"encoder_hidden_size": 16}))
+    model = apply_peft(load_model(ModelConfig(name_or_path="builtin:tiny-opt")), PeftSettings(method="p_tuning", options={"encoder_hidden_size": 16}))
     assert model.peft_config["default"].encoder_hidden_size == 16
-    model = apply_peft(load_model(ModelConfig()), PeftSettings(options={"use_rslora": True, "r": 4}))
+    model = apply_peft(load_model(ModelConfig(name_or_path="builtin:tiny-opt")), PeftSettings(options={"use_rslora": True, "r": 4}))
     assert model.peft_config["default"].use_rslora and model.peft_config["default"].r == 4
 
 
 def test_target_module_that_matches_nothing_lists_the_linear_layers(one_thread):
     with pytest.raises(ClmtuneError) as exc:
-        apply_peft(load_model(ModelConfig()), PeftSettings(target_modules=["query_key_value"]))
+        apply_peft(load_model(ModelConfig(name_or_path="builtin:tiny-opt")), PeftSettings(target_modules=["query_key_value"]))
     msg = str(exc.value)
     assert "query_key_value" in msg and "'q_proj'" in msg and "'fc1'" in msg and "\n" not in msg
 

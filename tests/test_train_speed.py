@@ -35,7 +35,7 @@ def real_batch():
     """Five real tweets, tokenized and left-padded as training does: (B=5, T) with different label lengths."""
     model_cfg = ModelConfig(name_or_path="builtin:tiny-opt")
     tok = load_tokenizer(model_cfg)
-    data = prepare_data(tok, DataConfig(source="builtin:raft/twitter_complaints", eval_fraction=0.0, labels=LABELS),
+    data = prepare_data(tok, DataConfig(source="builtin:raft/twitter_complaints", eval_fraction=0.0, labels=LABELS, max_length=64),
                         progress=False)
     feats = [{"input_ids": data.train[i]["input_ids"], "labels": data.train[i]["labels"]} for i in range(5)]
     return model_cfg, collate(feats, data.pad_id)

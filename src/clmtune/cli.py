@@ -102,6 +102,22 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     x.add_argument("--overwrite", action="store_true")
 
+    v = sub.add_parser("serve", help="serve a run or model over an OpenAI-compatible HTTP API, with a playground",
+                       description="OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models; "
+                                   "/v1/classify for classification runs; a browser playground at /. "
+                                   "Needs pip install 'clmtune[serve]'.")
+    vsrc = v.add_mutually_exclusive_group(required=True)
+    vsrc.add_argument("--run", help="run folder written by `clmtune train`")
+    vsrc.add_argument("--model", help="plain or merged model folder (or a run folder), hub id, or builtin:NAME")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=os.environ.get("CLMTUNE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $CLMTUNE_API_KEY; none: open)")
+    v.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
+    v.add_argument("--max-batch", type=int, default=16, help="requests (x n) generated together in one batch")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 429")
+    v.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+
     rp = sub.add_parser("report", help="write a self-contained report.html about one or more runs",
                         description="Curves, final metrics, per-class scores, confusion matrix, wrong predictions "
                                     "with their texts, data summary, timings and config; several runs side by side.")
@@ -298,19 +314,19 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """Keep our own progress bars; hide the libraries' per-file loading bars and deprecation chatter."""
-    import warnings
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.serve import serve
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\.")
+    for flag in ("port", "max_batch", "max_queue", "max_tokens"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise ClmtuneError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive")
+    serve(args.run, args.model, host=args.host, port=args.port, api_key=args.api_key or None, device=args.device,
+          limits={"max_batch": args.max_batch, "max_queue": args.max_queue, "max_tokens": args.max_tokens})
+    return 0
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat,
-            "export": cmd_export, "report": cmd_report}
+            "export": cmd_export, "serve": cmd_serve, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,13 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "prepare"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="clmtune: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "prepare":  # tokenizing is all prepare does: let the fast tokenizer use every core
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
+    from clmtune.console import setup_console
+
+    setup_console(args.debug)
     try:
         return COMMANDS[args.command](args, extra)
     except ClmtuneError as exc:

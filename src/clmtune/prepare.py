@@ -16,7 +16,11 @@ from typing import Any
 from clmtune.config import RunConfig
 from clmtune.data import SPLIT_ORDER, prepare_data
 from clmtune.data.features import check_save_target, save_prepared
+from clmtune.data import Encoder, load_task
+from clmtune.defaults import resolve_defaults
+from clmtune.tasks import get_task
 from clmtune.models import context_length, load_tokenizer
+from clmtune.text import format_table
 
 
 @dataclass
@@ -31,10 +35,19 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
     """Tokenize the configured data (never reading ``data.prepared``) and optionally save it to ``save``."""
     if save is not None:
         check_save_target(save, overwrite)  # fail before the work, not after
-    data_cfg = dataclasses.replace(cfg.data, prepared=None)
     t0 = time.perf_counter()
+    cfg, auto = resolve_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=None)))
+    data_cfg = cfg.data
     tokenizer = load_tokenizer(cfg.model)
-    prep = prepare_data(tokenizer, data_cfg, context_length=context_length(cfg.model), progress=progress)
+    task = load_task(data_cfg)
+    prep = prepare_data(tokenizer, data_cfg, task=task, context_length=context_length(cfg.model), progress=progress)
+    if get_task(data_cfg.task).evaluation == "labels" and task.eval:
+        # what `clmtune eval` (rank and generate) will report: room for the longest label, not each row's own
+        _, cut = Encoder(tokenizer, data_cfg).encode_eval_prompts(task.eval, prep.labels)
+        prep.report["eval_prompts_truncated"] = {"rows": len(task.eval), "truncated": cut}
+    prep.report["auto"] = auto
+    prep.report["model"] = cfg.model.name_or_path
+    prep.report["max_length"] = data_cfg.max_length
     seconds = time.perf_counter() - t0
     saved = save_prepared(prep, save, data_cfg, tokenizer, overwrite) if save is not None else None
     return PrepareResult(report=prep.report, seconds=seconds, saved_to=saved)
@@ -60,10 +73,21 @@ def format_summary(report: dict[str, Any]) -> str:
                      str(d["dropped_duplicate"].get(s, 0)), str(n), str(st["truncated"]) if st else "-",
                      str(st["features"]) if st else "-  (no targets)",
                      _lens(st["prompt_tokens"]) if st else "-", _lens(st["target_tokens"]) if st else "-"])
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(head, rows).splitlines()
     lines.append("")
+    if "eval_prompts_truncated" in report:
+        e = report["eval_prompts_truncated"]
+        lines.append(f"evaluation (rank and generate) cuts {e['truncated']} of {e['rows']} eval prompts: they leave room "
+                     "for the longest label + end token; 'truncated' above counts each row with its own label")
+    for key, choice in report.get("auto", {}).items():
+        lines.append(f"{key}: auto -> {choice['value']} ({choice['why']})")
+    if "data.max_length" in report.get("auto", {}):
+        c = report["auto"]["data.max_length"]
+        lines.append(f"  with data.max_length={c['value']}: {c['rows_cut']} of {c['rows']} training rows are cut")
+    if "sampled" in d:
+        b, k = d["rows_before_sampling"], d["sampled"]
+        lines.append(f"sampled with seed {k['seed']}: train {k['train']} of {b['train']} rows (data.max_train_rows), "
+                     f"eval {k['eval']} of {b['eval']} (data.max_eval_rows)")
     pad, end = report["pad_token"], report["end_token"]
     lines.append(f"task: {report['task']}   pad token: {pad['token']!r} (id {pad['id']})"
                  f"   end token: {end['token']!r} (id {end['id']})"

@@ -8,11 +8,14 @@ A run folder is what ``clmtune train`` writes into ``train.output_dir``::
     train_log.jsonl      one line per logged optimizer step
     train_summary.json   written last: steps, losses, label set, data report
     checkpoints/         step-NNNNNN folders while (or after) training with train.save_steps
+    eval/<what>-<method>/  one folder per evaluation (``eval_output_dir``): eval.json, predictions.csv,
+                         confusion_matrix.png; <what> is the split (eval, test) or file-<stem> of ``eval --data``
+    eval/index.json      every evaluation of the run: folder, split or file, method, headline metrics, time
+    eval.json            the latest evaluation's results, with ``folder`` naming where its files are
     best/                the best weights so far, while training with train.save_best (moved into the result)
     loss.png             training curves, written at the end of training
     tensorboard/         event files with train.report_to: [tensorboard]
     report.html          ``clmtune report RUN``
-    eval.json, predictions.csv, confusion_matrix.png     evaluation of the held-out split (``eval_output_dir``)
 
 Stages ask a ``RunDir`` for paths, for loading (config, tokenizer, model: adapter or full) and for atomic writes;
 no other module spells these names.
@@ -50,6 +53,8 @@ EVAL_JSON = "eval.json"
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_JSONL = "predictions.jsonl"
 CONFUSION_PNG = "confusion_matrix.png"
+EVALS = "eval"
+EVAL_INDEX = "index.json"
 
 _ADAPTER_MARK = "adapter_config.json"  # written by peft's save_pretrained
 _MODEL_MARK = "config.json"  # written by transformers' save_pretrained
@@ -143,12 +148,34 @@ class RunDir:
         """Where the trained weights go: ``adapter/`` for adapter methods, ``model/`` for full fine-tuning."""
         return self.adapter if is_peft else self.model
 
-    def eval_output_dir(self, split: str = "eval", data_file: str | Path | None = None) -> Path:
-        """Default folder of an evaluation's files: the run folder (held-out ``eval`` split), ``RUN/test`` (the
-        ``test`` split) or ``RUN/eval-<file stem>`` (a data file)."""
-        if data_file is not None:
-            return self.path / f"eval-{Path(data_file).stem}"
-        return self.path if split == "eval" else self.path / "test"
+    def eval_output_dir(self, split: str = "eval", data_file: str | Path | None = None,
+                        method: str = "rank") -> Path:
+        """Default folder of an evaluation's files, one per (split or data file, method), so evaluating again
+        another way never overwrites the first: ``RUN/eval/eval-rank``, ``RUN/eval/test-generate``,
+        ``RUN/eval/file-<stem>-rank`` (``clmtune eval --data <stem>.csv``), ``RUN/eval/eval-perplexity``."""
+        what = f"file-{Path(data_file).stem}" if data_file is not None else split
+        return self.path / EVALS / f"{what}-{method}"
+
+    @property
+    def eval_index(self) -> Path:
+        return self.path / EVALS / EVAL_INDEX
+
+    def record_evaluation(self, folder: Path, result: dict, split: str, data_file: str | Path | None) -> None:
+        """After an evaluation wrote its files into ``folder``: ``RUN/eval.json`` becomes its results (the latest
+        evaluation, with ``folder``), and ``RUN/eval/index.json`` lists it with every earlier one."""
+        import time
+
+        folder = Path(folder).resolve()
+        where = str(folder.relative_to(self.path.resolve())) if folder.is_relative_to(self.path.resolve()) \
+            else str(folder)
+        write_json_atomic(self.path / EVAL_JSON, {**result, "folder": where})
+        index = json.loads(self.eval_index.read_text(encoding="utf-8")) if self.eval_index.is_file() else {}
+        headline = {k: result[k] for k in ("accuracy", "macro_f1", "perplexity", "invalid", "n", "truncated_prompts")
+                    if k in result}
+        index[where] = {"split": None if data_file is not None else split,
+                        "data_file": None if data_file is None else str(data_file), "method": result.get("method"),
+                        **headline, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(self.eval_index, index)
 
     # -- state -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -188,9 +215,9 @@ class RunDir:
                                "folder, or train again")
 
     def eval_files(self) -> list[Path]:
-        """Evaluation outputs of earlier evaluations: the files in the run folder and the ``test``/``eval-*``
-        folders."""
-        found = [self.path / n for n in (EVAL_JSON, PREDICTIONS_CSV, CONFUSION_PNG)]
+        """Outputs of earlier evaluations: the ``eval/`` folders with their index, the latest ``eval.json``, and the
+        files and ``test``/``eval-*`` folders of the layout before evaluations had folders of their own."""
+        found = [self.path / n for n in (EVALS, EVAL_JSON, PREDICTIONS_CSV, PREDICTIONS_JSONL, CONFUSION_PNG)]
         found += [self.path / "test", *self.path.glob("eval-*")]
         return [p for p in found if p.exists()]
 

@@ -44,3 +44,29 @@ def edit_distance(a: str, b: str) -> int:
 def nearest_label(text: str, labels: Sequence[str]) -> str:
     """The label with the smallest edit distance to ``text`` (ties: the first in ``labels``)."""
     return min(labels, key=lambda lab: edit_distance(text, lab))
+
+
+def display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: 2 for wide and full-width characters (CJK, full-width punctuation), 0 for
+    combining marks, 1 otherwise (``unicodedata.east_asian_width``, as terminals lay text out)."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def pad_to_width(text: str, width: int, align: str = "<") -> str:
+    """``text`` padded with spaces to ``width`` terminal columns (``str.ljust`` counts characters, so a column of
+    Chinese text comes out too wide); ``align`` ``<`` (left) or ``>`` (right)."""
+    fill = " " * max(0, width - display_width(text))
+    return fill + text if align == ">" else text + fill
+
+
+def format_table(head: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
+    """A plain-text table aligned by display width: header, a dashed rule, the rows. ``align``: one ``<``/``>``
+    per column (default: all left). The one table helper of the CLI and the scripts."""
+    cells = [[str(c) for c in r] for r in [head, *rows]]
+    widths = [max(display_width(r[i]) for r in cells) for i in range(len(head))]
+    align = align or "<" * len(head)
+    lines = ["  ".join(pad_to_width(c, w, a) for c, w, a in zip(r, widths, align)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

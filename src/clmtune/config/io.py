@@ -12,6 +12,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from clmtune.config.run_config import RunConfig
+from clmtune.config.sections import AUTO, AUTO_KEYS
 from clmtune.errors import ConfigError
 
 
@@ -40,21 +41,22 @@ def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
         return value
     base = hint
     origin = get_origin(base) or base
+    if optional and name in AUTO_KEYS and isinstance(value, str) and value.strip().lower() == AUTO:
+        return None  # chosen from the data / method when training starts (clmtune.defaults)
+    if origin in (int, float) and isinstance(value, str):
+        value = _number(name, value, origin, problems)
+        if value is None:
+            return None
+    if origin is int and isinstance(value, float):
+        if value.is_integer():
+            return int(value)  # "max_steps: 1.0e+3"
+        problems.append(f"{name}={value!r} must be an integer")
+        return value
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin is float and isinstance(value, float) and not math.isfinite(value):
         problems.append(f"{name}={value!r} must be a finite number")
         return value
-    if origin is float and isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) and nan as strings
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-        else:
-            if math.isfinite(number):
-                return number
-            problems.append(f"{name}={value!r} must be a finite number")
-            return value
     if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # "--model.revision 1" is a string to the user
     if origin is Any or isinstance(value, origin):
@@ -66,6 +68,26 @@ def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     kind = getattr(origin, "__name__", str(origin))
     problems.append(f"{name}={value!r} must be of type {kind}")
     return value
+
+
+def _number(name: str, text: str, kind: type, problems: list[str]) -> int | float | None:
+    """A number as a person writes it (``3e-4``, ``1e3``, ``.5``, ``1_000``, ``+2``): YAML 1.1 leaves the first
+    two as strings. Returns None (and adds a problem) when ``text`` is no finite number of the field's type."""
+    try:
+        number = float(text.strip())  # Python's float() reads every one of those forms, underscores included
+    except ValueError:
+        kind_name = "an integer" if kind is int else "a number"
+        problems.append(f"{name}={text!r} must be {kind_name} (e.g. {'100' if kind is int else '3e-4'})")
+        return None
+    if not math.isfinite(number):
+        problems.append(f"{name}={text!r} must be a finite number")
+        return None
+    if kind is int:
+        if not number.is_integer():
+            problems.append(f"{name}={text!r} must be an integer")
+            return None
+        return int(number)
+    return number
 
 
 def structure_problems(raw: Any, where: str = "the config") -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,15 @@ class RunConfig:
             p.append(f"data.eval_fraction={d.eval_fraction!r} must be in [0, 1)")
         if d.labels is not None and len(set(d.labels)) != len(d.labels):
             p.append(f"data.labels has duplicates: {d.labels}")
-        positive("data.max_length", d.max_length)
+        if d.max_length is not None:
+            positive("data.max_length", d.max_length)
+        for key in ("max_train_rows", "max_eval_rows"):
+            if getattr(d, key) is not None:
+                positive(f"data.{key}", getattr(d, key))
+        if d.labels is not None and len(d.labels) == 1 and re.search(r"[,，、]", d.labels[0]):
+            parts = [x.strip() for x in re.split(r"[,，、]", d.labels[0]) if x.strip()]
+            p.append(f"data.labels is one label {d.labels[0]!r}; for {len(parts)} labels write the list in brackets: "
+                     f"--data.labels \"[{', '.join(parts)}]\" (YAML: labels: [{', '.join(parts)}])")
         if d.pad_to_multiple_of is not None and d.pad_to_multiple_of <= 0:
             p.append(f"data.pad_to_multiple_of={d.pad_to_multiple_of!r} must be a positive integer such as 8, or "
                      "null to pad each batch to exactly its longest row")
@@ -84,7 +93,8 @@ class RunConfig:
             positive("train.max_steps", t.max_steps)
         positive("train.batch_size", t.batch_size)
         positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
-        positive("train.learning_rate", t.learning_rate)
+        if t.learning_rate is not None:
+            positive("train.learning_rate", t.learning_rate)
         positive("train.log_every", t.log_every)
         positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
         if t.max_grad_norm is not None:

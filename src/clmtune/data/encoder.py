@@ -43,6 +43,18 @@ class Encoder:
         feats = [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
         return feats, sum(out["truncated"])
 
+    def eval_reserve(self, labels: Sequence[str]) -> int:
+        """Tokens an evaluation prompt leaves free after it: the longest label + the end token. The one definition
+        of a truncated evaluation prompt, used by ``rank`` and ``generate`` alike (and by ``prepare``'s report): a
+        prompt is cut when prompt + longest label + end token > ``data.max_length``. Training cuts a row when
+        prompt + *its own* label + end token do not fit, so with labels of different token lengths evaluation
+        can cut a few rows more than training did."""
+        return max(len(c) for c in self.label_ids(labels)) + 1
+
+    def encode_eval_prompts(self, examples: Sequence[Example], labels: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Prompt ids for evaluation and how many were cut (``eval_reserve``)."""
+        return self.encode_prompts(examples, reserve=self.eval_reserve(labels))
+
     def encode_prompts(self, examples: Sequence[Example], reserve: int = 0) -> tuple[list[list[int]], int]:
         """Prompt ids for evaluation, cut the same way as in training so that ``reserve`` tokens still fit."""
         out, truncated = [], 0

@@ -60,8 +60,13 @@ class Prepared:
         d = r["data"]
         dropped = sum(d["dropped_empty"].values())
         dups = sum(d["dropped_duplicate"].values())
+        sampled = ""
+        if "sampled" in d:  # data.max_train_rows / max_eval_rows
+            b, k = d["rows_before_sampling"], d["sampled"]
+            sampled = (f"; sampled (seed {k['seed']}) train {k['train']} of {b['train']} rows, eval {k['eval']} of "
+                       f"{b['eval']}")
         return (f"data ({r['task']}): " + "; ".join(parts) + f"; {dropped} rows dropped (empty text), "
-                f"{dups} duplicates dropped; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
+                f"{dups} duplicates dropped{sampled}; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
 
 
 def context_check(cfg: DataConfig, context_length: int | None) -> None:
@@ -69,7 +74,7 @@ def context_check(cfg: DataConfig, context_length: int | None) -> None:
     if context_length is None:
         return
     key, value = get_task(cfg.task).length_limit(cfg)
-    if value > context_length:
+    if value is not None and value > context_length:
         raise ClmtuneError(f"{key}={value} is larger than the model's context ({context_length} positions); "
                            f"set {key} to at most {context_length}")
 
@@ -114,8 +119,13 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     get_task(cfg.task).prepare_tokenizer(tokenizer, cfg)
     if cfg.prepared:
         return load_prepared(cfg.prepared, tokenizer, cfg)
-    enc = Encoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
     task = task if task is not None else load_task(cfg)
+    if cfg.max_length is None:  # `auto` not resolved by the caller (clmtune.defaults does it for train/prepare)
+        from clmtune.data.profile import auto_max_length, sequence_lengths
+
+        lengths = sequence_lengths(tokenizer, cfg, task.train)
+        cfg = dataclasses.replace(cfg, max_length=auto_max_length(lengths, context_length)[0] if lengths else 64)
+    enc = Encoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
     if get_task(cfg.task).has_labels and task.labels:
         check_label_tokens(enc, task.labels)
     was_enabled = datasets.is_progress_bar_enabled()

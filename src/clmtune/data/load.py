@@ -48,7 +48,13 @@ def split_indices(n: int, fraction: float, seed: int, strata: list[int] | None =
     ds = datasets.Dataset.from_dict({"_i": list(range(n))})
     kwargs = {}
     if strata is not None:
-        ds = ds.add_column("_y", strata).cast_column("_y", datasets.ClassLabel(num_classes=n_classes))
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a "Casting the dataset" bar for an instant cast of row numbers
+        try:
+            ds = ds.add_column("_y", strata).cast_column("_y", datasets.ClassLabel(num_classes=n_classes))
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
         kwargs["stratify_by_column"] = "_y"
     try:
         parts = ds.train_test_split(test_size=fraction, seed=seed, **kwargs)
@@ -76,6 +82,17 @@ def label_set(cfg: DataConfig, raw: RawData) -> list[str]:
                            f"(columns: {list(rows[0])})")
     return sorted({normalize_label(r[cfg.label_column]) for r in rows
                    if not is_missing(r[cfg.label_column]) and str(r[cfg.label_column]).strip()})
+
+
+def sample_rows(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """At most ``limit`` of ``examples``, drawn with ``seed`` (the same rows every time), in their original order
+    (``data.max_train_rows`` / ``data.max_eval_rows``)."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
 
 
 def load_task(cfg: DataConfig) -> TaskData:
@@ -116,10 +133,16 @@ def load_task(cfg: DataConfig) -> TaskData:
     else:
         evals, eval_from = [], "none (data.eval_fraction=0)"
     test = examples.get("test", [])
+    before = {"train": len(train), "eval": len(evals)}
+    train = sample_rows(train, cfg.max_train_rows, cfg.seed)
+    evals = sample_rows(evals, cfg.max_eval_rows, cfg.seed)
     report = {"task": cfg.task, "rows_read": sum(read.values()), "train": len(train), "eval": len(evals),
               "test": len(test), "read": read, "sources": dict(raw.where), "eval_from": eval_from,
               "dropped_empty": {s: dropped.get(s, 0) for s in ("train", "eval", "test")},
               "dropped_duplicate": {s: dups.get(s, 0) for s in ("train", "eval", "test")}}
+    if cfg.max_train_rows is not None or cfg.max_eval_rows is not None:
+        report["rows_before_sampling"] = before
+        report["sampled"] = {"train": len(train), "eval": len(evals), "seed": cfg.seed}
     if classify:
         report["label_counts"] = {s: dict(Counter(e.label for e in ex if e.label is not None))
                                   for s, ex in (("train", train), ("eval", evals), ("test", test))}

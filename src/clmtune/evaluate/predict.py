@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from clmtune.evaluate.scoring import _batches, _by_length, label_scores
-from clmtune.models import model_device
+from clmtune.models import context_length, model_device
 from clmtune.tasks.encoding import collate
 from clmtune.tasks.examples import Example
 from clmtune.text import clean_text, nearest_label
@@ -30,8 +30,7 @@ class Predictions:
 @torch.no_grad()
 def predict_rank(model, encoder, examples: list[Example], labels: list[str], batch_size: int,
                  normalize: bool = False, progress: bool = False) -> Predictions:
-    reserve = max(len(c) for c in encoder.label_ids(labels)) + 1
-    prompts, truncated = encoder.encode_prompts(examples, reserve=reserve)
+    prompts, truncated = encoder.encode_eval_prompts(examples, labels)
     scores = label_scores(model, encoder, prompts, labels, batch_size, normalize, progress)
     return Predictions(predicted=[labels[k] for k in scores.argmax(dim=1).tolist()], invalid=0, truncated=truncated)
 
@@ -43,8 +42,14 @@ def predict_generate(model, encoder, examples: list[Example], labels: list[str],
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    max_new = max(len(c) for c in encoder.label_ids(labels)) + 2
-    prompts, truncated = encoder.encode_prompts(examples, reserve=max_new)
+    # The same prompts as rank (one definition of "truncated": Encoder.eval_reserve), then up to longest label +
+    # 2 new tokens; one less (label + end token, what rank scores) when max_length leaves no room for the extra
+    # token in the model's context.
+    prompts, truncated = encoder.encode_eval_prompts(examples, labels)
+    max_new = encoder.eval_reserve(labels) + 1
+    context = context_length(model)
+    if context is not None and encoder.cfg.max_length + 1 > context:
+        max_new -= 1
     tok = encoder.tokenizer
     gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=encoder.end_id,
                                pad_token_id=encoder.pad_id)

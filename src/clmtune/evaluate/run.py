@@ -52,8 +52,9 @@ def evaluate_examples(model, tokenizer, cfg: RunConfig, examples: list[Example],
     seconds = time.perf_counter() - t0
     model.train(was_training)
     if preds.truncated:
-        log.warning("eval: %d of %d prompts were cut to fit data.max_length=%d", preds.truncated, len(examples),
-                    cfg.data.max_length)
+        log.warning("eval: %d of %d prompts were cut to fit data.max_length=%d with the longest label + end token "
+                    "(the same count for rank and generate; training counts each row with its own label)",
+                    preds.truncated, len(examples), cfg.data.max_length)
     result = {"method": method, "n": len(examples), "invalid": preds.invalid, "seconds": round(seconds, 3),
               "examples_per_s": round(len(examples) / max(seconds, 1e-9), 2), "truncated_prompts": preds.truncated}
     if method == "rank":
@@ -82,8 +83,9 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
                  ) -> tuple[dict, Path]:
     """Evaluate a trained run on its held-out split (``eval``), its unlabelled ``test`` split, or ``data_file``.
 
-    Returns (metrics, folder written to). Default folders: the run folder for ``eval``, ``RUN/test`` for ``test``,
-    ``RUN/eval-<file stem>`` for a data file. ``device``: overrides the run's ``eval.device``.
+    Returns (metrics, folder written to). Each evaluation has its own folder (``RunDir.eval_output_dir``:
+    ``RUN/eval/<split or file-stem>-<method>/``) unless ``out_dir`` names one; ``RUN/eval.json`` is the latest
+    evaluation and ``RUN/eval/index.json`` lists them all. ``device``: overrides the run's ``eval.device``.
     """
     run = RunDir(run_dir)
     cfg = run.load_config()
@@ -107,7 +109,6 @@ def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: s
         rows = read_table(path, cfg.data.delimiter, cfg.data.encoding, cfg.data.text_sample_by)  # as in training
         labelled = bool(rows) and cfg.data.label_column in rows[0]
         examples, _ = render_examples(rows, cfg.data, labels, str(path), labelled=labelled)
-        default_out = run.eval_output_dir(data_file=path)
     else:
         if split not in get_task(cfg.data.task).eval_splits:
             raise ClmtuneError(f"--split {split!r} is not one of {', '.join(get_task(cfg.data.task).eval_splits)}")
@@ -117,22 +118,24 @@ def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: s
             raise ClmtuneError(f"the run's {split!r} split is empty" + (
                 "; set data.eval_fraction > 0 or pass --data FILE" if split == "eval" else
                 "; set data.test_file or pass --data FILE"))
-        default_out = run.eval_output_dir(split)
-    out = Path(out_dir) if out_dir else default_out
-    result = evaluate_examples(model, tokenizer, cfg, examples, labels, method or cfg.eval.method, out, progress)
+    method = method or cfg.eval.method
+    out = Path(out_dir) if out_dir else run.eval_output_dir(split, data_file, method)
+    result = evaluate_examples(model, tokenizer, cfg, examples, labels, method, out, progress)
+    run.record_evaluation(out, result, split, data_file)
     return result, out
 
 
 def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
-                     out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
-    """Perplexity of a run (``sft``, ``lm``) on its held-out split or on ``data_file`` (tokenized like training)."""
+                     out_dir: str | Path | None, progress: bool, method: str | None = None,
+                     record: bool = True) -> tuple[dict, Path]:
+    """Perplexity of a run (``sft``, ``lm``) on its held-out split or on ``data_file`` (tokenized like training).
+    ``record``: list it as the run's latest evaluation (the replies evaluation records itself once complete)."""
     if data_file is not None:
         if not Path(data_file).is_file():
             raise ClmtuneError(f"--data {data_file!r}: no such file")
         data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
                                        eval_fraction=0.0, prepared=None)
         features = prepare_data(tokenizer, data_cfg).train
-        default_out = run.eval_output_dir(data_file=data_file)
     else:
         if split not in get_task(cfg.data.task).eval_splits:
             raise ClmtuneError(f"--split {split!r}: an {cfg.data.task} run is scored by perplexity on its held-out "
@@ -140,17 +143,20 @@ def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, 
         features = prepare_data(tokenizer, cfg.data).eval
         if features is None or len(features) == 0:
             raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
-        default_out = run.eval_output_dir("eval")
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(features["input_ids"], features["labels"])]
-    out = Path(out_dir) if out_dir else default_out
-    return evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress), out
+    out = Path(out_dir) if out_dir else run.eval_output_dir("eval", data_file, method or "perplexity")
+    result = evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress)
+    if record:
+        run.record_evaluation(out, result, "eval", data_file)
+    return result, out
 
 
 def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
                           out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
     """Chat and sft runs: the perplexity of the held-out split on the supervised (assistant / response) tokens,
     then greedy replies to its prompts scored against the references; ``predictions.jsonl``/``.csv`` keep them."""
-    result, out = _evaluate_lm_run(run, model, tokenizer, cfg, split, data_file, out_dir, progress)
+    result, out = _evaluate_lm_run(run, model, tokenizer, cfg, split, data_file, out_dir, progress, "replies",
+                                   record=False)
     data_cfg = cfg.data
     if data_file is not None:
         data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
@@ -167,7 +173,9 @@ def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: 
                           "max_new_tokens": cfg.generate.max_new_tokens,
                           "repetition_penalty": cfg.generate.repetition_penalty,
                           "seconds": round(time.perf_counter() - t0, 3)}}
-    return write_result(result, out), out
+    result = write_result(result, out)
+    run.record_evaluation(out, result, "eval", data_file)
+    return result, out
 
 
 EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run}

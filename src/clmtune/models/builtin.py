@@ -141,6 +141,9 @@ def builtin_model_path(name: str) -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """``builtin:NAME`` -> cached folder; an existing folder -> itself; anything else is taken as a hub id."""
+    if name_or_path == "auto":
+        raise ClmtuneError("model.name_or_path=auto is chosen from the training data by `clmtune train`/`prepare`; "
+                           "here give a model (a folder, a hub id or builtin:NAME)")
     if name_or_path.startswith(BUILTIN_PREFIX):
         return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX):]))
     path = Path(name_or_path).expanduser()

@@ -66,6 +66,11 @@ def apply_peft(model, settings: PeftSettings, tokenizer_path: str | None = None)
     if peft_cfg is None:
         model.requires_grad_(True)
         return model
+    if hasattr(peft_cfg, "fan_in_fan_out") and "fan_in_fan_out" not in settings.options and any(
+            type(m).__name__ == "Conv1D" for m in model.modules()):
+        # GPT-2's Conv1D stores its weight as (in, out): peft needs fan_in_fan_out=True and otherwise sets it
+        # itself, with a warning per run. Saying it up front gives the same adapter, without the warning.
+        peft_cfg.fan_in_fan_out = True
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as exc:  # e.g. "Target modules {'foo'} not found in the base model"

@@ -96,9 +96,9 @@ def read_run(path: str | Path, name: str | None = None) -> RunFiles:
                 run.bad_log_lines += 1  # a run killed mid-write leaves a partial last line
         if run.bad_log_lines:
             log.warning("%s: skipped %d unreadable line(s)", rd.log_file, run.bad_log_lines)
-    eval_dir = rd.eval_output_dir("eval")
-    run.eval = _read_json(eval_dir / EVAL_JSON)
+    run.eval = _read_json(rd.path / EVAL_JSON)  # the latest evaluation; "folder" says where its files are
     if run.eval is not None:
+        eval_dir = rd.path / run.eval.get("folder", ".")  # an absolute folder stays absolute
         run.eval_dir = eval_dir
         files = run.eval.get("files", {})
         preds = eval_dir / files.get("predictions", PREDICTIONS_CSV)

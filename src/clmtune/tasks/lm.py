@@ -19,7 +19,8 @@ class LmTask(Task):
         p = []
         if not d.text_column:
             p.append("data.text_column is empty; give the column with the text to learn, e.g. 'text'")
-        if d.packing and d.padding == "max_length" and d.block_size is not None and d.block_size > d.max_length:
+        if (d.packing and d.padding == "max_length" and d.block_size is not None and d.max_length is not None
+                and d.block_size > d.max_length):
             p.append(f"data.block_size={d.block_size} is larger than data.max_length={d.max_length} with "
                      "data.padding=max_length; make them equal or use data.padding: longest")
         return p

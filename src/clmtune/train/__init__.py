@@ -40,6 +40,7 @@ import torch
 
 from clmtune.config import RunConfig
 from clmtune.data import prepare_data
+from clmtune.defaults import resolve_defaults
 from clmtune.errors import ClmtuneError
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
                             load_tokenizer, resolve_model_path)
@@ -154,6 +155,8 @@ class TrainRecipe:
     are drawn in, which a resumed run relies on: do not reorder them."""
 
     def __init__(self, cfg: RunConfig, progress: bool = True, resume: str | None = None):
+        # every `auto` (model, learning rate, max_length) becomes a value first: the run and its saved config use it
+        cfg, self.auto = resolve_defaults(cfg, announce=int(os.environ.get("RANK", "0")) == 0)
         self.cfg, self.progress, self.resume = cfg, progress, resume
         self.run = RunDir(cfg.train.output_dir)
         self.lock = None
@@ -401,6 +404,8 @@ class TrainRecipe:
                 run.save_weights(acc.unwrap_model(self.model), self.is_peft, state_dict=weights)
             summary = {"steps": self.step, "epochs": cfg.train.epochs, "seconds": round(self.seconds, 2),
                        "first_loss": self.first_loss, "final_loss": self.final_loss, "method": cfg.peft.method,
+                       "model": cfg.model.name_or_path, "learning_rate": cfg.train.learning_rate,
+                       "max_length": cfg.data.max_length, "auto": self.auto,
                        "precision": self.precision, "lm_head_positions": self.head.mode or "all",
                        "resumed_from": str(self.ckpt) if self.ckpt else None,
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},

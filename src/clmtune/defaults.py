@@ -1,0 +1,144 @@
+"""Defaults chosen from the data (a foundation): the ``auto`` values of a config, resolved before any work.
+
+``resolve_defaults(cfg)`` returns a copy of ``cfg`` with every ``auto`` replaced by a concrete value, and a record
+of each choice and its reason (``train_summary.json``: ``auto``; ``clmtune prepare``'s report). Each choice is
+logged, so a newcomer sees which model, learning rate and sequence length their run uses and why:
+
+- ``model.name_or_path: auto`` -> ``builtin:gpt2-zh-small`` (shipped, pretrained) for Chinese text, else
+  ``builtin:tiny-opt`` (random weights);
+- ``train.learning_rate: auto`` -> ``config.DEFAULT_LEARNING_RATES[peft.method]``;
+- ``data.max_length: auto`` -> 99th percentile of the training rows' token lengths, at most the model's context.
+
+It also warns, once per run, about what would otherwise go unnoticed: a model with random weights, adapter keys
+that ``peft.method: full`` ignores, and an explicit ``data.max_length`` that cuts many rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from clmtune.config import ADAPTER_KEYS, AUTO, DEFAULT_LEARNING_RATES, PeftSettings, RunConfig
+
+log = logging.getLogger("clmtune")
+
+CHINESE_MODEL = "builtin:gpt2-zh-small"
+OTHER_MODEL = "builtin:tiny-opt"
+RANDOM_WEIGHT_PREFIX = "builtin:tiny-"
+"""Built-in models built from a config with random weights (``models.BUILTIN_MODELS``)."""
+MODEL_LORA = {CHINESE_MODEL: {"r": 16, "target_modules": ["c_attn", "c_proj", "c_fc", "wte"]}}
+"""LoRA settings a model needs to learn at all, used when ``peft.target_modules`` is unset: the shipped Chinese
+model learns sentiment through its character embedding (MODEL_CARD.md, ChnSentiCorp after 2,000 rows: 80.1 % with
+``wte``, 61.1 % = the majority class without), the settings of ``configs/chnsenticorp_classify.yaml``."""
+CUT_WARNING_SHARE = 0.05
+"""An explicit ``data.max_length`` that cuts more than this share of the training rows gets a warning."""
+
+
+def has_random_weights(name_or_path: str) -> bool:
+    return name_or_path.startswith(RANDOM_WEIGHT_PREFIX)
+
+
+def ignored_adapter_keys(s: PeftSettings) -> list[str]:
+    """``peft`` keys set to something other than their default that ``peft.method: full`` does not use."""
+    if s.method != "full":
+        return []
+    default = PeftSettings()
+    return [k for k in ADAPTER_KEYS if getattr(s, k) != getattr(default, k)]
+
+
+def resolve_defaults(cfg: RunConfig, announce: bool = True) -> tuple[RunConfig, dict[str, Any]]:
+    """``cfg`` with its ``auto`` values chosen, and ``{key: {"value": ..., "why": ...}}`` for each choice.
+
+    ``announce``: log the choices and warnings (off on the non-main processes of a distributed run).
+    """
+    from clmtune.data import load_task
+    from clmtune.data.profile import CJK_THRESHOLD, auto_max_length, cjk_share, sequence_lengths, text_sample
+
+    cfg = copy.deepcopy(cfg)
+    say = log.info if announce else log.debug
+    warn = log.warning if announce else log.debug
+    chosen: dict[str, Any] = {}
+    task = None
+
+    if cfg.model.name_or_path == AUTO:
+        task = load_task(cfg.data)
+        share = cjk_share(text_sample(task.train, cfg.data.seed))
+        chinese = share >= CJK_THRESHOLD
+        cfg.model.name_or_path = CHINESE_MODEL if chinese else OTHER_MODEL
+        why = (f"{share:.0%} of the letters in a sample of the training text are Chinese characters (>= "
+               f"{CJK_THRESHOLD:.0%}): the shipped pretrained Chinese model" if chinese else
+               f"{share:.0%} of the letters in a sample of the training text are Chinese characters (< "
+               f"{CJK_THRESHOLD:.0%}) and clmtune ships no pretrained model for other languages: the tiny "
+               "random-weight model")
+        chosen["model.name_or_path"] = {"value": cfg.model.name_or_path, "why": why, "cjk_share": round(share, 4)}
+        say("model.name_or_path: auto -> %s (%s; set model.name_or_path to choose)", cfg.model.name_or_path, why)
+    if has_random_weights(cfg.model.name_or_path):
+        warn("*** %s has RANDOM weights: it knows no language and learns only from your rows, so its predictions "
+             "show that the pipeline works, not what fine-tuning can reach. For real results use a pretrained "
+             "model: --model.name_or_path FOLDER (or builtin:gpt2-zh-small for Chinese text) ***",
+             cfg.model.name_or_path)
+
+    tuned = MODEL_LORA.get(cfg.model.name_or_path)
+    if tuned and cfg.peft.method == "lora" and cfg.peft.target_modules is None:
+        cfg.peft.target_modules = list(tuned["target_modules"])
+        if cfg.peft.r == PeftSettings().r:
+            cfg.peft.r = tuned["r"]
+        why = (f"{cfg.model.name_or_path} learns through its character embedding: LoRA on every linear layer and "
+               "wte (peft's default, c_attn alone, stays at the majority class)")
+        chosen["peft.target_modules"] = {"value": cfg.peft.target_modules, "r": cfg.peft.r, "why": why}
+        say("peft.target_modules: unset -> %s, r %d (%s; set peft.target_modules to choose)",
+            cfg.peft.target_modules, cfg.peft.r, why)
+
+    if cfg.train.learning_rate is None:
+        method = cfg.peft.method
+        cfg.train.learning_rate = DEFAULT_LEARNING_RATES[method]
+        why = f"the default for peft.method={method}"
+        chosen["train.learning_rate"] = {"value": cfg.train.learning_rate, "why": why}
+        say("train.learning_rate: auto -> %g (%s; set train.learning_rate to choose)", cfg.train.learning_rate, why)
+
+    ignored = ignored_adapter_keys(cfg.peft)
+    if ignored:
+        warn("peft.method=full trains every weight and uses no adapter: %s ignored; remove %s from the config",
+             ", ".join(f"peft.{k}={getattr(cfg.peft, k)!r}" for k in ignored),
+             "it" if len(ignored) == 1 else "them")
+
+    d = cfg.data
+    lm_packed = d.task == "lm" and d.packing and d.block_size is not None  # max_length is not used then
+    meta_file = Path(d.prepared or ".") / "clmtune_prepared.json"
+    if d.max_length is None and d.prepared and meta_file.is_file():  # the saved splits were cut at a length already
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        d.max_length = meta["data"]["max_length"]
+        chosen["data.max_length"] = {"value": d.max_length, "why": f"the length data.prepared={d.prepared} used"}
+    elif not lm_packed:
+        from clmtune.models import context_length, load_tokenizer
+
+        task = task or load_task(d)
+        context = context_length(cfg.model)
+        level = log.level
+        log.setLevel(max(level, logging.WARNING))  # the stage loads the tokenizer again and logs its pad token
+        try:
+            tokenizer = load_tokenizer(cfg.model)
+        finally:
+            log.setLevel(level)
+        lengths = sequence_lengths(tokenizer, d, task.train) if task.train else []
+        if d.max_length is None and lengths:
+            d.max_length, facts = auto_max_length(lengths, context)
+            why = (f"99th percentile of the {facts['rows']} training rows' token lengths ({facts['p99_tokens']}, "
+                   f"longest {facts['longest_tokens']}), rounded up to a multiple of 8"
+                   + (f", at most the model's context ({context})" if context else ""))
+            chosen["data.max_length"] = {**facts, "why": why}
+            say("data.max_length: auto -> %d (%s): %d of %d training rows will be cut (set data.max_length to "
+                "choose)", d.max_length, why, facts["rows_cut"], facts["rows"])
+        elif lengths and d.max_length is not None:
+            cut = sum(1 for n in lengths if n > d.max_length)
+            if cut > CUT_WARNING_SHARE * len(lengths):
+                _, facts = auto_max_length(lengths, context)
+                warn("data.max_length=%d cuts %d of %d training rows (%.0f%%); their 99th percentile is %d tokens: "
+                     "raise data.max_length or set it to auto", d.max_length, cut, len(lengths),
+                     100 * cut / len(lengths), facts["p99_tokens"])
+        elif d.max_length is None:
+            d.max_length = 64  # no training rows: the data stage reports that with its own error
+    return cfg, chosen

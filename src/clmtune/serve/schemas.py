@@ -1,0 +1,173 @@
+"""Request and response bodies in OpenAI's shapes (the subset clmtune serves), checked by pydantic.
+
+Requests are strict: ``"max_tokens": "5"`` is a type error (400), not silently read as 5. An OpenAI option that
+clmtune does not implement (``logprobs``, ``echo``, ``presence_penalty`` ...) is a 400 when it asks for something
+(a value other than null/false/0), so no request silently gets less than it asked for; other unknown fields
+(``user``, ``metadata`` ...) are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "presence_penalty",
+               "frequency_penalty", "tools", "tool_choice", "functions", "function_call", "response_format")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="after")
+    def _no_unsupported_options(self):
+        for name in UNSUPPORTED:
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, False, 0, [], {}):
+                raise ValueError(f"{name}={value!r} is not supported by clmtune serve; leave it out")
+        return self
+
+
+class _Sampling(_Request):
+    model: StrictStr
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] = Field(min_length=1)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ClassifyRequest(_Request):
+    model: StrictStr | None = None
+    input: StrictStr | list[Union[StrictStr, dict[StrictStr, StrictStr]]] = Field(min_length=1)
+
+
+# ---- responses ----
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "clmtune"
+    task: str
+    """clmtune's addition: the run's task (``lm`` for a plain model)."""
+    labels: list[str] | None = None
+    """The label set when the run classifies (it then also answers ``/v1/classify``)."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Classification(BaseModel):
+    index: int
+    label: str
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Classification]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+

@@ -1,0 +1,97 @@
+"""The playground page in a real browser (issue 15): headless Chromium (Debian's `chromium`, driven by Playwright)
+opens `/`, sends a Chinese message, waits for the streamed reply and checks it in the DOM against the API's answer;
+for a classification run it shows per-label probability bars. Screenshots are kept in the test's tmp dir."""
+
+from __future__ import annotations
+
+import shutil
+
+import openai
+import pytest
+import torch
+
+from liveserver import CHAT_TEMPLATE, LiveServer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium executable on PATH (Debian: apt-get install chromium fonts-noto-cjk); "
+                             "the browser test needs a real browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_chat_streams_into_the_page(browser, tmp_path, one_thread):
+    from clmtune.serve.app import create_app
+    from clmtune.serve.engine import Engine
+
+    engine = Engine.load(model="builtin:tiny-gpt2-zh", device="cpu")
+    engine.tokenizer.chat_template = CHAT_TEMPLATE
+    with LiveServer(create_app(engine)) as srv:
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.goto(srv.url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert "builtin:tiny-gpt2-zh" in page.inner_text("#model-info")
+        page.fill("#max-tokens", "24")
+        page.fill("#temperature", "0.9")
+        page.fill("#seed", "7")
+        message = "你好，请介绍一下这家酒店的早餐"
+        page.fill("#input", message)
+        page.evaluate("""() => { window.updates = 0;
+            new MutationObserver(() => window.updates++).observe(document.getElementById('messages'),
+                {subtree: true, childList: true, characterData: true}); }""")
+        page.click("#send")
+        reply = page.wait_for_selector(".msg.assistant[data-done=true]", timeout=60_000)
+        shown = reply.inner_text()
+        page.screenshot(path=str(tmp_path / "playground-chat.png"), full_page=True)
+        updates = page.evaluate("window.updates")
+        assert page.inner_text(".msg.user") == message
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        expected = client.chat.completions.create(model="builtin:tiny-gpt2-zh", max_tokens=24, temperature=0.9,
+                                                  seed=7, messages=[{"role": "user", "content": message}])
+        assert shown.strip() == expected.choices[0].message.content.strip() != ""
+        assert updates > 4  # the reply grew piece by piece (streamed), not in one write
+        assert reply.get_attribute("data-finish") == expected.choices[0].finish_reason
+        page.close()
+    assert (tmp_path / "playground-chat.png").stat().st_size > 10_000
+
+
+def test_classification_bars(browser, trained, tmp_path, one_thread):
+    from clmtune.serve.app import create_app
+    from clmtune.serve.engine import Engine
+
+    _, result = trained
+    engine = Engine.load(run=str(result.output_dir), device="cpu")
+    with LiveServer(create_app(engine)) as srv:
+        page = browser.new_page(viewport={"width": 1000, "height": 600})
+        page.goto(srv.url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.is_visible("#classify-panel") and page.is_visible("#tab-classify")
+        page.fill("#classify-input", "@united lost my bag again 行李又丢了")
+        page.click("#classify-send")
+        page.wait_for_selector(".bar")
+        bars = page.query_selector_all(".bar")
+        probs = {b.get_attribute("data-label"): float(b.get_attribute("data-p")) for b in bars}
+        page.screenshot(path=str(tmp_path / "playground-classify.png"), full_page=True)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        expected = client.post("/classify", body={"input": ["@united lost my bag again 行李又丢了"]},
+                               cast_to=object)["data"][0]
+        assert probs == pytest.approx(expected["probabilities"], abs=1e-9)
+        assert page.inner_text("#verdict") == "→ " + expected["label"]
+        widths = [b.query_selector(".fill").evaluate("e => e.getBoundingClientRect().width") for b in bars]
+        assert widths[0] >= widths[-1] and widths[0] > 0
+        page.close()
