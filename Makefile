@@ -8,9 +8,10 @@ RUN ?= runs/twitter_complaints
 .PHONY: install test demo demo-en bench bench-chat clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
+	sh scripts/system_deps.sh  # CJK font + chromium where missing (apt-get as root; otherwise it says what to install)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,serve]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,serve,tensorboard]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -9,7 +9,8 @@
    top-k sampling from 早餐太差，无论去多少人 and two more prompts.
 3. Chat fine-tuning on the chatterbot-zh conversations (configs/chat_zh.yaml, capped at --chat-steps): the
    replies to two held-out questions before and after, the held-out assistant-token loss and reply ROUGE-L.
-4. A summary table (also in OUT/summary.json).
+4. A summary table (also in OUT/summary.json) and OUT/report.html (curves, metrics, wrong predictions; each run
+   also has its own loss.png).
 
 Training is capped (train.max_steps) so the whole demo stays under ~10 minutes on 2 CPU cores; the configs in
 configs/ train for full epochs. Everything goes through clmtune's own stage functions (train, evaluate, generate).
@@ -115,7 +116,8 @@ def main() -> int:
         cfg = load_config(ROOT / "configs" / "chnsenticorp_classify.yaml", {
             "model": {"name_or_path": args.model},
             "peft": {"method": method, **no_adapter},
-            "train": {"output_dir": str(out / f"classify-{method}"), "overwrite": True, "max_steps": steps}})
+            "train": {"output_dir": str(out / f"classify-{method}"), "overwrite": True, "max_steps": steps,
+                      "eval_steps": 75, "eval_max_rows": 200}})  # curves of held-out loss/accuracy
         done = train_and_evaluate(cfg)
         res, metrics = done.train, done.metrics
         support = [c["support"] for c in metrics["per_class"].values()]
@@ -132,7 +134,8 @@ def main() -> int:
     t0 = time.perf_counter()
     cfg = load_config(ROOT / "configs" / "chnsenticorp_lm.yaml", {
         "model": {"name_or_path": args.model},
-        "train": {"output_dir": str(out / "lm"), "overwrite": True, "max_steps": args.lm_steps}})
+        "train": {"output_dir": str(out / "lm"), "overwrite": True, "max_steps": args.lm_steps,
+                  "eval_steps": 60, "eval_max_rows": 64}})
     tok = load_tokenizer(cfg.model)
     held_out = prepare_data(tok, cfg.data, progress=False).eval
     feats = [{"input_ids": i, "labels": lab} for i, lab in zip(held_out["input_ids"], held_out["labels"])]
@@ -167,7 +170,10 @@ def main() -> int:
                "generations": [{"prompt": g.prompt, "output": g.outputs[0]} for g in gens],
                "chat": chat, "seconds": total}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    print(f"demo finished: runs, metrics and generations are in {out}/ (summary.json)")
+    from clmtune.report import write_report
+
+    report = write_report([out / name for name in ("classify-lora", "classify-full", "lm", "chat")], out / "report.html")
+    print(f"demo finished: runs, metrics and generations are in {out}/ (summary.json)\nreport: {report}")
     return 0
 
 

@@ -40,7 +40,7 @@ def test_torchrun_two_processes(tmp_path):
     assert sorted(rank0 + rank1) == list(range(12))
     steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # one writer: no duplicated lines
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "config.yaml", "tokenizer",
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "config.yaml", "loss.png", "tokenizer",
                                                      "train_log.jsonl", "train_summary.json"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 

@@ -122,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch", type=int, default=16, help="requests (x n) generated together in one batch")
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 429")
     v.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+
+    rp = sub.add_parser("report", help="write a self-contained report.html about one or more runs",
+                        description="Curves, final metrics, per-class scores, confusion matrix, wrong predictions "
+                                    "with their texts, data summary, timings and config; several runs side by side.")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) written by `clmtune train`")
+    rp.add_argument("--out", help="HTML file to write (default: RUN/report.html; for several runs report.html "
+                                  "beside the first)")
     return p
 
 
@@ -151,8 +158,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             print(memory_line(result.memory))
         run = RunDir(result.output_dir)
         weights = run.weights(is_peft=cfg.peft.method != "full")
+        summary = run.load_summary()
+        if summary.get("early_stopped_at"):
+            print(f"stopped early at step {summary['early_stopped_at']} (train.early_stopping_patience)")
+        if best := summary.get("best"):
+            print(f"kept the best weights: step {best['step']} ({best['metric']} {best['value']:.4f})")
         print(f"run folder: {run.path}\n  {weights.name + ':':<10} {weights}\n  tokenizer: {run.tokenizer}\n"
               f"  config:    {run.config_file}\n  log:       {run.log_file}")
+        if run.loss_png.is_file():
+            print(f"  curves:    {run.loss_png}   (clmtune report {run.path}: report.html)")
 
     done = train_and_evaluate(cfg, evaluate=not args.no_eval, resume=args.resume, on_trained=report)
     if done.metrics is not None:
@@ -314,6 +328,13 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.report import write_report
+
+    print(f"report written to {write_report(args.runs, args.out)}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.serve import serve
 
@@ -326,7 +347,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat,
-            "export": cmd_export, "serve": cmd_serve}
+            "export": cmd_export, "serve": cmd_serve, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,10 @@ A run folder is what ``clmtune train`` writes into ``train.output_dir``::
                          confusion_matrix.png; <what> is the split (eval, test) or file-<stem> of ``eval --data``
     eval/index.json      every evaluation of the run: folder, split or file, method, headline metrics, time
     eval.json            the latest evaluation's results, with ``folder`` naming where its files are
+    best/                the best weights so far, while training with train.save_best (moved into the result)
+    loss.png             training curves, written at the end of training
+    tensorboard/         event files with train.report_to: [tensorboard]
+    report.html          ``clmtune report RUN``
 
 Stages ask a ``RunDir`` for paths, for loading (config, tokenizer, model: adapter or full) and for atomic writes;
 no other module spells these names.
@@ -40,6 +44,10 @@ CONFIG = "config.yaml"
 SUMMARY = "train_summary.json"
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # the best weights so far while training with train.save_best (checkpoint format)
+TENSORBOARD = "tensorboard"  # event files of train.report_to: [tensorboard]
+LOSS_PNG = "loss.png"
+REPORT_HTML = "report.html"
 # Evaluation outputs, inside ``RunDir.eval_output_dir(...)`` or a folder the user names (``eval --out``).
 EVAL_JSON = "eval.json"
 PREDICTIONS_CSV = "predictions.csv"
@@ -120,6 +128,22 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def loss_png(self) -> Path:
+        return self.path / LOSS_PNG
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / REPORT_HTML
+
     def weights(self, is_peft: bool) -> Path:
         """Where the trained weights go: ``adapter/`` for adapter methods, ``model/`` for full fine-tuning."""
         return self.adapter if is_peft else self.model
@@ -199,8 +223,9 @@ class RunDir:
 
     def clear_outputs(self) -> None:
         """Remove what a finished or interrupted training left (weights, checkpoints, summary, evaluations of the
-        old weights) before a new one."""
-        for target in (self.adapter, self.model, self.checkpoints, self.summary_file, *self.eval_files()):
+        old weights, curves, best weights, tracker files) before a new one."""
+        for target in (self.adapter, self.model, self.checkpoints, self.summary_file, *self.eval_files(), self.best,
+                       self.tensorboard, self.loss_png):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():

@@ -63,6 +63,7 @@ class RunConfig:
             positive("train.save_total_limit", t.save_total_limit)
         if t.deepspeed is not None:
             p.extend(deepspeed_problems(t.deepspeed))
+        p.extend(watch_problems(t, d.task))
         if not d.template:
             p.append("data.template is empty; give a prompt such as 'Text : {text} label : '")
         if not 0 <= d.eval_fraction < 1:
@@ -121,6 +122,42 @@ class RunConfig:
         if p:
             raise ConfigError(p)
         return self
+
+
+WATCH_METRICS = {"eval_loss": "min", "eval_accuracy": "max", "eval_macro_f1": "max"}
+TRACKERS = ("tensorboard",)
+
+
+def watch_problems(t: TrainConfig, task: str) -> list[str]:
+    """train.eval_steps, eval_max_rows, save_best, early_stopping_patience, report_to."""
+    p: list[str] = []
+    for name in ("eval_steps", "early_stopping_patience"):
+        value = getattr(t, name)
+        if value is not None and value <= 0:
+            p.append(f"train.{name}={value!r} must be > 0 (or null to turn it off)")
+    if t.eval_max_rows <= 0:
+        p.append(f"train.eval_max_rows={t.eval_max_rows!r} must be > 0")
+    for name in ("save_best", "early_stopping_patience"):
+        if getattr(t, name) and t.eval_steps is None:
+            p.append(f"train.{name} needs train.eval_steps (evaluate every N steps), e.g. --train.eval_steps 50")
+    if t.save_best is not None:
+        from clmtune.tasks import get_task, task_names
+
+        metric, mode = t.save_best.get("metric"), t.save_best.get("mode", WATCH_METRICS.get(t.save_best.get("metric")))
+        allowed = [m for m in WATCH_METRICS if m == "eval_loss" or task not in task_names()
+                   or get_task(task).evaluation == "labels"]
+        if unknown := sorted(set(t.save_best) - {"metric", "mode"}):
+            p.append(f"train.save_best has unknown keys {unknown}; give {{metric: eval_accuracy, mode: max}}")
+        if metric not in allowed:
+            p.append(f"train.save_best.metric={metric!r} is not one of {', '.join(allowed)} (data.task={task})")
+        if mode not in ("max", "min"):
+            p.append(f"train.save_best.mode={mode!r} must be max or min")
+        if t.deepspeed is not None:
+            p.append("train.save_best is not supported with train.deepspeed (the best weights would have to be "
+                     "re-sharded); remove one of them")
+    if bad := [x for x in t.report_to if x not in TRACKERS]:
+        p.append(f"train.report_to has {bad}; supported: {', '.join(TRACKERS)}")
+    return p
 
 
 def peft_problems(s: PeftSettings) -> list[str]:

@@ -308,6 +308,29 @@ class TrainConfig:
     workspace config), so a run, and a run resumed from a checkpoint, give bit-identical weights on a GPU. Slower
     on GPUs; an op without a deterministic kernel raises an error naming it."""
 
+    eval_steps: int | None = None
+    """Evaluate the held-out split every N optimizer steps (and at the last step): held-out loss for every task,
+    plus accuracy and macro-F1 by rank for classification; logged in ``train_log.jsonl`` (``eval_*`` keys), on the
+    progress bar and to the trackers. ``None``: evaluate only after training."""
+
+    eval_max_rows: int = 200
+    """At most this many rows of the held-out split (its first rows) are evaluated during training, so it stays
+    cheap; the evaluation after training uses the whole split."""
+
+    save_best: dict[str, Any] | None = None
+    """Keep the best weights as the run's result instead of the last: ``{metric: eval_accuracy, mode: max}``
+    (metrics: ``eval_loss`` (mode min), ``eval_accuracy``, ``eval_macro_f1`` (max); ``mode`` defaults to the
+    metric's). Needs ``eval_steps``; ``train_summary.json`` says which step the weights come from (``best``)."""
+
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row without improvement of ``save_best``'s metric (``eval_loss``
+    without ``save_best``). Needs ``eval_steps``."""
+
+    report_to: list[str] = field(default_factory=list)
+    """Trackers that receive loss, learning rate, grad norm, tokens/s and eval metrics, through ``accelerate``:
+    ``[tensorboard]`` writes ``RUN/tensorboard/`` (``pip install 'clmtune[tensorboard]'``; view with
+    ``tensorboard --logdir runs/``)."""
+
     deepspeed: str | None = None
     """DeepSpeed config JSON (e.g. ``configs/deepspeed/zero3_offload.json``) handed to the engine through
     ``accelerate``; needs ``pip install deepspeed`` and GPUs. ``None``: plain DDP / single process."""

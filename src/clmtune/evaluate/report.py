@@ -33,6 +33,7 @@ def plot_confusion_matrix(matrix: dict, path: Path, title: str) -> Path:
     # Chinese label names need a CJK font; matplotlib picks the first installed one of these.
     plt.rcParams["font.sans-serif"] = ["DejaVu Sans", "Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Zen Hei",
                                        "SimHei", "Microsoft YaHei", "PingFang SC", "Arial Unicode MS"]
+    from clmtune.fonts import use_cjk_font; use_cjk_font(cols + [title])  # noqa: E702  CJK font first (overrides the line above)
     fig, ax = plt.subplots(figsize=(side + 2, side + 0.5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Glyph missing from font": a box instead of a CJK character, not an error

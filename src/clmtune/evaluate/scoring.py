@@ -8,12 +8,15 @@ label), ``pairs`` (one prompt+label row per pair: peft prompt-learning models).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from clmtune.models import forward_inputs, is_prompt_learning, model_device
 from clmtune.tasks.encoding import collate
+
+if TYPE_CHECKING:
+    from clmtune.data.encoder import Encoder
 
 
 def _batches(items: Sequence, size: int):
@@ -21,7 +24,7 @@ def _batches(items: Sequence, size: int):
         yield items[i:i + size]
 
 
-def _continuations(encoder: ClassificationEncoder, labels: Sequence[str]) -> list[list[int]]:
+def _continuations(encoder: Encoder, labels: Sequence[str]) -> list[list[int]]:
     """Each label's token ids + end token: exactly the tokens the model learnt to write after the prompt."""
     return [ids + [encoder.end_id] for ids in encoder.label_ids(labels)]
 
@@ -48,7 +51,7 @@ def rank_strategy(model) -> str:
 
 
 @torch.no_grad()
-def label_scores(model, encoder: ClassificationEncoder, prompts: list[list[int]], labels: list[str],
+def label_scores(model, encoder: Encoder, prompts: list[list[int]], labels: list[str],
                  batch_size: int, normalize: bool = False, progress: bool = False,
                  strategy: str | None = None) -> torch.Tensor:
     """(n_examples, n_labels) log-likelihood of each label's tokens + end token after each prompt.

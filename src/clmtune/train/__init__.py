@@ -57,6 +57,7 @@ from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weig
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
+from clmtune.train.watch import Watch, write_loss_png
 
 log = logging.getLogger("clmtune")
 
@@ -173,6 +174,8 @@ class TrainRecipe:
         self._setup_model()
         self._setup_optimization()
         self._setup_state()
+        self.watch = Watch(self)
+        self.watch.setup(self.resumed_state)
         return self
 
     def _setup_data(self) -> None:
@@ -233,11 +236,12 @@ class TrainRecipe:
 
     def _setup_state(self) -> None:
         """Resumed position, the log file, the LM-head mode."""
-        self.epoch0, self.skip, self.rng = 0, 0, None
+        self.epoch0, self.skip, self.rng, self.resumed_state = 0, 0, None, None
         if self.finishing:
             load_weights(self.run.weights(self.is_peft), self.model, self.is_peft)
         if self.ckpt is not None:
-            state = load_checkpoint(self.ckpt, self.model, self.optimizer, self.scheduler, self.is_peft)
+            state = self.resumed_state = load_checkpoint(self.ckpt, self.model, self.optimizer, self.scheduler,
+                                                         self.is_peft)
             self.step, self.epoch0, self.skip = state["step"], state["epoch"], state["batch_in_epoch"]
             self.first_loss, self.rng = state["first_loss"], state["rng"]
             log.info("resuming from %s: step %d, epoch %d, %d batches of it done", self.ckpt, self.step,
@@ -316,20 +320,24 @@ class TrainRecipe:
                         self.first_loss = self.losses[0]
                     self.step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
-                    if self.main and (self.step % t_cfg.log_every == 0 or self.step == self.total_steps):
+                    if self.step % t_cfg.log_every == 0 or self.step == self.total_steps:
                         now = time.perf_counter()
                         record = {"step": self.step, "epoch": epoch + 1, "loss": round(self.losses[-1], 6),
                                   "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
                                   "seconds": round(now - window_start, 4)}  # since the previous line
-                        self.log_file.write(json.dumps(record) + "\n")
-                        self.log_file.flush()
+                        self.write_log(record)
                         window_tokens, window_start = 0, now
+                    t_eval = time.perf_counter()
+                    stop = self.watch.after_step(epoch)  # held-out evaluation when due; early stopping
+                    window_start += time.perf_counter() - t_eval  # tokens/s counts training time only
+                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **self.watch.postfix())
                     if t_cfg.save_steps and (self.step % t_cfg.save_steps == 0 or self.step == self.total_steps):
                         self.save_checkpoint(epoch, batch_in_epoch)
-                    if self.step >= self.total_steps:
+                    if self.step >= self.total_steps or stop:
                         break
+                if self.watch.stopped_at is not None:
+                    break
         finally:
             bar.close()
             if self.log_file:
@@ -345,12 +353,19 @@ class TrainRecipe:
             self.save_checkpoint(t_cfg.epochs - 1, self.batches_per_epoch)
         return self
 
+    def write_log(self, record: dict) -> None:
+        """One ``train_log.jsonl`` line (main process) and the same values to the trackers."""
+        if self.main:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+        self.watch.log(record)
+
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
         if batch_in_epoch >= self.batches_per_epoch:  # store the next position: start of the next epoch
             epoch, batch_in_epoch = epoch + 1, 0
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
                  "first_loss": self.first_loss, "loss": self.losses[-1] if self.losses else None,
-                 "config": self.cfg.to_dict()}
+                 "config": self.cfg.to_dict(), "watch": self.watch.state_dict()}
         where = save_checkpoint(self.run.path, self.model, self.optimizer, self.scheduler, self.accelerator, state,
                                 self.cfg.train.save_total_limit, self.is_peft)
         self.last_saved = self.step
@@ -368,6 +383,7 @@ class TrainRecipe:
 
         acc, cfg, run = self.accelerator, self.cfg, self.run
         acc.wait_for_everyone()
+        best = self.watch.finish()  # with train.save_best: the best weights are loaded back into the model
         weights = _trainable_state(self.model, acc)  # collective (ZeRO-3 gather); the real weights, not shards
         per_rank = gather_object([self.rows_seen]) if self.n_proc > 1 else [self.rows_seen]
         if self.main:
@@ -384,14 +400,18 @@ class TrainRecipe:
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
                        "end_token": self.data.report["end_token"],
                        "truncated_train_rows": self.data.report["splits"]["train"]["truncated"],
-                       "labels": self.data.labels, "data": self.data.report["data"], **self.params,
+                       "labels": self.data.labels, "data": self.data.report["data"], 
+                       "splits": self.data.report["splits"], **self.params,
                        "memory": memory_summary(self.estimate, acc.device)}
             if "turns" in self.data.report["splits"]["train"]:  # chat: turns, tokens per turn, truncated, dropped
                 summary["conversations"] = {s: {k: v for k, v in st.items() if k not in ("prompt_tokens",)}
                                             for s, st in self.data.report["splits"].items()}
+            if self.watch.every:
+                summary.update(eval_steps=self.watch.every, best=best, early_stopped_at=self.watch.stopped_at)
             if self.n_proc > 1:
                 summary["distributed"] = {"num_processes": self.n_proc, "rows_seen_first_epoch_per_rank": per_rank}
-            run.write_json(run.summary_file.name, summary)
+            write_loss_png(run, best["step"] if best else None)
+            run.write_json(run.summary_file.name, summary)  # last: marks the run finished
         else:
             summary = {"memory": None}
         acc.wait_for_everyone()

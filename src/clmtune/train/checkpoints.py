@@ -143,6 +143,46 @@ def _trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
     return accelerator.get_state_dict(model)
 
 
+def _write_weights(folder: Path, unwrapped, weights: dict, is_peft: bool) -> None:
+    """Trainable weights into a fresh ``folder``: peft format (so a checkpoint can also be evaluated like a finished
+    adapter) or, for full fine-tuning, every weight (``save_model`` stores tied weights once)."""
+    from safetensors.torch import save_model
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if is_peft:
+        unwrapped.save_pretrained(folder / ADAPTER, state_dict=weights, safe_serialization=True)
+    else:
+        save_model(unwrapped, str(folder / "model.safetensors"))
+
+
+def save_checkpoint_weights(folder: Path, model, accelerator, is_peft: bool) -> Path:
+    """The trainable weights alone (checkpoint format) into ``folder``, atomically: a hidden sibling renamed into
+    place. A collective call under DeepSpeed: every process must make it."""
+    weights = _trainable_state(model, accelerator)
+    if accelerator.is_main_process:
+        tmp = tmp_sibling(folder)
+        _write_weights(tmp, accelerator.unwrap_model(model), weights, is_peft)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder
+
+
+def load_checkpoint_weights(folder: Path, model, is_peft: bool) -> None:
+    """Load what ``save_checkpoint_weights`` (or ``save_checkpoint``) wrote back into the (prepared) model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file, load_model
+
+    unwrapped = unwrap(model)
+    if is_peft:
+        set_peft_model_state_dict(unwrapped, load_file(folder / ADAPTER / "adapter_model.safetensors"))
+        return
+    missing, unexpected = load_model(unwrapped, str(folder / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ClmtuneError(f"{folder} does not match the model (missing {sorted(missing)[:3]}, unexpected "
+                           f"{sorted(unexpected)[:3]}); was it written by another config?")
+
+
 def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: dict, keep: int | None,
                     is_peft: bool) -> Path:
     """Write ``out/checkpoints/step-N`` atomically (temp folder + rename); delete all but the last ``keep``."""
@@ -202,18 +242,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, is_peft: bool) -> d
 
     ``torch.load(weights_only=True)``: optimizer/scheduler/RNG files are tensors and plain containers only.
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file, load_model
-
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    unwrapped = unwrap(model)
-    if is_peft:
-        set_peft_model_state_dict(unwrapped, load_file(ckpt / ADAPTER / "adapter_model.safetensors"))
-    else:
-        missing, unexpected = load_model(unwrapped, str(ckpt / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise ClmtuneError(f"checkpoint {ckpt} does not match the model (missing {sorted(missing)[:3]}, "
-                               f"unexpected {sorted(unexpected)[:3]}); was it written by another config?")
+    load_checkpoint_weights(ckpt, model, is_peft)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     state["rng"] = torch.load(ckpt / "rng_state.pt", weights_only=True)

@@ -59,6 +59,11 @@ def make_accelerator(cfg: RunConfig, precision: str):
         # torchrun on a CPU-only machine: accelerate picks DDP over gloo only when told cpu=True (without it every
         # process silently trains alone on all the data). `accelerate launch --cpu` sets this itself.
         kwargs["cpu"] = True
+    if t_cfg.report_to:  # accelerate's trackers; RunDir.tensorboard = logging_dir / project name
+        from clmtune.train.watch import tracker_check
+
+        tracker_check(t_cfg.report_to)
+        kwargs.update(log_with=list(t_cfg.report_to), project_dir=t_cfg.output_dir)
     return Accelerator(gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
                        mixed_precision="bf16" if precision == "bf16" else "no", **kwargs)
 

@@ -1,0 +1,29 @@
+"""Run reports: ``loss.png`` curves (``curves``), reading a run folder (``runs``), and ``report.html`` (``html``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from clmtune.errors import ClmtuneError
+
+
+def default_report_path(runs: Sequence[str | Path]) -> Path:
+    """``RUN/report.html`` for one run; for several, ``report.html`` in the first run's parent folder."""
+    from clmtune.run import REPORT_HTML, RunDir
+
+    first = Path(runs[0])
+    return RunDir(first).report_html if len(runs) == 1 else first.resolve().parent / REPORT_HTML
+
+
+def write_report(runs: Sequence[str | Path], out: str | Path | None = None, title: str | None = None) -> Path:
+    """Read the run folders and write one self-contained ``report.html`` about them; return its path."""
+    from clmtune.report.html import write_html
+    from clmtune.report.runs import read_run, unique_names
+
+    if not runs:
+        raise ClmtuneError("no run folder given; pass one or more folders written by `clmtune train`")
+    paths = [Path(r) for r in runs]
+    names = unique_names(paths)
+    read = [read_run(p, name) for p, name in zip(paths, names)]
+    return write_html(read, out or default_report_path(runs), title)
