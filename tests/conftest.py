@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyrun import one_thread  # noqa: F401  (one fixture for every test module that asks for it)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"  # ../shared beside the checkout (CI has it too)
 

@@ -57,14 +57,6 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- item 3: any number form a person writes ----------------------------------------------------------------

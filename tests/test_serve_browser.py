@@ -27,12 +27,6 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_chat_streams_into_the_page(browser, tmp_path, one_thread):

@@ -34,12 +34,6 @@ def _adapter(folder):
     return load_file(folder / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_eval_steps_log_best_weights_loss_png_and_tensorboard(tmp_path, one_thread):
