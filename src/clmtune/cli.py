@@ -16,6 +16,17 @@ from clmtune.errors import ClmtuneError
 log = logging.getLogger("clmtune")
 
 
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The flags ``_generate_settings`` reads, shared by ``generate`` and ``chat``."""
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy decoding")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off; default 10)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
+    p.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clmtune", description=__doc__.split(".")[0] + ".")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -67,16 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--column", help="column of --prompts-file that holds the prompts")
     g.add_argument("--output", help="write one JSON line per prompt to this .jsonl file")
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--temperature", type=float, help="0 = greedy decoding")
-    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off; default 10)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1 = off)")
-    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
+    _sampling_flags(g)
     g.add_argument("--num-return-sequences", type=int)
-    g.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
     g.add_argument("--stop", action="append", help="stop at this string (repeatable); it is not printed")
     g.add_argument("--batch-size", type=int, help="prompts per batch (left-padded)")
-    g.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", help="auto (bf16 where the CPU/GPU has native bf16 matrix units, else fp32), "
                                    "bf16 or fp32; default: generate.dtype (auto)")
     g.add_argument("--no-truncate", action="store_true",
@@ -93,13 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chat-template", help="chatml, alpaca, zh or a .jinja file, for a model without a template "
                                            "(a run keeps the one it was trained with)")
     c.add_argument("--system", help="system prompt to start with")
-    c.add_argument("--max-new-tokens", type=int)
-    c.add_argument("--temperature", type=float, help="0 = greedy decoding")
-    c.add_argument("--top-k", type=int)
-    c.add_argument("--top-p", type=float)
-    c.add_argument("--repetition-penalty", type=float)
-    c.add_argument("--seed", type=int)
-    c.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps")
+    _sampling_flags(c)
 
     x = sub.add_parser("export", help="export the adapter, or a merged full model")
     x.add_argument("--run", required=True)
