@@ -104,3 +104,9 @@ def resolve_precision(choice: str, device: str | torch.device = "cpu") -> tuple[
     if torch.device(device).type == "cpu" and not _onednn_bf16():
         return "fp32", "bf16 asked for, but torch's oneDNN has no bf16 kernels on this CPU; fp32 instead"
     return "bf16", "asked for bf16" + ("" if ok else f" ({why}: expect it to be slower than fp32)")
+
+
+def training_device() -> str:
+    """Where ``accelerate`` will train (``cuda`` when a GPU is visible, else ``cpu``): what ``precision: auto``
+    asks about."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -215,11 +215,10 @@ def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) ->
         model = AutoModelForCausalLM.from_config(config, dtype=model_dtype(cfg.model),
                                                  trust_remote_code=cfg.model.trust_remote_code)
         model = apply_peft(model, cfg.peft, tokenizer_path=target)
-    from clmtune.device import resolve_precision
+    from clmtune.device import resolve_precision, training_device
 
     head = "mask" if cfg.train.logits_on_labels_only else None
-    # the precision training will use (``auto`` resolved for the device accelerate trains on)
-    precision, _ = resolve_precision(cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    precision, _ = resolve_precision(cfg.train.precision, training_device())  # as training will resolve it
     return estimate_run(model, lengths, label_counts, cfg, precision, head, runtime=current_rss())
 
 

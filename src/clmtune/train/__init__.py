@@ -51,9 +51,8 @@ from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_
                                        resolve_resume, save_checkpoint)
 from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_positions, head_trim_support, logits_to_keep,
                                 supervised_tokens, virtual_tokens)
-from clmtune.device import resolve_precision
-from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights,
-                                     training_device)
+from clmtune.device import resolve_precision, training_device
+from clmtune.train.precision import bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator

@@ -53,7 +53,3 @@ def restore_weights(swapped: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> N
         w.data = data
 
 
-def training_device() -> str:
-    """Where ``accelerate`` will train (``cuda`` when a GPU is visible, else ``cpu``): what ``precision: auto``
-    asks about."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
