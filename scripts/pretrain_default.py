@@ -1,27 +1,23 @@
 """Reproduce clmtune's default model, ``builtin:gpt2-zh-small``: a small Chinese GPT-2 pretrained by clmtune itself.
 
-    PYTHONPATH=src python scripts/pretrain_default.py            # build, pretrain (2 stages), ship into assets
-    PYTHONPATH=src python scripts/pretrain_default.py --pilot    # ~5 minutes: 40 stage-2 steps, tokens/s
+    PYTHONPATH=src python scripts/pretrain_default.py            # build, pretrain, ship into assets
+    PYTHONPATH=src python scripts/pretrain_default.py --pilot    # 40 steps from the random init: tokens/s
     ... --resume                                                 # continue an interrupted run from its checkpoint
-    ... --stage1-model FOLDER                                    # skip stage 1, continue from a stage-1 model
+    ... --layers 8 --width 288 --heads 8 --epochs 24 --no-ship   # another size / length (a sweep)
 
 Steps (developer-only: it reads ../shared/data at build time; users get the shipped folder):
-1. Corpus: CLUECorpusSmall_sampled.txt + the review texts of ChnSentiCorp train.tsv (never dev/test), one .txt
+1. Corpus: CLUECorpusSmall_sampled.txt + the review texts of ChnSentiCorp train.tsv (never dev/test) + the shipped
+   chatterbot-corpus Chinese conversations (``builtin:chat/chatterbot-zh``, one conversation per line), one .txt
    file each, one document per line.
 2. Tokenizer: the BERT Chinese character vocabulary of uer/gpt2-chinese-cluecorpussmall, cut to the tokens that
    the full tokenizer produces on the corpus + the specials + printable ASCII (so English letters and digits
    never become [UNK]). Token ids are renumbered; the order follows the original vocab.txt.
 3. Model: GPT2LMHeadModel with random init (seed 0), saved with the tokenizer to BUILD/init.
 4. Pretraining with ``clmtune.train.train``, data.task=lm (documents + [SEP], packed into 256-token blocks),
-   peft.method=full, checkpoints every 100 steps so an interrupted run resumes exactly: stage 1 (fp32, ~1 pass)
-   from BUILD/init, then stage 2 (bf16 autocast, ~0.6 pass, fresh warm-up and decay) from stage 1's weights.
-5. Held-out perplexity (the last 1 % of lines of each file, never trained on) after each stage, stats in
-   BUILD/stats.json; the stage-2 weights, cast to bf16, and the tokenizer are written to
-   src/clmtune/assets/models/gpt2-zh-small/.
-
-The shipped weights were made with ``--stage1-model`` pointing at the first release's weights (stage 1 of this
-recipe, run on 2026-11-25, shipped before with a vocabulary in hash-map order): a full rebuild gives the same recipe
-with permuted token ids, not bit-identical weights.
+   peft.method=full, bf16 autocast, several passes over the corpus, checkpoints every 200 steps so an interrupted
+   run resumes exactly. It runs on whatever accelerate picks: a CUDA GPU when one is visible, else the CPU.
+5. Held-out perplexity (the last 1 % of lines of each file, never trained on), stats in BUILD/stats.json; the
+   weights, cast to bf16, and the tokenizer are written to src/clmtune/assets/models/gpt2-zh-small/.
 """
 
 from __future__ import annotations
@@ -40,19 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 NAME = "gpt2-zh-small"
 
-# Two stages. Stage 1 is the first release's recipe: ~5.3 M parameters (4 x 256), fp32, 800 steps of 2,048 tokens
-# (~1 pass over the corpus, ~30 min here on 2 threads), linear decay to 0; loss still falling. Stage 2 continues
-# from it in bf16 autocast for another ~0.6 pass with a fresh warm-up and decay (a new data order: seed 1), and the
-# result is shipped in bf16 (10.5 MB). Why not a larger model from scratch: a pilot (bf16, one torch thread, idle
-# 2-core AVX-512-bf16 CPU) measured ~2,400 tokens/s for 4 x 256 and ~1,550 for 6 x 320, but during the run the
-# two cores were shared with up to 10 other jobs and 6 x 256 fell to ~290-420 tokens/s: ~1 M tokens in 45 minutes,
-# fewer than stage 1 alone had seen. Continuing the existing model is what that CPU budget could improve.
-ARCH = dict(n_embd=256, n_layer=4, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+# Size: 10.4 M parameters (8 layers x 288 + an 8 k-character embedding), stored in bf16 (20.7 MB, under the 25 MB
+# asset limit). The corpus (1.65 M tokens) is small for it, so it is trained for 12 passes with dropout 0.1. A sweep
+# on one GPU (scripts/gpu_pretrain_sweep.py, all four in the same run; held-out perplexity): 8 x 288, 12 passes
+# 55.6; 6 x 320, 12 passes 56.7; 4 x 256, 12 passes 62.4; 6 x 320, 30 passes 73.4 (over-fitted: train loss 2.4).
+# The shipped weights were trained on an NVIDIA H200 with exactly this script's defaults (2.5 minutes); on a
+# 2-core AVX-512-bf16 CPU the same recipe runs at roughly 1,500 tokens/s per core: about 4 hours for 12 passes.
+ARCH = dict(n_embd=288, n_layer=8, n_head=8, n_positions=256, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
 BLOCK = 256          # tokens per packed training block (= n_positions: every position gets trained)
-STAGES = {           # batch = blocks per step (8 x 256 = 2,048 tokens); lr decays linearly to 0 at max_steps
-    "stage1": dict(batch=8, lr=1e-3, warmup=100, wd=0.01, epochs=1, max_steps=800, precision="fp32", seed=0),
-    "stage2": dict(batch=8, lr=5e-4, warmup=30, wd=0.01, epochs=1, max_steps=480, precision="bf16", seed=1),
-}
+# One stage from the random init, bf16 autocast; batch = blocks per step (32 x 256 = 8,192 tokens); lr decays
+# linearly to 0 at the last step. epochs = passes over the training text.
+PRETRAIN = dict(batch=32, lr=1e-3, warmup=200, wd=0.1, epochs=12, max_steps=None, precision="bf16", seed=0)
 
 
 def build_corpus(build: Path, shared: Path = SHARED) -> dict:
@@ -104,12 +98,12 @@ def build_tokenizer(build: Path):
                  "corpus_tokens": sum(counts.values())}
 
 
-def build_init_model(tok, folder: Path) -> None:
+def build_init_model(tok, folder: Path, arch: dict) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                     pad_token_id=tok.pad_token_id, **ARCH)
+                     pad_token_id=tok.pad_token_id, **arch)
     model = GPT2LMHeadModel(cfg)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
@@ -123,22 +117,24 @@ def heldout_perplexity(model, tok, folder: Path, block: int = BLOCK) -> dict:
         for line in path.read_text(encoding="utf-8").splitlines():
             ids += tok(line, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
     x = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)  # (N, block)
-    model.eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model.eval().to(dev)
     nll, n = 0.0, 0
     for chunk in x.split(32):
+        chunk = chunk.to(dev)
         out = model(input_ids=chunk, labels=chunk)  # HF shifts labels itself; mean over chunk.numel()-N tokens
         k = chunk.shape[0] * (block - 1)
         nll, n = nll + out.loss.item() * k, n + k
+    model.to("cpu")
     return {"heldout_tokens": n, "heldout_loss": nll / n, "heldout_ppl": math.exp(nll / n)}
 
 
-def run_stage(name: str, init: Path, build: Path, args, pilot: bool = False) -> dict:
-    """One pretraining stage with clmtune's own trainer (task lm, full fine-tuning) from the model in ``init``."""
+def pretrain(init: Path, build: Path, st: dict, args, pilot: bool = False) -> dict:
+    """Pretraining with clmtune's own trainer (task lm, full fine-tuning) from the model in ``init``."""
     from clmtune.config import load_config
     from clmtune.train import train
 
-    st = STAGES[name]
-    out = build / ("pilot" if pilot else name)
+    out = build / ("pilot" if pilot else "pretrain")
     cfg = load_config(None, {
         "data": {"source": str(build / "corpus" / "train"), "task": "lm", "text_column": "text", "packing": True,
                  "block_size": BLOCK, "max_length": BLOCK, "end_token": "eos", "eval_fraction": 0.0, "seed": 0},
@@ -148,7 +144,7 @@ def run_stage(name: str, init: Path, build: Path, args, pilot: bool = False) -> 
                   "max_steps": 40 if pilot else st["max_steps"], "batch_size": st["batch"],
                   "learning_rate": st["lr"], "warmup_steps": st["warmup"], "weight_decay": st["wd"],
                   "seed": st["seed"], "log_every": 10, "precision": st["precision"],
-                  "save_steps": None if pilot else 100, "save_total_limit": 1},
+                  "save_steps": None if pilot else 200, "save_total_limit": 1},
     })
     t0 = time.time()
     resume = "latest" if args.resume and (out / "checkpoints").is_dir() else None
@@ -156,30 +152,47 @@ def run_stage(name: str, init: Path, build: Path, args, pilot: bool = False) -> 
     log = [json.loads(ln) for ln in (result.output_dir / "train_log.jsonl").read_text().splitlines()]
     summary = json.loads((result.output_dir / "train_summary.json").read_text(encoding="utf-8"))
     tps = [r["tokens_per_s"] for r in log[1:]] or [log[-1]["tokens_per_s"]]
-    return {"init": str(init), **st, "steps": result.steps, "tokens_seen": result.steps * BLOCK * st["batch"],
+    return {**st, "steps": result.steps, "tokens_seen": result.steps * BLOCK * st["batch"],
             "first_loss": result.first_loss, "final_loss": result.final_loss,
             "final_loss_mean_last_50": sum(r["loss"] for r in log[-5:]) / len(log[-5:]),
             "seconds_this_invocation": round(time.time() - t0, 1),
             "tokens_per_s_median": sorted(tps)[len(tps) // 2], "params": summary["all_params"],
-            "precision_used": summary["precision"], "torch_threads": torch.get_num_threads(),
-            "output_dir": str(result.output_dir)}
+            "precision_used": summary["precision"], "device": _device_name(),
+            "torch_threads": torch.get_num_threads(), "output_dir": str(result.output_dir)}
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    from clmtune.device import describe_cpu
+
+    return describe_cpu()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", default=str(ROOT / "runs" / "pretrain"), help="working folder")
-    ap.add_argument("--pilot", action="store_true", help="only 40 steps of stage 2, to measure tokens/s")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
-    ap.add_argument("--stage1-model", help="skip stage 1: continue from this model folder (weights + tokenizer), "
-                    "e.g. the first release's weights (git show 4550547:src/clmtune/assets/models/gpt2-zh-small)")
+    ap.add_argument("--pilot", action="store_true", help="only 40 steps from the random init, to measure tokens/s")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     ap.add_argument("--shared-data", default=str(SHARED), help="the shared data folder (read at build time only)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--no-ship", action="store_true", help="do not copy the result into src/clmtune/assets")
+    ap.add_argument("--layers", type=int, default=ARCH["n_layer"])
+    ap.add_argument("--width", type=int, default=ARCH["n_embd"])
+    ap.add_argument("--heads", type=int, default=ARCH["n_head"])
+    ap.add_argument("--dropout", type=float, default=ARCH["resid_pdrop"])
+    ap.add_argument("--epochs", type=int, default=PRETRAIN["epochs"], help="passes over the training text")
+    ap.add_argument("--max-steps", type=int, default=PRETRAIN["max_steps"], help="stop (and end the decay) here")
+    ap.add_argument("--batch", type=int, default=PRETRAIN["batch"], help="256-token blocks per step")
+    ap.add_argument("--lr", type=float, default=PRETRAIN["lr"])
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
+    arch = {**ARCH, "n_layer": args.layers, "n_embd": args.width, "n_head": args.heads,
+            **{k: args.dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}}
+    st = {**PRETRAIN, "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "max_steps": args.max_steps}
     build = Path(args.build)
     build.mkdir(parents=True, exist_ok=True)
     stats_path = build / "stats.json"
@@ -187,60 +200,35 @@ def main() -> int:
         stats = json.loads(stats_path.read_text(encoding="utf-8"))
     else:
         stats = {"corpus": build_corpus(build, Path(args.shared_data))}
-        if not args.stage1_model:
-            tok, stats["tokenizer"] = build_tokenizer(build)
-            build_init_model(tok, build / "init")
-        stats["arch"], stats["block"] = ARCH, BLOCK
+        tok, stats["tokenizer"] = build_tokenizer(build)
+        build_init_model(tok, build / "init", arch)
+        stats["arch"], stats["block"] = arch, BLOCK
         stats_path.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-    print(json.dumps(stats, indent=1, ensure_ascii=False))
+    print(json.dumps(stats, indent=1, ensure_ascii=False), flush=True)
 
-    def save_stats():
-        stats_path.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-
-    if args.stage1_model:
-        stage1 = Path(args.stage1_model)
-        stats["stage1"] = {"init": "given (--stage1-model)", "folder": str(stage1)}
-        if (stage1 / "pretrain_stats.json").is_file():  # what that model's own run recorded (a shipped release)
-            stats["stage1"]["recorded"] = json.loads((stage1 / "pretrain_stats.json").read_text(encoding="utf-8"))
-    elif args.pilot:  # speed only: 40 stage-2 steps from the random init, no stage 1
-        stage1 = build / "init"
-        stats["stage1"] = {"init": "skipped (--pilot)"}
-    elif "stage1" in stats and "steps" in stats["stage1"]:
-        stage1 = Path(stats["stage1"]["output_dir"]) / "model"  # resumed after stage 1 had finished
-    else:
-        stats["stage1"] = run_stage("stage1", build / "init", build, args)
-        stage1 = Path(stats["stage1"]["output_dir"]) / "model"
-        save_stats()
-    stage1_tok = stage1 if (stage1 / "tokenizer.json").is_file() else stage1.parent / "tokenizer"
-    if not (stage1 / "tokenizer.json").is_file():  # clmtune run folders keep the tokenizer beside model/
-        AutoTokenizer.from_pretrained(stage1_tok).save_pretrained(stage1)
-    tok = AutoTokenizer.from_pretrained(stage1)
-    held = heldout_perplexity(AutoModelForCausalLM.from_pretrained(stage1, dtype=torch.float32), tok,
-                              build / "corpus" / "heldout")
-    stats["stage1"].update({f"stage1_{k}": v for k, v in held.items()})
-    print("stage 1 held-out:", held, flush=True)
-
-    run = run_stage("stage2", stage1, build, args, pilot=args.pilot)
+    run = pretrain(build / "init", build, st, args, pilot=args.pilot)
+    tok = AutoTokenizer.from_pretrained(Path(run["output_dir"]) / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(Path(run["output_dir"]) / "model", dtype=torch.float32)
     model.to(torch.bfloat16)  # the shipped weights: bf16 (the perplexity below is measured on them, computed in fp32)
     shipped = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(torch.float32)
     run.update(heldout_perplexity(model, tok, build / "corpus" / "heldout"))
-    stats["pilot" if args.pilot else "stage2"] = run
-    save_stats()
-    print(json.dumps(run, indent=1, ensure_ascii=False))
-    if not args.pilot and not args.no_ship:
-        dest = ROOT / "src" / "clmtune" / "assets" / "models" / NAME
-        dest.mkdir(parents=True, exist_ok=True)
-        for p in dest.glob("*.safetensors"):
-            p.unlink()
-        model.to(torch.bfloat16)
-        assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
-        model.save_pretrained(dest, safe_serialization=True)  # bf16 weights; config.json says dtype bfloat16
-        for p in (Path(run["output_dir"]) / "tokenizer").iterdir():
-            shutil.copy2(p, dest / p.name)
-        (dest / "pretrain_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-        print(f"shipped to {dest}")
+    stats["pilot" if args.pilot else "pretrain"] = run
+    stats_path.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(json.dumps(run, indent=1, ensure_ascii=False), flush=True)
+    if args.pilot:
+        return 0
+    dest = build / "shipped" if args.no_ship else ROOT / "src" / "clmtune" / "assets" / "models" / NAME
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in dest.glob("*.safetensors"):
+        p.unlink()
+    model.to(torch.bfloat16)
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    model.save_pretrained(dest, safe_serialization=True)  # bf16 weights; config.json says dtype bfloat16
+    for p in (Path(run["output_dir"]) / "tokenizer").iterdir():
+        shutil.copy2(p, dest / p.name)
+    (dest / "pretrain_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(f"written to {dest}", flush=True)
     return 0
 
 

@@ -83,8 +83,9 @@ def test_default_model_knows_the_test_reviews_it_never_saw(default_model, shared
     assert unk < 0.01, unk
     feats = [{"input_ids": i, "labels": i} for i in ids]
     ppl = perplexity(model, feats, tok.pad_token_id, batch_size=16)["perplexity"]
-    # uniform guessing over the vocabulary would be len(tok) (~8,000); a pretrained model must be far below
-    assert ppl < 150, ppl
+    # uniform guessing over the vocabulary would be len(tok) (~8,000); a pretrained model must be far below.
+    # The shipped model gives 36.3 (the 4 x 256 model before it: 96.2)
+    assert ppl < 50, ppl
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)

@@ -158,12 +158,27 @@ def test_deterministic_runs_are_identical(tmp_path, one_thread):
     ({"model": {"load_in_8bit": True}, "peft": {"method": "full"}}, "cannot train quantized weights"),
     ({"train": {"gradient_checkpointing": True}, "peft": {"method": "prefix_tuning"}},
      "prefix_tuning does not work with train.gradient_checkpointing"),
+    ({"model": {"attn_implementation": "flash"}}, "model.attn_implementation='flash' is not one of sdpa, eager"),
 ])
 def test_memory_option_config_errors(change, message):
     from clmtune.config import from_dict
 
     with pytest.raises(ConfigError, match=message):
         from_dict(change).validate()
+
+
+def test_attn_implementation_reaches_transformers_and_eager_equals_sdpa(one_thread):
+    """model.attn_implementation picks transformers' attention kernel; eager (the reference) and sdpa give the same
+    logits on a padded batch (left padding: the rows' first positions attend to nothing but padding)."""
+    models = {impl: load_model(ModelConfig(name_or_path="builtin:gpt2-zh-small", attn_implementation=impl)).eval()
+              for impl in ("eager", "sdpa")}
+    assert {impl: m.config._attn_implementation for impl, m in models.items()} == {"eager": "eager", "sdpa": "sdpa"}
+    ids = torch.tensor([[0, 0, 0, 10, 11, 12], [20, 21, 22, 23, 24, 25]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        out = {impl: m(input_ids=ids, attention_mask=mask).logits for impl, m in models.items()}
+    real = mask.bool()
+    torch.testing.assert_close(out["eager"][real], out["sdpa"][real], rtol=1e-4, atol=1e-4)
 
 
 def test_quantized_loading_without_bitsandbytes_is_one_clear_error(monkeypatch):

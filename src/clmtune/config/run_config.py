@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clmtune.config.sections import (END_TOKENS, EVAL_METHODS, MODEL_DTYPES, PADDING, PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS,
+from clmtune.config.sections import (ATTN_IMPLEMENTATIONS, END_TOKENS, EVAL_METHODS, MODEL_DTYPES, PADDING,
+                                     PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS,
                                      TEXT_SAMPLE_BY, TRUNCATION_SIDES, DataConfig, EvalConfig, GenerateConfig,
                                      ModelConfig, PeftSettings, TrainConfig, device_problem)
 from clmtune.errors import ConfigError
@@ -196,6 +197,9 @@ def model_problems(cfg: "RunConfig") -> list[str]:
     if m.dtype not in MODEL_DTYPES:
         return [f"model.dtype={m.dtype!r} is not one of {', '.join(MODEL_DTYPES)}"]
     p = []
+    if m.attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+        p.append(f"model.attn_implementation={m.attn_implementation!r} is not one of "
+                 f"{', '.join(ATTN_IMPLEMENTATIONS)} (or leave it unset for transformers' default)")
     if m.load_in_4bit and m.load_in_8bit:
         p.append("model.load_in_4bit and model.load_in_8bit are both true; choose one")
     if method == "full" and (m.load_in_4bit or m.load_in_8bit):

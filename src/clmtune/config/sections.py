@@ -28,6 +28,7 @@ def device_problem(name: object) -> str | None:
     return f"{name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "bf16")
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 """Values of ``train.precision``, ``eval.dtype`` and ``generate.dtype`` (``auto``: see ``clmtune.device``)."""
 AUTO = "auto"
 """Value of a key that clmtune chooses from the data and the method (``model.name_or_path``,
@@ -201,6 +202,11 @@ class ModelConfig:
 
     load_in_8bit: bool = False
     """Load the frozen base in 8-bit (LLM.int8) through ``bitsandbytes``; the same conditions as ``load_in_4bit``."""
+
+    attn_implementation: str | None = None
+    """The attention kernel transformers uses: ``sdpa`` (PyTorch's fused kernels, transformers' default), ``eager``
+    (plain matmul + softmax: the reference, slower) or ``flash_attention_2`` (needs the ``flash-attn`` package and a
+    GPU). Unset: transformers' default."""
 
 
 @dataclass

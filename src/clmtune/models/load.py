@@ -193,6 +193,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, quantize: b
         _check_weights(Path(target), cfg.allow_pickle_weights)
     quant = quantization_config(cfg) if quantize else None
     extra = {"quantization_config": quant} if quant is not None else {}
+    if cfg.attn_implementation:
+        extra["attn_implementation"] = cfg.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(
             target, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
