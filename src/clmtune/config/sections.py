@@ -36,9 +36,9 @@ AUTO = "auto"
 AUTO_KEYS = ("data.max_length", "train.learning_rate", "model.name_or_path")
 DEFAULT_LEARNING_RATES = {"lora": 2e-3, "ia3": 3e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-3,
                           "full": 3e-4}
-"""``train.learning_rate: auto`` per ``peft.method``. Full fine-tuning 3e-4 vs the LoRA rate 2e-3 on ChnSentiCorp
-with the shipped model: 89.0 % vs 84.8 %; LoRA 2e-3 is the shipped Chinese config's value; prompt tuning 3e-2 and
-prefix tuning 1e-2 are peft's example values (few parameters need large steps). For full fine-tuning of models
+"""``train.learning_rate: auto`` per ``peft.method`` (``defaults.MODEL_LORA`` can name another LoRA rate for a
+shipped model: 1e-3 for ``builtin:gpt2-zh-small``). Full fine-tuning 3e-4 vs 2e-3 on ChnSentiCorp with the first
+shipped model: 89.0 % vs 84.8 %; prompt tuning 3e-2 and prefix tuning 1e-2 are peft's example values (few parameters need large steps). For full fine-tuning of models
 of more than ~100 M parameters use less (1e-5..5e-5)."""
 ADAPTER_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "init_text")
 """``peft`` keys that only adapters use (``peft.method: full`` ignores them, with a warning)."""
