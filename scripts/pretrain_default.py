@@ -41,7 +41,7 @@ NAME = "gpt2-zh-small"
 # on one GPU (scripts/gpu_pretrain_sweep.py, all four in the same run; held-out perplexity): 8 x 288, 12 passes
 # 55.6; 6 x 320, 12 passes 56.7; 4 x 256, 12 passes 62.4; 6 x 320, 30 passes 73.4 (over-fitted: train loss 2.4).
 # The shipped weights were trained on an NVIDIA H200 with exactly this script's defaults (2.5 minutes); on a
-# 2-core AVX-512-bf16 CPU the same recipe runs at roughly 1,500 tokens/s per core: about 4 hours for 12 passes.
+# 2-core AVX-512-bf16 CPU a pilot of this size ran ~1,550 tokens/s on one idle core: an estimated 2-4 hours.
 ARCH = dict(n_embd=288, n_layer=8, n_head=8, n_positions=256, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
 BLOCK = 256          # tokens per packed training block (= n_positions: every position gets trained)
 # One stage from the random init, bf16 autocast; batch = blocks per step (32 x 256 = 8,192 tokens); lr decays

@@ -113,7 +113,7 @@ def main() -> int:
         results[f"{args.model} full fine-tuning"] = finetune("full", train_file, data / "test.tsv", out,
                                                              args.full_lr, args.model, args.epochs,
                                                              args.override)
-    report = {"train_rows": len(train), "test_rows": len(test), "epochs": args.epochs, "results": results}
+    report = {"train_rows": len(train), "test_rows": len(test), "results": results}
     (out / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\nChnSentiCorp test.tsv ({len(test)} reviews), trained on {len(train)} rows of train.tsv")
     from clmtune.text import format_table
