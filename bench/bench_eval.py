@@ -70,10 +70,12 @@ def setup(name: str, tmp: Path):
     """(model, tokenizer, RunConfig, examples, labels) for one benchmark case."""
     if name in ("tiny-opt", "banking77", "banking77-trained"):
         os.environ.setdefault("CLMTUNE_HOME", str(tmp / "home"))
-        raw = {"model": {"name_or_path": str(builtin_model_path("tiny-opt"))}}
+        # data.max_length is `auto` (resolved by training) unless given; the bench fixes the tutorial's 64
+        raw = {"model": {"name_or_path": str(builtin_model_path("tiny-opt"))}, "data": {"max_length": 64}}
         if name.startswith("banking77"):
             raw["data"] = {"source": "builtin:raft/banking_77", "template": "Query : {Query} label : ",
-                           "label_column": "Label", "id_column": "ID", "end_token": "eos", "eval_fraction": 0.0}
+                           "label_column": "Label", "id_column": "ID", "end_token": "eos", "eval_fraction": 0.0,
+                           "max_length": 64}
         cfg = from_dict(raw).validate()
         task = load_task(cfg.data)
         examples, labels = task.test[:320 if name == "tiny-opt" else 32], task.labels
