@@ -23,6 +23,9 @@ forward; what ``eval.method: auto`` runs up to 64 tree nodes), ``constrained`` (
 implementation: prompt forward, then its KV cache repeated per label and a second forward; kept for
 architectures that cannot take a custom 4D mask, e.g. BLOOM) and ``generate`` (greedy decoding of up to longest
 label + 2 tokens with the KV cache, stopping at the end token; random weights never write it, so every step runs).
+``--labels K`` (tiny-opt, gpt2zh): the same prompts scored against K labels, the case's own followed by made-up ones
+(``EXTRA_LABELS``; English banking labels of 2-5 tokens, Chinese two-character words), to see how each method's
+cost grows with the label set (the label tree has more nodes; generation runs as many steps as the longest label).
 Batch sizes: 16 (throughput) and 1 (one example per call: the latency-bound regime, where per-call overhead rather
 than arithmetic sets the time, as for small models on a GPU).
 Timed repeats alternate between the methods; medians are compared, by wall-clock time and by the process's CPU time
@@ -109,6 +112,23 @@ def setup(name: str, tmp: Path):
 
 
 @torch.no_grad()
+EXTRA_LABELS = {  # --labels K: the case's own labels, then these, up to K labels in all (same prompts and model)
+    "tiny-opt": ["activate my card", "card arrival", "exchange rate", "lost or stolen card", "pending transfer",
+                 "top up failed", "refund not showing up", "wrong amount of cash received"],
+    "gpt2zh": ["一般", "推荐", "失望", "满意", "糟糕", "不错", "很差", "超值"],
+}
+
+
+def with_labels(name: str, labels: list[str], k: int | None) -> list[str]:
+    """The first ``k`` of the case's labels followed by ``EXTRA_LABELS`` (the gold labels stay among them)."""
+    if not k:
+        return labels
+    extra = [x for x in EXTRA_LABELS.get(name, []) if x not in labels]
+    if k > len(labels) + len(extra):
+        raise SystemExit(f"--labels {k}: case {name} has {len(labels) + len(extra)} labels at most")
+    return (labels + extra)[:k]
+
+
 def tutorial_eval(model, tok, cfg, examples, labels, out: Path) -> dict:
     """peft's causal-LM example's evaluation: prompts left-padded to max_length (the start kept when longer), batches
     of 8, ``model.generate(max_new_tokens=10)`` (greedy), the new tokens decoded, a row counts as the label its
@@ -174,8 +194,9 @@ def _run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> di
 
 
 def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: Path,
-          methods: tuple[str, ...] = METHODS) -> dict:
+          methods: tuple[str, ...] = METHODS, n_labels: int | None = None) -> dict:
     model, tok, cfg, examples, labels = setup(name, tmp)
+    labels = with_labels(name, labels, n_labels)
     model.to(device)
     if any(m.endswith("_bf16") for m in methods):
         import copy
@@ -233,6 +254,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--labels", type=int, help="use K labels: the case's own, then made-up ones (EXTRA_LABELS; "
+                    "tiny-opt and gpt2zh): the cost of each method as the label set grows")
     ap.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS)
                     + " (tutorial, rank and generate are needed for the ratios)")
     args = ap.parse_args()
@@ -249,7 +272,7 @@ def main() -> None:
         for name in names:
             results[name] = []
             for b in sizes:
-                r = bench(name, b, args.repeats, device, Path(tmp), tuple(args.methods.split(",")))
+                r = bench(name, b, args.repeats, device, Path(tmp), tuple(args.methods.split(",")), args.labels)
                 results[name].append(r)
                 m = r["median_seconds"]
                 x = r["speedup_vs_tutorial"]
@@ -266,7 +289,7 @@ def main() -> None:
                           + f", same label as rank {100 * r['agreement_with_rank'].get(k, float('nan')):.1f} %"
                           + (f", same as fp32 {100 * r['bf16_agreement_with_fp32'][k]:.1f} %"
                              if k in r["bf16_agreement_with_fp32"] else ""), flush=True)
-            out = HERE / "results" / f"eval_{name}.json"
+            out = HERE / "results" / (f"eval_{name}.json" if not args.labels else f"eval_{name}_{args.labels}labels.json")
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(results[name], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

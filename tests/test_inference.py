@@ -156,9 +156,9 @@ def test_eval_dtype_auto_runs_bf16_and_records_it(trained, tmp_path):
 
     _, result = trained
     rows = str(assets_path("raft/twitter_complaints/train.csv"))  # labelled tweets, the run's label set
-    m32, _ = evaluate_run(result.output_dir, data_file=rows, out_dir=tmp_path / "fp32", progress=False)
-    assert m32["precision"] == "fp32"  # eval.dtype defaults to fp32
-    m16, _ = evaluate_run(result.output_dir, data_file=rows, out_dir=tmp_path / "auto", progress=False,
-                          dtype="auto")
-    assert m16["precision"] == ("bf16" if native else "fp32")
+    m32, _ = evaluate_run(result.output_dir, data_file=rows, out_dir=tmp_path / "fp32", progress=False,
+                          dtype="fp32")
+    assert m32["precision"] == "fp32"
+    m16, _ = evaluate_run(result.output_dir, data_file=rows, out_dir=tmp_path / "auto", progress=False)
+    assert m16["precision"] == ("bf16" if native else "fp32")  # eval.dtype defaults to auto
     assert m16["n"] == m32["n"] and m16["invalid"] == 0
