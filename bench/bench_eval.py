@@ -17,8 +17,10 @@ bf16 weights, oneDNN-packed matmuls; the precision eval's ``auto`` picks on a CP
 report how often they predict the same label as fp32.
 Methods: ``tutorial`` (what users ran before clmtune: peft's causal-LM example, every prompt left-padded to
 ``max_length``, ``model.generate(max_new_tokens=10)`` in batches of 8 whatever ``--batch-sizes`` says, decoded and
-string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (prompt + label tree in one
-forward; what ``eval.method: auto`` runs up to 64 tree nodes), ``constrained`` (greedy decoding on the label tree,
+string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (what ``eval.method: auto`` runs up to
+64 tree nodes: the exact best-first search over the label tree, ``clmtune.evaluate.search``, then, for rows it
+leaves open, prompt + label tree in one forward), ``rank_onepass`` (rank without the search: every tree node
+scored in one forward), ``constrained`` (greedy decoding on the label tree,
 ``auto`` above 64 nodes), ``rank_shared_cache`` (the previous
 implementation: prompt forward, then its KV cache repeated per label and a second forward; kept for
 architectures that cannot take a custom 4D mask, e.g. BLOOM) and ``generate`` (greedy decoding of up to longest
@@ -63,8 +65,8 @@ from clmtune.models import (bert_chinese_tokenizer, builtin_model_path, load_mod
                             resolve_device)
 
 CASES = ("tiny-opt", "banking77", "banking77-trained", "gpt2zh")
-METHODS = ("tutorial", "rank", "rank_shared_cache", "constrained", "generate", "rank_bf16", "constrained_bf16",
-           "generate_bf16")
+METHODS = ("tutorial", "rank", "rank_onepass", "rank_shared_cache", "constrained", "generate", "rank_bf16",
+           "rank_onepass_bf16", "constrained_bf16", "generate_bf16")
 TUTORIAL_BATCH, TUTORIAL_NEW_TOKENS = 8, 10
 BF16_COPIES: dict[int, torch.nn.Module] = {}
 
@@ -111,7 +113,6 @@ def setup(name: str, tmp: Path):
     return load_model(cfg.model).eval(), load_tokenizer(cfg.model), cfg, examples, labels
 
 
-@torch.no_grad()
 EXTRA_LABELS = {  # --labels K: the case's own labels, then these, up to K labels in all (same prompts and model)
     "tiny-opt": ["activate my card", "card arrival", "exchange rate", "lost or stolen card", "pending transfer",
                  "top up failed", "refund not showing up", "wrong amount of cash received"],
@@ -129,6 +130,7 @@ def with_labels(name: str, labels: list[str], k: int | None) -> list[str]:
     return (labels + extra)[:k]
 
 
+@torch.no_grad()
 def tutorial_eval(model, tok, cfg, examples, labels, out: Path) -> dict:
     """peft's causal-LM example's evaluation: prompts left-padded to max_length (the start kept when longer), batches
     of 8, ``model.generate(max_new_tokens=10)`` (greedy), the new tokens decoded, a row counts as the label its
@@ -187,6 +189,13 @@ def run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> dic
 def _run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> dict:
     if method == "tutorial":
         return tutorial_eval(model, tok, cfg, examples, labels, out)
+    if method == "rank_onepass":  # rank without the best-first search: every label-tree node scored in one pass
+        import functools
+
+        import clmtune.evaluate.run as run_mod
+
+        with mock.patch.object(run_mod, "predict_rank", functools.partial(run_mod.predict_rank, search=False)):
+            return ev.evaluate_examples(model, tok, cfg, examples, labels, "rank", out, progress=False)
     if method == "rank_shared_cache":
         with mock.patch.object(scoring, "rank_strategy", lambda m: "shared_cache"):
             return ev.evaluate_examples(model, tok, cfg, examples, labels, "rank", out, progress=False)
@@ -196,7 +205,15 @@ def _run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> di
 def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: Path,
           methods: tuple[str, ...] = METHODS, n_labels: int | None = None) -> dict:
     model, tok, cfg, examples, labels = setup(name, tmp)
-    labels = with_labels(name, labels, n_labels)
+    if name == "banking77-trained" and n_labels:  # the first K gold labels met; scored as unlabelled rows (timing)
+        import dataclasses
+
+        gold = list(dict.fromkeys(e.label for e in examples))
+        labels = gold[:n_labels] if n_labels <= len(gold) else gold + [x for x in labels if x not in gold]
+        labels = labels[:n_labels]
+        examples = [dataclasses.replace(e, label=None) for e in examples]
+    else:
+        labels = with_labels(name, labels, n_labels)
     model.to(device)
     if any(m.endswith("_bf16") for m in methods):
         import copy
