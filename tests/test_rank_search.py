@@ -21,11 +21,14 @@ def test_search_finds_the_naive_argmax(name):
     best = _naive_scores(model, prompts, conts).argmax(1).tolist()
     nodes = len(LabelTree.build(conts).token)
     # random weights: every label about equally likely, so the search may have to expand every node (one a step)
-    assert search_batch(model, prompts, conts, enc.pad_id, budget=nodes) == best  # one left-padded batch
-    assert [search_batch(model, [p], conts, enc.pad_id, budget=nodes)[0] for p in prompts] == best
-    # too few steps: the rows it cannot prove are left open, the others are still right
-    short = search_batch(model, prompts, conts, enc.pad_id, budget=1)
-    assert None in short and all(s is None or s == b for s, b in zip(short, best))
+    assert search_batch(model, prompts, conts, enc.pad_id, budget=nodes) == (best, 0)  # one left-padded batch
+    assert [search_batch(model, [p], conts, enc.pad_id, budget=nodes)[0][0] for p in prompts] == best
+    # too few steps: the rows it cannot prove are left open, the others are still right ...
+    short, n_open = search_batch(model, prompts, conts, enc.pad_id, budget=1, finish=False)
+    assert n_open == short.count(None) > 0 and all(s is None or s == b for s, b in zip(short, best))
+    # ... and then scored over the whole tree on top of the prompts' cache
+    for budget in (0, 1, 2):
+        assert search_batch(model, prompts, conts, enc.pad_id, budget=budget)[0] == best
     examples = [Example(id=str(i), prompt=f"{t} label : ", label=None, text=t) for i, t in enumerate(texts)]
     for search in (True, False):  # what `clmtune eval` runs: search, then the rest scored in one pass
         got = predict_rank(model, enc, examples, labels, batch_size=2, search=search).predicted
@@ -48,5 +51,5 @@ def test_a_confident_model_needs_few_steps(monkeypatch):
         head.bias = torch.nn.Parameter(bias)
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    assert search_batch(model, prompts, conts, enc.pad_id, budget=len(target) + 1) == [2, 2]
+    assert search_batch(model, prompts, conts, enc.pad_id, budget=len(target) + 1) == ([2, 2], 0)
     assert len(calls) == 1 + len(target) - 1  # the prefill, then one step per label token before the end token

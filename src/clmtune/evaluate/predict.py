@@ -30,12 +30,13 @@ class Predictions:
 
 
 SEARCH_STEPS = 2
-"""The rank search's budget per batch: this many single-token steps per token of the longest label (+ end token),
-at most one per label-tree node (then it always ends); rows still open are scored in one pass."""
+"""The rank search's budget per batch: this many single-token steps per token of the longest label (+ end token);
+rows still open get the whole tree scored on top of their prompt's cache. Label trees with no more nodes than the budget are always scored in one
+pass."""
 
 SEARCH_GIVES_UP = 0.5
 """``predict_rank`` stops searching (``clmtune.evaluate.search``) after a batch that left more than this share of
-its rows open within the step budget (a model without clear preferences), and scores the rest in one pass."""
+its rows open within the step budget (a model without clear preferences), and scores the rest in one pass each."""
 
 
 @torch.no_grad()
@@ -48,18 +49,19 @@ def predict_rank(model, encoder, examples: list[Example], labels: list[str], bat
     prompts, truncated = encoder.encode_eval_prompts(examples, labels)
     conts = _continuations(encoder, labels)
     picks: list[int | None] = [None] * len(prompts)
-    if search and not normalize and strategy_for(model, prompts, conts) == "packed":
-        # The search is for a model with clear preferences: the longest label's path twice over (detours included).
-        # A step costs about one position per example through every layer, but as a small batch: on GPT-2 12 x 768
-        # one step cost ~4 tree nodes of the one pass, so a search that must expand most of the tree (random
-        # weights) is slower than the one pass; with as many steps as nodes it would always end (a tiny model).
-        budget = min(len(LabelTree.build(conts).token), SEARCH_STEPS * max(map(len, conts)))
+    # The search is for a model with clear preferences: the longest label's path twice over (detours included).
+    # A step costs about one position per example through every layer, but as a small batch (on GPT-2 12 x 768 one
+    # step cost ~4 tree nodes of the one pass), so it pays only where the tree has more nodes than that budget
+    # (not for 2 short labels: 3-4 nodes); a search that must expand most of the tree (random weights) gives up.
+    budget = SEARCH_STEPS * max(map(len, conts))
+    if (search and not normalize and len(LabelTree.build(conts).token) > budget
+            and strategy_for(model, prompts, conts) == "packed"):
         groups = list(_batches(_by_length(prompts), batch_size))
         for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
-            got = search_batch(model, [prompts[i] for i in group], conts, encoder.pad_id, budget)
+            got, still_open = search_batch(model, [prompts[i] for i in group], conts, encoder.pad_id, budget)
             for i, j in zip(group, got):
                 picks[i] = j
-            if sum(j is None for j in got) > SEARCH_GIVES_UP * len(got):
+            if still_open > SEARCH_GIVES_UP * len(got):
                 break
     rest = [i for i, j in enumerate(picks) if j is None]
     if rest:

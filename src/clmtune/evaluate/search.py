@@ -14,8 +14,9 @@ A trained model puts most of the probability on one label, so a row is usually d
 that label has tokens, about what ``generate`` costs, while the one-pass tree scoring (``scoring._scores_packed``)
 runs every node of the tree through every layer for every example: with 10 labels of 2-5 tokens that is 30 nodes
 against ~3 steps. A model without preferences (random weights) makes the search expand most of the tree one step
-at a time, which is slower than the one pass: rows still open after ``budget`` steps are left to the caller
-(``None``), and ``predict_rank`` stops searching once a batch leaves most of its rows open.
+at a time, which is slower than the one pass: rows still open after ``budget`` steps get the whole tree scored on
+top of the prompt's KV cache (the one pass without running the prompt again), and ``predict_rank`` stops searching
+once a batch leaves most of its rows open.
 Same result as scoring every label up to float rounding (a near-tie between two labels' sums may resolve
 differently); only for models the one-pass scoring supports (custom 4D masks) and summed scores (a per-token mean
 is not monotone, so ``eval.normalize_by_length`` scores the whole tree).
@@ -70,9 +71,11 @@ def _child_scores(logits: torch.Tensor, feed: list[tuple[int, int, float]], chil
 
 
 @torch.no_grad()
-def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id: int, budget: int) -> list[int | None]:
-    """For each prompt of one batch, the index of the best continuation, or ``None`` where ``budget`` single-token
-    steps were not enough to prove it."""
+def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id: int, budget: int,
+                 finish: bool = True) -> tuple[list[int | None], int]:
+    """For each prompt of one batch, the index of the best continuation. Rows that ``budget`` single-token steps
+    could not settle are scored over the whole label tree on top of the prompts' KV cache (``finish``; the prompt
+    is not run again), or left ``None``. Also returns how many rows the search left open."""
     trie, token, depth, ancestors, leaf = _tree(conts)
     device = model_device(model)
     additive = model.config._attn_implementation == "eager"
@@ -86,7 +89,8 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
     cache = out.cache
     root = [(r, 0, 0.0) for r in range(b)]
     frontier: list[list[tuple[float, int]]] = []
-    for scores in _child_scores(out.logits[:, -1], root, trie.children):
+    first = _child_scores(out.logits[:, -1], root, trie.children)  # per row: log p(first token) per root child
+    for scores in first:
         heap = [(-s, child) for s, child in zip(scores, trie.children[0].values())]
         heapq.heapify(heap)
         frontier.append(heap)
@@ -125,4 +129,46 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
         for (r, node, _), scores in zip(feed, _child_scores(out.logits[:, -1], feed, trie.children)):
             for s, child in zip(scores, trie.children[node].values()):
                 heapq.heappush(frontier[r], (-s, child))
-    return done
+    open_rows = [r for r in range(b) if done[r] is None]
+    if finish and open_rows:
+        first_by_token = [dict(zip(trie.children[0], f)) for f in first]
+        sums = _tree_scores(model, cache, conts, open_rows, pmask, plen, t + step, first_by_token, additive, dtype)
+        for r, best in zip(open_rows, sums.argmax(1).tolist()):
+            done[r] = best
+    return done, len(open_rows)
+
+
+def _tree_scores(model, cache, conts, rows, pmask, plen, width, first, additive, dtype) -> torch.Tensor:
+    """(len(rows), n_labels) summed log-likelihoods: every node of the label tree fed after the prompts in ``cache``
+    (``width`` columns: prompt + search steps, which the nodes do not see), as ``scoring._scores_packed`` does
+    after the prompt; ``first``: per row, log p(first token) at the prompt's last position, by token."""
+    import copy
+
+    from clmtune.evaluate.scoring import LabelTree
+
+    tree = LabelTree.build(conts)
+    m = len(tree.token)
+    device = model_device(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = max(1, (64 << 20) // (m * vocab))  # (rows, M, V) fp32 logits under ~256 MB, as the one pass
+    src, tok, lab = tree.steps.unbind(1)
+    sums = torch.zeros(len(rows), len(conts))
+    for k in range(0, len(rows), chunk):
+        part = rows[k:k + chunk]
+        c = copy.deepcopy(cache)
+        c.batch_select_indices(torch.tensor(part, device=device))
+        allowed = torch.zeros((len(part), m, width + m), dtype=torch.bool)
+        allowed[:, :, :pmask.shape[1]] = pmask[part].bool()[:, None, :]
+        allowed[:, :, width:] = tree.ancestors | torch.eye(m, dtype=torch.bool)
+        mask = allowed[:, None]
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        ids = torch.tensor(tree.token).expand(len(part), m)
+        pos = torch.tensor([plen[r] for r in part])[:, None] + torch.tensor(tree.depth)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       cache=c, use_cache=True).logits.float().cpu()  # (rows, M, V)
+        lp = logits[:, (src - 1).clamp(min=0), tok] - logits.logsumexp(-1)[:, (src - 1).clamp(min=0)]  # (rows, S)
+        for j in (src == 0).nonzero()[:, 0].tolist():  # a label's first token: scored at the prompt's last position
+            lp[:, j] = torch.tensor([first[r][int(tok[j])] for r in part])
+        sums[k:k + len(part)] = torch.zeros(len(part), len(conts)).index_add_(1, lab, lp)
+    return sums
