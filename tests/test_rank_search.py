@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clmtune.evaluate import LabelTree
+from clmtune.evaluate import predict
 from clmtune.evaluate.predict import predict_rank
 from clmtune.evaluate.search import search_batch
 from clmtune.tasks.examples import Example
@@ -13,7 +14,7 @@ from test_eval_methods import CASES, _load, _naive_scores, _prompts
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if "bloom" not in n])  # the models that take a 4D mask
-def test_search_finds_the_naive_argmax(name):
+def test_search_finds_the_naive_argmax(name, monkeypatch):
     model, tok = _load(name)
     labels, texts = CASES[name]
     enc, prompts = _prompts(tok, texts)
@@ -30,9 +31,16 @@ def test_search_finds_the_naive_argmax(name):
     for budget in (0, 1, 2):
         assert search_batch(model, prompts, conts, enc.pad_id, budget=budget)[0] == best
     examples = [Example(id=str(i), prompt=f"{t} label : ", label=None, text=t) for i, t in enumerate(texts)]
-    for search in (True, False):  # what `clmtune eval` runs: search, then the rest scored in one pass
-        got = predict_rank(model, enc, examples, labels, batch_size=2, search=search).predicted
-        assert got == [labels[j] for j in best]
+    calls = []
+    monkeypatch.setattr(predict, "search_batch", lambda *a, **k: calls.append(1) or search_batch(*a, **k))
+    monkeypatch.setattr(predict, "SEARCH_GIVES_UP", 1.0)  # random weights leave rows open: keep searching
+    for steps, searched in ((predict.SEARCH_STEPS, False), (0.5, True)):  # a smaller budget: these trees qualify
+        monkeypatch.setattr(predict, "SEARCH_STEPS", steps)
+        for search in (True, False):  # what `clmtune eval` runs: search where it pays, else the one pass
+            calls.clear()
+            got = predict_rank(model, enc, examples, labels, batch_size=2, search=search).predicted
+            assert got == [labels[j] for j in best]
+            assert bool(calls) == (search and searched)
 
 
 def test_a_confident_model_needs_few_steps(monkeypatch):

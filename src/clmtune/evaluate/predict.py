@@ -31,8 +31,8 @@ class Predictions:
 
 SEARCH_STEPS = 2
 """The rank search's budget per batch: this many single-token steps per token of the longest label (+ end token);
-rows still open get the whole tree scored on top of their prompt's cache. Label trees with no more nodes than the budget are always scored in one
-pass."""
+rows still open get the whole tree scored on top of their prompt's cache. Label trees with no more than twice as
+many nodes as the budget are always scored in one pass."""
 
 SEARCH_GIVES_UP = 0.5
 """``predict_rank`` stops searching (``clmtune.evaluate.search``) after a batch that left more than this share of
@@ -51,10 +51,11 @@ def predict_rank(model, encoder, examples: list[Example], labels: list[str], bat
     picks: list[int | None] = [None] * len(prompts)
     # The search is for a model with clear preferences: the longest label's path twice over (detours included).
     # A step costs about one position per example through every layer, but as a small batch (on GPT-2 12 x 768 one
-    # step cost ~4 tree nodes of the one pass), so it pays only where the tree has more nodes than that budget
-    # (not for 2 short labels: 3-4 nodes); a search that must expand most of the tree (random weights) gives up.
-    budget = SEARCH_STEPS * max(map(len, conts))
-    if (search and not normalize and len(LabelTree.build(conts).token) > budget
+    # step cost ~4 tree nodes of the one pass; on a tiny model each call's overhead dominates), so it runs only
+    # where the tree has more than twice as many nodes as that budget (not for 2-4 short labels: 3-9 nodes, but
+    # for 10 labels of up to 5 tokens: 27 nodes); a search that must expand most of the tree gives up.
+    budget = int(SEARCH_STEPS * max(map(len, conts)))
+    if (search and not normalize and len(LabelTree.build(conts).token) > 2 * budget
             and strategy_for(model, prompts, conts) == "packed"):
         groups = list(_batches(_by_length(prompts), batch_size))
         for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
