@@ -359,7 +359,7 @@ class EvalConfig:
 
     dtype: str = "auto"
     """Precision of the weights for evaluation: ``auto`` (default: bf16 where the hardware has native bf16 matrix
-    units, as ``generate.dtype``, else fp32; 1.7-3x faster on an avx512_bf16 CPU; on a LoRA-trained model 99.8 %
+    units, as ``generate.dtype``, else fp32; 1.5-2.5x faster on an avx512_bf16 CPU; on a LoRA-trained model 99.8 %
     of the predicted labels were the same as in fp32, bench/README.md), ``fp32`` (metrics reproducible bit for bit
     on any machine) or ``bf16``."""
 
