@@ -17,12 +17,17 @@ bf16 weights, oneDNN-packed matmuls; the precision eval's ``auto`` picks on a CP
 report how often they predict the same label as fp32.
 Methods: ``tutorial`` (what users ran before clmtune: peft's causal-LM example, every prompt left-padded to
 ``max_length``, ``model.generate(max_new_tokens=10)`` in batches of 8 whatever ``--batch-sizes`` says, decoded and
-string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (prompt + label tree in one
-forward; what ``eval.method: auto`` runs up to 64 tree nodes), ``constrained`` (greedy decoding on the label tree,
+string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (what ``eval.method: auto`` runs up to
+64 tree nodes: the exact best-first search over the label tree, ``clmtune.evaluate.search``, then, for rows it
+leaves open, prompt + label tree in one forward), ``rank_onepass`` (rank without the search: every tree node
+scored in one forward), ``constrained`` (greedy decoding on the label tree,
 ``auto`` above 64 nodes), ``rank_shared_cache`` (the previous
 implementation: prompt forward, then its KV cache repeated per label and a second forward; kept for
 architectures that cannot take a custom 4D mask, e.g. BLOOM) and ``generate`` (greedy decoding of up to longest
 label + 2 tokens with the KV cache, stopping at the end token; random weights never write it, so every step runs).
+``--labels K`` (tiny-opt, gpt2zh): the same prompts scored against K labels, the case's own followed by made-up ones
+(``EXTRA_LABELS``; English banking labels of 2-5 tokens, Chinese two-character words), to see how each method's
+cost grows with the label set (the label tree has more nodes; generation runs as many steps as the longest label).
 Batch sizes: 16 (throughput) and 1 (one example per call: the latency-bound regime, where per-call overhead rather
 than arithmetic sets the time, as for small models on a GPU).
 Timed repeats alternate between the methods; medians are compared, by wall-clock time and by the process's CPU time
@@ -60,8 +65,8 @@ from clmtune.models import (bert_chinese_tokenizer, builtin_model_path, load_mod
                             resolve_device)
 
 CASES = ("tiny-opt", "banking77", "banking77-trained", "gpt2zh")
-METHODS = ("tutorial", "rank", "rank_shared_cache", "constrained", "generate", "rank_bf16", "constrained_bf16",
-           "generate_bf16")
+METHODS = ("tutorial", "rank", "rank_onepass", "rank_shared_cache", "constrained", "generate", "rank_bf16",
+           "rank_onepass_bf16", "constrained_bf16", "generate_bf16")
 TUTORIAL_BATCH, TUTORIAL_NEW_TOKENS = 8, 10
 BF16_COPIES: dict[int, torch.nn.Module] = {}
 
@@ -70,10 +75,12 @@ def setup(name: str, tmp: Path):
     """(model, tokenizer, RunConfig, examples, labels) for one benchmark case."""
     if name in ("tiny-opt", "banking77", "banking77-trained"):
         os.environ.setdefault("CLMTUNE_HOME", str(tmp / "home"))
-        raw = {"model": {"name_or_path": str(builtin_model_path("tiny-opt"))}}
+        # data.max_length is `auto` (resolved by training) unless given; the bench fixes the tutorial's 64
+        raw = {"model": {"name_or_path": str(builtin_model_path("tiny-opt"))}, "data": {"max_length": 64}}
         if name.startswith("banking77"):
             raw["data"] = {"source": "builtin:raft/banking_77", "template": "Query : {Query} label : ",
-                           "label_column": "Label", "id_column": "ID", "end_token": "eos", "eval_fraction": 0.0}
+                           "label_column": "Label", "id_column": "ID", "end_token": "eos", "eval_fraction": 0.0,
+                           "max_length": 64}
         cfg = from_dict(raw).validate()
         task = load_task(cfg.data)
         examples, labels = task.test[:320 if name == "tiny-opt" else 32], task.labels
@@ -104,6 +111,23 @@ def setup(name: str, tmp: Path):
         labels = ["差评", "好评"]
         examples, _ = render_examples(read_table(src), cfg.data, labels, str(src), labelled=True)
     return load_model(cfg.model).eval(), load_tokenizer(cfg.model), cfg, examples, labels
+
+
+EXTRA_LABELS = {  # --labels K: the case's own labels, then these, up to K labels in all (same prompts and model)
+    "tiny-opt": ["activate my card", "card arrival", "exchange rate", "lost or stolen card", "pending transfer",
+                 "top up failed", "refund not showing up", "wrong amount of cash received"],
+    "gpt2zh": ["一般", "推荐", "失望", "满意", "糟糕", "不错", "很差", "超值"],
+}
+
+
+def with_labels(name: str, labels: list[str], k: int | None) -> list[str]:
+    """The first ``k`` of the case's labels followed by ``EXTRA_LABELS`` (the gold labels stay among them)."""
+    if not k:
+        return labels
+    extra = [x for x in EXTRA_LABELS.get(name, []) if x not in labels]
+    if k > len(labels) + len(extra):
+        raise SystemExit(f"--labels {k}: case {name} has {len(labels) + len(extra)} labels at most")
+    return (labels + extra)[:k]
 
 
 @torch.no_grad()
@@ -165,6 +189,13 @@ def run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> dic
 def _run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> dict:
     if method == "tutorial":
         return tutorial_eval(model, tok, cfg, examples, labels, out)
+    if method == "rank_onepass":  # rank without the best-first search: every label-tree node scored in one pass
+        import functools
+
+        import clmtune.evaluate.run as run_mod
+
+        with mock.patch.object(run_mod, "predict_rank", functools.partial(run_mod.predict_rank, search=False)):
+            return ev.evaluate_examples(model, tok, cfg, examples, labels, "rank", out, progress=False)
     if method == "rank_shared_cache":
         with mock.patch.object(scoring, "rank_strategy", lambda m: "shared_cache"):
             return ev.evaluate_examples(model, tok, cfg, examples, labels, "rank", out, progress=False)
@@ -172,8 +203,17 @@ def _run_method(model, tok, cfg, examples, labels, method: str, out: Path) -> di
 
 
 def bench(name: str, batch_size: int, repeats: int, device: torch.device, tmp: Path,
-          methods: tuple[str, ...] = METHODS) -> dict:
+          methods: tuple[str, ...] = METHODS, n_labels: int | None = None) -> dict:
     model, tok, cfg, examples, labels = setup(name, tmp)
+    if name == "banking77-trained" and n_labels:  # the first K gold labels met; scored as unlabelled rows (timing)
+        import dataclasses
+
+        gold = list(dict.fromkeys(e.label for e in examples))
+        labels = gold[:n_labels] if n_labels <= len(gold) else gold + [x for x in labels if x not in gold]
+        labels = labels[:n_labels]
+        examples = [dataclasses.replace(e, label=None) for e in examples]
+    else:
+        labels = with_labels(name, labels, n_labels)
     model.to(device)
     if any(m.endswith("_bf16") for m in methods):
         import copy
@@ -231,6 +271,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--labels", type=int, help="use K labels: the case's own, then made-up ones (EXTRA_LABELS; "
+                    "tiny-opt and gpt2zh): the cost of each method as the label set grows")
     ap.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS)
                     + " (tutorial, rank and generate are needed for the ratios)")
     args = ap.parse_args()
@@ -247,7 +289,7 @@ def main() -> None:
         for name in names:
             results[name] = []
             for b in sizes:
-                r = bench(name, b, args.repeats, device, Path(tmp), tuple(args.methods.split(",")))
+                r = bench(name, b, args.repeats, device, Path(tmp), tuple(args.methods.split(",")), args.labels)
                 results[name].append(r)
                 m = r["median_seconds"]
                 x = r["speedup_vs_tutorial"]
@@ -264,7 +306,7 @@ def main() -> None:
                           + f", same label as rank {100 * r['agreement_with_rank'].get(k, float('nan')):.1f} %"
                           + (f", same as fp32 {100 * r['bf16_agreement_with_fp32'][k]:.1f} %"
                              if k in r["bf16_agreement_with_fp32"] else ""), flush=True)
-            out = HERE / "results" / f"eval_{name}.json"
+            out = HERE / "results" / (f"eval_{name}.json" if not args.labels else f"eval_{name}_{args.labels}labels.json")
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(results[name], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -61,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on this file instead (labelled if it has the label column)")
     e.add_argument("--method", choices=["auto", "rank", "constrained", "generate"],
                    help="override the run's eval.method (auto: rank, or constrained for a big label tree)")
-    e.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override the run's eval.dtype (default fp32; "
-                   "auto: bf16 where the hardware has native bf16 matrix units)")
+    e.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override the run's eval.dtype (default auto: "
+                   "bf16 where the hardware has native bf16 matrix units, else fp32; fp32: bit-reproducible)")
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
     e.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps; "
                                     "default: the run's eval.device")

@@ -45,6 +45,45 @@ def pack_linears(model) -> int:
     return len(swaps)
 
 
+# Modules whose forward applies an activation module to the output of a linear layer and uses that output nowhere
+# else (transformers 5 source): (linear attribute, activation attribute) by the module's class name.
+_LINEAR_THEN_ACT = {"GPT2MLP": ("c_fc", "act"), "BloomMLP": ("dense_h_to_4h", "gelu_impl"),
+                    "OPTDecoderLayer": ("fc1", "activation_fn")}
+# transformers' activation modules and the oneDNN post-op that computes the same function.
+_ONEDNN_ACT = {"NewGELUActivation": ("gelu", "tanh"), "GELUTanh": ("gelu", "tanh"), "BloomGelu": ("gelu", "tanh"),
+               "FastGELUActivation": ("gelu", "tanh"), "GELUActivation": ("gelu", "none"), "ReLU": ("relu", "")}
+
+
+class TanhGELU(torch.nn.Module):
+    """GELU, tanh approximation, as one op. transformers' ``NewGELUActivation`` (GPT-2's ``gelu_new``) and BLOOM's
+    ``BloomGelu`` write it as 5-6 elementwise ops, each a pass over the (rows x 4*hidden) activations in bf16:
+    on GPT-2 12 x 768 they were 25 % of bf16 rank evaluation's time (bench/README.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def fuse_activations(model) -> int:
+    """bf16 inference on a CPU: where a packed linear layer feeds only an activation (GPT-2/BLOOM MLP, OPT layer),
+    oneDNN applies it in the same call (on the fp32 result, before rounding to bf16) and the activation module
+    becomes ``Identity``; a tanh-GELU that cannot be fused (an adapter wraps its linear layer) becomes one op
+    (``TanhGELU``). The function computed is the same; only bf16 rounding differs. Returns how many were fused."""
+    fused = 0
+    for module in list(model.modules()):
+        names = _LINEAR_THEN_ACT.get(type(module).__name__)
+        if names is None:
+            continue
+        linear, act = (getattr(module, n, None) for n in names)
+        post = _ONEDNN_ACT.get(type(act).__name__)
+        if isinstance(linear, PackedLinear) and post is not None and linear.activation == ("none", ""):
+            linear.activation = post
+            setattr(module, names[1], torch.nn.Identity())
+            fused += 1
+        elif post == ("gelu", "tanh"):
+            setattr(module, names[1], TanhGELU())
+    return fused
+
+
 def model_precision(model) -> str:
     """``bf16`` when the model's floating-point weights are bf16, else ``fp32``."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -59,12 +98,14 @@ def for_inference(model, choice: str = "auto"):
     if precision == "fp32" or getattr(model, "_clmtune_precision", None) == "bf16":
         return model, model_precision(model), why
     model.to(torch.bfloat16)
-    packed = 0
+    packed = fused = 0
     if device.type == "cpu":
         try:
             packed = pack_linears(model)
+            fused = fuse_activations(model)
         except (RuntimeError, AttributeError) as exc:  # a torch build without these oneDNN ops: plain bf16 still works
             log.warning("bf16 inference without packed matmuls (%s)", exc)
     model._clmtune_precision = "bf16"
-    log.info("inference in bf16 (%s; %d matmuls packed by oneDNN)", why, packed)
+    log.info("inference in bf16 (%s; %d matmuls packed by oneDNN, %d activations fused into them)", why, packed,
+             fused)
     return model, "bf16", why

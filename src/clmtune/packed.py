@@ -25,11 +25,13 @@ def pack(weight_out_in: torch.Tensor) -> torch.Tensor:
     """oneDNN's packed copy of a bf16 (out, in) weight."""
     return _ops()[0](weight_out_in.contiguous())
 
-def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W^T + b`` in bf16 for any leading dimensions of x."""
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                  activation: tuple[str, str] = ("none", "")) -> torch.Tensor:
+    """``x @ W^T + b`` in bf16 for any leading dimensions of x, then ``activation`` (oneDNN's post-op: ``("gelu",
+    "tanh")``, ``("gelu", "none")`` = exact erf GELU, ``("relu", "")``) applied to the fp32 result before rounding."""
     if x.dtype != torch.bfloat16:
         x = x.to(torch.bfloat16)
-    return _ops()[1](x.contiguous(), packed, bias, "none", [], "")
+    return _ops()[1](x.contiguous(), packed, bias, activation[0], [], activation[1])
 
 class PackedLinear(torch.nn.Module):
     """``y = x W^T + b`` with W packed by oneDNN for bf16 (forward only).
@@ -44,12 +46,15 @@ class PackedLinear(torch.nn.Module):
         self.weight = weight_param if weight_param is not None else torch.nn.Parameter(weight, requires_grad=False)
         self.bias = bias
         self.packed = pack(weight)
+        self.activation = ("none", "")
+        """A fused activation (``clmtune.inference.fuse_activations``), applied by the same oneDNN call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_matmul(x, self.packed, self.bias)
+        return packed_matmul(x, self.packed, self.bias, self.activation)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed by oneDNN"
+        act = "" if self.activation[0] == "none" else f", then {'/'.join(a for a in self.activation if a)} fused"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed by oneDNN{act}"
 
 class _FrozenPackedMatmul(torch.autograd.Function):
     """y = x W^T + b on a frozen W: forward with W packed, backward (gradient of x only) with W^T packed."""

@@ -2,6 +2,7 @@
 perplexity of language modelling, split by job:
 
 - ``scoring``: rank kernels (label log-likelihoods after a prompt: packed tree, shared KV cache, pairs);
+- ``search``: rank's exact best-first search over the label tree (a trained model's answer in a few steps);
 - ``predict``: a label per example by ``rank`` (never invalid), ``constrained`` (greedy decoding on the label
   prefix tree, ``constrained.py``; never invalid) or ``generate`` (greedy decoding, invalid outputs counted and
   optionally mapped to the nearest label); ``auto`` picks rank or constrained by the size of the label tree;

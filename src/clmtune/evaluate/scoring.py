@@ -50,6 +50,15 @@ def rank_strategy(model) -> str:
     return "shared_cache"
 
 
+def strategy_for(model, prompts: list[list[int]], conts: list[list[int]]) -> str:
+    """``rank_strategy``, or ``pairs`` where prompt + label can exceed a sliding attention window."""
+    strategy = rank_strategy(model)
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window and max(map(len, prompts), default=0) + max(map(len, conts)) > window:
+        strategy = "pairs"  # the packed mask has no window; a repeated left-padded cache misplaces it (tested)
+    return strategy
+
+
 @torch.no_grad()
 def label_scores(model, encoder: Encoder, prompts: list[list[int]], labels: list[str],
                  batch_size: int, normalize: bool = False, progress: bool = False,
@@ -61,10 +70,7 @@ def label_scores(model, encoder: Encoder, prompts: list[list[int]], labels: list
     """
     conts = _continuations(encoder, labels)
     if strategy is None:
-        strategy = rank_strategy(model)
-        window = getattr(getattr(model, "config", None), "sliding_window", None)
-        if window and max(map(len, prompts), default=0) + max(map(len, conts)) > window:
-            strategy = "pairs"  # the packed mask has no window; a repeated left-padded cache misplaces it (tested)
+        strategy = strategy_for(model, prompts, conts)
     if strategy not in RANK_STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of {RANK_STRATEGIES}")
     fn = {"packed": _scores_packed, "shared_cache": _scores_shared_prompt, "pairs": _scores_padded_pairs}[strategy]
