@@ -12,7 +12,7 @@
 4. A summary table (also in OUT/summary.json) and OUT/report.html (curves, metrics, wrong predictions; each run
    also has its own loss.png).
 
-Training is capped (train.max_steps) so the whole demo stays under ~10 minutes on 2 CPU cores; the configs in
+Training is capped (train.max_steps) so the whole demo stays near ~10-15 minutes on 2 CPU cores; the configs in
 configs/ train for full epochs. Everything goes through clmtune's own stage functions (train, evaluate, generate).
 """
 
