@@ -27,9 +27,10 @@ def device_problem(name: object) -> str | None:
         return None
     return f"{name!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "bf16")
+"""Values of ``train.precision``, ``eval.dtype`` and ``generate.dtype`` (``auto``: see ``clmtune.device``)."""
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-"""Values of ``train.precision``, ``eval.dtype`` and ``generate.dtype`` (``auto``: see ``clmtune.device``)."""
+"""Values of ``model.attn_implementation`` (transformers' names)."""
 AUTO = "auto"
 """Value of a key that clmtune chooses from the data and the method (``model.name_or_path``,
 ``train.learning_rate``, ``data.max_length``); the numeric keys also take ``null`` for it."""
@@ -38,8 +39,8 @@ DEFAULT_LEARNING_RATES = {"lora": 2e-3, "ia3": 3e-3, "prefix_tuning": 1e-2, "pro
                           "full": 3e-4}
 """``train.learning_rate: auto`` per ``peft.method`` (``defaults.MODEL_LORA`` can name another LoRA rate for a
 shipped model: 1e-3 for ``builtin:gpt2-zh-small``). Full fine-tuning 3e-4 vs 2e-3 on ChnSentiCorp with the first
-shipped model: 89.0 % vs 84.8 %; prompt tuning 3e-2 and prefix tuning 1e-2 are peft's example values (few parameters need large steps). For full fine-tuning of models
-of more than ~100 M parameters use less (1e-5..5e-5)."""
+shipped model: 89.0 % vs 84.8 %; prompt tuning 3e-2 and prefix tuning 1e-2 are peft's example values (few
+parameters need large steps). For full fine-tuning of models of more than ~100 M parameters use less (1e-5..5e-5)."""
 ADAPTER_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "init_text")
 """``peft`` keys that only adapters use (``peft.method: full`` ignores them, with a warning)."""
 
