@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from clmtune.data.sources import SPLIT_STEMS, resolve_source
+from clmtune.data.sources import resolve_source, split_files
 from clmtune.errors import ClmtuneError
 from clmtune.tasks.conversations import ConversationSet, to_conversations
 
@@ -82,13 +82,7 @@ def conversation_files(source: str) -> dict[str, Path]:
     path = resolve_source(source)
     if path.is_file():
         return {"train": path}
-    found = {}
-    for split, stems in SPLIT_STEMS.items():
-        for stem in stems:
-            hits = [path / f"{stem}{sfx}" for sfx in CONVERSATION_SUFFIXES if (path / f"{stem}{sfx}").is_file()]
-            if hits:
-                found[split] = hits[0]
-                break
+    found = split_files(path, CONVERSATION_SUFFIXES)
     if "train" not in found:
         raise ClmtuneError(f"data.source={source!r}: the folder has no train.json, train.jsonl or train.parquet")
     return found

@@ -308,11 +308,12 @@ class RawData:
     """Label names declared by the source (RAFT ``task.json``, a HF ClassLabel), if any."""
 
 
-def _split_files(folder: Path) -> dict[str, Path]:
+def split_files(folder: Path, suffixes: tuple[str, ...] = TABLE_SUFFIXES) -> dict[str, Path]:
+    """Split -> the first file of ``folder`` named by one of the split's stems (``SPLIT_STEMS``) and ``suffixes``."""
     found: dict[str, Path] = {}
     for split, stems in SPLIT_STEMS.items():
         for stem in stems:
-            hits = [folder / f"{stem}{s}" for s in TABLE_SUFFIXES if (folder / f"{stem}{s}").is_file()]
+            hits = [folder / f"{stem}{s}" for s in suffixes if (folder / f"{stem}{s}").is_file()]
             if hits:
                 found[split] = hits[0]
                 break
@@ -366,7 +367,7 @@ def load_raw(cfg: DataConfig) -> RawData:
                     nested=get_task(cfg.task).nested_rows)
         labels = None
         if path.is_dir():
-            files = _split_files(path)
+            files = split_files(path)
             labels = _task_json_labels(path, cfg.label_column)
             if "train" in files:
                 splits = {s: read_table(p, **read) for s, p in files.items()}
