@@ -7,11 +7,13 @@ label), ``pairs`` (one prompt+label row per pair: peft prompt-learning models).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
 from clmtune.models import forward_inputs, is_prompt_learning, model_device
 from clmtune.tasks.encoding import collate
 
@@ -159,8 +161,9 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
       input (B, T+M); positions 0..p-1 on the p real prompt tokens, p + depth on the nodes; LM head only on the last
       M+1 positions (logits_to_keep): position T-1 scores each label's first token, node i scores the token after
       its prefix. Cost: B*(T+M) token positions, and B*(M+1) LM-head rows, in one call (no cache copies).
-    Hidden cost: the (B, M+1, V) fp32 logits; with many labels (banking_77: M = 232, V = 50,265) B is cut so that
-    they stay under ~256 MB.
+    A plain linear head is bypassed: the forward returns the (B, M+1, d) hidden states and ``headscore`` runs the
+    head in vocabulary blocks, so the (B, M+1, V) fp32 logits never exist. Otherwise (an adapter on the head) they
+    do, and with many labels (banking_77: M = 232, V = 50,265) B is cut so that they stay under ~256 MB.
     """
     from tqdm.auto import tqdm
 
@@ -168,7 +171,8 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
     m = len(tree.token)
     dev = model_device(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    group = max(1, min(batch_size, (64 << 20) // ((m + 1) * vocab)))
+    bypass = linear_head(model)
+    group = batch_size if bypass else max(1, min(batch_size, (64 << 20) // ((m + 1) * vocab)))
     nodes = torch.tensor(tree.token, dtype=torch.long)  # (M,)
     depth = torch.tensor(tree.depth, dtype=torch.long)  # (M,)
     src, tok, lab = tree.steps.to(dev).unbind(1)  # (S,) each
@@ -184,10 +188,12 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
         ids = torch.cat([batch["input_ids"], nodes.expand(b, m)], dim=1)  # (B, T+M)
         pos = torch.cat([(pmask.cumsum(-1) - 1).clamp(min=0), pmask.sum(1, keepdim=True) + depth], dim=1)
         mask = _packed_attention(pmask, tree, dtype, additive)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                       use_cache=False, logits_to_keep=m + 1).logits.float()  # (B, M+1, V)
-        # log p(token) = logit[token] - logsumexp(logits), gathered for every scored step: (B, S)
-        lp = logits[:, src, tok] - logits.logsumexp(-1)[:, src]
+        with head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext():
+            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                        use_cache=False, logits_to_keep=m + 1).logits  # (B, M+1, d) hidden, or (B, M+1, V) logits
+        # log p(token) = logit[token] - logsumexp(logits), for every scored step: (B, S)
+        at = (torch.arange(b, device=dev)[:, None] * (m + 1) + src).reshape(-1)  # (B*S,) rows of (B*(M+1), .)
+        lp = logprobs(out.reshape(b * (m + 1), -1), bypass, at, tok.repeat(b)).view(b, -1)
         sums[list(rows)] += torch.zeros(b, n_labels, device=dev).index_add_(1, lab, lp).cpu()
     return sums
 
