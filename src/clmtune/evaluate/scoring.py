@@ -225,6 +225,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
         target[j, :len(c) - 1] = torch.tensor(c[1:])
         valid[j, :len(c) - 1] = True
     dev = model_device(model)
+    bypass = linear_head(model)  # the second pass's head in vocabulary blocks (``headscore``), not (B*n, N-1, V)
     first, feed, target, valid = first.to(dev), feed.to(dev), target.to(dev), valid.to(dev)
     groups = list(_batches(range(len(prompts)), batch_size))
     for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
@@ -254,10 +255,14 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
             inputs = {"input_ids": ids, "attention_mask": mask}
             if "position_ids" in prompt_inputs:  # GPT-2/LLaMA: number the label tokens after each real prompt
                 inputs["position_ids"] = pos
-            logits = model(**inputs, cache=shared, use_cache=True).logits.float()  # (B*n, N-1, V)
-            # log p(token) = logit[token] - logsumexp(logits): same as log_softmax + gather without a 2nd (.., V)
-            lp = logits.gather(-1, target[lab].repeat(b, 1)[..., None])[..., 0] - logits.logsumexp(-1)
-            lp = (lp * valid[lab].repeat(b, 1)).sum(-1).view(b, n)  # (B, n)
+            with head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext():
+                out = model(**inputs, cache=shared, use_cache=True).logits  # (B*n, N-1, d) hidden, or (.., V)
+            # log p(token) = logit[token] - logsumexp(logits) at the real (not padding) label positions
+            ok = valid[lab].repeat(b, 1)  # (B*n, N-1)
+            lp = torch.zeros(ok.shape, device=dev)
+            lp[ok] = logprobs(out.reshape(-1, out.shape[-1]), bypass, ok.reshape(-1).nonzero()[:, 0],
+                              target[lab].repeat(b, 1)[ok])
+            lp = lp.sum(-1).view(b, n)  # (B, n)
             sums[rows, j0:j0 + n] += lp.cpu()
     return sums
 
