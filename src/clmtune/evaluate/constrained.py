@@ -18,7 +18,6 @@ disagree when a label's first token is likely but its continuation is not (repor
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -77,7 +76,7 @@ def constrained_decode(model, prompts: list[list[int]], conts: list[list[int]], 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     result = [-1] * len(prompts)
     groups = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    ctx = head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext()
+    ctx = head_returns_hidden(bypass and bypass[0])
     with ctx:
         for group in tqdm(groups, desc="eval (constrained)", disable=not progress, unit="batch"):
             ids = left_pad([prompts[i] for i in group], pad_id).to(device)  # (B, T)

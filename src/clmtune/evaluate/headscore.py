@@ -44,7 +44,11 @@ def linear_head(model):
 
 @contextlib.contextmanager
 def head_returns_hidden(head):
-    """The head returns its input (the final hidden states) instead of logits, for the ``with`` block."""
+    """The head returns its input (the final hidden states) instead of logits, for the ``with`` block; ``head``
+    None: nothing changes (the model returns logits)."""
+    if head is None:
+        yield
+        return
     head.forward = lambda x: x
     try:
         yield

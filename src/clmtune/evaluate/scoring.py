@@ -7,7 +7,6 @@ label), ``pairs`` (one prompt+label row per pair: peft prompt-learning models).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -188,7 +187,7 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
         ids = torch.cat([batch["input_ids"], nodes.expand(b, m)], dim=1)  # (B, T+M)
         pos = torch.cat([(pmask.cumsum(-1) - 1).clamp(min=0), pmask.sum(1, keepdim=True) + depth], dim=1)
         mask = _packed_attention(pmask, tree, dtype, additive)
-        with head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext():
+        with head_returns_hidden(bypass and bypass[0]):
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                         use_cache=False, logits_to_keep=m + 1).logits  # (B, M+1, d) hidden, or (B, M+1, V) logits
         # log p(token) = logit[token] - logsumexp(logits), for every scored step: (B, S)
@@ -255,7 +254,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
             inputs = {"input_ids": ids, "attention_mask": mask}
             if "position_ids" in prompt_inputs:  # GPT-2/LLaMA: number the label tokens after each real prompt
                 inputs["position_ids"] = pos
-            with head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext():
+            with head_returns_hidden(bypass and bypass[0]):
                 out = model(**inputs, cache=shared, use_cache=True).logits  # (B*n, N-1, d) hidden, or (.., V)
             # log p(token) = logit[token] - logsumexp(logits) at the real (not padding) label positions
             ok = valid[lab].repeat(b, 1)  # (B*n, N-1)

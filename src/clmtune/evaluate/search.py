@@ -24,7 +24,6 @@ is not monotone, so ``eval.normalize_by_length`` scores the whole tree).
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 
 import torch
@@ -99,7 +98,7 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
     pmask = left_pad([[1] * len(p) for p in prompts], 0)  # (B, T)
     b, t = ids.shape
     plen = pmask.sum(1).tolist()
-    with head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext():
+    with head_returns_hidden(bypass and bypass[0]):
         out = model(input_ids=ids.to(device), attention_mask=pmask.to(device),
                     position_ids=(pmask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
     cache = out.cache
@@ -150,7 +149,7 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
         mask = allowed[:, None]  # (B, 1, k, col+k)
         if additive:
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-        with head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext():
+        with head_returns_hidden(bypass and bypass[0]):
             out = model(input_ids=inp.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                         cache=cache, use_cache=True)  # logits: (B, k, d) hidden states, or (B, k, V)
         cache = out.cache
@@ -198,7 +197,7 @@ def _tree_scores(model, cache, conts, rows, pmask, plen, width, first, additive,
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         ids = torch.tensor(tree.token).expand(len(part), m)
         pos = torch.tensor([plen[r] for r in part])[:, None] + torch.tensor(tree.depth)
-        with head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext():
+        with head_returns_hidden(bypass and bypass[0]):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                         cache=c, use_cache=True).logits  # (rows, M, d) or (rows, M, V)
         n = len(part)
