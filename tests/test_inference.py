@@ -114,19 +114,30 @@ def test_activations_run_inside_the_packed_matmul(name, fused_act, monkeypatch):
 
 
 @needs_bf16
-def test_tanh_gelu_behind_an_adapter_is_one_op():
+def test_a_lora_adapter_is_merged_then_packed_and_fused():
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers.activations import NewGELUActivation
 
     from clmtune.inference import TanhGELU
 
-    model, _ = _tiny("tiny-gpt2-zh")
-    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["c_fc"], fan_in_fan_out=True)).eval()
     x = torch.randn(2, 3, 64)
-    assert torch.allclose(TanhGELU()(x), NewGELUActivation()(x), atol=1e-6)
+    assert torch.allclose(TanhGELU()(x), NewGELUActivation()(x), atol=1e-6)  # what an unfusable GELU becomes
+    model, _ = _tiny("tiny-gpt2-zh")
+    # LoRA on the MLP and on the embedding that the LM head shares: merging must untie them first
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["c_fc", "wte"], fan_in_fan_out=True,
+                                            init_lora_weights=False)).eval()
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
     fast = for_inference(lora, "bf16")[0]
+    assert not any(isinstance(m, BaseTunerLayer) for m in fast.modules())  # the adapter is in the weights now
     mlps = [m for m in fast.modules() if type(m).__name__ == "GPT2MLP"]
-    assert mlps and all(isinstance(m.act, TanhGELU) for m in mlps)  # c_fc is a LoRA layer: not fused, one op
+    assert mlps and all(isinstance(m.c_fc, PackedLinear) and m.c_fc.activation[0] != "none" for m in mlps)
+    with torch.no_grad():
+        got = fast(input_ids=ids).logits.float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 rounding, not a different model
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_fp32_leaves_the_model_alone():

@@ -11,7 +11,7 @@ from clmtune.config import MERGEABLE_METHODS
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import atomic_folder, check_writable, clean_stale_tmp
-from clmtune.models import forward_inputs
+from clmtune.models import forward_inputs, merge_adapter
 from clmtune.run import RunDir
 
 
@@ -56,8 +56,7 @@ def _merged(model, tokenizer):
                     tokenizer.pad_token_id)
     with torch.no_grad():
         before = model(**forward_inputs(model, probe)).logits
-        _untie_adapted_embeddings(model)
-        merged = model.merge_and_unload()
+        merged = merge_adapter(model)
         bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise ClmtuneError(f"merged weights are not finite in {bad[:5]}; the adapter is broken, not exported")
@@ -66,31 +65,3 @@ def _merged(model, tokenizer):
         raise ClmtuneError(f"merged logits differ from adapter logits (max diff {(before - after).abs().max():.2e}); "
                            "not exported")
     return merged
-
-
-def _untie_adapted_embeddings(model) -> bool:
-    """Give the output head its own copy of a tied embedding matrix when the adapter changes only one side.
-
-    GPT-2, BLOOM and most small models tie the LM head to the input embedding (one tensor). A LoRA on the embedding
-    (``target_modules: [..., wte]``) adds its delta to the lookup only; merging it writes the delta into the shared
-    tensor, so the head would change too and the merged model would differ from the adapter model (by ~4 logits on
-    clmtune's Chinese GPT-2). Untying first keeps the merged model equal to what was trained; the export then holds
-    both matrices (``tie_word_embeddings: false``). Returns whether it untied.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    base = model.get_base_model()
-    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
-    if inp is None or out is None:
-        return False
-    inner_in, inner_out = getattr(inp, "base_layer", inp), getattr(out, "base_layer", out)
-    if inner_in.weight is not inner_out.weight:
-        return False
-    adapted_in, adapted_out = isinstance(inp, BaseTunerLayer), isinstance(out, BaseTunerLayer)
-    if adapted_in == adapted_out:  # neither (nothing to merge there) or both (peft's ensure_weight_tying)
-        return False
-    plain = inner_out if adapted_in else inner_in
-    plain.weight = torch.nn.Parameter(plain.weight.detach().clone(), requires_grad=False)
-    base.config.tie_word_embeddings = False
-    base.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models
-    return True

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from clmtune.device import resolve_precision
+from clmtune.models import merge_adapter
 from clmtune.packed import PackedLinear
 
 log = logging.getLogger("clmtune")
@@ -92,11 +93,17 @@ def model_precision(model) -> str:
 
 def for_inference(model, choice: str = "auto"):
     """The model in the precision ``choice`` (``auto``/``fp32``/``bf16``) resolves to on its device, in place;
-    returns (model, precision, reason). Call once, right after loading, before any inference."""
+    returns (model, precision, reason). Call once, right after loading, before any inference. bf16 on a CPU merges a
+    LoRA-like adapter into the weights first (``merge_adapter``; the returned model is then the plain base model),
+    so that its matmuls are packed and its activations fused as a plain model's are."""
     device = next(model.parameters()).device
     precision, why = resolve_precision(choice, device)
     if precision == "fp32" or getattr(model, "_clmtune_precision", None) == "bf16":
         return model, model_precision(model), why
+    merged = False
+    if device.type == "cpu":  # LoRA layers wrap the base matmuls: merged, they are packed and fused like a plain model's
+        plain = merge_adapter(model)
+        merged, model = plain is not model, plain
     model.to(torch.bfloat16)
     packed = fused = 0
     if device.type == "cpu":
@@ -106,6 +113,6 @@ def for_inference(model, choice: str = "auto"):
         except (RuntimeError, AttributeError) as exc:  # a torch build without these oneDNN ops: plain bf16 still works
             log.warning("bf16 inference without packed matmuls (%s)", exc)
     model._clmtune_precision = "bf16"
-    log.info("inference in bf16 (%s; %d matmuls packed by oneDNN, %d activations fused into them)", why, packed,
-             fused)
+    log.info("inference in bf16 (%s; %s%d matmuls packed by oneDNN, %d activations fused into them)", why,
+             "adapter merged into the weights, " if merged else "", packed, fused)
     return model, "bf16", why

@@ -18,12 +18,12 @@ disagree when a label's first token is likely but its continuation is not (repor
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, field
 
 import torch
 
+from clmtune.evaluate.headscore import head_returns_hidden, linear_head
 from clmtune.tasks.encoding import left_pad
 
 
@@ -57,26 +57,6 @@ class Trie:
         return t
 
 
-def _linear_head(model):
-    """(weight (V, d), bias or None) when the output head is a plain linear map we may bypass, else None."""
-    from clmtune.packed import PackedLinear
-
-    head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear or isinstance(head, PackedLinear):
-        return head, head.weight, head.bias
-    return None
-
-
-@contextlib.contextmanager
-def _head_returns_hidden(head):
-    """The head returns its input (the final hidden states) instead of logits, for the ``with`` block."""
-    head.forward = lambda x: x
-    try:
-        yield
-    finally:
-        del head.forward
-
-
 def _accepts_position_ids(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "position_ids" in inspect.signature(base.forward).parameters
@@ -91,12 +71,12 @@ def constrained_decode(model, prompts: list[list[int]], conts: list[list[int]], 
 
     trie = Trie.build(conts)
     device = next(model.parameters()).device
-    bypass = _linear_head(model)
+    bypass = linear_head(model)
     pos_ids = _accepts_position_ids(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     result = [-1] * len(prompts)
     groups = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    ctx = _head_returns_hidden(bypass[0]) if bypass else contextlib.nullcontext()
+    ctx = head_returns_hidden(bypass and bypass[0])
     with ctx:
         for group in tqdm(groups, desc="eval (constrained)", disable=not progress, unit="batch"):
             ids = left_pad([prompts[i] for i in group], pad_id).to(device)  # (B, T)

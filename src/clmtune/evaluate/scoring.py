@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
 from clmtune.models import forward_inputs, is_prompt_learning, model_device
 from clmtune.tasks.encoding import collate
 
@@ -159,8 +160,9 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
       input (B, T+M); positions 0..p-1 on the p real prompt tokens, p + depth on the nodes; LM head only on the last
       M+1 positions (logits_to_keep): position T-1 scores each label's first token, node i scores the token after
       its prefix. Cost: B*(T+M) token positions, and B*(M+1) LM-head rows, in one call (no cache copies).
-    Hidden cost: the (B, M+1, V) fp32 logits; with many labels (banking_77: M = 232, V = 50,265) B is cut so that
-    they stay under ~256 MB.
+    A plain linear head is bypassed: the forward returns the (B, M+1, d) hidden states and ``headscore`` runs the
+    head in vocabulary blocks, so the (B, M+1, V) fp32 logits never exist. Otherwise (an adapter on the head) they
+    do, and with many labels (banking_77: M = 232, V = 50,265) B is cut so that they stay under ~256 MB.
     """
     from tqdm.auto import tqdm
 
@@ -168,7 +170,8 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
     m = len(tree.token)
     dev = model_device(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    group = max(1, min(batch_size, (64 << 20) // ((m + 1) * vocab)))
+    bypass = linear_head(model)
+    group = batch_size if bypass else max(1, min(batch_size, (64 << 20) // ((m + 1) * vocab)))
     nodes = torch.tensor(tree.token, dtype=torch.long)  # (M,)
     depth = torch.tensor(tree.depth, dtype=torch.long)  # (M,)
     src, tok, lab = tree.steps.to(dev).unbind(1)  # (S,) each
@@ -184,10 +187,12 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
         ids = torch.cat([batch["input_ids"], nodes.expand(b, m)], dim=1)  # (B, T+M)
         pos = torch.cat([(pmask.cumsum(-1) - 1).clamp(min=0), pmask.sum(1, keepdim=True) + depth], dim=1)
         mask = _packed_attention(pmask, tree, dtype, additive)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                       use_cache=False, logits_to_keep=m + 1).logits.float()  # (B, M+1, V)
-        # log p(token) = logit[token] - logsumexp(logits), gathered for every scored step: (B, S)
-        lp = logits[:, src, tok] - logits.logsumexp(-1)[:, src]
+        with head_returns_hidden(bypass and bypass[0]):
+            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                        use_cache=False, logits_to_keep=m + 1).logits  # (B, M+1, d) hidden, or (B, M+1, V) logits
+        # log p(token) = logit[token] - logsumexp(logits), for every scored step: (B, S)
+        at = (torch.arange(b, device=dev)[:, None] * (m + 1) + src).reshape(-1)  # (B*S,) rows of (B*(M+1), .)
+        lp = logprobs(out.reshape(b * (m + 1), -1), bypass, at, tok.repeat(b)).view(b, -1)
         sums[list(rows)] += torch.zeros(b, n_labels, device=dev).index_add_(1, lab, lp).cpu()
     return sums
 
@@ -219,6 +224,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
         target[j, :len(c) - 1] = torch.tensor(c[1:])
         valid[j, :len(c) - 1] = True
     dev = model_device(model)
+    bypass = linear_head(model)  # the second pass's head in vocabulary blocks (``headscore``), not (B*n, N-1, V)
     first, feed, target, valid = first.to(dev), feed.to(dev), target.to(dev), valid.to(dev)
     groups = list(_batches(range(len(prompts)), batch_size))
     for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
@@ -248,10 +254,14 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
             inputs = {"input_ids": ids, "attention_mask": mask}
             if "position_ids" in prompt_inputs:  # GPT-2/LLaMA: number the label tokens after each real prompt
                 inputs["position_ids"] = pos
-            logits = model(**inputs, cache=shared, use_cache=True).logits.float()  # (B*n, N-1, V)
-            # log p(token) = logit[token] - logsumexp(logits): same as log_softmax + gather without a 2nd (.., V)
-            lp = logits.gather(-1, target[lab].repeat(b, 1)[..., None])[..., 0] - logits.logsumexp(-1)
-            lp = (lp * valid[lab].repeat(b, 1)).sum(-1).view(b, n)  # (B, n)
+            with head_returns_hidden(bypass and bypass[0]):
+                out = model(**inputs, cache=shared, use_cache=True).logits  # (B*n, N-1, d) hidden, or (.., V)
+            # log p(token) = logit[token] - logsumexp(logits) at the real (not padding) label positions
+            ok = valid[lab].repeat(b, 1)  # (B*n, N-1)
+            lp = torch.zeros(ok.shape, device=dev)
+            lp[ok] = logprobs(out.reshape(-1, out.shape[-1]), bypass, ok.reshape(-1).nonzero()[:, 0],
+                              target[lab].repeat(b, 1)[ok])
+            lp = lp.sum(-1).view(b, n)  # (B, n)
             sums[rows, j0:j0 + n] += lp.cpu()
     return sums
 

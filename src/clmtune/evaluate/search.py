@@ -29,6 +29,7 @@ import heapq
 import torch
 
 from clmtune.evaluate.constrained import Trie
+from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
 from clmtune.models import model_device
 from clmtune.tasks.encoding import left_pad
 
@@ -54,50 +55,67 @@ def _tree(conts: list[list[int]]):
     return trie, token, depth, ancestors, leaf
 
 
-def _child_scores(logits: torch.Tensor, feed: list[tuple[int, int, float]], children) -> list[list[float]]:
+WIDEN = 8.0
+"""Each search step expands, per row, the best open prefix and every other open prefix whose log-likelihood is
+within this many nats of it (stopping at the first complete label, below which nothing can win). A model with a
+clear favourite (the best prefix ahead by more than this) expands one prefix a step, as greedy decoding would; a
+model without one (random weights: every token about -log V) expands the near-ties together in one call instead of
+one per step. The result is exact either way; this only trades calls against positions."""
+
+
+def _child_scores(logprobs: list[float], feed: list[tuple[int, int, float]], children) -> list[list[float]]:
     """For each (row, node, score) of ``feed``: score + log p(child token) for the node's children, in the order of
-    ``children[node]``; ``logits`` (B, V) at the node. One gather for all rows (no (B, V) log-softmax copy)."""
-    rows = [r for r, node, _ in feed for _ in children[node]]
-    toks = [t for _, node, _ in feed for t in children[node]]
-    logits = logits.float()
-    lse = torch.logsumexp(logits, -1)  # (B,)
-    vals = (logits[rows, toks] - lse[rows]).tolist()
+    ``children[node]``; ``logprobs`` lists those log p in the same order (``_child_steps``)."""
     out, k = [], 0
     for _, node, score in feed:
         m = len(children[node])
-        out.append([score + v for v in vals[k:k + m]])
+        out.append([score + v for v in logprobs[k:k + m]])
         k += m
     return out
 
 
+def _child_steps(feed_at: list[int], feed: list[tuple[int, int, float]], children) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, tokens) for ``headscore.logprobs``: for the i-th fed node (whose output row is ``feed_at[i]``) one entry
+    per child token."""
+    rows = [at for at, (_, node, _) in zip(feed_at, feed) for _ in children[node]]
+    toks = [t for _, node, _ in feed for t in children[node]]
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(toks, dtype=torch.long)
+
+
 @torch.no_grad()
 def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id: int, budget: int,
-                 finish: bool = True) -> tuple[list[int | None], int]:
-    """For each prompt of one batch, the index of the best continuation. Rows that ``budget`` single-token steps
-    could not settle are scored over the whole label tree on top of the prompts' KV cache (``finish``; the prompt
-    is not run again), or left ``None``. Also returns how many rows the search left open."""
+                 finish: bool = True, widen: float = WIDEN) -> tuple[list[int | None], int]:
+    """For each prompt of one batch, the index of the best continuation. Rows that ``budget`` steps could not settle
+    are scored over the whole label tree on top of the prompts' KV cache (``finish``; the prompt is not run again),
+    or left ``None``. Also returns how many rows the search left open. ``widen``: see ``WIDEN`` (0: one prefix per
+    row and step, plain best-first)."""
     trie, token, depth, ancestors, leaf = _tree(conts)
     device = model_device(model)
     additive = model.config._attn_implementation == "eager"
     dtype = model.get_input_embeddings().weight.dtype
+    bypass = linear_head(model)
     ids = left_pad(prompts, pad_id)  # (B, T)
     pmask = left_pad([[1] * len(p) for p in prompts], 0)  # (B, T)
     b, t = ids.shape
     plen = pmask.sum(1).tolist()
-    out = model(input_ids=ids.to(device), attention_mask=pmask.to(device),
-                position_ids=(pmask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
+    with head_returns_hidden(bypass and bypass[0]):
+        out = model(input_ids=ids.to(device), attention_mask=pmask.to(device),
+                    position_ids=(pmask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
     cache = out.cache
     root = [(r, 0, 0.0) for r in range(b)]
+    at, tok = _child_steps(list(range(b)), root, trie.children)
+    first = _child_scores(logprobs(out.logits[:, -1], bypass, at.to(device), tok.to(device)).tolist(), root,
+                          trie.children)  # per row: log p(first token) per root child
     frontier: list[list[tuple[float, int]]] = []
-    first = _child_scores(out.logits[:, -1], root, trie.children)  # per row: log p(first token) per root child
     for scores in first:
         heap = [(-s, child) for s, child in zip(scores, trie.children[0].values())]
         heapq.heapify(heap)
         frontier.append(heap)
     slot: list[dict[int, int]] = [{} for _ in range(b)]  # node -> cache column holding its token, per row
     done: list[int | None] = [None] * b
+    col = t  # cache columns so far: the prompt, then each step's fed nodes
     for step in range(budget + 1):
-        feed = []  # (row, node, score) expanded at this step
+        feed: list[list[tuple[int, int, float]]] = [[] for _ in range(b)]  # per row: (row, node, score) to expand
         for r in range(b):
             if done[r] is not None:
                 continue
@@ -105,34 +123,46 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
             if node in leaf:  # the best item is a complete label: nothing left can beat it
                 done[r] = leaf[node]
                 continue
-            heapq.heappop(frontier[r])
-            feed.append((r, node, -neg))
-        if not feed or step == budget:
+            while frontier[r] and frontier[r][0][1] not in leaf and -frontier[r][0][0] >= -neg - widen:
+                s, node = heapq.heappop(frontier[r])
+                feed[r].append((r, node, -s))
+        k = max(map(len, feed))
+        if not k or step == budget:
+            for r in range(b):  # not expanded after all: back on the frontier for ``finish``
+                for _, node, score in feed[r]:
+                    heapq.heappush(frontier[r], (-score, node))
             break
-        col = t + step
-        inp = torch.full((b, 1), pad_id, dtype=torch.long)
-        pos = torch.zeros((b, 1), dtype=torch.long)
-        allowed = torch.zeros((b, col + 1), dtype=torch.bool)  # (B, col+1) cache columns + this step's
-        allowed[:, :t] = pmask.bool()
-        allowed[:, col] = True  # every row attends to itself (idle rows: only that, so never a fully masked row)
-        for r, node, _ in feed:
-            inp[r, 0], pos[r, 0] = token[node], plen[r] + depth[node]
-            for a in ancestors[node]:  # the prefix's earlier tokens, expanded at earlier steps
-                allowed[r, slot[r][a]] = True
-            slot[r][node] = col
-        mask = allowed[:, None, None, :]  # (B, 1, 1, col+1)
+        inp = torch.full((b, k), pad_id, dtype=torch.long)  # (B, k): row r feeds its nodes, then padding
+        pos = torch.zeros((b, k), dtype=torch.long)
+        allowed = torch.zeros((b, k, col + k), dtype=torch.bool)  # (B, k, cache columns + this step's k)
+        allowed[:, :, :t] = pmask.bool()[:, None, :]
+        allowed[:, torch.arange(k), col + torch.arange(k)] = True  # each position attends to itself: never fully masked
+        flat, feed_at = [], []
+        for r in range(b):
+            for j, (_, node, score) in enumerate(feed[r]):
+                inp[r, j], pos[r, j] = token[node], plen[r] + depth[node]
+                for a in ancestors[node]:  # the prefix's earlier tokens, fed at earlier steps; never a sibling
+                    allowed[r, j, slot[r][a]] = True
+                slot[r][node] = col + j
+                flat.append((r, node, score))
+                feed_at.append(r * k + j)
+        mask = allowed[:, None]  # (B, 1, k, col+k)
         if additive:
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-        out = model(input_ids=inp.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    cache=cache, use_cache=True)
+        with head_returns_hidden(bypass and bypass[0]):
+            out = model(input_ids=inp.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        cache=cache, use_cache=True)  # logits: (B, k, d) hidden states, or (B, k, V)
         cache = out.cache
-        for (r, node, _), scores in zip(feed, _child_scores(out.logits[:, -1], feed, trie.children)):
+        col += k
+        at, tok = _child_steps(feed_at, flat, trie.children)
+        lp = logprobs(out.logits.reshape(b * k, -1), bypass, at.to(device), tok.to(device)).tolist()
+        for (r, node, _), scores in zip(flat, _child_scores(lp, flat, trie.children)):
             for s, child in zip(scores, trie.children[node].values()):
                 heapq.heappush(frontier[r], (-s, child))
     open_rows = [r for r in range(b) if done[r] is None]
     if finish and open_rows:
         first_by_token = [dict(zip(trie.children[0], f)) for f in first]
-        sums = _tree_scores(model, cache, conts, open_rows, pmask, plen, t + step, first_by_token, additive, dtype)
+        sums = _tree_scores(model, cache, conts, open_rows, pmask, plen, col, first_by_token, additive, dtype)
         for r, best in zip(open_rows, sums.argmax(1).tolist()):
             done[r] = best
     return done, len(open_rows)
@@ -150,8 +180,10 @@ def _tree_scores(model, cache, conts, rows, pmask, plen, width, first, additive,
     m = len(tree.token)
     device = model_device(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    chunk = max(1, (64 << 20) // (m * vocab))  # (rows, M, V) fp32 logits under ~256 MB, as the one pass
+    bypass = linear_head(model)  # (rows, M, d) hidden states, or (rows, M, V) fp32 logits kept under ~256 MB
+    chunk = len(rows) if bypass else max(1, (64 << 20) // (m * vocab))
     src, tok, lab = tree.steps.unbind(1)
+    at = (src - 1).clamp(min=0)  # (S,) the node whose output scores each step (first tokens: replaced below)
     sums = torch.zeros(len(rows), len(conts))
     for k in range(0, len(rows), chunk):
         part = rows[k:k + chunk]
@@ -165,9 +197,12 @@ def _tree_scores(model, cache, conts, rows, pmask, plen, width, first, additive,
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         ids = torch.tensor(tree.token).expand(len(part), m)
         pos = torch.tensor([plen[r] for r in part])[:, None] + torch.tensor(tree.depth)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       cache=c, use_cache=True).logits.float().cpu()  # (rows, M, V)
-        lp = logits[:, (src - 1).clamp(min=0), tok] - logits.logsumexp(-1)[:, (src - 1).clamp(min=0)]  # (rows, S)
+        with head_returns_hidden(bypass and bypass[0]):
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        cache=c, use_cache=True).logits  # (rows, M, d) or (rows, M, V)
+        n = len(part)
+        lp = logprobs(out.reshape(n * m, -1), bypass, (torch.arange(n)[:, None] * m + at).reshape(-1).to(device),
+                      tok.repeat(n).to(device)).view(n, -1).cpu()  # (rows, S)
         for j in (src == 0).nonzero()[:, 0].tolist():  # a label's first token: scored at the prompt's last position
             lp[:, j] = torch.tensor([first[r][int(tok[j])] for r in part])
         sums[k:k + len(part)] = torch.zeros(len(part), len(conts)).index_add_(1, lab, lp)

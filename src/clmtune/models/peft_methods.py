@@ -129,3 +129,45 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         mask = batch["attention_mask"]
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     return inputs
+
+
+def untie_adapted_embeddings(model) -> bool:
+    """Give the output head its own copy of a tied embedding matrix when the adapter changes only one side.
+
+    GPT-2, BLOOM and most small models tie the LM head to the input embedding (one tensor). A LoRA on the embedding
+    (``target_modules: [..., wte]``) adds its delta to the lookup only; merging it writes the delta into the shared
+    tensor, so the head would change too and the merged model would differ from the adapter model (by ~4 logits on
+    clmtune's Chinese GPT-2). Untying first keeps the merged model equal to what was trained; the export then holds
+    both matrices (``tie_word_embeddings: false``). Returns whether it untied.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    if inp is None or out is None:
+        return False
+    inner_in, inner_out = getattr(inp, "base_layer", inp), getattr(out, "base_layer", out)
+    if inner_in.weight is not inner_out.weight:
+        return False
+    adapted_in, adapted_out = isinstance(inp, BaseTunerLayer), isinstance(out, BaseTunerLayer)
+    if adapted_in == adapted_out:  # neither (nothing to merge there) or both (peft's ensure_weight_tying)
+        return False
+    plain = inner_out if adapted_in else inner_in
+    plain.weight = torch.nn.Parameter(plain.weight.detach().clone(), requires_grad=False)
+    base.config.tie_word_embeddings = False
+    base.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models
+    return True
+
+
+def merge_adapter(model):
+    """The base model with a mergeable adapter (LoRA, IA3, ...) merged into its weights, in place; ``model`` itself
+    when there is nothing to merge (a plain model, prompt learning: virtual tokens are no weights).
+
+    An embedding shared with the LM head is untied first (``untie_adapted_embeddings``), so the merged model computes
+    what the adapter model computed. Used by ``clmtune export --merge`` and by bf16 inference on a CPU
+    (``clmtune.inference.for_inference``: merged weights can be packed and their activation fused).
+    """
+    if peft_type(model) is None or is_prompt_learning(model) or not hasattr(model, "merge_and_unload"):
+        return model
+    untie_adapted_embeddings(model)
+    return model.merge_and_unload()
