@@ -206,10 +206,9 @@ class TrainRecipe:
 
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
-            self.swapped = frozen_matmul_weights_to_bf16(self.model)
-            # Not packed (clmtune.packed.pack_frozen_linears): faster per product in a micro-benchmark, but 2.4x the
-            # CPU time of a whole epoch in bench/ab_train_packed.py (a guess, not profiled: each new batch length
-            # builds new oneDNN kernels, and the packing itself).
+            # CPU: the frozen LM head column-major (faster input gradient, same memory). Not packed
+            # (clmtune.packed.pack_frozen_linears): 2.4x the CPU time of an epoch in bench/ab_train_packed.py.
+            self.swapped = frozen_matmul_weights_to_bf16(self.model, self.accelerator.device.type == "cpu")
         lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
