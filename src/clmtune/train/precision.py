@@ -1,5 +1,7 @@
 """bf16 training on CPU and GPU: whether this machine has fast bf16 matmuls, and storing frozen matmul weights
-in bf16 so autocast does not re-cast them at every forward."""
+in bf16 so autocast does not re-cast them at every forward. On a CPU also (adapter training): the frozen LM head's
+bf16 copy column-major (a faster input gradient) and transformers' multi-op tanh-GELUs as one op. Everything is
+put back after training (``restore_weights``, ``restore_modules``)."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def column_major_bf16(weight: torch.Tensor, rows: int = 16) -> torch.Tensor:
     """A bf16 copy of a 2-D (out, in) weight with the same values and shape, stored column-major: the (out, in)
     transposed view of a contiguous (in, out) tensor.
 
-    Why (measured on an AMD EPYC with avx512_bf16, one thread, bench/README.md "Frozen LM head"): autograd's input
+    Why (measured on an AMD EPYC with avx512_bf16, one thread; bench/README.md, "Round three"): autograd's input
     gradient of ``F.linear(x, W)`` is ``grad @ W``; for BLOOM's 250,880 x 1024 head on 24 labelled rows PyTorch's
     bf16 ``mm`` takes ~150 ms on a row-major W and ~87 ms on a column-major one (then oneDNN reads W as the
     contiguous weight of a linear layer), with bit-identical results; the forward ``x @ W^T`` costs ~7 % more
@@ -82,8 +84,6 @@ def column_major_bf16(weight: torch.Tensor, rows: int = 16) -> torch.Tensor:
 def restore_weights(swapped: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     for w, data in swapped:
         w.data = data
-
-
 
 
 # transformers' tanh-approximation GELU modules that compute it as several elementwise ops
