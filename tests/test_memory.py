@@ -51,10 +51,10 @@ def saved_tensor_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-one-op-gelu"])
 def test_activation_estimate_close_to_what_autograd_saves(arch):
     torch.manual_seed(0)
-    if arch == "gpt2":
+    if arch.startswith("gpt2"):
         cfg = GPT2Config(n_embd=128, n_layer=3, n_head=4, vocab_size=64, n_positions=256, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(cfg)
@@ -63,10 +63,15 @@ def test_activation_estimate_close_to_what_autograd_saves(arch):
                           num_key_value_heads=2, vocab_size=64, max_position_embeddings=256)
         model = LlamaForCausalLM(cfg)
     model.train()
+    one_op = arch.endswith("one-op-gelu")
+    if one_op:  # as bf16 adapter training on a CPU runs gelu_new
+        from clmtune.train.precision import one_op_tanh_gelu
+
+        assert len(one_op_tanh_gelu(model)) == 3
     b, length = 4, 128
     batch = {"input_ids": torch.randint(0, 64, (b, length)), "logits_to_keep": 1}
     measured = saved_tensor_bytes(model, batch)
-    est = estimate_for_model(model, batch_size=b, seq_len=length, head_positions=b)
+    est = estimate_for_model(model, batch_size=b, seq_len=length, head_positions=b, one_op_gelu=one_op)
     # the LM head runs on 4 positions only here, so activations dominate; the model ignores kernel-internal buffers
     assert 0.75 < est.activations / measured < 1.25, (est.activations, measured)
     assert est.weights == sum(p.numel() * 4 for p in model.parameters())

@@ -13,7 +13,8 @@ The activation model counts, per transformer layer and token, the tensors autogr
     MLP:       layer-norm input d, its output d, and k*f for the intermediate: k = 2 for a fused activation
                (fc1 output, activation output), 4 for a gated MLP (gate, up, activation, product), 5 for the
                tanh-approximated GELUs that transformers writes as several Python ops (GPT-2's ``gelu_new``,
-               BLOOM's): every op keeps its input
+               BLOOM's): every op keeps its input; 2 for them too in bf16 adapter training on a CPU, which runs
+               them as one op (``clmtune.train.precision.one_op_tanh_gelu``)
     adapters:  LoRA keeps its dropout output (d) for each adapted linear
 
 With gradient checkpointing only each layer's input (d) is kept, plus one layer's full set while it is recomputed.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -161,8 +162,12 @@ def estimate(shape: ModelShape, *, total_params: int, trainable_params: int, wei
 
 def estimate_for_model(model, *, batch_size: int, seq_len: int, head_positions: int,
                        compute_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
-                       runtime: int = 0) -> MemoryEstimate:
-    """The estimate for an instantiated (possibly peft-wrapped) model: parameter counts and stored bytes are exact."""
+                       runtime: int = 0, one_op_gelu: bool = False) -> MemoryEstimate:
+    """The estimate for an instantiated (possibly peft-wrapped) model: parameter counts and stored bytes are exact.
+    ``one_op_gelu``: training runs a multi-op tanh-GELU as one op (it then keeps 2 intermediate tensors, not 5).
+
+    The frozen LM head's column-major bf16 copy (bf16 training on a CPU) costs nothing extra: it replaces the
+    row-major bf16 copy, byte for byte, and is written in small blocks (no full-size temporary)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
@@ -170,6 +175,8 @@ def estimate_for_model(model, *, batch_size: int, seq_len: int, head_positions: 
     stored = sum(p.numel() * p.element_size() for p in params)
     lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_dropout"))
     layers = ModelShape.from_config(base.config)
+    if one_op_gelu and layers.mlp_saved == 5:
+        layers = replace(layers, mlp_saved=2)
     attn = getattr(base.config, "_attn_implementation", None) or "sdpa"
     return estimate(layers, total_params=total, trainable_params=trainable, weight_bytes=stored,
                     batch_size=batch_size, seq_len=seq_len, head_positions=head_positions,
@@ -196,9 +203,13 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
     batch = min(t_cfg.batch_size, max(len(lengths), 1))
     positions = batch * (max(label_counts, default=1) if head_mode else seq)
     compute = torch.bfloat16 if precision == "bf16" else model_dtype(cfg.model)  # the activations' dtype
+    from clmtune.device import training_device
+
+    one_op_gelu = (precision == "bf16" and cfg.peft.method != "full" and t_cfg.deepspeed is None
+                   and training_device() == "cpu")  # as TrainRecipe._setup_optimization decides
     return estimate_for_model(unwrap(model), batch_size=batch, seq_len=seq, head_positions=positions,
                               compute_dtype=compute, gradient_checkpointing=t_cfg.gradient_checkpointing,
-                              runtime=runtime)
+                              runtime=runtime, one_op_gelu=one_op_gelu)
 
 
 def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) -> MemoryEstimate:

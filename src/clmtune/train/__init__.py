@@ -52,7 +52,8 @@ from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_
 from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_positions, head_trim_support, logits_to_keep,
                                 supervised_tokens, virtual_tokens)
 from clmtune.device import resolve_precision, training_device
-from clmtune.train.precision import bf16_unsupported_reason, frozen_matmul_weights_to_bf16, restore_weights
+from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, one_op_tanh_gelu,
+                                     restore_modules, restore_weights)
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
@@ -138,6 +139,7 @@ class TrainRecipe:
         self.rows_seen: list[int] = []  # rows this process trained on in its first epoch (reported for DDP)
         self.head = HeadMode()
         self.swapped: list = []
+        self.activations: list = []  # modules swapped for bf16 training (one_op_tanh_gelu), put back after fit
         self.estimate, self.determinism = None, None
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -206,10 +208,11 @@ class TrainRecipe:
 
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
-            self.swapped = frozen_matmul_weights_to_bf16(self.model)
-            # Not packed (clmtune.packed.pack_frozen_linears): faster per product in a micro-benchmark, but 2.4x the
-            # CPU time of a whole epoch in bench/ab_train_packed.py (a guess, not profiled: each new batch length
-            # builds new oneDNN kernels, and the packing itself).
+            # CPU: the frozen LM head column-major (faster input gradient, same memory), tanh-GELU as one op. Not
+            # packed (clmtune.packed.pack_frozen_linears): 2.4x the CPU time of an epoch in bench/ab_train_packed.py.
+            cpu = self.accelerator.device.type == "cpu"
+            self.swapped = frozen_matmul_weights_to_bf16(self.model, cpu)
+            self.activations = one_op_tanh_gelu(self.model) if cpu else []
         lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
@@ -342,6 +345,7 @@ class TrainRecipe:
             if self.log_file:
                 self.log_file.close()
             restore_weights(self.swapped)  # the returned model is the fp32 one saved to disk
+            restore_modules(self.activations)
             restore_determinism(self.determinism)  # process-wide flags: leave them as they were
         self.seconds = time.perf_counter() - self.t0
         if not self.losses and self.ckpt is None:
