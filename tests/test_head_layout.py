@@ -8,40 +8,15 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from bf16lora import lora_model, loss_and_grads
 from safetensors.torch import load_file
 from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 
 import clmtune.train as train_mod
-from clmtune.config import ModelConfig
-from clmtune.models import load_model
 from clmtune.train import train
 from clmtune.inference import TanhGELU
 from clmtune.train.precision import (bf16_unsupported_reason, column_major_bf16, frozen_matmul_weights_to_bf16,
                                      one_op_tanh_gelu, output_head_weight, restore_modules, restore_weights)
-
-
-def _lora(name: str, **lora):
-    torch.manual_seed(0)
-    model = load_model(ModelConfig(f"builtin:{name}"))
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, lora_dropout=0.0,
-                                             **lora))
-    for n, p in model.named_parameters():  # LoRA B starts at zero: give it values so gradients reach A
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
-    return model.train()
-
-
-def _loss_and_grads(model, ids):
-    torch.manual_seed(1)  # the same dropout masks in every call
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(input_ids=ids).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             ids[:, 1:].reshape(-1))
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    return loss.detach(), grads
 
 
 def test_column_major_copy_has_the_same_values():
@@ -53,7 +28,7 @@ def test_column_major_copy_has_the_same_values():
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])  # OPT ties the head to the input embedding; LLaMA not
 def test_column_major_head_gives_the_same_loss_and_gradients(name, one_thread):
-    row = _lora(name)
+    row = lora_model(name)
     col = copy.deepcopy(row)
     before = {n: p.detach().clone() for n, p in col.named_parameters()}
     ids = torch.randint(5, 1000, (3, 12))
@@ -64,8 +39,8 @@ def test_column_major_head_gives_the_same_loss_and_gradients(name, one_thread):
     assert torch.equal(head, output_head_weight(row))
     tied = col.get_input_embeddings().weight is head
     assert tied == (name == "tiny-opt")  # tying is kept: the embedding reads the same (column-major) tensor
-    loss_row, grads_row = _loss_and_grads(row, ids)
-    loss_col, grads_col = _loss_and_grads(col, ids)
+    loss_row, grads_row = loss_and_grads(row, ids)
+    loss_col, grads_col = loss_and_grads(col, ids)
     assert grads_row.keys() == grads_col.keys() and any("lora_A" in n for n in grads_col)
     # the same bf16 products: PyTorch's mm gave bit-identical results for both layouts here and on the bench
     assert torch.equal(loss_col, loss_row)
@@ -79,8 +54,8 @@ def test_column_major_head_gives_the_same_loss_and_gradients(name, one_thread):
 
 
 def test_a_trained_or_wrapped_head_is_left_alone():
-    assert output_head_weight(_lora("tiny-opt", target_modules=["q_proj", "lm_head"])) is None  # LoRA on the head
-    model = _lora("tiny-opt", modules_to_save=["lm_head"])  # a trainable copy of the head
+    assert output_head_weight(lora_model("tiny-opt", target_modules=["q_proj", "lm_head"])) is None  # LoRA on the head
+    model = lora_model("tiny-opt", modules_to_save=["lm_head"])  # a trainable copy of the head
     assert output_head_weight(model) is None
     swapped = frozen_matmul_weights_to_bf16(model, column_major_head=True)
     assert all(w.is_contiguous() for w, _ in swapped)
@@ -120,10 +95,10 @@ def test_training_with_the_column_major_head_writes_the_same_adapter(tmp_path, o
 
 @pytest.mark.parametrize("name,act", [("tiny-bloom", "BloomGelu"), ("tiny-gpt2", "NewGELUActivation")])
 def test_one_op_tanh_gelu_computes_the_same_function(name, act, one_thread):
-    model = _lora(name)
+    model = lora_model(name)
     ids = torch.randint(5, 1000, (2, 10))
     frozen_matmul_weights_to_bf16(model, column_major_head=True)
-    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    loss_ref, grads_ref = loss_and_grads(model, ids)
     originals = [m for m in model.modules() if type(m).__name__ == act]
     swaps = one_op_tanh_gelu(model)
     assert len(swaps) == len(originals) >= 2 and [m for _, _, m in swaps] == originals
@@ -131,12 +106,12 @@ def test_one_op_tanh_gelu_computes_the_same_function(name, act, one_thread):
     assert sum(isinstance(m, TanhGELU) for m in model.modules()) == len(originals)
     x = torch.linspace(-6, 6, 1001)
     torch.testing.assert_close(TanhGELU()(x), originals[0](x), atol=1e-6, rtol=1e-6)  # fp32: the same function
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = loss_and_grads(model, ids)
     # bf16 rounding apart, no more (measured: loss 4-6e-6 relative, gradient norms 0.4-0.9 %)
     assert abs(float(loss) - float(loss_ref)) < 1e-4 * abs(float(loss_ref))
     for n in grads:
         assert (grads[n] - grads_ref[n]).norm() <= 0.02 * grads_ref[n].norm() + 1e-6, n
     restore_modules(swaps)
     assert [m for m in model.modules() if type(m).__name__ == act] == originals
-    loss_back, _ = _loss_and_grads(model, ids)
+    loss_back, _ = loss_and_grads(model, ids)
     assert torch.equal(loss_back, loss_ref)
