@@ -76,8 +76,7 @@ def constrained_decode(model, prompts: list[list[int]], conts: list[list[int]], 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     result = [-1] * len(prompts)
     groups = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    ctx = head_returns_hidden(bypass and bypass[0])
-    with ctx:
+    with head_returns_hidden(bypass and bypass[0]):
         for group in tqdm(groups, desc="eval (constrained)", disable=not progress, unit="batch"):
             ids = left_pad([prompts[i] for i in group], pad_id).to(device)  # (B, T)
             mask = left_pad([[1] * len(prompts[i]) for i in group], 0).to(device)  # (B, T)

@@ -6,17 +6,19 @@ is a complete label, no other label can beat it (uniform-cost search on -log p).
 
 - one prefill of the left-padded prompts (KV cache on, LM head on the last position only): the scores of every
   label's first token;
-- then steps of one token per row, like greedy decoding: each row expands its best incomplete prefix (feeds that
-  prefix's last token at position prompt length + depth, attending to the prompt and to that prefix's own earlier
-  tokens in the cache through a 4D mask, never to a sibling branch) and scores its children.
+- then steps like greedy decoding: each row expands its best incomplete prefix, and with it every other open prefix
+  within ``WIDEN`` nats (feeds each prefix's last token at position prompt length + depth, attending to the prompt
+  and to that prefix's own earlier tokens in the cache through a 4D mask, never to a sibling branch or to the other
+  prefixes fed in the same step) and scores their children.
 
 A trained model puts most of the probability on one label, so a row is usually done after about as many steps as
 that label has tokens, about what ``generate`` costs, while the one-pass tree scoring (``scoring._scores_packed``)
 runs every node of the tree through every layer for every example: with 10 labels of 2-5 tokens that is 30 nodes
-against ~3 steps. A model without preferences (random weights) makes the search expand most of the tree one step
-at a time, which is slower than the one pass: rows still open after ``budget`` steps get the whole tree scored on
-top of the prompt's KV cache (the one pass without running the prompt again), and ``predict_rank`` stops searching
-once a batch leaves most of its rows open.
+against ~3 steps. A model without preferences (random weights) makes the search expand most of the tree, level by
+level thanks to ``WIDEN`` (about as many calls as the tree is deep), which costs about what the one pass costs in
+one call; rows still open after ``budget`` steps get the whole tree scored on top of the prompt's KV cache (the one
+pass without running the prompt again), and ``predict_rank`` stops searching once a batch leaves most of its rows
+open.
 Same result as scoring every label up to float rounding (a near-tie between two labels' sums may resolve
 differently); only for models the one-pass scoring supports (custom 4D masks) and summed scores (a per-token mean
 is not monotone, so ``eval.normalize_by_length`` scores the whole tree).
@@ -127,10 +129,7 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
                 s, node = heapq.heappop(frontier[r])
                 feed[r].append((r, node, -s))
         k = max(map(len, feed))
-        if not k or step == budget:
-            for r in range(b):  # not expanded after all: back on the frontier for ``finish``
-                for _, node, score in feed[r]:
-                    heapq.heappush(frontier[r], (-score, node))
+        if not k or step == budget:  # rows still open: ``finish`` scores their whole tree, not the frontier
             break
         inp = torch.full((b, k), pad_id, dtype=torch.long)  # (B, k): row r feeds its nodes, then padding
         pos = torch.zeros((b, k), dtype=torch.long)
