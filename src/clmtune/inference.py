@@ -53,6 +53,9 @@ _LINEAR_THEN_ACT = {"GPT2MLP": ("c_fc", "act"), "BloomMLP": ("dense_h_to_4h", "g
 # transformers' activation modules and the oneDNN post-op that computes the same function.
 _ONEDNN_ACT = {"NewGELUActivation": ("gelu", "tanh"), "GELUTanh": ("gelu", "tanh"), "BloomGelu": ("gelu", "tanh"),
                "FastGELUActivation": ("gelu", "tanh"), "GELUActivation": ("gelu", "none"), "ReLU": ("relu", "")}
+MULTI_OP_TANH_GELU = frozenset({"NewGELUActivation", "BloomGelu", "FastGELUActivation"})
+"""transformers' tanh-GELU modules written as several elementwise ops: ``TanhGELU`` computes them as one (here where
+they cannot be fused, and in bf16 training, ``clmtune.train.precision.one_op_tanh_gelu``)."""
 
 
 class TanhGELU(torch.nn.Module):
@@ -80,7 +83,7 @@ def fuse_activations(model) -> int:
             linear.activation = post
             setattr(module, names[1], torch.nn.Identity())
             fused += 1
-        elif post == ("gelu", "tanh"):
+        elif type(act).__name__ in MULTI_OP_TANH_GELU:
             setattr(module, names[1], TanhGELU())
     return fused
 

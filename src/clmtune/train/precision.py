@@ -86,22 +86,18 @@ def restore_weights(swapped: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> N
         w.data = data
 
 
-# transformers' tanh-approximation GELU modules that compute it as several elementwise ops
-_MULTI_OP_TANH_GELU = {"BloomGelu", "NewGELUActivation", "FastGELUActivation"}
-
-
 def one_op_tanh_gelu(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     """bf16 training on a CPU: BLOOM's ``BloomGelu`` and GPT-2's ``NewGELUActivation`` (``gelu_new``) become one
     ``F.gelu(approximate="tanh")`` (``clmtune.inference.TanhGELU``) until ``restore_modules``; returns what to put
     back. The same function: those modules write it as 5-8 elementwise ops forward and ~10 backward, each a pass
     over the (tokens x 4 hidden) activations rounded to bf16, where ``F.gelu`` computes in fp32 inside one kernel
     and rounds once (so results differ from them by bf16 rounding, closer to the fp32 function)."""
-    from clmtune.inference import TanhGELU
+    from clmtune.inference import MULTI_OP_TANH_GELU, TanhGELU
 
     swaps = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child).__name__ in _MULTI_OP_TANH_GELU:
+            if type(child).__name__ in MULTI_OP_TANH_GELU:
                 swaps.append((parent, name, child))
     for parent, name, _ in swaps:
         setattr(parent, name, TanhGELU())
