@@ -289,16 +289,60 @@ run much less.
 """
 
 
-GPU_NOTE = """## GPU checks (`bench/gpu_check.py`): prepared, not run yet
+MEMORY_BEGIN, MEMORY_END = "<!-- bench_memory.py: begin -->", "<!-- bench_memory.py: end -->"
 
-No GPU was available to this work, so DeepSpeed ZeRO-2, ZeRO-3 + CPU offload, FSDP (accelerate, FSDP2), QLoRA
-(bitsandbytes 4-bit) and exact resume on CUDA have not run. `python bench/gpu_check.py --out DIR` runs them all in a
-few minutes on one GPU (needs a CUDA build of torch; `pip install deepspeed bitsandbytes` for those checks, which
-are otherwise reported as skipped): each trains builtin:tiny-opt a few steps, saves, reloads the adapter with plain
-peft on an fp32 base and compares it with the weights gathered from the engine (non-empty, equal); `resume`
-compares an interrupted + resumed CUDA run with an uninterrupted one, with `train.deterministic` off and on; every
-run's `memory` (estimate vs `torch.cuda.max_memory_allocated`) is in DIR/gpu_check.json.
-"""
+
+def gpu_note() -> str:
+    """The GPU checks' section: what ``bench/gpu_check.py`` recorded (results/gpu_check_*.json), or that none ran."""
+    runs = sorted((HERE / "results").glob("gpu_check_*.json"))
+    head = ("## GPU checks (`bench/gpu_check.py`)\n\n`python bench/gpu_check.py --out DIR` runs them in a few minutes "
+            "on one GPU (a CUDA build of torch; `pip install deepspeed bitsandbytes` for those checks, otherwise "
+            "reported as skipped). `zero2`, `zero3` (ZeRO-3 + CPU offload), `fsdp` (FSDP2 through `accelerate "
+            "launch`) and `qlora` train builtin:tiny-opt 6 steps, save, and compare the saved adapter with the "
+            "weights gathered from the engine (non-empty, equal; loaded with plain peft on an fp32 base); `resume` "
+            "compares an interrupted + resumed CUDA run with an uninterrupted one (`train.deterministic` off and "
+            "on); `padding` trains on left-padded batches under SDPA with transformers' 2D mask and with clmtune's "
+            "self-attending 4D mask (`clmtune.models.self_attending_mask`). Memory: the estimate against "
+            "`torch.cuda.max_memory_allocated`.\n")
+    if not runs:
+        return head + "\nNot run yet: no GPU was available to this work.\n"
+    rows = []
+    for f in runs:
+        rep = json.loads(f.read_text())
+        rows.append(f"\n{f.name}: {rep['gpu']}, torch {rep['torch']} (CUDA {rep['cuda']}), {rep['when']}; "
+                    f"{rep.get('wheels', '')}\n\n| check | result | seconds | what |\n|---|---|---|---|")
+        for name, c in rep["checks"].items():
+            if "skipped" in c:
+                rows.append(f"| {name} | skipped | | {c['skipped']} |")
+                continue
+            if name == "resume":
+                what = "; ".join(f"deterministic {r['deterministic']}: {r['steps']} steps, max difference "
+                                 f"{r['max_abs_diff']}, bit-identical {r['bit_identical']}"
+                                 for r in (c["nondeterministic"], c["deterministic"]))
+                ok = c["nondeterministic"]["bit_identical"] and c["deterministic"]["bit_identical"]
+            elif name == "padding":
+                nan = "; ".join(f"head dim {k['head_dim']}, length {k['length']}, {k['dtype']}, "
+                                f"{'4D self-attending' if k['self_attending_mask'] else '2D'} mask: loss {k['loss']:.3f}, "
+                                f"gradient norm {k['grad_norm']}" for k in c["kernel_nan_cases"]) or "none"
+                train = "; ".join(f"mask {'on' if k.endswith('True') else 'off'}: "
+                                  + (v.get("error") or f"{v['steps']} steps, loss {v['loss'][0]:.2f} -> "
+                                     f"{v['loss'][1]:.2f}") for k, v in c["train"].items())
+                what = (f"{len(c['kernels'])} kernel cases, NaN in: {nan}. ChnSentiCorp fine-tuning of a random "
+                        f"6 x 320 GPT-2 (heads of 64): {train}")
+                ok = c["ok"]
+            else:
+                mem = c.get("memory") or {}
+                what = (f"{c.get('steps', 6)} steps, loss {c['loss'][0]:.2f} -> {c['loss'][1]:.2f}; adapter tensors "
+                        f"{c['adapter_tensors']}, empty {len(c['empty_tensors'])}, max difference "
+                        f"{c['max_abs_diff_vs_trained']}; peak {c['cuda_max_allocated'] / 2 ** 20:.0f} MiB"
+                        + (f" (estimate {mem['estimate']['total'] / 2 ** 20:.1f} MiB)" if mem else "")) \
+                    if "loss" in c else c.get("error", "")
+                ok = c.get("ok")
+            rows.append(f"| {name} | {'ok' if ok else 'FAILED'} | {c.get('seconds', '')} | {what} |")
+            if c.get("note"):
+                rows.append(f"| | | | {c['note']} |")
+    return head + "\n".join(rows) + "\n"
+
 
 
 def user_sentence(results_by_model: dict) -> str:
@@ -332,15 +376,14 @@ def write_markdown() -> Path:
                      f"{m['load_average_start']} at the start and {m['load_average_end']} at the end; "
                      f"{res['setup']}.\n\n" + table(res["results"]) + "\n"
                      + "".join(f"\n{k} not run: {v}\n" for k, v in res.get("skipped", {}).items()))
-    body = SECTION_HEAD + "\n" + user_sentence(by_model) + "\n\n" + "\n".join(parts) + "\n" + GPU_NOTE
+    body = SECTION_HEAD + "\n" + user_sentence(by_model) + "\n\n" + "\n".join(parts) + "\n" + gpu_note()
     out = HERE / "results" / "memory.md"
     out.write_text(body, encoding="utf-8")
-    bt = _bench_train()
     readme = HERE / "README.md"
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    section = f"{bt.MEMORY_BEGIN}\n{body}\n{bt.MEMORY_END}"
-    if bt.MEMORY_BEGIN in text:
-        text = text[:text.index(bt.MEMORY_BEGIN)] + section + text[text.index(bt.MEMORY_END) + len(bt.MEMORY_END):]
+    section = f"{MEMORY_BEGIN}\n{body}\n{MEMORY_END}"
+    if MEMORY_BEGIN in text:
+        text = text[:text.index(MEMORY_BEGIN)] + section + text[text.index(MEMORY_END) + len(MEMORY_END):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     readme.write_text(text, encoding="utf-8")

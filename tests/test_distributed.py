@@ -49,3 +49,21 @@ def test_torchrun_two_processes(tmp_path):
     model = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path="builtin:tiny-opt")), str(out / "adapter"))
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(torch.isfinite(p).all() for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_zero3_partitioned_parameters_keep_their_full_size():
+    """Under DeepSpeed ZeRO-3 every local parameter tensor is empty and ``ds_shape``/``ds_numel`` hold the full
+    size. On an H100 (bench/gpu_check.py) the tokenizer check stopped such a run with "the model's embedding has
+    0 rows"; the check and the memory estimate read the full size now. Emulated here: no DeepSpeed on a CPU."""
+    from clmtune.memory import estimate_for_model
+    from clmtune.models import check_tokenizer_fits, load_tokenizer
+
+    cfg = ModelConfig(name_or_path="builtin:tiny-opt")
+    model, tok = load_model(cfg), load_tokenizer(cfg)
+    before = estimate_for_model(model, batch_size=2, seq_len=16, head_positions=2)
+    for p in model.parameters():
+        p.ds_shape, p.ds_numel = p.shape, p.numel()
+        p.data = torch.empty(0)
+    check_tokenizer_fits(model, tok, "builtin:tiny-opt")  # 50,265 entries, 50,265 rows (not 0)
+    after = estimate_for_model(model, batch_size=2, seq_len=16, head_positions=2)
+    assert after.weights == before.weights > 0 and after.total == before.total

@@ -170,9 +170,13 @@ def estimate_for_model(model, *, batch_size: int, seq_len: int, head_positions: 
     row-major bf16 copy, byte for byte, and is written in small blocks (no full-size temporary)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    stored = sum(p.numel() * p.element_size() for p in params)
+
+    def numel(p):  # DeepSpeed ZeRO-3 partitions parameters: the local tensor is empty, ds_numel the full count
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in params)
+    trainable = sum(numel(p) for p in params if p.requires_grad)
+    stored = sum(numel(p) * p.element_size() for p in params)
     lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_dropout"))
     layers = ModelShape.from_config(base.config)
     if one_op_gelu and layers.mlp_saved == 5:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
-from clmtune.models import forward_inputs, is_prompt_learning, model_device
+from clmtune.models import CUSTOM_MASK_MODEL_TYPES, forward_inputs, is_prompt_learning, model_device
 from clmtune.tasks.encoding import collate
 
 if TYPE_CHECKING:
@@ -30,11 +30,10 @@ def _continuations(encoder: Encoder, labels: Sequence[str]) -> list[list[int]]:
     return [ids + [encoder.end_id] for ids in encoder.label_ids(labels)]
 
 
-# Architectures whose forward takes explicit ``position_ids`` and a custom 4D attention mask as-is (transformers 5
-# ``masking_utils``), each checked against naive scoring in tests/test_eval_methods.py. BLOOM is not here: its
-# ALiBi bias is built from a 2D mask. A sliding window (Mistral) is not applied to a custom mask: prompts longer
-# than the window fall back to prompt+label rows (``label_scores``).
-PACKED_MODEL_TYPES = frozenset({"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3"})
+# The packed strategy needs explicit ``position_ids`` and a custom 4D mask (``models.CUSTOM_MASK_MODEL_TYPES``).
+# Mistral's sliding window is not applied to a custom mask: prompts longer than the window fall back to
+# prompt+label rows (``strategy_for``).
+PACKED_MODEL_TYPES = CUSTOM_MASK_MODEL_TYPES
 RANK_STRATEGIES = ("packed", "shared_cache", "pairs")
 
 

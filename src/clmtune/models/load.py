@@ -67,7 +67,8 @@ def check_tokenizer_fits(model, tokenizer, where: str) -> None:
     """A tokenizer with more entries than the model has embedding rows would index past the embedding (an
     IndexError deep in the forward pass, or garbage on GPU): stop early and say both numbers. A few fewer entries
     is normal (vocabularies are often padded to a multiple of 8/64); far fewer means another vocabulary."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # DeepSpeed ZeRO-3 partitions it: a 0-size local tensor
     if len(tokenizer) > rows:
         raise ClmtuneError(f"the tokenizer of {where} has {len(tokenizer)} entries but the model's embedding has "
                            f"{rows} rows; use the tokenizer saved with this model (or resize the embedding with "

@@ -105,7 +105,31 @@ def input_virtual_tokens(model) -> int:
     return 0
 
 
-def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+# Architectures whose forward takes explicit ``position_ids`` and a custom 4D attention mask as-is (transformers 5
+# ``masking_utils``), each checked against naive scoring in tests/test_eval_methods.py. BLOOM is not here: its
+# ALiBi bias is built from a 2D mask. A sliding window (Mistral) is not applied to a custom mask.
+CUSTOM_MASK_MODEL_TYPES = frozenset({"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3"})
+
+
+def self_attending_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool SDPA mask (True = attend) for a padded (B, T) attention mask: causal over the real tokens,
+    and every position may also attend to itself.
+
+    With left padding, a pad position's query sees no real key under the causal mask: a fully masked row. CUDA's
+    memory-efficient SDPA kernel turns such a row into NaN in the backward pass, and a NaN value leaks into the real
+    rows through their 0 attention weights on the pad positions (0 x NaN = NaN), so the gradient norm is NaN. The
+    fine-tunings of head-dim-64 GPT-2 models on an H200 stopped so at step 68, the first padded batch whose length
+    was a multiple of 32 (bench/results/gpu_pretrain_sweep_h200.json; bench/gpu_check.py ``padding`` checks it).
+    Letting each pad position attend to itself changes nothing for the real positions (they never attend to pads)
+    and leaves no row fully masked. The same trick as ``evaluate.scoring``'s packed mask.
+    """
+    t = mask.shape[1]
+    allowed = torch.ones((t, t), dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]  # (B, T, T)
+    allowed |= torch.eye(t, dtype=torch.bool, device=mask.device)
+    return allowed[:, None]
+
+
+def forward_inputs(model, batch: dict[str, torch.Tensor], backward: bool = False) -> dict[str, torch.Tensor]:
     """Model inputs for a left-padded batch.
 
     With left padding, positions must start at 0 on each row's first real token; OPT and BLOOM derive this from the
@@ -119,6 +143,10 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
       (no warning per batch); training, ``logits_to_keep`` scoring and peft's ``generate`` all see the same
       numbering, so results are consistent, but the text's positions depend on the row's left padding.
       Fall-back kept on purpose: fixing it would mean re-implementing peft's forward and generate.
+
+    ``backward``: the batch is for training. A padded batch for an SDPA model that takes a custom mask then gets a
+    4D mask in which no row is fully masked (``self_attending_mask``: CUDA's SDPA backward gives NaN otherwise).
+    Not with prefix tuning, whose forward appends its prefix to a 2D mask (nor prompt tuning / p-tuning, above).
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     unwrapped = unwrap(model)
@@ -128,7 +156,17 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if "position_ids" in inspect.signature(base.forward).parameters:
         mask = batch["attention_mask"]
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    config = getattr(base, "config", None)
+    if (backward and SELF_ATTENDING_PADS and not bool(batch["attention_mask"].all())
+            and not is_prompt_learning(model) and getattr(config, "model_type", None) in CUSTOM_MASK_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) == "sdpa"):
+        inputs["attention_mask"] = self_attending_mask(batch["attention_mask"])  # (B, 1, T, T)
     return inputs
+
+
+SELF_ATTENDING_PADS = True
+"""``forward_inputs(backward=True)`` gives padded SDPA batches a mask without fully masked rows (off: only for
+bench/gpu_check.py, which shows what it prevents)."""
 
 
 def untie_adapted_embeddings(model) -> bool:

@@ -82,8 +82,8 @@ class TrainResult:
 
 
 def trainable_summary(model) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return {"trainable_params": trainable, "all_params": total}
 
 
@@ -111,7 +111,7 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
         # which makes accelerate's end-of-dataloader test fire one window early
         accelerator.gradient_state._set_sync_gradients(last)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            inputs = forward_inputs(model, batch)
+            inputs = forward_inputs(model, batch, backward=True)
             if head.mode:  # LM head (d x V matmul) on the supervised positions only: (N, V) logits, not (B, T, V)
                 inputs["logits_to_keep"] = head_positions(batch["labels"], head.mode, head.n_virtual)
             logits = model(**inputs).logits
