@@ -78,10 +78,7 @@ print(json.dumps({"grew": peak_rss() - before, "activations": est.activations}))
 """
 
 
-def test_gradient_checkpointing_lowers_the_measured_peak():
-    """4 layers x 256 on 8 x 256 tokens: ~0.25 GB of activations without checkpointing, ~0.07 GB with it. Each
-    setting in a fresh process (in one process the allocator's reuse of freed memory blurs the second step); the
-    peak resident memory during the step above the memory before it is what the step cost."""
+def _measure_peaks() -> dict:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     procs = {ck: subprocess.Popen([sys.executable, "-c", PEAK_SCRIPT, "1" if ck else "0"], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for ck in (True, False)}
@@ -90,12 +87,26 @@ def test_gradient_checkpointing_lowers_the_measured_peak():
         out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-2000:]
         res["ck" if ck else "plain"] = json.loads(out.strip().splitlines()[-1])
-    plain, ck = res["plain"], res["ck"]
-    assert ck["activations"] < plain["activations"] / 3  # what the estimate predicts
-    saved = plain["grew"] - ck["grew"]
-    predicted = plain["activations"] - ck["activations"]
-    assert saved > 0.5 * predicted, res  # checkpointing really saves most of what the estimate says
-    assert plain["grew"] > 0.7 * plain["activations"], res  # and the estimate is not inflated
+    return res
+
+
+def test_gradient_checkpointing_lowers_the_measured_peak():
+    """4 layers x 256 on 8 x 256 tokens: ~0.25 GB of activations without checkpointing, ~0.07 GB with it. Each
+    setting in a fresh process (in one process the allocator's reuse of freed memory blurs the second step); the
+    peak resident memory during the step above the memory before it is what the step cost. Resident memory is a
+    noisy measure on a shared machine (one failure in ~20 loaded runs was seen): a failed measurement is repeated
+    once, and both measurements must agree with the estimate to fail the test."""
+    failures = []
+    for _ in range(2):
+        res = _measure_peaks()
+        plain, ck = res["plain"], res["ck"]
+        assert ck["activations"] < plain["activations"] / 3  # what the estimate predicts
+        saved = plain["grew"] - ck["grew"]
+        predicted = plain["activations"] - ck["activations"]
+        if saved > 0.5 * predicted and plain["grew"] > 0.7 * plain["activations"]:
+            return  # checkpointing really saves most of what the estimate says, and the estimate is not inflated
+        failures.append(res)
+    raise AssertionError(f"checkpointing did not lower the measured peak as estimated, twice: {failures}")
 
 
 def test_bf16_base_trains_and_saves_an_fp32_adapter_that_plain_peft_loads(tmp_path, one_thread):
