@@ -50,8 +50,22 @@ def _padded_batch(tok):
     return batch, batch.pop("labels")
 
 
+@pytest.fixture
+def mask_everywhere(monkeypatch):
+    """The mask is on for GPUs by default (CPU kernels do not NaN); here it is tested on the CPU."""
+    monkeypatch.setattr(peft_methods, "SELF_ATTENDING_PADS", True)
+
+
+def test_off_on_the_cpu_by_default():
+    tok = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-gpt2"))
+    batch, _ = _padded_batch(tok)
+    assert peft_methods.SELF_ATTENDING_PADS is None
+    model = load_model(ModelConfig(name_or_path="builtin:tiny-gpt2"))
+    assert forward_inputs(model, batch, backward=True)["attention_mask"].dim() == 2
+
+
 @pytest.mark.parametrize("name", ["builtin:tiny-gpt2", "builtin:tiny-llama", "builtin:tiny-opt"])
-def test_training_mask_keeps_loss_and_gradients(name, one_thread):
+def test_training_mask_keeps_loss_and_gradients(name, one_thread, mask_everywhere):
     """The 4D mask changes nothing for the real positions: loss and LoRA gradients equal to transformers' own
     padding mask (CPU SDPA), and it is used only where it should be."""
     tok = load_tokenizer(ModelConfig(name_or_path=name))
@@ -74,7 +88,7 @@ def test_training_mask_keeps_loss_and_gradients(name, one_thread):
     assert forward_inputs(model, full, backward=True)["attention_mask"].dim() == 2  # no padding: nothing to fix
 
 
-def test_bloom_and_eager_keep_the_2d_mask():
+def test_bloom_and_eager_keep_the_2d_mask(mask_everywhere):
     bloom = ModelConfig(name_or_path="builtin:tiny-bloom")
     batch, _ = _padded_batch(load_tokenizer(bloom))
     assert forward_inputs(load_model(bloom), batch, backward=True)["attention_mask"].dim() == 2

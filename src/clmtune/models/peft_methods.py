@@ -157,16 +157,18 @@ def forward_inputs(model, batch: dict[str, torch.Tensor], backward: bool = False
         mask = batch["attention_mask"]
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     config = getattr(base, "config", None)
-    if (backward and SELF_ATTENDING_PADS and not bool(batch["attention_mask"].all())
+    on = SELF_ATTENDING_PADS if SELF_ATTENDING_PADS is not None else batch["attention_mask"].device.type != "cpu"
+    if (backward and on and not bool(batch["attention_mask"].all())
             and not is_prompt_learning(model) and getattr(config, "model_type", None) in CUSTOM_MASK_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) == "sdpa"):
         inputs["attention_mask"] = self_attending_mask(batch["attention_mask"])  # (B, 1, T, T)
     return inputs
 
 
-SELF_ATTENDING_PADS = True
-"""``forward_inputs(backward=True)`` gives padded SDPA batches a mask without fully masked rows (off: only for
-bench/gpu_check.py, which shows what it prevents)."""
+SELF_ATTENDING_PADS: bool | None = None
+"""``forward_inputs(backward=True)`` gives padded SDPA batches a mask without fully masked rows: ``None`` on every
+device but the CPU (PyTorch's CPU kernels give 0, not NaN, for such rows, and the 4D mask cost ~3 % of a GPT-2 step
+there), ``True``/``False`` everywhere (tests; bench/gpu_check.py shows what it prevents)."""
 
 
 def untie_adapted_embeddings(model) -> bool:
