@@ -157,7 +157,10 @@ def forward_inputs(model, batch: dict[str, torch.Tensor], backward: bool = False
         mask = batch["attention_mask"]
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     config = getattr(base, "config", None)
-    on = SELF_ATTENDING_PADS if SELF_ATTENDING_PADS is not None else batch["attention_mask"].device.type != "cpu"
+    on = SELF_ATTENDING_PADS
+    if on is None:  # a GPU (or other accelerator) holds the batch or the weights
+        weight = next(base.parameters(), None)
+        on = batch["attention_mask"].device.type != "cpu" or (weight is not None and weight.device.type != "cpu")
     if (backward and on and not bool(batch["attention_mask"].all())
             and not is_prompt_learning(model) and getattr(config, "model_type", None) in CUSTOM_MASK_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) == "sdpa"):
