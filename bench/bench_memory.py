@@ -324,7 +324,7 @@ def gpu_note() -> str:
                 nan = "; ".join(f"head dim {k['head_dim']}, length {k['length']}, {k['dtype']}, "
                                 f"{'4D self-attending' if k['self_attending_mask'] else '2D'} mask: loss {k['loss']:.3f}, "
                                 f"gradient norm {k['grad_norm']}" for k in c["kernel_nan_cases"]) or "none"
-                train = "; ".join(f"mask {'on' if k.endswith('True') else 'off'}: "
+                train = "; ".join(f"mask {'off' if k.endswith('False') else 'on'}: "
                                   + (v.get("error") or f"{v['steps']} steps, loss {v['loss'][0]:.2f} -> "
                                      f"{v['loss'][1]:.2f}") for k, v in c["train"].items())
                 what = (f"{len(c['kernels'])} kernel cases, NaN in: {nan}. ChnSentiCorp fine-tuning of a random "
