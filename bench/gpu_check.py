@@ -187,12 +187,19 @@ def worker_padding(out: Path, device: str = "cuda", steps: int = 120) -> dict:
                             loss = causal_lm_loss(model(**forward_inputs(model, batch, backward=True)).logits, labels)
                         loss.backward()
                         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+                        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                            # evaluation and generation: forward only, transformers' 2D mask, in eval mode
+                            real = batch["attention_mask"].bool()
+                            finite = bool(torch.isfinite(model.eval()(**batch).logits[real]).all())
+                            model.train()
                         res["kernels"].append({"head_dim": width // heads, "attn": impl, "length": length,
                                                "self_attending_mask": self_attending, "dtype": dtype,
-                                               "loss": float(loss), "grad_norm": float(norm)})
+                                               "loss": float(loss), "grad_norm": float(norm),
+                                               "forward_2d_finite": finite})
                         print(json.dumps(res["kernels"][-1]), flush=True)
     pm.SELF_ATTENDING_PADS = None  # the default: on for GPUs
-    bad = [k for k in res["kernels"] if not (math.isfinite(k["loss"]) and math.isfinite(k["grad_norm"]))]
+    bad = [k for k in res["kernels"] if not (math.isfinite(k["loss"]) and math.isfinite(k["grad_norm"])
+                                             and k["forward_2d_finite"])]
     res["kernel_nan_cases"] = bad
     # the real thing: clmtune's ChnSentiCorp config on a random 6 x 320 GPT-2 (head dim 64), mask off then default
     folder = out / "gpt2_6x320"
