@@ -14,12 +14,12 @@ from clmtune.models.compat import fix_prompt_learning_generation
 from clmtune.models.load import (TORCH_DTYPES, check_safetensors, check_tokenizer_fits, context_length,
                                  ensure_pad_token, load_model, load_tokenizer, model_device, model_dtype,
                                  quantization_config, resolve_device)
-from clmtune.models.peft_methods import (CUSTOM_MASK_MODEL_TYPES, apply_peft, build_peft_config, forward_inputs, input_virtual_tokens,
-                                         is_prompt_learning, linear_layer_names, merge_adapter, peft_type,
+from clmtune.models.peft_methods import (CUSTOM_MASK_MODEL_TYPES, apply_peft, build_peft_config, forward_inputs,
+                                         input_virtual_tokens, is_prompt_learning, linear_layer_names, merge_adapter, peft_type,
                                          self_attending_mask, unwrap)
 
-__all__ = ["CUSTOM_MASK_MODEL_TYPES", "TORCH_DTYPES", "model_dtype", "quantization_config", "BUILTIN_MODELS", "BUILTIN_VERSION",
-           "SHIPPED_MODELS", "_opt_bpe_tokenizer", "apply_peft",
+__all__ = ["CUSTOM_MASK_MODEL_TYPES", "TORCH_DTYPES", "model_dtype", "quantization_config", "BUILTIN_MODELS",
+           "BUILTIN_VERSION", "SHIPPED_MODELS", "_opt_bpe_tokenizer", "apply_peft",
            "bert_chinese_tokenizer", "build_peft_config", "builtin_model_path", "check_safetensors",
            "check_tokenizer_fits", "clmtune_home",
            "context_length", "ensure_pad_token", "fix_prompt_learning_generation", "forward_inputs",

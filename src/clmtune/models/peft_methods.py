@@ -116,10 +116,11 @@ def self_attending_mask(mask: torch.Tensor) -> torch.Tensor:
     and every position may also attend to itself.
 
     With left padding, a pad position's query sees no real key under the causal mask: a fully masked row. CUDA's
-    memory-efficient SDPA kernel turns such a row into NaN in the backward pass, and a NaN value leaks into the real
-    rows through their 0 attention weights on the pad positions (0 x NaN = NaN), so the gradient norm is NaN. The
-    fine-tunings of head-dim-64 GPT-2 models on an H200 stopped so at step 68, the first padded batch whose length
-    was a multiple of 32 (bench/results/gpu_pretrain_sweep_h200.json; bench/gpu_check.py ``padding`` checks it).
+    SDPA (torch 2.11, a boolean mask) turned such rows into NaN in the backward pass, and NaN reaches the real rows
+    through their 0 attention weights on the pad positions (0 x NaN = NaN): the gradient norm is NaN. Fine-tunings
+    of head-dim-64 GPT-2 models on an H200 stopped so at step 68, the first padded batch whose length was a multiple
+    of 32 (bench/results/gpu_pretrain_sweep_h200.json); on an H100 ``bench/gpu_check.py`` (``padding``) reproduced
+    it at head dim 64, length 192, bf16, and not at head dim 36 or lengths 191/256.
     Letting each pad position attend to itself changes nothing for the real positions (they never attend to pads)
     and leaves no row fully masked. The same trick as ``evaluate.scoring``'s packed mask.
     """
