@@ -60,6 +60,76 @@ def fused_head_bytes(rows: int, weight: torch.Tensor) -> int:
     return 4 * rows * (2 * block_rows(rows, vocab, hidden, weight.element_size()) + 3 * hidden)
 
 
+class PackedHead:
+    """bf16 training on a CPU: the frozen head's vocabulary blocks packed once by oneDNN, each twice: W_b for
+    ``h @ W_b^T`` and W_b^T for ``e @ W_b`` (``clmtune.packed``: PyTorch's plain bf16 ``mm`` re-lays out its right
+    operand into oneDNN's pair-interleaved bf16 layout at every call, a pass over the block per product).
+
+    Why both: bf16 dot-product instructions pair elements along the contracted dimension, which is the hidden size
+    for the first product and the vocabulary for the second, so no single layout serves both. Memory: 2 bf16
+    copies of the head (BLOOM-560m: 2 x 0.5 GB), in place of the one bf16 copy plain bf16 training keeps; the head
+    Parameter itself stays fp32 (a tied input embedding reads it as before training). Preparation: ~1.3 s for
+    BLOOM's 250,880 x 1024 head on one thread, once per run (bench/README.md, "Round four").
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        from clmtune.packed import pack
+
+        vocab, hidden = weight.shape
+        self.shape = (vocab, hidden)
+        self.block = max(256, min(vocab, BLOCK_WEIGHT_BYTES // (2 * hidden)))
+        self.forward_blocks, self.backward_blocks = [], []
+        with torch.no_grad():
+            for v0 in range(0, vocab, self.block):
+                w = weight[v0:v0 + self.block].to(torch.bfloat16)
+                self.forward_blocks.append(pack(w))
+                self.backward_blocks.append(pack(w.t().contiguous()))
+        self.weight = weight  # the rows of the targets are read from it
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * 2 * self.shape[0] * self.shape[1]
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            from clmtune.packed import _ops
+
+            _ops()
+            return True
+        except (AttributeError, RuntimeError):
+            return False
+
+
+@torch.no_grad()
+def packed_ce_forward(hidden: torch.Tensor, head: PackedHead, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused_ce_forward`` on a ``PackedHead``: bf16 products on the packed blocks, softmax statistics in fp32."""
+    from clmtune.packed import packed_matmul
+
+    n, d = hidden.shape
+    h = hidden.to(torch.bfloat16)
+    run_max = torch.full((n,), float("-inf"), device=hidden.device)
+    run_sum = torch.zeros(n, device=hidden.device)
+    acc = torch.zeros(n, d, device=hidden.device)
+    for k, (fwd, bwd) in enumerate(zip(head.forward_blocks, head.backward_blocks)):
+        z = packed_matmul(h, fwd, None)  # (N, b) bf16
+        block_max = z.amax(1).float()
+        if k == 0 or bool((block_max > run_max).any()):
+            new_max = torch.maximum(run_max, block_max)
+            rescale = torch.exp(run_max - new_max)
+            run_sum.mul_(rescale)
+            acc.mul_(rescale[:, None])
+            run_max = new_max
+        e = torch.sub(z, run_max[:, None]).exp_()
+        run_sum.add_(e.sum(1))
+        acc.add_(packed_matmul(e.to(torch.bfloat16), bwd, None))
+    target_rows = head.weight[targets].to(torch.bfloat16).float()  # the bf16 values the products used
+    loss = (run_max + run_sum.log() - (h.float() * target_rows).sum(1)).sum()
+    grad = acc.div_(run_sum[:, None]).sub_(target_rows)
+    return loss, grad.to(hidden.dtype)
+
+
 @torch.no_grad()
 def fused_ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,23 +173,26 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     forward (``fused_ce_forward``); ``weight`` gets no gradient (it must be frozen)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, packed=None):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly above
-            loss, grad = fused_ce_forward(hidden, weight, targets)
+            loss, grad = (fused_ce_forward(hidden, weight, targets) if packed is None
+                          else packed_ce_forward(hidden, packed, targets))
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None
+        return grad * grad_loss, None, None, None
 
 
-def frozen_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the (N, d) supervised hidden states against the frozen head (see the module)."""
+def frozen_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     packed: PackedHead | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the (N, d) supervised hidden states against the frozen head (see the module);
+    ``packed``: the same head as a ``PackedHead`` (bf16 products on its packed blocks)."""
     if weight.requires_grad:
         raise ValueError("frozen_head_loss needs a frozen head weight (it returns no gradient for it)")
-    return FrozenHeadCrossEntropy.apply(hidden, weight, targets)
+    return FrozenHeadCrossEntropy.apply(hidden, weight, targets, packed)
 
 
 def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -127,7 +200,7 @@ def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
 
 
-FUSED_PRECISIONS = frozenset({"fp32"})
+FUSED_PRECISIONS = frozenset({"fp32", "bf16"})
 """Training precisions that take the fused path: those where it measured faster end to end (bench/README.md,
 "Round four"; ``bench/ab_train_fused.py`` switches this to compare)."""
 
@@ -141,6 +214,8 @@ def fused_head_reason(model, device: torch.device, is_peft: bool, head_mode: str
         return f"device {device.type} (the fused head is for CPUs; GPUs keep the library path)"
     if precision not in FUSED_PRECISIONS:
         return f"{precision} training (measured no faster fused on a CPU)"
+    if precision == "bf16" and not PackedHead.available():
+        return "bf16 without oneDNN's packed-weight ops in this torch"
     if not is_peft:
         return "full fine-tuning trains the head"
     if deepspeed:

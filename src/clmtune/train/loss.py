@@ -92,6 +92,8 @@ class HeadMode(NamedTuple):
     fused: object = None
     """The frozen output head (an ``nn.Linear``) when the loss runs through it fused
     (``clmtune.train.fusedhead``): the model then returns the supervised hidden states, not logits."""
+    packed: object = None
+    """bf16: the head's oneDNN-packed blocks (``clmtune.train.fusedhead.PackedHead``) the fused loss reads."""
 
 
 def head_positions(labels: torch.Tensor, mode: str, n_virtual: int = 0) -> torch.Tensor | int:

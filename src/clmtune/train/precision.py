@@ -26,7 +26,7 @@ def bf16_unsupported_reason() -> str | None:
     return None
 
 
-def frozen_matmul_weights_to_bf16(model, column_major_head: bool = False
+def frozen_matmul_weights_to_bf16(model, column_major_head: bool = False, keep: tuple = ()
                                   ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """Store the frozen Linear/Conv1D weights in bf16 for bf16 autocast; returns (parameter, fp32 data) pairs
     to put back with ``restore_weights``.
@@ -40,8 +40,9 @@ def frozen_matmul_weights_to_bf16(model, column_major_head: bool = False
 
     ``column_major_head`` (bf16 training on a CPU): the frozen LM head's bf16 copy is laid out column-major
     (``column_major_bf16``), which makes its input gradient ~1.7x faster at no extra memory (see there).
+    ``keep``: weights left as they are (the frozen head when the fused loss reads its own packed copy of it).
     """
-    swapped, seen = [], set()
+    swapped, seen = [], {id(w) for w in keep}
     head = output_head_weight(model) if column_major_head else None
     for module in model.modules():
         if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
