@@ -19,7 +19,8 @@ The activation model counts, per transformer layer and token, the tensors autogr
 
 With gradient checkpointing only each layer's input (d) is kept, plus one layer's full set while it is recomputed.
 The LM head's logits are counted where they are computed: fp32 logits and their gradient for every position that
-runs the head (clmtune: the supervised positions only; a plain recipe: every position). This ignores allocator
+runs the head (clmtune: the supervised positions only; a plain recipe: every position), or, when training fuses
+the frozen head with the loss (``clmtune.train.fusedhead``), one vocabulary block of them (``lm_head_bytes``). This ignores allocator
 fragmentation and temporary buffers inside kernels, so the measured peak is higher; ``runtime`` (the process's
 resident memory before the model is loaded: Python, torch, tokenizers) is reported beside the estimate so a CPU
 peak RSS can be compared with ``runtime + total``.

@@ -25,6 +25,13 @@ rounding only: in bf16 the block logits are bf16 products as before, but the tar
 accumulated in fp32 (today's gradient is a bf16 product of bf16-rounded softmax values). Only for a plain linear
 head without bias whose weight does not train, on models whose forward applies nothing after the head
 (``FUSED_MODEL_TYPES``); ``fused_head_reason`` says why not otherwise, and training then takes today's path.
+
+Measured on the AMD EPYC (Zen 4, avx512_bf16, no AMX; bench/README.md, "Round four"): in fp32 the single pass wins
+outright (BLOOM's 24-row head step ~410 ms against ~570 ms). In bf16 it does not by itself: with 24 rows the two
+products are bound by the kernel, not by reading W (a cached block is multiplied only ~25 % faster), and PyTorch's
+bf16 ``mm`` re-lays out its right operand into oneDNN's pair-interleaved layout at every call. So bf16 training
+reads the head from ``PackedHead`` (each block packed once per run, for both products): ~160 ms per 24-row step
+against ~210 ms for today's column-major path, for 2 packed bf16 copies of the head and ~1 s more preparation.
 """
 
 from __future__ import annotations
@@ -79,11 +86,20 @@ class PackedHead:
         self.shape = (vocab, hidden)
         self.block = max(256, min(vocab, BLOCK_WEIGHT_BYTES // (2 * hidden)))
         self.forward_blocks, self.backward_blocks = [], []
+        # One bf16 buffer and one transposed buffer, reused: fresh temporaries per block interleave with the packed
+        # blocks on the heap and stay as holes (measured: 8 MB kept per 4 MB block, 1.9 GB instead of 1 GB here).
+        buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for v0 in range(0, vocab, self.block):
-                w = weight[v0:v0 + self.block].to(torch.bfloat16)
-                self.forward_blocks.append(pack(w))
-                self.backward_blocks.append(pack(w.t().contiguous()))
+                rows = min(self.block, vocab - v0)
+                if rows not in buffers:
+                    buffers[rows] = (torch.empty(rows, hidden, dtype=torch.bfloat16, device=weight.device),
+                                     torch.empty(hidden, rows, dtype=torch.bfloat16, device=weight.device))
+                w, w_t = buffers[rows]
+                w.copy_(weight[v0:v0 + rows])
+                w_t.copy_(w.t())
+                self.forward_blocks.append(pack(w))  # oneDNN writes a new tensor: the buffers can be reused
+                self.backward_blocks.append(pack(w_t))
         self.weight = weight  # the rows of the targets are read from it
 
     @property

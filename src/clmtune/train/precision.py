@@ -1,6 +1,7 @@
 """bf16 training on CPU and GPU: whether this machine has fast bf16 matmuls, and storing frozen matmul weights
 in bf16 so autocast does not re-cast them at every forward. On a CPU also (adapter training): the frozen LM head's
-bf16 copy column-major (a faster input gradient) and transformers' multi-op tanh-GELUs as one op. Everything is
+bf16 copy column-major (a faster input gradient) where the loss is not fused with the head (``fusedhead``, which
+packs the head itself), and transformers' multi-op tanh-GELUs as one op. Everything is
 put back after training (``restore_weights``, ``restore_modules``)."""
 
 from __future__ import annotations
