@@ -293,7 +293,8 @@ class TrainRecipe:
                                      [sum(1 for x in f["labels"] if x != -100) for f in self.features], self.cfg,
                                      self.precision, self.head.mode, self.runtime,
                                      lm_head_bytes=None if self.head.fused is None else
-                                     functools.partial(fused_head_bytes, weight=self.head.fused.weight))
+                                     functools.partial(fused_head_bytes, weight=self.head.fused.weight,
+                                                       packed=self.packed_head is not None))
         self.estimate.weights += sum(d.numel() * d.element_size() for _, d in self.swapped)  # kept fp32 originals
         self.estimate.weights += self.packed_head.nbytes if self.packed_head else 0  # the head's 2 packed copies
         if self.main:

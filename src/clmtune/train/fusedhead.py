@@ -59,12 +59,14 @@ def block_rows(n_rows: int, vocab: int, hidden: int, itemsize: int) -> int:
     return max(256, min(vocab, rows))
 
 
-def fused_head_bytes(rows: int, weight: torch.Tensor) -> int:
+def fused_head_bytes(rows: int, weight: torch.Tensor, packed: bool = False) -> int:
     """Memory of this loss for ``rows`` supervised positions (``clmtune.memory``'s LM-head line): one vocabulary
     block's logits and exponentials in fp32, the (rows, hidden) fp32 gradient, accumulator and target rows; no
-    (rows, vocabulary) tensor."""
+    (rows, vocabulary) tensor. ``packed``: the blocks of a ``PackedHead`` (bf16) rather than of ``weight``."""
     vocab, hidden = weight.shape
-    return 4 * rows * (2 * block_rows(rows, vocab, hidden, weight.element_size()) + 3 * hidden)
+    block = (max(256, min(vocab, BLOCK_WEIGHT_BYTES // (2 * hidden))) if packed
+             else block_rows(rows, vocab, hidden, weight.element_size()))
+    return 4 * rows * (2 * block + 3 * hidden)
 
 
 class PackedHead:
