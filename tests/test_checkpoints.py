@@ -33,19 +33,23 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, one_thread,
     assert [p.name for p in list_checkpoints(full.output_dir)] == ["step-000004", "step-000006"]  # keep last 2
 
     calls = {"n": 0}
-    real_loss = train_mod.causal_lm_loss
+    real = {name: getattr(train_mod, name) for name in ("causal_lm_loss", "frozen_head_loss")}  # either path
 
-    def crash_on_fifth_batch(logits, labels, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real_loss(logits, labels, **kw)
+    def crash_on_fifth_batch(name):
+        def loss(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError("simulated crash")
+            return real[name](*args, **kw)
+        return loss
 
     cfg = _cfg(tmp_path, "crashed", method)
-    monkeypatch.setattr(train_mod, "causal_lm_loss", crash_on_fifth_batch)
+    for name in real:
+        monkeypatch.setattr(train_mod, name, crash_on_fifth_batch(name))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, progress=False)
-    monkeypatch.setattr(train_mod, "causal_lm_loss", real_loss)
+    for name, fn in real.items():
+        monkeypatch.setattr(train_mod, name, fn)
     out = full.output_dir.parent / "crashed"
     assert not (out / "adapter").exists() and not (out / "model").exists()
     assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]

@@ -64,21 +64,24 @@ def test_a_trained_or_wrapped_head_is_left_alone():
 
 @pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="train() falls back to fp32 on this CPU")
 def test_training_with_the_column_major_head_writes_the_same_adapter(tmp_path, one_thread, monkeypatch):
-    """train() in bf16 on a CPU uses the column-major head (fp32 training does not); forcing the row-major one
-    gives the same adapter, bit for bit."""
+    """train() in bf16 on a CPU uses the column-major head where the loss is not fused (fp32 training does not);
+    forcing the row-major one gives the same adapter, bit for bit."""
+    import clmtune.train.fusedhead as fh
+
+    monkeypatch.setattr(fh, "FUSED_PRECISIONS", frozenset())  # the logits path, whose head is column-major
     real = train_mod.frozen_matmul_weights_to_bf16
     seen = []
 
-    def spy(model, column_major_head=False):
+    def spy(model, column_major_head=False, keep=()):
         seen.append(column_major_head)
-        return real(model, column_major_head)
+        return real(model, column_major_head, keep)
 
     monkeypatch.setattr(train_mod, "frozen_matmul_weights_to_bf16", spy)
     train(tiny_cfg(tmp_path, "lora", name="fp32", max_steps=1, precision="fp32"), progress=False)
     assert seen == []  # fp32 keeps its weights as they are
     col = train(tiny_cfg(tmp_path, "lora", model="builtin:tiny-gpt2", name="col", max_steps=3, precision="bf16"),
                 progress=False)
-    monkeypatch.setattr(train_mod, "frozen_matmul_weights_to_bf16", lambda m, c=False: real(m, False))
+    monkeypatch.setattr(train_mod, "frozen_matmul_weights_to_bf16", lambda m, c=False, keep=(): real(m, False, keep))
     row = train(tiny_cfg(tmp_path, "lora", model="builtin:tiny-gpt2", name="row", max_steps=3, precision="bf16"),
                 progress=False)
     assert seen == [True]

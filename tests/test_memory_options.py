@@ -151,7 +151,11 @@ def test_estimate_and_measured_peak_in_the_summary(tmp_path, one_thread):
     from clmtune.prepare import prepare
 
     before = prepare(cfg, progress=False).memory.as_dict()
-    assert {k: v for k, v in before.items() if k != "runtime"} == {k: v for k, v in est.items() if k != "runtime"}
+    same = ("runtime", "lm_head", "total")
+    assert {k: v for k, v in before.items() if k not in same} == {k: v for k, v in est.items() if k not in same}
+    # training fused the head's loss (one vocabulary block, no (positions, V) logits); prepare counts full logits
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["lm_head_loss"] == "fused"
+    assert 0 < est["lm_head"] < before["lm_head"]
 
 
 def test_deterministic_runs_are_identical(tmp_path, one_thread):

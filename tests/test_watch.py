@@ -105,19 +105,24 @@ def test_resume_with_eval_and_save_best_matches_uninterrupted(tmp_path, one_thre
     kw = dict(eval_steps=2, save_best=best, save_steps=3, save_total_limit=2)
     straight = train(_cfg(tmp_path, "straight", **kw), progress=False)
 
-    calls, real_loss = {"n": 0}, train_mod.causal_lm_loss
+    calls = {"n": 0}
+    real = {name: getattr(train_mod, name) for name in ("causal_lm_loss", "frozen_head_loss")}  # either path
 
-    def crash_on_eighth_batch(logits, labels, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise RuntimeError("simulated crash")
-        return real_loss(logits, labels, **k)
+    def crash_on_eighth_batch(name):
+        def loss(*args, **k):
+            calls["n"] += 1
+            if calls["n"] == 8:
+                raise RuntimeError("simulated crash")
+            return real[name](*args, **k)
+        return loss
 
     cfg = _cfg(tmp_path, "crashed", **kw)
-    monkeypatch.setattr(train_mod, "causal_lm_loss", crash_on_eighth_batch)
+    for name in real:
+        monkeypatch.setattr(train_mod, name, crash_on_eighth_batch(name))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, progress=False)
-    monkeypatch.setattr(train_mod, "causal_lm_loss", real_loss)
+    for name, fn in real.items():
+        monkeypatch.setattr(train_mod, name, fn)
     resumed = train(cfg, progress=False, resume="latest")
     assert resumed.resumed_from.name == "step-000006"
     a, b = _adapter(straight.output_dir), _adapter(resumed.output_dir)

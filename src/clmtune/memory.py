@@ -19,7 +19,8 @@ The activation model counts, per transformer layer and token, the tensors autogr
 
 With gradient checkpointing only each layer's input (d) is kept, plus one layer's full set while it is recomputed.
 The LM head's logits are counted where they are computed: fp32 logits and their gradient for every position that
-runs the head (clmtune: the supervised positions only; a plain recipe: every position). This ignores allocator
+runs the head (clmtune: the supervised positions only; a plain recipe: every position), or, when training fuses
+the frozen head with the loss (``clmtune.train.fusedhead``), one vocabulary block of them (``lm_head_bytes``). This ignores allocator
 fragmentation and temporary buffers inside kernels, so the measured peak is higher; ``runtime`` (the process's
 resident memory before the model is loaded: Python, torch, tokenizers) is reported beside the estimate so a CPU
 peak RSS can be compared with ``runtime + total``.
@@ -190,12 +191,15 @@ def estimate_for_model(model, *, batch_size: int, seq_len: int, head_positions: 
 
 
 def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precision: str, head_mode: str | None,
-                 runtime: int = 0) -> MemoryEstimate:
+                 runtime: int = 0, lm_head_bytes=None) -> MemoryEstimate:
     """The estimate of a clmtune run (``cfg``: its ``RunConfig``) for the longest batch it will see.
 
     ``lengths``/``label_counts``: tokens and supervised tokens of each training row. The sequence length is the
     longest row (``padding: longest`` pads each batch to its longest row) or ``max_length``, plus virtual tokens;
     the LM head runs on the supervised positions of every row (``head_mode`` set) or at every position.
+    ``lm_head_bytes``: positions -> the LM head's bytes, when training computes it otherwise than as (positions, V)
+    fp32 logits and their gradient (the fused frozen-head loss: ``clmtune.train.fusedhead.fused_head_bytes``);
+    ``clmtune prepare`` does not know whether training will fuse and counts full logits (an upper bound).
     """
     from clmtune.models import input_virtual_tokens, model_dtype, unwrap
 
@@ -211,9 +215,10 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
 
     one_op_gelu = (precision == "bf16" and cfg.peft.method != "full" and t_cfg.deepspeed is None
                    and training_device() == "cpu")  # as TrainRecipe._setup_optimization decides
-    return estimate_for_model(unwrap(model), batch_size=batch, seq_len=seq, head_positions=positions,
-                              compute_dtype=compute, gradient_checkpointing=t_cfg.gradient_checkpointing,
-                              runtime=runtime, one_op_gelu=one_op_gelu)
+    est = estimate_for_model(unwrap(model), batch_size=batch, seq_len=seq, head_positions=positions,
+                             compute_dtype=compute, gradient_checkpointing=t_cfg.gradient_checkpointing,
+                             runtime=runtime, one_op_gelu=one_op_gelu)
+    return est if lm_head_bytes is None else replace(est, lm_head=lm_head_bytes(positions))
 
 
 def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) -> MemoryEstimate:

@@ -27,6 +27,7 @@ ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -49,8 +50,11 @@ from clmtune.run import RunDir
 from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_state, _trainable_state,
                                        list_checkpoints, load_checkpoint, load_weights, prepare_output_dir,
                                        resolve_resume, save_checkpoint)
+from clmtune.evaluate.headscore import head_returns_hidden
+from clmtune.train.fusedhead import (PackedHead, frozen_head_loss, fused_head_bytes, fused_head_module,
+                                     fused_head_reason)
 from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_positions, head_trim_support, logits_to_keep,
-                                supervised_tokens, virtual_tokens)
+                                supervised_targets, supervised_tokens, virtual_tokens)
 from clmtune.device import resolve_precision, training_device
 from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, one_op_tanh_gelu,
                                      restore_modules, restore_weights)
@@ -114,8 +118,13 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
             inputs = forward_inputs(model, batch, backward=True)
             if head.mode:  # LM head (d x V matmul) on the supervised positions only: (N, V) logits, not (B, T, V)
                 inputs["logits_to_keep"] = head_positions(batch["labels"], head.mode, head.n_virtual)
-            logits = model(**inputs).logits
-            loss = causal_lm_loss(logits, batch["labels"], reduction="sum")
+            if head.fused is not None:  # the frozen head and the loss in one pass over its weight (fusedhead)
+                with head_returns_hidden(head.fused):
+                    hidden = model(**inputs).logits  # (N, d): the supervised positions' final hidden states
+                loss = frozen_head_loss(hidden, head.fused.weight, supervised_targets(batch["labels"]), head.packed)
+            else:
+                logits = model(**inputs).logits
+                loss = causal_lm_loss(logits, batch["labels"], reduction="sum")
             accelerator.backward(loss * scale)
         total += loss.item()
     if n_proc > 1:  # the logged loss is the mean over every process's tokens
@@ -207,12 +216,23 @@ class TrainRecipe:
         from transformers import get_linear_schedule_with_warmup
 
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
+        self.head_mode, why = (head_trim_support(self.model) if t_cfg.logits_on_labels_only
+                               else (None, "train.logits_on_labels_only is off"))
+        self.fused_reason = fused_head_reason(self.model, self.accelerator.device, self.is_peft, self.head_mode,
+                                              self.precision, t_cfg.deepspeed is not None)
+        self.packed_head = None
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
-            # CPU: the frozen LM head column-major (faster input gradient, same memory), tanh-GELU as one op. Not
-            # packed (clmtune.packed.pack_frozen_linears): 2.4x the CPU time of an epoch in bench/ab_train_packed.py.
+            # CPU: the frozen LM head column-major (faster input gradient, same memory), or, when the fused loss
+            # reads it, left fp32 and packed by oneDNN in vocabulary blocks (PackedHead; not a bf16 base's head,
+            # which is read as it is, without extra memory); tanh-GELU as one op.
+            # The other frozen weights are not packed (clmtune.packed.pack_frozen_linears: 2.4x the CPU time of
+            # an epoch in bench/ab_train_packed.py).
             cpu = self.accelerator.device.type == "cpu"
-            self.swapped = frozen_matmul_weights_to_bf16(self.model, cpu)
-            self.activations = one_op_tanh_gelu(self.model) if cpu else []
+            head = fused_head_module(self.model) if self.fused_reason is None else None
+            pack = head is not None and head.weight.dtype == torch.float32  # a bf16 base's head: fused, unpacked
+            self.swapped = frozen_matmul_weights_to_bf16(self.model, cpu and head is None,
+                                                         keep=(head.weight,) if pack else ())
+            self.packed_head = PackedHead(head.weight) if pack else None
         lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
@@ -259,17 +279,24 @@ class TrainRecipe:
         self.log_file = open(log_path, "a" if resumed else "w", encoding="utf-8") if self.main else None
         self.last_saved = self.step if self.ckpt is not None else -1
         if self.cfg.train.logits_on_labels_only:
-            mode, reason = head_trim_support(self.model)
-            if reason:
-                log.info("LM head on every position (full logits): %s", reason)
+            mode = self.head_mode
+            if mode is None:
+                log.info("LM head on every position (full logits): %s", head_trim_support(self.model)[1])
             elif mode == "last":
                 log.info("LM head on the last labelled positions of each batch (this model's forward takes an "
                          "integer logits_to_keep only)")
-            self.head = HeadMode(mode, virtual_tokens(self.model))
+            fused = fused_head_module(self.model) if self.fused_reason is None else None
+            self.head = HeadMode(mode, virtual_tokens(self.model), fused, self.packed_head)
+        log.info("LM head and loss: %s", "fused, one pass over the frozen head per step" if self.head.fused
+                 is not None else f"logits, then cross-entropy ({self.fused_reason})")
         self.estimate = estimate_run(unwrap(self.model), [len(f["input_ids"]) for f in self.features],
                                      [sum(1 for x in f["labels"] if x != -100) for f in self.features], self.cfg,
-                                     self.precision, self.head.mode, self.runtime)
+                                     self.precision, self.head.mode, self.runtime,
+                                     lm_head_bytes=None if self.head.fused is None else
+                                     functools.partial(fused_head_bytes, weight=self.head.fused.weight,
+                                                       packed=self.packed_head is not None))
         self.estimate.weights += sum(d.numel() * d.element_size() for _, d in self.swapped)  # kept fp32 originals
+        self.estimate.weights += self.packed_head.nbytes if self.packed_head else 0  # the head's 2 packed copies
         if self.main:
             log.info(self.estimate.table())
 
@@ -345,6 +372,7 @@ class TrainRecipe:
             if self.log_file:
                 self.log_file.close()
             restore_weights(self.swapped)  # the returned model is the fp32 one saved to disk
+            self.head, self.packed_head = self.head._replace(packed=None), None  # free the packed head copies
             restore_modules(self.activations)
             restore_determinism(self.determinism)  # process-wide flags: leave them as they were
         self.seconds = time.perf_counter() - self.t0
@@ -399,6 +427,7 @@ class TrainRecipe:
                        "max_length": cfg.data.max_length, "auto": self.auto,
                        "precision": self.precision,
                        "precision_reason": self.precision_reason, "lm_head_positions": self.head.mode or "all",
+                       "lm_head_loss": "fused" if self.head.fused is not None else "logits",
                        "resumed_from": str(self.ckpt) if self.ckpt else None,
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
                        "end_token": self.data.report["end_token"],

@@ -26,15 +26,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     k-th supervised label of labels[:, 1:] in row-major order.
     """
     if logits.dim() == 2:
-        targets = labels[:, 1:]
-        targets = targets[targets != IGNORE_INDEX]  # (N,), row-major like hidden_states[mask]
-        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+        return F.cross_entropy(logits.float(), supervised_targets(labels), reduction=reduction)
     n = min(logits.shape[1], labels.shape[1])
     logits, labels = logits[:, -n:], labels[:, -n:]
     shift_logits = logits[:, :-1].float()  # (B, n-1, V); fp32 for a stable log-softmax under bf16 autocast
     shift_labels = labels[:, 1:]
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def supervised_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the supervised next-token targets of labels (B, T) in row-major order, like hidden_states[mask] of
+    ``head_positions``' mask: labels[:, 1:] without IGNORE_INDEX."""
+    targets = labels[:, 1:]
+    return targets[targets != IGNORE_INDEX]
 
 
 def supervised_tokens(labels: torch.Tensor) -> int:
@@ -84,6 +89,11 @@ class HeadMode(NamedTuple):
 
     mode: str | None = None
     n_virtual: int = 0
+    fused: object = None
+    """The frozen output head (an ``nn.Linear``) when the loss runs through it fused
+    (``clmtune.train.fusedhead``): the model then returns the supervised hidden states, not logits."""
+    packed: object = None
+    """bf16: the head's oneDNN-packed blocks (``clmtune.train.fusedhead.PackedHead``) the fused loss reads."""
 
 
 def head_positions(labels: torch.Tensor, mode: str, n_virtual: int = 0) -> torch.Tensor | int:

@@ -1,6 +1,7 @@
 """bf16 training on CPU and GPU: whether this machine has fast bf16 matmuls, and storing frozen matmul weights
 in bf16 so autocast does not re-cast them at every forward. On a CPU also (adapter training): the frozen LM head's
-bf16 copy column-major (a faster input gradient) and transformers' multi-op tanh-GELUs as one op. Everything is
+bf16 copy column-major (a faster input gradient) where the loss is not fused with the head (``fusedhead``, which
+packs the head itself), and transformers' multi-op tanh-GELUs as one op. Everything is
 put back after training (``restore_weights``, ``restore_modules``)."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def bf16_unsupported_reason() -> str | None:
     return None
 
 
-def frozen_matmul_weights_to_bf16(model, column_major_head: bool = False
+def frozen_matmul_weights_to_bf16(model, column_major_head: bool = False, keep: tuple = ()
                                   ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """Store the frozen Linear/Conv1D weights in bf16 for bf16 autocast; returns (parameter, fp32 data) pairs
     to put back with ``restore_weights``.
@@ -40,8 +41,9 @@ def frozen_matmul_weights_to_bf16(model, column_major_head: bool = False
 
     ``column_major_head`` (bf16 training on a CPU): the frozen LM head's bf16 copy is laid out column-major
     (``column_major_bf16``), which makes its input gradient ~1.7x faster at no extra memory (see there).
+    ``keep``: weights left as they are (the frozen head when the fused loss reads its own packed copy of it).
     """
-    swapped, seen = [], set()
+    swapped, seen = [], {id(w) for w in keep}
     head = output_head_weight(model) if column_major_head else None
     for module in model.modules():
         if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
