@@ -14,7 +14,7 @@ from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 import clmtune.train.fusedhead as fh
 from clmtune.config import ModelConfig
 from clmtune.data import IGNORE_INDEX
-from clmtune.evaluate.headscore import head_returns_hidden
+from clmtune.models.head import head_returns_hidden
 from clmtune.models import load_model
 from clmtune.train import bf16_unsupported_reason, causal_lm_loss, head_positions, train
 from clmtune.train.loss import supervised_targets

@@ -20,10 +20,10 @@ anything else is scored through its own forward.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
+
+from clmtune.models.head import head_returns_hidden  # noqa: F401 - re-exported: rank's callers enter it
 
 BLOCK_BYTES = 4 << 20
 """Size of one block of fp32 logits (rows x vocabulary block): small enough to stay in the caches and be reused by
@@ -40,20 +40,6 @@ def linear_head(model):
     if type(head) is torch.nn.Linear or isinstance(head, PackedLinear):
         return head, head.weight, head.bias
     return None
-
-
-@contextlib.contextmanager
-def head_returns_hidden(head):
-    """The head returns its input (the final hidden states) instead of logits, for the ``with`` block; ``head``
-    None: nothing changes (the model returns logits)."""
-    if head is None:
-        yield
-        return
-    head.forward = lambda x: x
-    try:
-        yield
-    finally:
-        del head.forward
 
 
 @torch.no_grad()

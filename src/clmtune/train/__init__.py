@@ -50,7 +50,7 @@ from clmtune.run import RunDir
 from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_state, _trainable_state,
                                        list_checkpoints, load_checkpoint, load_weights, prepare_output_dir,
                                        resolve_resume, save_checkpoint)
-from clmtune.evaluate.headscore import head_returns_hidden
+from clmtune.models.head import head_returns_hidden
 from clmtune.train.fusedhead import (PackedHead, frozen_head_loss, fused_head_bytes, fused_head_module,
                                      fused_head_reason)
 from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_positions, head_trim_support, logits_to_keep,
