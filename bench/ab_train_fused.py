@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precisions", default="bf16,fp32")
     args = ap.parse_args()
-    import torch
 
     import bench_train as bt
     import clmtune.train as tr
@@ -43,12 +41,7 @@ def main() -> None:
     from clmtune.config import from_dict
     from clmtune.device import cpu_matrix_features
 
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix=f"ab_fused_{args.model}_"))
-    bt.build_model(args.model, work / "model")
-    cfg_dict = bt.task_config(args.model, work / "model", 32, work)
-    _, _, enc, feats = bt.features(cfg_dict, "longest")
-    tr.check_tokenizer_fits = lambda *a, **k: None  # the BLOOM bench model's deliberate vocabulary (bench_train)
+    work, cfg_dict, enc, feats = bt.ab_setup(args.model, "ab_fused", args.threads)
     to_bf16, fit, packed_head = tr.frozen_matmul_weights_to_bf16, tr.TrainRecipe.fit, tr.PackedHead
     prep, fit_cpu, modes = [], [], []
 

@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,20 +33,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    import torch
 
     import bench_train as bt
     import clmtune.train as tr
     from clmtune.config import from_dict
     from clmtune.device import cpu_matrix_features
 
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix=f"ab_head_{args.model}_"))
-    bt.build_model(args.model, work / "model")
-    cfg_dict = bt.task_config(args.model, work / "model", 32, work)
-    cfg_dict["train"]["precision"] = "bf16"
-    _, _, enc, feats = bt.features(cfg_dict, "longest")
-    tr.check_tokenizer_fits = lambda *a, **k: None  # the BLOOM bench model's deliberate vocabulary (bench_train)
+    work, cfg_dict, enc, feats = bt.ab_setup(args.model, "ab_head", args.threads, "bf16")
     to_bf16, fit, gelu = tr.frozen_matmul_weights_to_bf16, tr.TrainRecipe.fit, tr.one_op_tanh_gelu
     prep, fit_cpu = [], []
     variants = {"row_major": (False, False), "column_major": (True, False), "column_gelu": (True, True)}

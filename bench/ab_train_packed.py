@@ -12,8 +12,10 @@ Writes bench/results/ab_train_packed.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -40,6 +42,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="ab_bloom_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
     bt.build_model("bloom", work / "model")
     cfg_dict = bt.task_config("bloom", work / "model", 50, work)
     cfg_dict["train"]["precision"] = "bf16"

@@ -24,9 +24,11 @@ Writes bench/results/chat_gpt2zh.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,6 +176,7 @@ def main() -> None:
         return child(args.child[0], args.child[1], args.epochs)
     os.environ["BENCH_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_chat_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
     data = work / "train.jsonl"
     convs = train_conversations()
     data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -410,6 +412,7 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     for model in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"bench_memory_{model}_"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
         model_dir = work / "model"
         print(f"[{model}] building the model (random weights) ...", flush=True)
         build_model(model, model_dir)

@@ -21,9 +21,11 @@ Writes bench/results/train_<model>.json and prints a table with ratios against `
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,13 @@ LOSS_TOL = 0.02
 
 # ---------------------------------------------------------------------------------------------------------------
 # model folders (random weights, real tokenizers)
+
+
+def _scratch() -> str:
+    """A temporary folder removed when the process exits."""
+    path = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def build_model(name: str, folder: Path) -> None:
@@ -99,6 +108,26 @@ def features(cfg_dict: dict, padding: str):
 
 # ---------------------------------------------------------------------------------------------------------------
 # one configuration (child process)
+
+
+def ab_setup(model: str, prefix: str, threads: int, precision: str | None = None):
+    """The shared start of the A/B scripts (ab_train_*.py): one thread count, the bench model built in a temporary
+    folder, its task config (32 rows) and features; the BLOOM bench model's deliberately cut vocabulary passes the
+    tokenizer check. Returns (work folder, config dict, encoder, features)."""
+    import torch
+
+    import clmtune.train as tr
+
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}_{model}_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
+    build_model(model, work / "model")
+    cfg_dict = task_config(model, work / "model", 32, work)
+    if precision:
+        cfg_dict["train"]["precision"] = precision
+    _, _, enc, feats = features(cfg_dict, "longest")
+    tr.check_tokenizer_fits = lambda *a, **k: None
+    return work, cfg_dict, enc, feats
 
 
 def train_set_loss(model, feats, pad_id: int) -> float:
@@ -176,7 +205,7 @@ def run_trainer(cfg_dict: dict) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, num_train_epochs=1,
+    args = TrainingArguments(output_dir=_scratch(), per_device_train_batch_size=8, num_train_epochs=1,
                              learning_rate=3e-3, lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
                              report_to=[], train_sampling_strategy="group_by_length", use_cpu=True,
                              disable_tqdm=True, dataloader_num_workers=0, seed=42)
@@ -454,6 +483,7 @@ def main() -> None:
                               "ChnSentiCorp reviews as 好评/差评 classification (max_length 256)"}
     for model in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"bench_{model}_"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
         model_dir = work / "model"
         build_model(model, model_dir)
         check_memory(model, model_dir)

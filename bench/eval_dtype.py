@@ -17,9 +17,11 @@ Writes bench/results/eval_dtype_gpt2zh.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="eval_dtype_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
     os.environ.setdefault("CLMTUNE_HOME", str(work / "home"))
     cfg = load_config(REPO / "configs/chnsenticorp_classify.yaml",
                       {"data": {"max_train_rows": args.train_rows}, "train": {"output_dir": str(work / "run")}})

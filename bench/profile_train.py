@@ -11,8 +11,10 @@ everything else; writes bench/results/profile_train_<precision>.json. The profil
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +43,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="profile_bloom_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
     bt.build_model("bloom", work / "model")
     cfg_dict = bt.task_config("bloom", work / "model", 50, work)
     cfg_dict["train"]["precision"] = args.precision

@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
+from tinyrun import crash_training_at, one_thread, tiny_cfg  # noqa: F401  (fixture)
 
-import clmtune.train as train_mod
 from clmtune.errors import ClmtuneError
 from clmtune.train import list_checkpoints, resolve_resume, train
 
@@ -32,24 +31,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, one_thread,
     full = train(_cfg(tmp_path, "straight", method), progress=False)
     assert [p.name for p in list_checkpoints(full.output_dir)] == ["step-000004", "step-000006"]  # keep last 2
 
-    calls = {"n": 0}
-    real = {name: getattr(train_mod, name) for name in ("causal_lm_loss", "frozen_head_loss")}  # either path
-
-    def crash_on_fifth_batch(name):
-        def loss(*args, **kw):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise RuntimeError("simulated crash")
-            return real[name](*args, **kw)
-        return loss
-
     cfg = _cfg(tmp_path, "crashed", method)
-    for name in real:
-        monkeypatch.setattr(train_mod, name, crash_on_fifth_batch(name))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, progress=False)
-    for name, fn in real.items():
-        monkeypatch.setattr(train_mod, name, fn)
+    crash_training_at(monkeypatch, 5, cfg, train)
     out = full.output_dir.parent / "crashed"
     assert not (out / "adapter").exists() and not (out / "model").exists()
     assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]

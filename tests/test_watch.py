@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_report import LABELS, _chinese_csv
+from tinyrun import crash_training_at
 
-import clmtune.train as train_mod
 from clmtune.config import load_config
 from clmtune.errors import ClmtuneError, ConfigError
 from clmtune.train import train
@@ -105,24 +105,8 @@ def test_resume_with_eval_and_save_best_matches_uninterrupted(tmp_path, one_thre
     kw = dict(eval_steps=2, save_best=best, save_steps=3, save_total_limit=2)
     straight = train(_cfg(tmp_path, "straight", **kw), progress=False)
 
-    calls = {"n": 0}
-    real = {name: getattr(train_mod, name) for name in ("causal_lm_loss", "frozen_head_loss")}  # either path
-
-    def crash_on_eighth_batch(name):
-        def loss(*args, **k):
-            calls["n"] += 1
-            if calls["n"] == 8:
-                raise RuntimeError("simulated crash")
-            return real[name](*args, **k)
-        return loss
-
     cfg = _cfg(tmp_path, "crashed", **kw)
-    for name in real:
-        monkeypatch.setattr(train_mod, name, crash_on_eighth_batch(name))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, progress=False)
-    for name, fn in real.items():
-        monkeypatch.setattr(train_mod, name, fn)
+    crash_training_at(monkeypatch, 8, cfg, train)
     resumed = train(cfg, progress=False, resume="latest")
     assert resumed.resumed_from.name == "step-000006"
     a, b = _adapter(straight.output_dir), _adapter(resumed.output_dir)

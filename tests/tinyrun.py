@@ -46,3 +46,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def crash_training_at(monkeypatch, batch: int, cfg, train) -> None:
+    """Run ``train(cfg)`` with a crash in its ``batch``-th loss computation (whichever loss path the run takes:
+    ``causal_lm_loss`` or the fused ``frozen_head_loss``), then put the real loss functions back."""
+    import clmtune.train as train_mod
+
+    calls = {"n": 0}
+    real = {name: getattr(train_mod, name) for name in ("causal_lm_loss", "frozen_head_loss")}
+
+    def crashing(name):
+        def loss(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == batch:
+                raise RuntimeError("simulated crash")
+            return real[name](*args, **kw)
+        return loss
+
+    for name in real:
+        monkeypatch.setattr(train_mod, name, crashing(name))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, progress=False)
+    for name, fn in real.items():
+        monkeypatch.setattr(train_mod, name, fn)
