@@ -14,7 +14,6 @@ train(), outside the loop) and the train-set loss after the epoch. Writes bench/
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,14 +27,11 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="bloom", choices=["bloom", "gpt2zh"])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    import bench_train as bt
+
+    ap = bt.ab_args(__doc__)
     ap.add_argument("--precisions", default="bf16,fp32")
     args = ap.parse_args()
-
-    import bench_train as bt
     import clmtune.train as tr
     import clmtune.train.fusedhead as fh
     from clmtune.config import from_dict

@@ -14,7 +14,6 @@ and the train-set loss after the epoch. Writes bench/results/ab_train_head_<mode
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,24 +27,22 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="bloom", choices=["bloom", "gpt2zh"])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-
     import bench_train as bt
+
+    args = bt.ab_args(__doc__).parse_args()
     import clmtune.train as tr
     from clmtune.config import from_dict
     from clmtune.device import cpu_matrix_features
 
     work, cfg_dict, enc, feats = bt.ab_setup(args.model, "ab_head", args.threads, "bf16")
+    # round three's layouts of the logits path (still the bf16 path wherever the fused loss does not apply)
+    tr.fused_head_reason = lambda *a, **k: "bench/ab_train_head.py measures the logits path"
     to_bf16, fit, gelu = tr.frozen_matmul_weights_to_bf16, tr.TrainRecipe.fit, tr.one_op_tanh_gelu
     prep, fit_cpu = [], []
     variants = {"row_major": (False, False), "column_major": (True, False), "column_gelu": (True, True)}
 
     def run(column_major: bool, one_op_gelu: bool) -> dict:
-        def timed_to_bf16(model, _column_major_head=False):
+        def timed_to_bf16(model, _column_major_head=False, keep=()):
             t = time.process_time()
             out = to_bf16(model, column_major)
             prep.append(time.process_time() - t)

@@ -110,6 +110,15 @@ def features(cfg_dict: dict, padding: str):
 # one configuration (child process)
 
 
+def ab_args(doc: str | None) -> argparse.ArgumentParser:
+    """The A/B scripts' common options: which bench model, how many alternating repeats, torch threads."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--model", default="bloom", choices=["bloom", "gpt2zh"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
 def ab_setup(model: str, prefix: str, threads: int, precision: str | None = None):
     """The shared start of the A/B scripts (ab_train_*.py): one thread count, the bench model built in a temporary
     folder, its task config (32 rows) and features; the BLOOM bench model's deliberately cut vocabulary passes the
