@@ -119,32 +119,48 @@ class PackedHead:
             return False
 
 
+def _online_cross_entropy(h: torch.Tensor, blocks, target_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The online softmax over vocabulary blocks that both paths share (see the module docstring).
+
+    h (N, d) in the products' dtype; ``blocks`` yields, block after block, its logits z = h @ W_b^T (N, b) and a
+    function that adds e @ W_b to the (N, d) fp32 accumulator (e: the block's (N, b) fp32 exponentials);
+    target_rows (N, d) fp32: W[target] as the products saw it. Returns (the summed loss, its fp32 gradient for h).
+    """
+    n, d = h.shape
+    run_max = torch.full((n,), float("-inf"), device=h.device)  # (N,)
+    run_sum = torch.zeros(n, device=h.device)  # (N,) sum of exp(z - run_max)
+    acc = torch.zeros(n, d, device=h.device)  # (N, d) sum of exp(z - run_max) * W[v]
+    for k, (z, add_product) in enumerate(blocks):
+        block_max = z.amax(1).float()
+        # rescale only when some row's maximum grows (after the first blocks: rarely), a few ops fewer per block
+        if k == 0 or bool((block_max > run_max).any()):
+            new_max = torch.maximum(run_max, block_max)
+            rescale = torch.exp(run_max - new_max)  # (N,); 0 at the first block (exp(-inf))
+            run_sum.mul_(rescale)
+            acc.mul_(rescale[:, None])
+            run_max = new_max
+        e = torch.sub(z, run_max[:, None]).exp_()  # (N, b) fp32 (bf16 - fp32 promotes)
+        run_sum.add_(e.sum(1))
+        add_product(acc, e)
+    loss = (run_max + run_sum.log() - (h.float() * target_rows).sum(1)).sum()
+    return loss, acc.div_(run_sum[:, None]).sub_(target_rows)
+
+
 @torch.no_grad()
 def packed_ce_forward(hidden: torch.Tensor, head: PackedHead, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fused_ce_forward`` on a ``PackedHead``: bf16 products on the packed blocks, softmax statistics in fp32."""
     from clmtune.packed import packed_matmul
 
-    n, d = hidden.shape
     h = hidden.to(torch.bfloat16)
-    run_max = torch.full((n,), float("-inf"), device=hidden.device)
-    run_sum = torch.zeros(n, device=hidden.device)
-    acc = torch.zeros(n, d, device=hidden.device)
-    for k, (fwd, bwd) in enumerate(zip(head.forward_blocks, head.backward_blocks)):
-        z = packed_matmul(h, fwd, None)  # (N, b) bf16
-        block_max = z.amax(1).float()
-        if k == 0 or bool((block_max > run_max).any()):
-            new_max = torch.maximum(run_max, block_max)
-            rescale = torch.exp(run_max - new_max)
-            run_sum.mul_(rescale)
-            acc.mul_(rescale[:, None])
-            run_max = new_max
-        e = torch.sub(z, run_max[:, None]).exp_()
-        run_sum.add_(e.sum(1))
-        acc.add_(packed_matmul(e.to(torch.bfloat16), bwd, None))
+
+    def blocks():
+        for fwd, bwd in zip(head.forward_blocks, head.backward_blocks):
+            yield (packed_matmul(h, fwd, None),  # (N, b) bf16
+                   lambda acc, e, bwd=bwd: acc.add_(packed_matmul(e.to(torch.bfloat16), bwd, None)))
+
     target_rows = head.weight[targets].to(torch.bfloat16).float()  # the bf16 values the products used
-    loss = (run_max + run_sum.log() - (h.float() * target_rows).sum(1)).sum()
-    grad = acc.div_(run_sum[:, None]).sub_(target_rows)
+    loss, grad = _online_cross_entropy(h, blocks(), target_rows)
     return loss, grad.to(hidden.dtype)
 
 
@@ -159,30 +175,18 @@ def fused_ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     n, d = hidden.shape
     vocab = weight.shape[0]
     h = hidden.to(weight.dtype)
-    run_max = torch.full((n,), float("-inf"), device=hidden.device)  # (N,)
-    run_sum = torch.zeros(n, device=hidden.device)  # (N,) sum of exp(z - run_max)
-    acc = torch.zeros(n, d, device=hidden.device)  # (N, d) sum of exp(z - run_max) * W[v]
     block = block_rows(n, vocab, d, weight.element_size())
-    for v0 in range(0, vocab, block):
-        w = weight[v0:v0 + block]  # (b, d), a view
-        z = torch.mm(h, w.t())  # (N, b) in the compute dtype, as today's logits
-        block_max = z.amax(1).float()
-        # rescale only when some row's maximum grows (after the first blocks: rarely), a few ops fewer per block
-        if v0 == 0 or bool((block_max > run_max).any()):
-            new_max = torch.maximum(run_max, block_max)
-            rescale = torch.exp(run_max - new_max)  # (N,); 0 at the first block (exp(-inf))
-            run_sum.mul_(rescale)
-            acc.mul_(rescale[:, None])
-            run_max = new_max
-        e = torch.sub(z, run_max[:, None]).exp_()  # (N, b) fp32 (bf16 - fp32 promotes)
-        run_sum.add_(e.sum(1))
-        if weight.dtype == torch.float32:
-            acc.addmm_(e, w)
-        else:
-            acc.add_(torch.mm(e.to(weight.dtype), w))
-    target_rows = weight[targets].float()  # (N, d)
-    loss = (run_max + run_sum.log() - (h.float() * target_rows).sum(1)).sum()
-    grad = acc.div_(run_sum[:, None]).sub_(target_rows)
+
+    def blocks():
+        for v0 in range(0, vocab, block):
+            w = weight[v0:v0 + block]  # (b, d), a view
+            z = torch.mm(h, w.t())  # (N, b) in the compute dtype, as today's logits
+            if weight.dtype == torch.float32:
+                yield z, lambda acc, e, w=w: acc.addmm_(e, w)
+            else:
+                yield z, lambda acc, e, w=w: acc.add_(torch.mm(e.to(w.dtype), w))
+
+    loss, grad = _online_cross_entropy(h, blocks(), weight[targets].float())
     return loss, grad.to(hidden.dtype)
 
 
