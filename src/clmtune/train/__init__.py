@@ -216,10 +216,11 @@ class TrainRecipe:
         from transformers import get_linear_schedule_with_warmup
 
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
-        self.head_mode, why = (head_trim_support(self.model) if t_cfg.logits_on_labels_only
-                               else (None, "train.logits_on_labels_only is off"))
+        self.head_mode, self.head_reason = (head_trim_support(self.model) if t_cfg.logits_on_labels_only
+                                            else (None, "train.logits_on_labels_only is off"))
         self.fused_reason = fused_head_reason(self.model, self.accelerator.device, self.is_peft, self.head_mode,
                                               self.precision, t_cfg.deepspeed is not None)
+        self.fused_head = fused_head_module(self.model) if self.fused_reason is None else None
         self.packed_head = None
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
             # CPU: the frozen LM head column-major (faster input gradient, same memory), or, when the fused loss
@@ -228,7 +229,7 @@ class TrainRecipe:
             # The other frozen weights are not packed (clmtune.packed.pack_frozen_linears: 2.4x the CPU time of
             # an epoch in bench/ab_train_packed.py).
             cpu = self.accelerator.device.type == "cpu"
-            head = fused_head_module(self.model) if self.fused_reason is None else None
+            head = self.fused_head
             pack = head is not None and head.weight.dtype == torch.float32  # a bf16 base's head: fused, unpacked
             self.swapped = frozen_matmul_weights_to_bf16(self.model, cpu and head is None,
                                                          keep=(head.weight,) if pack else ())
@@ -281,12 +282,11 @@ class TrainRecipe:
         if self.cfg.train.logits_on_labels_only:
             mode = self.head_mode
             if mode is None:
-                log.info("LM head on every position (full logits): %s", head_trim_support(self.model)[1])
+                log.info("LM head on every position (full logits): %s", self.head_reason)
             elif mode == "last":
                 log.info("LM head on the last labelled positions of each batch (this model's forward takes an "
                          "integer logits_to_keep only)")
-            fused = fused_head_module(self.model) if self.fused_reason is None else None
-            self.head = HeadMode(mode, virtual_tokens(self.model), fused, self.packed_head)
+            self.head = HeadMode(mode, virtual_tokens(self.model), self.fused_head, self.packed_head)
         log.info("LM head and loss: %s", "fused, one pass over the frozen head per step" if self.head.fused
                  is not None else f"logits, then cross-entropy ({self.fused_reason})")
         self.estimate = estimate_run(unwrap(self.model), [len(f["input_ids"]) for f in self.features],
