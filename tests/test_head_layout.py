@@ -118,3 +118,21 @@ def test_one_op_tanh_gelu_computes_the_same_function(name, act, one_thread):
     assert [m for m in model.modules() if type(m).__name__ == act] == originals
     loss_back, _ = loss_and_grads(model, ids)
     assert torch.equal(loss_back, loss_ref)
+
+
+@pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="no native bf16 on this CPU")
+def test_bf16_lora_training_runs_tanh_gelu_as_one_op(tmp_path, monkeypatch, one_thread):
+    """The recipe swaps GPT-2's multi-op GELU for one op while it trains (the fused head loss's first version
+    dropped that call unnoticed: every other test passed) and puts the original modules back afterwards."""
+    seen = []
+
+    def recording(model):
+        swaps = train_mod.precision.one_op_tanh_gelu(model)
+        seen.append(len(swaps))
+        return swaps
+
+    monkeypatch.setattr(train_mod, "one_op_tanh_gelu", recording)
+    result = train(tiny_cfg(tmp_path, model="builtin:tiny-gpt2", epochs=1, precision="bf16"), progress=False)
+    assert seen and seen[0] >= 2  # one swap per layer's activation
+    assert not any(isinstance(m, TanhGELU) for m in result.model.modules())
+    assert any(type(m).__name__ == "NewGELUActivation" for m in result.model.modules())

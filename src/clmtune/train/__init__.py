@@ -234,6 +234,7 @@ class TrainRecipe:
             self.swapped = frozen_matmul_weights_to_bf16(self.model, cpu and head is None,
                                                          keep=(head.weight,) if pack else ())
             self.packed_head = PackedHead(head.weight) if pack else None
+            self.activations = one_op_tanh_gelu(self.model) if cpu else []
         lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
