@@ -103,9 +103,12 @@ class Watch:
             from clmtune.tasks import get_task
 
             if get_task(r.cfg.data.task).evaluation == "labels":
-                from clmtune.data import load_task
+                examples = r.data.examples
+                if examples is None:  # splits read from a data.prepared folder hold token ids, not the rows
+                    from clmtune.data import load_task
 
-                self.examples = [e for e in load_task(r.cfg.data).eval if e.label is not None][:n]
+                    examples = load_task(r.cfg.data)
+                self.examples = [e for e in examples.eval if e.label is not None][:n]
         if resumed_state and "watch" in resumed_state:
             w = resumed_state["watch"]
             if self.keeper is not None and w.get("keeper"):
