@@ -35,7 +35,6 @@ KNOWN = {
     # in-training evaluation and the server score with the evaluate stage's kernels (move them to a foundation)
     "stage->stage: clmtune.train.watch -> clmtune.evaluate.metrics",
     "stage->stage: clmtune.train.watch -> clmtune.evaluate.predict",
-    "stage->stage: clmtune.train.watch -> clmtune.report.curves",
     "stage->stage: clmtune.serve.engine -> clmtune.evaluate.scoring",
 }
 

@@ -18,12 +18,12 @@ from typing import Sequence
 import torch
 
 from clmtune.chat_templates import reply_stops
+from clmtune.decoding import finish_text
 from clmtune.evaluate.scoring import batches, by_length
 from clmtune.models import context_length, model_device
 from clmtune.run import PREDICTIONS_CSV, PREDICTIONS_JSONL, write_csv_atomic, write_text_atomic
 from clmtune.tasks.encoding import collate, cut_prompt, leading_special_ids, token_ids
 from clmtune.tasks.examples import Example, drop_oldest_turns
-from clmtune.text import clean_text
 from clmtune.textmetrics import score_texts
 
 
@@ -45,12 +45,6 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], room: int | None)
                                                                   return_dict=True)["input_ids"]), len, room)
     body = len(messages) - (messages[0]["role"] == "system")
     return (ids[-room:] if room is not None and len(ids) > room else ids), (body - 1) // 2 - dropped
-
-
-def _finish(text: str, stops: Sequence[str]) -> str:
-    text = clean_text(text)
-    cut = [text.find(s) for s in stops if s in text]
-    return text[:min(cut)].rstrip() if cut else text
 
 
 @torch.no_grad()
@@ -75,7 +69,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
                              generation_config=gen_cfg, **kwargs)
         for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new_tokens) new tokens
             cut = [row.index(e) for e in eos if e in row]
-            outputs[i] = _finish(tokenizer.decode(row[:min(cut)] if cut else row, skip_special_tokens=True), stops)
+            outputs[i] = finish_text(tokenizer.decode(row[:min(cut)] if cut else row, skip_special_tokens=True), stops)
     return outputs
 
 

@@ -207,9 +207,9 @@ class Watch:
 
 
 def write_loss_png(run: RunDir, best_step: int | None = None) -> Path | None:
-    """``RUN/loss.png`` from ``train_log.jsonl`` (curves of the report stage's plotting module); a picture that
+    """``RUN/loss.png`` from ``train_log.jsonl`` (``clmtune.curves``); a picture that
     cannot be drawn is logged, never fatal: the trained weights are already saved."""
-    from clmtune.report.curves import plot_loss
+    from clmtune.curves import plot_loss
 
     records = [json.loads(ln) for ln in run.log_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
     try:
