@@ -139,7 +139,7 @@ def test_fused_path_is_refused_where_it_would_be_wrong():
                     lora_model("tiny-opt", modules_to_save=["lm_head"])):  # a trainable copy of the head
         assert "the output head is a" in fh.fused_head_reason(wrapped, cpu, True, "mask", "fp32")
     saved = fh.FUSED_PRECISIONS
-    fh.FUSED_PRECISIONS = frozenset({"fp32"})  # how bench/ab_train_fused.py switches a precision off
+    fh.FUSED_PRECISIONS = frozenset({"fp32"})  # as bench/bench_train.py turns it off (_logits configs)
     try:
         assert "bf16 training" in fh.fused_head_reason(model, cpu, True, "mask", "bf16")
         assert fh.fused_head_reason(model, cpu, True, "mask", "fp32") is None

@@ -19,7 +19,7 @@ with every label (one plain forward per row and label), and the label is chosen 
 - ``generate``: clmtune's greedy decoding (``clmtune eval --method generate``), invalid outputs mapped to the
   nearest label, and the raw accuracy.
 
-Prints a table and writes ``bench/results/rank_vs_generate.json`` (accuracy, macro-F1, how often each label is
+Prints a table and writes ``bench/results/rank_vs_generate_cpu.json`` (accuracy, macro-F1, how often each label is
 predicted vs its share of the gold labels).
 """
 
@@ -111,7 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/rank_vs_generate")
     ap.add_argument("--steps", type=int, nargs="+", default=[60, 300], help="LoRA training budgets (16 rows/step)")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "rank_vs_generate.json"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "rank_vs_generate_cpu.json"))
     args = ap.parse_args()
 
     import torch
