@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from bf16lora import lora_model
 from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 
@@ -20,11 +21,16 @@ from clmtune.train import bf16_unsupported_reason, causal_lm_loss, head_position
 from clmtune.train.loss import supervised_targets
 
 
+def reference_loss(hidden, weight, targets):
+    """The library path for the same rows (logits, fp32 cross-entropy, summed): what the fused loss must equal."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
 def reference(h, w, t, bf16: bool):
-    """Today's path: (summed loss, gradient for h)."""
+    """The library path: (summed loss, gradient for h)."""
     h = h.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = fh.reference_loss(h, w, t)
+        loss = reference_loss(h, w, t)
     loss.backward()
     return loss.detach(), h.grad
 
