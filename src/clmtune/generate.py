@@ -203,6 +203,11 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerateConfig,
             for p, o, x, c in zip(prompts, outputs, ids, cut)]
 
 
+def generate_texts(model, tokenizer, prompts: list[str], settings: GenerateConfig) -> list[list[str]]:
+    """For each prompt, its ``num_return_sequences`` continuations."""
+    return [g.outputs for g in generate(model, tokenizer, prompts, settings)]
+
+
 class CleanStreamer:
     """A ``generate`` streamer that writes the continuation of one prompt as it is produced, cleaned exactly like
     the final text (so the streamed text equals what ``generate`` returns).
