@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from chatrun import chat_cfg, chat_run  # noqa: F401  (fixture)
+from chatrun import chat_cfg
 from safetensors.torch import load_file
 
 import clmtune.train as train_mod
@@ -17,6 +17,7 @@ from clmtune.run import RunDir
 from clmtune.train import list_checkpoints, train
 
 
+@pytest.mark.slow
 def test_chat_run_learns_saves_template_and_is_evaluated(chat_run):
     run, _ = chat_run
     rd = RunDir(run)
@@ -88,7 +89,9 @@ def test_evaluating_a_chat_run_reads_and_tokenizes_only_what_it_scores(chat_run,
     import clmtune.evaluate.report as report_mod
     from clmtune.tasks.chat import ChatTask
 
-    run, _ = chat_run
+    import shutil
+
+    run = shutil.copytree(chat_run[0], tmp_path / "run")  # the session's run stays as other tests expect it
     encoded, reads, writes = [], [], []
     encode, read, write = ChatTask.encode, sources_mod.read_records, report_mod.write_json_atomic
     monkeypatch.setattr(ChatTask, "encode", lambda self, batch, *a, **k:
