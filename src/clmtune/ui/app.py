@@ -476,12 +476,18 @@ def create_app(workspace: str | Path, token: str | None = None, upload_limit: in
         paths = await run_in_threadpool(find_runs, ws)
         listed = [run_info(p) for p in paths]
         known = {r["run"] for r in listed}
-        for j in jobs.list():  # queued runs have no folder yet
-            if j.run and j.run not in known and j.status in ACTIVE:
-                known.add(j.run)
-                listed.append({"run": j.run, "name": Path(j.run).name, "status": "queued" if j.status == "queued"
-                               else "running", "job": j.id, "queue_position": jobs.position(j), "error": None,
-                               "modified": j.created, "progress": progress_of(jobs.log_path(j.id))})
+        for j in reversed(jobs.list()):  # runs the page started that have no run folder (yet): queued, failed early
+            if not j.run or j.run in known or j.kind not in ("train", "resume"):
+                continue
+            known.add(j.run)
+            path = ws.resolve(j.run)
+            if RunDir(path).config_file.is_file():
+                listed.append(run_info(path))
+            elif j.status in ACTIVE or j.status == "failed":
+                listed.append({"run": j.run, "name": Path(j.run).name, "job": j.id, "modified": j.created,
+                               "status": {"queued": "queued", "failed": "failed"}.get(j.status, "running"),
+                               "error": j.error, "queue_position": jobs.position(j) if j.status in ACTIVE else None,
+                               "progress": progress_of(jobs.log_path(j.id)), "checkpoints": False})
         return {"runs": sorted(listed, key=lambda r: -r["modified"])}
 
     @app.get("/api/run")
