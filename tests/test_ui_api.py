@@ -284,3 +284,35 @@ def test_a_run_folder_written_by_the_cli_is_listed_as_finished(client, ws):
         [("elsewhere/cli_run", "finished", 7, 0.75)]
     text = client.get("/api/run/config", params={"run": "elsewhere/cli_run", "download": True}, headers=H)
     assert text.text.startswith("data:") and "attachment" in text.headers["content-disposition"]
+
+
+@pytest.mark.slow
+def test_ui_train_stop_resume(tmp_path, one_thread):
+    """The real `clmtune train` child: Stop (SIGINT) leaves a checkpoint of the step it was in, the run shows as
+    interrupted, Resume finishes it with all its steps."""
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "reviews.csv").write_text(CSV * 3, encoding="utf-8")
+    app = create_app(ws, token=TOKEN, stop_grace_s=60)
+    with TestClient(app) as client:
+        job = start(client, "real", model="builtin:tiny-opt", max_steps=120, batch_size=2, template="{review} => ")
+        deadline = time.monotonic() + 240
+        while len(client.get("/api/run", params={"run": "runs/real"}, headers=H).json().get("log", [])) < 3 \
+                if (ws / "runs" / "real" / "config.yaml").is_file() else True:
+            assert time.monotonic() < deadline and client.app.state.jobs.get(job["id"]).status in ("queued", "running"), \
+                client.get(f"/api/jobs/{job['id']}/log", headers=H).text[-2000:]
+            time.sleep(0.2)
+        client.post(f"/api/jobs/{job['id']}/stop", headers=H)
+        done = client.app.state.jobs.wait(job["id"], 120)
+        assert done.status == "stopped" and done.returncode == 130
+        run = client.get("/api/run", params={"run": "runs/real"}, headers=H).json()
+        assert run["status"] == "interrupted" and run["checkpoints"]
+        stopped_at = run["log"][-1]["step"]
+        assert 3 <= stopped_at < 120
+        assert (ws / "runs" / "real" / "checkpoints" / f"step-{stopped_at:06d}").is_dir()  # the step it was in
+        r = client.post("/api/resume", json={"run": "runs/real"}, headers=H)
+        assert r.status_code == 200 and r.json()["command"] == "clmtune train --config runs/real/config.yaml --resume"
+        assert client.app.state.jobs.wait(r.json()["id"], 300).status == "finished"
+        run = client.get("/api/run", params={"run": "runs/real"}, headers=H).json()
+        assert run["status"] == "finished" and run["steps"] == 120
+        assert [x["step"] for x in run["log"] if "loss" in x] == list(range(1, 121))
