@@ -28,6 +28,7 @@ CSV = "review,label\n" + "".join(f"房间干净，服务热情{i},好评\n设施
 FAKE = '''
 import json, os, signal, sys, time
 args = sys.argv[3:]  # python FAKE -m clmtune ARGS...
+open("commands.txt", "a").write(" ".join(args) + "\\n")
 if args[0] == "train":
     cfg = args[args.index("--config") + 1]
     import yaml
@@ -181,7 +182,9 @@ def test_settings_become_the_yaml_that_clmtune_train_reads(client, ws):
 
 def test_bad_settings_get_one_line_naming_the_value(client):
     r = client.post("/api/config", json=settings(method="lorra"), headers=H)
-    assert r.status_code == 422 and "method" in r.json()["error"]
+    assert r.status_code == 400 and "peft.method" in r.json()["error"] and "lorra" in r.json()["error"]
+    r = client.post("/api/config", json=settings(task="clasify"), headers=H)
+    assert r.status_code == 400 and "clasify" in r.json()["error"]
     r = client.post("/api/config", json=settings(epochs=0), headers=H)
     assert r.status_code == 422 and "epochs" in r.json()["error"]
     r = client.post("/api/config", json={**settings(), "unknown": 1}, headers=H)
@@ -316,3 +319,73 @@ def test_ui_train_stop_resume(tmp_path, one_thread):
         run = client.get("/api/run", params={"run": "runs/real"}, headers=H).json()
         assert run["status"] == "finished" and run["steps"] == 120
         assert [x["step"] for x in run["log"] if "loss" in x] == list(range(1, 121))
+
+
+def finished_run(ws, name="done"):
+    run = ws / "runs" / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {task: classify}\n", encoding="utf-8")
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "train_summary.json").write_text(json.dumps({"steps": 2, "final_loss": 0.5}))
+    return run
+
+
+def test_eval_and_export_run_the_cli_commands_in_the_queue(client, ws):
+    finished_run(ws)
+    jobs = client.app.state.jobs
+    for body in ({"run": "runs/done"}, {"run": "runs/done", "data": "data/reviews.csv"}):
+        j = client.post("/api/eval", json=body, headers=H).json()
+        assert jobs.wait(j["id"], 30).status == "finished"
+    j = client.post("/api/export", json={"run": "runs/done", "merge": True}, headers=H).json()
+    assert j["to"] == "exports/done-merged" and jobs.wait(j["id"], 30).status == "finished"
+    assert (ws / "commands.txt").read_text().splitlines() == [
+        "eval --run runs/done --split eval", "eval --run runs/done --data data/reviews.csv",
+        "export --run runs/done --to exports/done-merged --overwrite --merge"]
+    assert client.post("/api/eval", json={"run": "runs/done", "data": "../x.csv"}, headers=H).status_code == 403
+    assert client.post("/api/eval", json={"run": "runs/done", "split": "train"}, headers=H).status_code == 422
+    assert client.post("/api/export", json={"run": "runs/nope"}, headers=H).status_code == 404
+
+
+def test_the_playground_needs_a_finished_run(client, ws):
+    assert client.post("/v1/classify", json={"input": "x"}, headers=H).status_code == 409  # none open yet
+    run = finished_run(ws, "half")
+    (run / "train_summary.json").unlink()
+    r = client.post("/api/playground", json={"run": "runs/half"}, headers=H)
+    assert r.status_code == 400 and "did not finish" in r.json()["error"]
+
+
+def test_clmtune_ui_prints_a_tokened_localhost_url_and_refuses_requests_without_it(tmp_path):
+    import re
+    import signal
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "clmtune", "ui", "--workspace", str(tmp_path / "w"), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "clmtune ui ended before printing its URL"
+            m = re.search(r"(http://127\.0\.0\.1:\d+/\?token=([\w-]+))", line)
+            url = m and m.group(1)
+        assert url is not None and len(url.rsplit("=", 1)[1]) >= 24
+        for _ in range(100):
+            try:
+                r = httpx.get(url, timeout=5)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert r.status_code == 200 and "clmtune ui" in r.text
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/api/files?token=guess", timeout=5).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert (tmp_path / "w" / ".clmtune-ui").is_dir()

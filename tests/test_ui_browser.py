@@ -161,10 +161,10 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
         text = compare.locator("body").inner_text()
         assert "zh-a" in text and "zh-b" in text
         page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
-        page.locator("#runs-section").scroll_into_view_if_needed()
-        page.screenshot(path=str(shots / "ui.png"))
+        page.evaluate("document.getElementById('train-section').scrollIntoView()")
+        page.screenshot(path=str(shots / "ui.png"))  # one window: the curve, the queue, both runs
         page.close()
     if os.environ.get("CLMTUNE_UI_SCREENSHOT"):  # refresh docs/images/ui.png: CLMTUNE_UI_SCREENSHOT=docs/images/ui.png
-        shutil.copy(shots / "ui-train.png", os.environ["CLMTUNE_UI_SCREENSHOT"])
-    for name in ("ui-data.png", "ui-train.png", "ui-playground.png", "ui-compare.png"):
+        shutil.copy(shots / "ui.png", os.environ["CLMTUNE_UI_SCREENSHOT"])
+    for name in ("ui-data.png", "ui-train.png", "ui-playground.png", "ui-compare.png", "ui.png"):
         assert (shots / name).stat().st_size > 20_000

@@ -358,8 +358,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.ui import serve_ui
 
-    if not 0 <= args.port < 65536:
-        raise ClmtuneError(f"--port {args.port} must be between 0 and 65535")
+    if not 0 < args.port < 65536:
+        raise ClmtuneError(f"--port {args.port} must be between 1 and 65535")
     if args.upload_limit_mb < 1:
         raise ClmtuneError(f"--upload-limit-mb {args.upload_limit_mb} must be at least 1")
     serve_ui(args.workspace, host=args.host, port=args.port, open_browser=args.open,

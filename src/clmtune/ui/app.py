@@ -59,7 +59,7 @@ class Settings(Strict):
     """The form: the keys a newcomer sets; everything else keeps clmtune's defaults (edit the YAML for more)."""
     name: str = Field(description="run name: the run folder is runs/<name>")
     source: str = Field(description="data file (workspace-relative) or builtin:...")
-    task: Literal["classify", "sft", "lm", "chat"] = "classify"
+    task: str = Field("classify", description="a registered task (clmtune.tasks); checked by clmtune's validation")
     template: str | None = None
     text_column: str | None = None
     label_column: str | None = None
@@ -70,7 +70,7 @@ class Settings(Strict):
     max_eval_rows: int | None = Field(None, ge=1)
     max_length: int | Literal["auto"] | None = "auto"
     model: str = "auto"
-    method: Literal["lora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full"] = "lora"
+    method: str = Field("lora", description="a peft method (config.PEFT_METHODS); checked by clmtune's validation")
     r: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1)
@@ -317,7 +317,9 @@ def create_app(workspace: str | Path, token: str | None = None, upload_limit: in
     async def info():
         from clmtune.models.builtin import BUILTIN_MODELS
 
-        return {"workspace": str(ws.root), "upload_limit": upload_limit, "tasks": ["classify", "sft", "lm", "chat"],
+        from clmtune.tasks import task_names
+
+        return {"workspace": str(ws.root), "upload_limit": upload_limit, "tasks": list(task_names()),
                 "methods": list(PEFT_METHODS), "learning_rates": DEFAULT_LEARNING_RATES,
                 "models": ["auto", "builtin:gpt2-zh-small", *[f"builtin:{m}" for m in BUILTIN_MODELS]],
                 "suffixes": list(DATA_SUFFIXES)}
