@@ -116,21 +116,21 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
         page.evaluate("""() => { window.pointsSeen = [];
             new MutationObserver(() => window.pointsSeen.push(+document.getElementById('chart').dataset.points))
               .observe(document.getElementById('chart'), {attributes: true, attributeFilter: ['data-points']}); }""")
-        start_run(page, "zh-a", "0.001")
-        page.wait_for_function("document.getElementById('current-run').textContent === 'runs/zh-a'")
+        start_run(page, "酒店-a", "0.001")
+        page.wait_for_function("document.getElementById('current-run').textContent === 'runs/酒店-a'")
         page.wait_for_selector("#status.status-finished", timeout=300_000)
         page.wait_for_function("+document.getElementById('chart').dataset.points === 5", timeout=30_000)
         seen = page.evaluate("window.pointsSeen")
         assert seen[-1] == 5 and sorted(seen) == seen and 0 in seen  # redrawn from empty up to all five steps
         assert page.locator("#chart path.loss").count() == 1
-        assert (ws / "configs" / "zh-a.yaml").is_file() and (ws / "runs" / "zh-a" / "train_summary.json").is_file()
-        wait_run(page, "zh-a", "finished", 60)
-        page.wait_for_function("""document.querySelector('#runs tr[data-run="runs/zh-a"] td.eval')
+        assert (ws / "configs" / "酒店-a.yaml").is_file() and (ws / "runs" / "酒店-a" / "train_summary.json").is_file()
+        wait_run(page, "酒店-a", "finished", 60)
+        page.wait_for_function("""document.querySelector('#runs tr[data-run="runs/酒店-a"] td.eval')
                                   .textContent.includes('acc')""", timeout=30_000)  # evaluated after training
         page.screenshot(path=str(shots / "ui-train.png"), full_page=True)
 
         # 5 try it: the playground of the finished run classifies a review
-        page.click('#runs tr[data-run="runs/zh-a"] button[data-act=play]')
+        page.click('#runs tr[data-run="runs/酒店-a"] button[data-act=play]')
         page.wait_for_selector("#play-frame:not([hidden])", timeout=240_000)
         frame = page.frame_locator("#play-frame")
         frame.locator("body[data-ready=true]").wait_for(timeout=60_000)
@@ -150,16 +150,16 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
 
         # a second run, then the comparison of the two (clmtune report)
         page.locator("#settings-section").scroll_into_view_if_needed()
-        start_run(page, "zh-b", "0.003")
-        wait_run(page, "zh-b", "finished")
-        for name in ("zh-a", "zh-b"):
+        start_run(page, "酒店-b", "0.003")
+        wait_run(page, "酒店-b", "finished")
+        for name in ("酒店-a", "酒店-b"):
             page.check(f'#runs tr[data-run="runs/{name}"] input.cmp')
         page.click("#btn-compare")
         page.wait_for_selector("#compare-frame:not([hidden])", timeout=120_000)
         compare = page.frame_locator("#compare-frame")
         compare.locator("body").wait_for()
         text = compare.locator("body").inner_text()
-        assert "zh-a" in text and "zh-b" in text
+        assert "酒店-a" in text and "酒店-b" in text
         page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
         page.evaluate("document.getElementById('train-section').scrollIntoView()")
         page.screenshot(path=str(shots / "ui.png"))  # one window: the curve, the queue, both runs

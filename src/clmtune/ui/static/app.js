@@ -265,7 +265,7 @@ async function refresh() {
     const checked = new Set([...document.querySelectorAll("#runs .cmp:checked")].map((c) => c.value));
     $("runs").tBodies[0].innerHTML = runs.map((r) => `<tr data-run="${esc(r.run)}" data-status="${esc(r.status)}">
       <td><input type="checkbox" class="cmp" value="${esc(r.run)}" ${checked.has(r.run) ? "checked" : ""}></td>
-      <td>${esc(r.run)}<div class="muted">${esc(r.model || "")} ${esc(r.method || "")} ${esc(r.task || "")}</div></td>
+      <td class="name">${esc(r.run)}<div class="muted">${esc(r.model || "")} ${esc(r.method || "")} ${esc(r.task || "")}</div></td>
       <td><span class="badge status status-${esc(r.status)}">${esc(r.status)}</span>${r.error ? `<div class="error">${esc(r.error)}</div>` : ""}</td>
       <td>${r.progress ? `${r.progress.step}/${r.progress.total}` : r.steps ?? ""}</td>
       <td>${r.final_loss != null ? r.final_loss.toFixed(4) : ""}</td><td class="eval">${esc(evalText(r))}</td>
