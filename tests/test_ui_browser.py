@@ -6,6 +6,7 @@ dir (ui-*.png); Chinese text must be drawn with a CJK font (Chromium says which 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import time
@@ -116,13 +117,15 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
         page.evaluate("""() => { window.pointsSeen = [];
             new MutationObserver(() => window.pointsSeen.push(+document.getElementById('chart').dataset.points))
               .observe(document.getElementById('chart'), {attributes: true, attributeFilter: ['data-points']}); }""")
+        page.fill("#eval-steps", "2")  # held-out loss and accuracy every 2 steps: the second curve
         start_run(page, "酒店-a", "0.001")
         page.wait_for_function("document.getElementById('current-run').textContent === 'runs/酒店-a'")
         page.wait_for_selector("#status.status-finished", timeout=300_000)
         page.wait_for_function("+document.getElementById('chart').dataset.points === 5", timeout=30_000)
         seen = page.evaluate("window.pointsSeen")
         assert seen[-1] == 5 and sorted(seen) == seen and 0 in seen  # redrawn from empty up to all five steps
-        assert page.locator("#chart path.loss").count() == 1
+        assert page.locator("#chart path.loss").count() == 1 and page.locator("#chart path.acc").count() == 1
+        assert int(page.get_attribute("#chart", "data-eval-points")) >= 4  # eval_loss and eval_accuracy at 2, 4(, 5)
         assert (ws / "configs" / "酒店-a.yaml").is_file() and (ws / "runs" / "酒店-a" / "train_summary.json").is_file()
         wait_run(page, "酒店-a", "finished", 60)
         page.wait_for_function("""document.querySelector('#runs tr[data-run="runs/酒店-a"] td.eval')
@@ -145,6 +148,12 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
                             timeout=60).json()  # the same model through the ui's API
         assert set(answer["data"][0]["probabilities"]) == {"好评", "差评"}
         assert answer["data"][0]["label"] in shown
+        with httpx.stream("POST", f"{srv.url}/v1/completions", headers={"X-Clmtune-Token": TOKEN}, timeout=60,
+                          json={"model": "酒店-a", "prompt": "这家酒店的房间", "max_tokens": 4, "stream": True,
+                                "seed": 1}) as r:
+            chunks = [ln for ln in r.iter_lines() if ln.startswith("data: ")]  # streamed through the ui server
+        assert r.headers["content-type"].startswith("text/event-stream") and chunks[-1] == "data: [DONE]"
+        assert len(chunks) >= 2 and json.loads(chunks[0][6:])["object"] == "text_completion"
         page.locator("#play-section").scroll_into_view_if_needed()
         page.screenshot(path=str(shots / "ui-playground.png"), full_page=True)
 
