@@ -389,3 +389,13 @@ def test_clmtune_ui_prints_a_tokened_localhost_url_and_refuses_requests_without_
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     assert (tmp_path / "w" / ".clmtune-ui").is_dir()
+
+
+def test_progress_comes_from_the_progress_bar(tmp_path):
+    from clmtune.ui.app import progress_of
+
+    log = tmp_path / "job.log"
+    log.write_text("loading\rtrain:   0%|          | 0/40 [00:00<?, ?step/s]\rtrain:  12%|#2        | 5/40 "
+                   "[00:01<00:07, 4.9step/s, loss=2.1]", encoding="utf-8")
+    assert progress_of(log) == {"step": 5, "total": 40}
+    assert progress_of(tmp_path / "missing.log") is None

@@ -71,7 +71,9 @@ def start_run(page, name: str, lr: str) -> None:
     page.fill("#name", name)
     page.fill("#lr", lr)
     page.click("#btn-yaml")
-    page.wait_for_function(f"document.getElementById('yaml').value.includes('runs/{name}')")
+    page.wait_for_function(f"document.getElementById('yaml').value.includes('runs/{name}') || "
+                           "document.getElementById('settings-error').textContent", timeout=120_000)
+    assert page.inner_text("#settings-error") == "", page.inner_text("#settings-error")
     page.click("#btn-start")
 
 
@@ -119,9 +121,10 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
               .observe(document.getElementById('chart'), {attributes: true, attributeFilter: ['data-points']}); }""")
         page.fill("#eval-steps", "2")  # held-out loss and accuracy every 2 steps: the second curve
         start_run(page, "酒店-a", "0.001")
-        page.wait_for_function("document.getElementById('current-run').textContent === 'runs/酒店-a'")
+        page.wait_for_function("document.getElementById('current-run').textContent === 'runs/酒店-a'",
+                               timeout=120_000)
         page.wait_for_selector("#status.status-finished", timeout=300_000)
-        page.wait_for_function("+document.getElementById('chart').dataset.points === 5", timeout=30_000)
+        page.wait_for_function("+document.getElementById('chart').dataset.points === 5", timeout=120_000)
         seen = page.evaluate("window.pointsSeen")
         assert seen[-1] == 5 and sorted(seen) == seen and 0 in seen  # redrawn from empty up to all five steps
         assert page.locator("#chart path.loss").count() == 1 and page.locator("#chart path.acc").count() == 1
@@ -129,7 +132,7 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
         assert (ws / "configs" / "酒店-a.yaml").is_file() and (ws / "runs" / "酒店-a" / "train_summary.json").is_file()
         wait_run(page, "酒店-a", "finished", 60)
         page.wait_for_function("""document.querySelector('#runs tr[data-run="runs/酒店-a"] td.eval')
-                                  .textContent.includes('acc')""", timeout=30_000)  # evaluated after training
+                                  .textContent.includes('acc')""", timeout=120_000)  # evaluated after training
         page.screenshot(path=str(shots / "ui-train.png"), full_page=True)
 
         # 5 try it: the playground of the finished run classifies a review
@@ -157,8 +160,13 @@ def test_upload_train_watch_play_compare(browser, tmp_path, one_thread):
         page.locator("#play-section").scroll_into_view_if_needed()
         page.screenshot(path=str(shots / "ui-playground.png"), full_page=True)
 
-        # a second run, then the comparison of the two (clmtune report)
-        page.locator("#settings-section").scroll_into_view_if_needed()
+        # a run's config.yaml back into the form; a second run from it, then the comparison of the two
+        page.click('#runs tr[data-run="runs/酒店-a"] button[data-act=load]')
+        page.wait_for_function("document.getElementById('yaml').value.includes('id_column:')",  # the run's full YAML
+                               timeout=120_000)
+        assert "output_dir: runs/酒店-a" in page.input_value("#yaml")
+        assert page.input_value("#name") == "酒店-a" and page.input_value("#template") == "评论：{review} 评价："
+        assert page.input_value("#max-steps") == "5" and page.input_value("#file-select") == "uploads/酒店评论.csv"
         start_run(page, "酒店-b", "0.003")
         wait_run(page, "酒店-b", "finished")
         for name in ("酒店-a", "酒店-b"):

@@ -287,9 +287,10 @@ async function runAction(act, run) {
     if (act === "watch") { watch(run); location.hash = "#train-section"; }
     else if (act === "load") {
       const text = await api(`/api/run/config?run=${encodeURIComponent(run)}`);
-      $("yaml").value = text; $("yaml-box").open = true; updateDownload();
       const {config} = await api("/api/config/parse", {body: {yaml: text}});
-      fillForm(config); state.yamlEdited = true; location.hash = "#settings-section";
+      fillForm(config);  // the form first, then the YAML: the YAML box showing the run's text means both are loaded
+      $("yaml").value = text; $("yaml-box").open = true; updateDownload();
+      state.yamlEdited = true; location.hash = "#settings-section";
     } else if (act === "play") { await openPlayground(run); }
     else if (act === "eval") { await api("/api/eval", {body: {run, ...($("eval-file").value ? {data: $("eval-file").value} : {})}}); }
     else if (act === "export" || act === "merge") { const x = await api("/api/export", {body: {run, merge: act === "merge"}}); $("runs-error").innerHTML = `<span class="muted">exporting to ${esc(x.to)}</span>`; }
