@@ -17,6 +17,8 @@ from clmtune.errors import ConfigError
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+KEY_ALIASES = {("preference", "lambda"): "lambda_"}
+"""YAML keys that are Python keywords, and the field that holds them."""
 
 
 def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
@@ -122,6 +124,7 @@ def from_dict(raw: dict[str, Any] | None) -> RunConfig:
         hints = get_type_hints(cls)
         kwargs = {}
         for key, value in (sec_raw if isinstance(sec_raw, dict) else {}).items():
+            key = KEY_ALIASES.get((sec_name, key), key)
             if key not in hints:
                 problems.append(f"unknown key {sec_name}.{key} (known: {', '.join(hints)})")
                 continue
