@@ -222,3 +222,25 @@ def test_bad_settings_are_one_line_each(tmp_path):
     p = subprocess.run(cli, capture_output=True, text=True)
     assert p.returncode == 2 and "p_tuning does not work with data.task=preference" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_metrics_in_tensorboard_and_the_report(tmp_path, one_thread):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from clmtune.report import write_report
+
+    c = cfg(tmp_path, "tb")
+    c.train.report_to, c.train.max_steps, c.train.save_steps = ["tensorboard"], 3, None
+    res = train(c, progress=False)
+    records = log(res.output_dir)
+    acc = EventAccumulator(str(res.output_dir / "tensorboard"))
+    acc.Reload()
+    names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected")
+    assert set(names) <= set(acc.Tags()["scalars"])
+    for k in names:
+        assert [(e.step, round(e.value, 4)) for e in acc.Scalars(k)] == [(r["step"], round(r[k], 4)) for r in records]
+    evaluate_run(res.output_dir, progress=False)
+    html = write_report([res.output_dir], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "reward accuracy" in html and "rewards/margins (training, step 3)" in html
