@@ -195,4 +195,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    raw = cfg.to_dict()
+    for (sec, key), field_name in KEY_ALIASES.items():  # written as the user writes it (``lambda``)
+        if field_name in raw.get(sec, {}):
+            raw[sec] = {(key if k == field_name else k): v for k, v in raw[sec].items()}
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -213,7 +213,9 @@ def load_prepared(folder: str | Path, tokenizer, cfg: DataConfig) -> Prepared:
                            f"(no {META_FILE}); run prepare first or unset data.prepared")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     saved, now = meta["data"], _data_settings(cfg)
-    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v]
+    default = _data_settings(DataConfig())  # a setting newer than the folder (absent there) at its default is unchanged
+    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v
+            and not (k not in saved and v == default.get(k))]
     if diff:
         raise ClmtuneError(f"data.prepared={str(folder)!r} was prepared with other data settings ({'; '.join(diff)}); "
                            "prepare again with this config or use the same data settings")
