@@ -20,7 +20,7 @@ from clmtune.errors import ClmtuneError
 from clmtune.evaluate.report import write_result
 from clmtune.run import RunDir
 from clmtune.tasks.preference_loss import (METRIC_NAMES, REFERENCE_LOSSES, forward_scores, pair_losses,
-                                          reference_context)
+                                          reference_context, takes_head_mask)
 
 
 def pair_batches(features, pad_id: int, batch_size: int):
@@ -42,6 +42,7 @@ def score_pairs(model, features, pad_id: int, cfg: RunConfig, reference=None, ba
 
     p = cfg.preference
     device = next(model.parameters()).device
+    mask, ref_mask = takes_head_mask(model), reference is not None and takes_head_mask(reference)
     losses, metrics = [], {k: [] for k in METRIC_NAMES}
     batches = pair_batches(features, pad_id, batch_size)
     for batch in tqdm(batches, total=-(-len(features) // batch_size), desc="eval pairs", disable=not progress):
@@ -49,11 +50,11 @@ def score_pairs(model, features, pad_id: int, cfg: RunConfig, reference=None, ba
         ref = None
         if p.loss in REFERENCE_LOSSES:
             if reference is not None:
-                ref = forward_scores(reference, batch).logps
+                ref = forward_scores(reference, batch, head_mask=ref_mask).logps
             else:
                 with reference_context(model):
-                    ref = forward_scores(model, batch).logps
-        scores = forward_scores(model, batch, with_nll=p.loss == "orpo")
+                    ref = forward_scores(model, batch, head_mask=mask).logps
+        scores = forward_scores(model, batch, with_nll=p.loss == "orpo", head_mask=mask)
         loss, m = pair_losses(p.loss, scores, ref, p.beta, p.label_smoothing, p.lambda_, p.gamma)
         losses.append(loss)
         for k, v in m.items():

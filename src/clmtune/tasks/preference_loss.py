@@ -135,6 +135,19 @@ def reference_context(model):
     return inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
 
 
+def takes_head_mask(model) -> bool:
+    """The model's forward takes a boolean ``logits_to_keep`` (transformers' ``slice_logits_to_keep``)."""
+    import inspect
+    import sys
+
+    from clmtune.models import unwrap
+
+    inner = unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return ("logits_to_keep" in inspect.signature(base.forward).parameters
+            and getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None)
+
+
 def forward_scores(model, batch: dict[str, torch.Tensor], with_nll: bool = False, head_mask: bool = False,
                    backward: bool = False) -> SequenceScores:
     """One forward pass of a (2B, T) pair batch -> its sequences' scores. ``head_mask``: the model takes a boolean

@@ -24,7 +24,7 @@ import torch
 
 from clmtune.tasks.encoding import collate
 from clmtune.tasks.preference_loss import (METRIC_NAMES, REFERENCE_LOSSES, forward_scores, pair_losses,
-                                          reference_context)
+                                          reference_context, takes_head_mask)
 
 log = logging.getLogger("clmtune")
 
@@ -55,6 +55,7 @@ class PreferenceObjective:
         self.p = recipe.cfg.preference
         self.ref_model = None
         self.needs_reference = self.p.loss in REFERENCE_LOSSES
+        self.head_mask = False  # the model takes a boolean logits_to_keep (set once the model is built)
 
     # -- setup -----------------------------------------------------------------------------------------------
     def features(self, train) -> list[dict]:
@@ -73,6 +74,7 @@ class PreferenceObjective:
         """After the model is built and before training: the reference (see the module docstring)."""
         if not self.needs_reference:
             return
+        self.head_mask = takes_head_mask(model)
         if self.p.precompute_reference:
             self.precompute(model, features, device)
         elif not is_peft:
@@ -95,14 +97,14 @@ class PreferenceObjective:
             rows = [features[i] for i in order[start:start + batch_size]]
             batch = {k: v.to(device) for k, v in collator(rows).items() if k != "rows"}
             with reference_context(model):
-                logps = forward_scores(model, batch).logps.double().cpu().tolist()
+                logps = forward_scores(model, batch, head_mask=self.head_mask).logps.double().cpu().tolist()
             for k, f in enumerate(rows):
                 f["ref_chosen"], f["ref_rejected"] = logps[k], logps[len(rows) + k]
         model.train(was_training)
         log.info("preference: reference log-probabilities of %d pairs computed once before training", len(features))
 
     @torch.no_grad()
-    def reference_logps(self, model, batch) -> torch.Tensor:
+    def reference_logps(self, model, batch, head_mask: bool = False) -> torch.Tensor:
         model_ = self.ref_model if self.ref_model is not None else model
         if self.ref_model is not None and next(self.ref_model.parameters()).device != batch["input_ids"].device:
             self.ref_model.to(batch["input_ids"].device)
@@ -110,7 +112,7 @@ class PreferenceObjective:
         model_.eval()
         try:
             with reference_context(model_) if self.ref_model is None else contextlib.nullcontext():
-                return forward_scores(model_, batch).logps
+                return forward_scores(model_, batch, head_mask=head_mask).logps
         finally:
             model_.train(was_training)
 
@@ -132,7 +134,7 @@ class PreferenceObjective:
             accelerator.gradient_state._set_sync_gradients(last)  # as train._train_window: the window is fetched ahead
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 if self.needs_reference and ref is None:
-                    ref = self.reference_logps(model, batch)
+                    ref = self.reference_logps(model, batch, head.mode == "mask")
                 scores = forward_scores(model, batch, with_nll=self.p.loss == "orpo", head_mask=head.mode == "mask",
                                         backward=True)
                 losses, metrics = pair_losses(self.p.loss, scores, None if ref is None else ref.to(scores.logps),
