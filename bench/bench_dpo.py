@@ -73,9 +73,11 @@ def run_trl(epochs: int, work: Path) -> dict:
                      max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
                      use_cpu=True, dataloader_num_workers=0, seed=0, bf16=False, max_length=None)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM")
-    ds = Dataset.from_dict(rows)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
-    trainer.train_dataset = ds  # clmtune's token ids (see the module docstring)
+    text = [json.loads(x) for x in (REPO / "src/clmtune/assets/chnsenticorp/pairs/train.jsonl").read_text(
+        encoding="utf-8").splitlines()]
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(text), processing_class=tok,
+                         peft_config=lora)
+    trainer.train_dataset = Dataset.from_dict(rows)  # clmtune's token ids (see the module docstring)
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0
