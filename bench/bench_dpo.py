@@ -13,7 +13,7 @@ optimizer (AdamW, lr 1e-3, linear decay, no warmup, clipping 1.0), DPO beta 0.1,
            only on the response positions, the reference forward with the adapter switched off
 
 tokens/s counts the real tokens of the chosen and rejected sequences trained on (prompt counted in both).
-Writes bench/results/dpo_gpt2zh.json and prints a table.
+Writes bench/results/dpo_gpt2zh_cpu.json and prints a table.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import cpu_name, result_path  # noqa: E402  (bench/common.py)
+
 MODEL = "builtin:gpt2-zh-small"
 BATCH, LR, BETA, MAX_LENGTH = 8, 1e-3, 0.1, 80
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -102,13 +105,6 @@ def run_clmtune(epochs: int, work: Path) -> dict:
             "final_margin": log[-1]["rewards/margins"]}
 
 
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=1)
@@ -144,8 +140,7 @@ def main() -> None:
               "threads": args.threads, "cpu": cpu_name(), "load_average": os.getloadavg(),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "speedup": results["clmtune"]["tokens_per_s"] / results["trl"]["tokens_per_s"], "results": results}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "dpo_gpt2zh.json").write_text(json.dumps(report, indent=1) + "\n")
+    result_path("dpo", "gpt2zh").write_text(json.dumps(report, indent=1) + "\n")
     print("\n| trainer | steps | seconds | tokens/s | last-step loss | last-step margin |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['final_loss']:.4f} | "

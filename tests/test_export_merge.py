@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
+from tinyrun import load_run, one_thread, tiny_cfg  # noqa: F401  (fixture)
 
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
 from clmtune.export import export_run
 from clmtune.models import forward_inputs, load_model
-from clmtune.run import load_run
 from clmtune.train import train
 
 
@@ -27,6 +26,7 @@ def _probe(tok):
     # a LoRA on GPT-2's input embedding, which is tied to the LM head: merging must not change the head
     ("lora", "builtin:tiny-gpt2-zh", ["c_attn", "wte"]),
 ])
+@pytest.mark.slow
 def test_merge_writes_a_model_transformers_loads(tmp_path, one_thread, method, model, targets):
     """GPT-2's Conv1D stores weights transposed: the merged logits only match if peft's fan_in_fan_out is right."""
     from transformers import AutoModelForCausalLM, pipeline
@@ -56,6 +56,7 @@ def test_merge_writes_a_model_transformers_loads(tmp_path, one_thread, method, m
     assert out[0]["generated_text"].startswith("Tweet text : I hate this label :")
 
 
+@pytest.mark.slow
 def test_adapter_export_and_refusals(tmp_path, one_thread):
     from peft import PeftModel
 

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from tinyrun import one_thread  # noqa: F401  (fixture)
 
 from clmtune.config import DataConfig, ModelConfig, PeftSettings, PreferenceConfig, RunConfig, TrainConfig, from_dict
 from clmtune.data import leading_special_ids, prepare_data

@@ -142,14 +142,6 @@ def test_losses_and_rewards_equal_trl(loss, tmp_path, one_thread):
     assert abs(ours["rewards/margins"]) > 1e-3  # a test that cannot fail with zero rewards is no test
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 if __name__ == "__main__":  # regenerate the fixture from the installed TRL
     import tempfile
 

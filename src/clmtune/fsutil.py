@@ -82,12 +82,6 @@ def clean_stale_tmp(folder: str | Path, name: str = "") -> list[Path]:
     return removed
 
 
-def folder_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
@@ -240,6 +234,14 @@ class FolderLock:
         if holder.get("host") != socket.gethostname():
             return False
         return not pid_alive(int(holder.get("pid", -1)))
+
+    def live_holder(self) -> dict[str, Any] | None:
+        """Who holds this folder now (pid, host, command, started), or None when it is free or the lock is stale:
+        lets a reader (``clmtune ui``'s run list) tell a running training from an interrupted one."""
+        if not self.path.exists():
+            return None
+        holder = self._holder()
+        return None if self._stale(holder) else (holder or {})
 
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)

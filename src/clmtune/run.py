@@ -235,6 +235,13 @@ class RunDir:
         """The exclusive lock of this folder for one writer (``with run.lock(): ...``)."""
         return FolderLock(self.path)
 
+    def running(self) -> dict | None:
+        """The live process that holds this folder's lock (a training or evaluation in progress), or None."""
+        return FolderLock(self.path).live_holder()
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(p.name.startswith("step-") for p in self.checkpoints.iterdir())
+
     def clean_temporary(self) -> list[Path]:
         """Remove ``.tmp-*`` items that interrupted writes left here and in ``checkpoints/``."""
         return clean_stale_tmp(self.path) + clean_stale_tmp(self.checkpoints)
@@ -309,9 +316,6 @@ class RunDir:
     def write_text(self, relpath: str | Path, text: str) -> Path:
         return write_text_atomic(self.path / relpath, text)
 
-    def write_csv(self, relpath: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
-        return write_csv_atomic(self.path / relpath, header, rows)
-
     def save_weights(self, model, is_peft: bool, state_dict=None) -> Path:
         """``save_pretrained`` into a hidden folder renamed into place: ``adapter/`` (or ``model/``) appears
         complete or not at all. A full disk is one line naming the file; the hidden folder is removed."""
@@ -342,16 +346,3 @@ class RunDir:
         shutil.rmtree(self.tokenizer, ignore_errors=True)
         os.replace(tmp, self.tokenizer)
         return self.tokenizer
-
-
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
-    """(model, tokenizer, config) of a finished run folder, in eval mode on ``device``."""
-    run = RunDir(run_dir)
-    cfg = run.load_config()
-    model, tok = run.load_model(device=device, dtype=dtype, cfg=cfg)
-    return model, tok, cfg
-
-
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    return RunDir(run_dir).load_config()
