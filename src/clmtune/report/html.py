@@ -128,7 +128,7 @@ def _metrics_rows(run: RunFiles) -> list[tuple[str, Any]]:
     if mapped:
         rows += [("accuracy (invalid mapped to nearest label)", mapped.get("accuracy")),
                  ("macro-F1 (invalid mapped to nearest label)", mapped.get("macro_f1"))]
-    last = next((r for r in reversed(run.training_records()) if "rewards/margins" in r), None)
+    last = next((r for r in reversed(run.log) if "rewards/margins" in r), None)
     if last:  # a preference run: TRL's training metrics of the last logged step
         rows += [(f"{k} (training, step {last['step']})", last[k]) for k in ("rewards/chosen", "rewards/rejected",
                  "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected") if k in last]
