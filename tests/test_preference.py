@@ -243,3 +243,31 @@ def test_metrics_in_tensorboard_and_the_report(tmp_path, one_thread):
     evaluate_run(res.output_dir, progress=False)
     html = write_report([res.output_dir], tmp_path / "report.html").read_text(encoding="utf-8")
     assert "reward accuracy" in html and "rewards/margins (training, step 3)" in html
+
+
+def test_a_preference_run_generates_serves_and_exports(tmp_path, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    from clmtune.export import export_run
+    from clmtune.run import RunDir
+    from clmtune.serve.engine import Engine
+
+    shared = [{"role": "user", "content": "How was the room?"}]
+    rows = [{"chosen": shared + [{"role": "assistant", "content": f"Lovely and clean {i}."}],
+             "rejected": shared + [{"role": "assistant", "content": f"Awful {i}."}]} for i in range(8)]
+    c = cfg(tmp_path, "conv", precision="fp32")
+    c.data.source, c.data.chat_template = str(write(tmp_path / "conv.jsonl", rows)), "chatml"
+    c.train.max_steps, c.train.save_steps = 2, None
+    res = train(c, progress=False)
+    p = subprocess.run([sys.executable, "-m", "clmtune", "generate", "--run", str(res.output_dir), "--temperature", "0",
+                        "--max-new-tokens", "4", "How was the room?"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-500:]
+    engine = Engine.load(run=str(res.output_dir), device="cpu")  # what `clmtune serve` / `clmtune chat` load
+    assert engine.task_name == "preference" and not engine.classifies
+    assert engine.encode_chat(shared)  # the run's tokenizer kept the chat template
+    merged = export_run(res.output_dir, tmp_path / "merged", merge=True)
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    model, tok = RunDir(res.output_dir).load_model()
+    ids = torch.tensor([tok("How was the room?").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
