@@ -38,7 +38,7 @@ class Encoder:
         The same row builder as ``prepare_data`` (the task's ``encode``), without ``datasets``.
         """
         task = get_task(self.cfg.task)
-        out = task.encode(task.encode_columns(examples), self.tokenizer, self.prefix, self.end_id, self.cfg)
+        out = task.encode(task.example_columns(examples), self.tokenizer, self.prefix, self.end_id, self.cfg)
         feats = [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
         return feats, sum(out["truncated"])
 

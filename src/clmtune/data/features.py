@@ -94,7 +94,7 @@ def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[i
     import datasets
 
     task = get_task(cfg.task)
-    columns = task.encode_columns(examples)
+    columns = task.example_columns(examples)
     ds = datasets.Dataset.from_dict(columns)
     # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
     common = dict(batched=True, batch_size=1000, remove_columns=list(columns), desc=f"tokenize {split}",
@@ -217,7 +217,9 @@ def load_prepared(folder: str | Path, tokenizer, cfg: DataConfig) -> Prepared:
                            f"(no {META_FILE}); run prepare first or unset data.prepared")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     saved, now = meta["data"], _data_settings(cfg)
-    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v]
+    default = _data_settings(DataConfig())  # a setting newer than the folder (absent there) at its default is unchanged
+    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v
+            and not (k not in saved and v == default.get(k))]
     if diff:
         raise ClmtuneError(f"data.prepared={str(folder)!r} was prepared with other data settings ({'; '.join(diff)}); "
                            "prepare again with this config or use the same data settings")

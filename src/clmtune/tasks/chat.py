@@ -63,7 +63,7 @@ class ChatTask(Task):
             out.append(Example(id=rid, prompt=last_user, label=None, text=last_user, conversation=conversation))
         return out, 0
 
-    def encode_columns(self, examples: list[Example]) -> dict[str, list]:
+    def example_columns(self, examples: list[Example]) -> dict[str, list]:
         return {"messages": [e.conversation.as_dicts() for e in examples]}
 
     def sequence_lengths(self, tokenizer, d, examples: list[Example]) -> list[int]:
