@@ -237,7 +237,8 @@ def build_tokenizer(build: Path, min_count: int = 1, keep_from: Path | None = No
             vocab[tok] = len(vocab)
     for s in per_source.values():  # tokens that the cut vocabulary turns into [UNK] (rare ones left out)
         c = s.pop("counts")
-        s["unk_share_of_tokens_cut_vocab"] = round(sum(n for t, n in c.items() if t not in vocab) / max(s["tokens"], 1), 5)
+        dropped = sum(n for t, n in c.items() if t not in vocab)
+        s["unk_share_of_tokens_cut_vocab"] = round(dropped / max(s["tokens"], 1), 5)
     tok = BertTokenizer(vocab=vocab, eos_token="[SEP]", pad_token="[PAD]")
     return tok, {"vocab_size": len(vocab), "min_count": min_count, "corpus_tokens_unk": counts.get("[UNK]", 0),
                  "corpus_tokens": sum(counts.values()), "coverage": per_source}
@@ -351,8 +352,8 @@ def finetune_quality(model_dir: Path, data: Path, out: Path, seconds: float, smo
     """The shipped LoRA config and full fine-tuning (scripts/maint/quality.py, in parallel: one GPU has room for both)
     on train.tsv, scored on test.tsv, + the TF-IDF baseline; each stopped after ``seconds``."""
     quality = Path(__file__).with_name("quality.py")
-    small = ["--train-rows", "32", "--override", json.dumps({"data": {"max_eval_rows": 48, "max_length": SMOKE["block"]},
-                                                             "train": {"max_steps": 3}})] if smoke else []
+    tiny = {"data": {"max_eval_rows": 48, "max_length": SMOKE["block"]}, "train": {"max_steps": 3}}
+    small = ["--train-rows", "32", "--override", json.dumps(tiny)] if smoke else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     jobs = {}
     for method in ("lora", "full"):
@@ -484,7 +485,8 @@ def main() -> int:
             docs = read_small(shared)
         else:
             if prepared:
-                docs = {p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted((prepared / "docs").glob("*.txt"))}
+                docs = {p.stem: p.read_text(encoding="utf-8").splitlines()
+                        for p in sorted((prepared / "docs").glob("*.txt"))}
             else:
                 docs = read_general(shared / "corpora" / "CLUECorpusSmall_sampled.txt", Path(args.sources), args.smoke)
             docs = {k: v for k, v in docs.items() if v}
@@ -496,7 +498,8 @@ def main() -> int:
         stats["arch"], stats["block"] = arch, block
         stats_path.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
         if not args.smoke:
-            others = sum(p.stat().st_size for p in ASSETS.glob("*/model.safetensors") if p.parent.name != preset["name"])
+            others = sum(p.stat().st_size for p in ASSETS.glob("*/model.safetensors")
+                         if p.parent.name != preset["name"])
             if others + 2 * stats["params"] > SHIPPED_BYTES_MAX:
                 raise SystemExit(f"{stats['params']:,} parameters = {2 * stats['params'] / 1e6:.1f} MB in bf16 + "
                                  f"{others / 1e6:.1f} MB already shipped > {SHIPPED_BYTES_MAX / 1e6:.0f} MB")
