@@ -72,6 +72,8 @@ def test_read_general_takes_each_source_from_its_archive(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "corpora" / "CLUECorpusSmall_sampled.txt").is_file(), reason="needs ../shared/data")
 def test_smoke_runs_every_step_on_the_cpu(tmp_path):
+    import torch
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -82,8 +84,10 @@ def test_smoke_runs_every_step_on_the_cpu(tmp_path):
     pre = res["pretrain"]
     assert pre["steps"] == 6 and pre["final_loss"] < pre["first_loss"] and math.isfinite(pre["heldout_ppl"])
     assert res["tokenizer"]["coverage"]["cluecorpussmall"]["unk_share_of_chars"] < 0.02
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "build" / "shipped" / "gpt2-zh-base")
-    assert model.config.n_layer == 2 and model.config.dtype == "bfloat16"
+    shipped = tmp_path / "build" / "shipped" / "gpt2-zh-base"
+    with safe_open(shipped / "model.safetensors", "pt") as f:  # stored in bf16, as shipped models are
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(shipped).config.n_layer == 2
     for method in ("lora", "full"):
         (got,) = [v for k, v in res["finetune"][method]["results"].items() if not k.startswith("tfidf")]
         assert 0.0 <= got["accuracy"] <= 1.0 and got["test_rows"] == 48 and got["steps"] == 3
