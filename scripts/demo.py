@@ -12,7 +12,7 @@
 4. A summary table with each step's wall and CPU seconds (also in OUT/summary.json, with the CPU and the load
    average, since the same steps take twice as long on a busy machine) and OUT/report.html.
 
-It is built to finish in about five minutes on an idle 2-core CPU: training is capped (train.max_steps) and has no
+It aims at five minutes on an idle 2-core CPU (summary.json says what a run took, step by step): training is capped (train.max_steps) and has no
 held-out evaluation during training (each run is evaluated once, at the end, on its whole held-out split); the
 untrained model is loaded once, in bf16 where the CPU multiplies bf16 natively (clmtune.device), and serves every
 "before" number; each step releases its models before the next. The configs in configs/ train for full epochs.
@@ -68,10 +68,10 @@ class Demo:
         return load_tokenizer(ModelConfig(name_or_path=self.args.model))
 
 
-def release(*objects) -> None:
-    """Drop a step's models and give the freed memory back to the system before the next step: glibc keeps freed
-    blocks in its arenas otherwise, and the process grew by each step's peak (5.3 GB resident by the chat step)."""
-    del objects
+def release() -> None:
+    """Collect what a finished step dropped (its models) and give the memory back to the system before the next
+    step: glibc keeps freed blocks in its arenas otherwise, and the process grew by each step's peak (5.3 GB
+    resident by the chat step)."""
     gc.collect()
     try:
         import ctypes
@@ -79,6 +79,17 @@ def release(*objects) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): the memory is reused by the next step anyway
         pass
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux), to show that each step gives its memory back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def classify_step(demo: Demo) -> dict:
@@ -110,7 +121,8 @@ def classify_step(demo: Demo) -> dict:
               f"({metrics.get('examples', sum(support))} reviews)", flush=True)
         demo.runs.append(res.output_dir)
         results[method] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "steps": res.steps}
-        release(done, res)
+        del done, res
+        release()
     demo.rows.append(("", "", "majority class", majority, None, None))
     return {**results, "majority": majority}
 
@@ -157,7 +169,6 @@ def lm_step(demo: Demo) -> dict:
         print(f"  {g.prompt} | {g.outputs[0]}")
     demo.rows.append(("", "", "ppl after", after["perplexity"], time.perf_counter() - t0, time.process_time() - c0))
     demo.runs.append(res.output_dir)
-    release(done, res, model)
     return {"perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
             "tokens": after["tokens"], "generations": [{"prompt": g.prompt, "output": g.outputs[0]} for g in gens]}
 
@@ -208,13 +219,14 @@ def chat_step(demo: Demo) -> dict:
     for q, b, a in zip(questions, before_replies, after_replies):
         print(f"  用户：{q}\n    before: {b or '(empty)'}\n    after:  {a or '(empty)'}")
     demo.runs.append(res.output_dir)
-    release(done, res, model, tuned)
     return {"loss": chat_metrics["loss"], "rouge_l": chat_metrics["replies"]["rouge_l"],
             "replies": [{"question": q, "before": b, "after": a}
                         for q, b, a in zip(questions, before_replies, after_replies)]}
 
 
-# The demo's steps, in order: (name in summary.json, function). A new step is one function and one entry here.
+# The demo's steps, in order: (name in summary.json, function). A new step is one function and one entry here, e.g.
+# preference tuning after "lm": ("preference", lambda demo: preference_step(demo.out / "lm", demo.out / "preference"))
+# with scripts/preference_demo.py's preference_step, which starts from the LM run this demo has just trained.
 STEPS: list[tuple[str, Callable[[Demo], dict]]] = [
     ("classify", classify_step),
     ("lm", lm_step),
@@ -248,6 +260,8 @@ def main() -> int:
         if not args.only or name in args.only:
             t0 = time.perf_counter()
             steps[name] = {**step(demo), "seconds": round(time.perf_counter() - t0, 1)}
+            release()  # the step's models went with its frame
+            steps[name]["resident_mb_after"] = resident_mb()
     demo._base = None
     release()
 
