@@ -12,10 +12,11 @@
 4. A summary table with each step's wall and CPU seconds (also in OUT/summary.json, with the CPU and the load
    average, since the same steps take twice as long on a busy machine) and OUT/report.html.
 
-It aims at five minutes on an idle 2-core CPU (summary.json says what a run took, step by step): training is capped (train.max_steps) and has no
-held-out evaluation during training (each run is evaluated once, at the end, on its whole held-out split); the
-untrained model is loaded once, in bf16 where the CPU multiplies bf16 natively (clmtune.device), and serves every
-"before" number; each step releases its models before the next. The configs in configs/ train for full epochs.
+It aims at five minutes on an idle 2-core CPU (summary.json says what a run took, step by step): training is
+capped (train.max_steps) and has no held-out evaluation during training (each run is evaluated once, at the end,
+on its whole held-out split); the untrained model is loaded once, in bf16 where the CPU multiplies bf16 natively
+(clmtune.device), and serves every "before" number; each step releases its models before the next. The configs
+in configs/ train for full epochs.
 Everything goes through clmtune's own stage functions (train, evaluate, generate, chat).
 
 A step is a function ``step(demo) -> dict`` listed in STEPS: it appends its rows to the table and returns what
