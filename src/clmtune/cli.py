@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune an adapter (and evaluate on the held-out split)",
                        description="Train with a YAML config (embedded defaults when none is given). "
-                                   "Override any key with --section.key VALUE, e.g. --train.epochs 5.")
+                                   "Override any key with --section.key VALUE, e.g. --train.epochs 5. "
+                                   "--train.max_steps N trains exactly N optimizer steps; train.epochs is ignored "
+                                   "when it is set (as in transformers' Trainer).")
     t.add_argument("--config", help="YAML config file (see configs/)")
     t.add_argument("--output-dir", help="shortcut for --train.output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="YAML config file (see configs/)")
     r.add_argument("--save", help="write the tokenized splits (Arrow) here; train reuses them with "
                                   "--data.prepared DIR")
-    r.add_argument("--overwrite", action="store_true", help="replace the --save folder if it is not empty")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare --save` folder (never a file, "
+                   "a run folder or the data read)")
     r.add_argument("--json", action="store_true", help="print the full report as JSON instead of the table")
 
     e = sub.add_parser("eval", help="evaluate a trained run; write eval.json and predictions.csv")
@@ -104,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--run", required=True)
     x.add_argument("--to", required=True, help="destination folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
-    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier `clmtune export` folder (never a file "
+                   "or a run folder)")
 
     v = sub.add_parser("serve", help="serve a run or model over an OpenAI-compatible HTTP API, with a playground",
                        description="OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models; "
@@ -139,6 +143,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = parse_overrides(extra)
     shortcuts = {}
     if args.output_dir:
+        given = overrides.get("train", {}).get("output_dir") if isinstance(overrides.get("train"), dict) else None
+        if given is not None and str(given) != args.output_dir:
+            raise ClmtuneError(f"--output-dir {args.output_dir!r} and --train.output_dir {str(given)!r} name two "
+                               "folders; give one of them")
         shortcuts["output_dir"] = args.output_dir
     if args.overwrite:
         shortcuts["overwrite"] = True

@@ -39,7 +39,7 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
             progress: bool = True) -> PrepareResult:
     """Tokenize the configured data (never reading ``data.prepared``) and optionally save it to ``save``."""
     if save is not None:
-        check_save_target(save, overwrite)  # fail before the work, not after
+        check_save_target(save, overwrite, cfg.data)  # fail before the work, not after
     t0 = time.perf_counter()
     cfg, auto = resolve_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=None)))
     data_cfg = cfg.data

@@ -169,11 +169,13 @@ def _data_settings(cfg: DataConfig) -> dict[str, Any]:
     return d
 
 
-def check_save_target(folder: str | Path, overwrite: bool) -> Path:
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise ClmtuneError(f"--save {str(folder)!r} exists and is not empty; choose another folder or pass --overwrite")
-    return folder
+def check_save_target(folder: str | Path, overwrite: bool, cfg: DataConfig | None = None) -> Path:
+    """``--save`` may replace only an earlier ``prepare --save`` folder (never a file, a run or the data read)."""
+    from clmtune.run import check_replace_target
+
+    sources = [p for p in (cfg.source, cfg.eval_file, cfg.test_file) if p and Path(p).exists()] if cfg else []
+    return check_replace_target(folder, overwrite, option="--save", marker=META_FILE, kind="`clmtune prepare --save`",
+                                sources=sources)
 
 
 def save_prepared(prep: Prepared, folder: str | Path, cfg: DataConfig, tokenizer, overwrite: bool = False) -> Path:
@@ -181,7 +183,7 @@ def save_prepared(prep: Prepared, folder: str | Path, cfg: DataConfig, tokenizer
     filled, then renamed, so an interrupted run never leaves a half-written folder."""
     import datasets
 
-    folder = check_save_target(folder, overwrite)
+    folder = check_save_target(folder, overwrite, cfg)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"

@@ -249,9 +249,13 @@ class TrainRecipe:
         # Per process: accelerate hands each process every n_proc-th batch (padding the last round: even_batches).
         self.batches_per_epoch = math.ceil(len(loader) / n_proc)
         steps_per_epoch = math.ceil(self.batches_per_epoch / t_cfg.gradient_accumulation_steps)
-        self.total_steps = steps_per_epoch * t_cfg.epochs
-        if t_cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, t_cfg.max_steps)
+        # train.max_steps is the number of steps trained whatever the data size; epochs are then ignored, as in
+        # transformers' Trainer.
+        self.total_steps = steps_per_epoch * t_cfg.epochs if t_cfg.max_steps is None else t_cfg.max_steps
+        if t_cfg.warmup_steps >= self.total_steps and self.main:
+            log.warning("train.warmup_steps=%d is not shorter than the training (%d steps): the learning rate never "
+                        "reaches train.learning_rate=%g; lower warmup_steps or train longer", t_cfg.warmup_steps,
+                        self.total_steps, t_cfg.learning_rate)
         # accelerate's scheduler wrapper steps the schedule n_proc times per optimizer step, hence the factor.
         scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps * n_proc, self.total_steps * n_proc)
         self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
@@ -324,7 +328,8 @@ class TrainRecipe:
         if self.rng is not None:
             _set_rng_state(self.rng)  # last: everything above may consume random numbers
         try:
-            for epoch in range(self.epoch0, t_cfg.epochs):
+            endless = t_cfg.max_steps is not None and self.batches_per_epoch > 0
+            for epoch in itertools.count(self.epoch0) if endless else range(self.epoch0, t_cfg.epochs):
                 if self.step >= self.total_steps:
                     break
                 # skip: batches per process already done; each was one of n_proc consecutive batches of the order

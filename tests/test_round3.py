@@ -1,0 +1,159 @@
+"""Nothing destroyed, nothing silently wrong (round three): what ``--overwrite`` may replace, duplicate YAML keys,
+``train.max_steps``, every evaluation in the report, one-line errors for mismatched adapters, read-only run folders,
+the server's edges and unusual data.
+
+Each case is the user's command line through ``clmtune.cli.main`` and asserts the one line, exit 2, and that
+nothing on disk changed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from clmtune.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, args: list[str], *expected: str) -> str:
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory):
+    """A finished LoRA run (tiny GPT-2, 2 steps) and its training CSV."""
+    from tinyrun import twitter_rows
+
+    tmp = tmp_path_factory.mktemp("r3")
+    data = twitter_rows(tmp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert main(["train", "--no-eval", "--data.source", str(data), "--data.eval_fraction", "0.25",
+                 "--data.max_length", "48", "--model.name_or_path", "builtin:tiny-gpt2", "--train.batch_size", "3",
+                 "--train.max_steps", "2", "--data.labels", "[complaint, no complaint]",
+                 "--train.output_dir", str(tmp / "run")]) == 0
+    yield tmp
+    torch.set_num_threads(threads)
+
+
+def _copy(run3: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run3 / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. --overwrite replaces only a folder of the same kind written by clmtune
+
+
+def test_prepare_save_overwrite_never_deletes_a_file_a_run_or_the_data(run3, tmp_path, capsys):
+    run = _copy(run3, tmp_path)
+    csv = tmp_path / "data.csv"
+    shutil.copy(run3 / "twitter12.csv", csv)
+    common = ["prepare", "--data.source", csv, "--data.labels", "[complaint, no complaint]", "--overwrite"]
+    before = _snapshot(csv)
+    err = _one_line_error(capsys, [*common, "--save", csv], "is a file", "give a new folder path")
+    assert "pass --overwrite" not in err
+    assert _snapshot(csv) == before
+    run_before = _snapshot(run)
+    for target in (run, run / "adapter", run / "tokenizer"):
+        err = _one_line_error(capsys, [*common, "--save", target], "run folder", "give a new folder")
+        assert "pass --overwrite" not in err
+    assert _snapshot(run) == run_before
+    # a folder holding the data source
+    err = _one_line_error(capsys, [*common, "--save", tmp_path], "give a new folder path")
+    assert "pass --overwrite" not in err and csv.is_file()
+    # a folder of other files
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    _one_line_error(capsys, [*common, "--save", other], "was not written by", "clmtune_prepared.json")
+    assert (other / "todo.txt").read_text() == "keep me"
+    # an earlier prepare folder: refused without --overwrite (naming it), replaced with it
+    saved = tmp_path / "prepared"
+    assert main([str(a) for a in common[:-1] + ["--save", saved]]) == 0
+    _one_line_error(capsys, [*common[:-1], "--save", saved], "pass --overwrite to replace it")
+    assert main([str(a) for a in [*common, "--save", saved]]) == 0
+    assert (saved / "clmtune_prepared.json").is_file()
+
+
+def test_export_overwrite_never_replaces_the_run_or_its_parts(run3, tmp_path, capsys):
+    run = _copy(run3, tmp_path)
+    before = _snapshot(run)
+    for to, merge in ((run, []), (run / "adapter", ["--merge"]), (run / "tokenizer", ["--merge"])):
+        err = _one_line_error(capsys, ["export", "--run", run, "--to", to, *merge, "--overwrite"], "run folder")
+        assert "--overwrite" not in err
+    assert _snapshot(run) == before
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--to", str(out)]) == 0
+    assert json.loads((out / "clmtune_export.json").read_text())["merge"] is False
+    _one_line_error(capsys, ["export", "--run", run, "--to", out], "pass --overwrite to replace it")
+    assert main(["export", "--run", str(run), "--to", str(out), "--merge", "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    # a folder clmtune did not write, and a file
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "a.txt").write_text("x")
+    _one_line_error(capsys, ["export", "--run", run, "--to", other, "--overwrite"], "was not written by")
+    _one_line_error(capsys, ["export", "--run", run, "--to", other / "a.txt", "--overwrite"], "is a file")
+    assert (other / "a.txt").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. the config file: duplicate keys, empty, a folder; two output folders
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  learning_rate: 5.0\ndata:\n  seed: 1\ntrain:\n  max_steps: 80\n",
+     "key 'train' appears twice (lines 1 and 5)"),
+    ("train:\n  max_steps: 3\n  max_steps: 80\n", "key 'max_steps' appears twice (lines 2 and 3)"),
+    ("# only a comment\n", "is empty (no settings)"),
+])
+def test_config_file_duplicate_keys_and_empty_are_refused(tmp_path, capsys, text, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text, encoding="utf-8")
+    _one_line_error(capsys, ["train", "--config", cfg, "--train.output_dir", tmp_path / "o"], expected)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_folder_and_two_output_folders_are_refused(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("train:\n  max_steps: 1\n", encoding="utf-8")
+    _one_line_error(capsys, ["train", "--config", tmp_path], "is a folder", f"give {tmp_path / 'config.yaml'}")
+    _one_line_error(capsys, ["train", "--output-dir", tmp_path / "a", "--train.output_dir", tmp_path / "b"],
+                    "name two folders")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. train.max_steps is the number of steps trained; warm-up longer than the training is warned about
+
+
+def test_max_steps_trains_that_many_steps_whatever_the_epochs(tmp_path, one_thread, caplog):
+    from tinyrun import tiny_cfg
+
+    from clmtune.train import train
+
+    # 9 training rows, batch 9: one step per epoch; 1 epoch would stop after 1 step if max_steps were a cap
+    cfg = tiny_cfg(tmp_path, model="builtin:tiny-gpt2", epochs=1, max_steps=5, warmup_steps=8)
+    with caplog.at_level("WARNING"):
+        result = train(cfg, progress=False)
+    assert result.steps == 5
+    log = [json.loads(ln) for ln in (Path(cfg.train.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 5 and log[-1]["epoch"] == 5
+    assert "train.warmup_steps=8 is not shorter than the training (5 steps)" in caplog.text
