@@ -157,3 +157,35 @@ def test_max_steps_trains_that_many_steps_whatever_the_epochs(tmp_path, one_thre
     log = [json.loads(ln) for ln in (Path(cfg.train.output_dir) / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 5 and log[-1]["epoch"] == 5
     assert "train.warmup_steps=8 is not shorter than the training (5 steps)" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. the report lists every evaluation; held-out stays held-out after `eval --data FILE`
+
+
+def test_report_lists_every_evaluation_and_keeps_the_held_out_one(run3, tmp_path, capsys):
+    from html import escape
+
+    from clmtune.report.runs import read_run
+
+    run = _copy(run3, tmp_path)
+    assert main(["eval", "--run", str(run)]) == 0
+    held = json.loads((run / "eval.json").read_text())
+    other = tmp_path / "new.csv"
+    rows = (run3 / "twitter12.csv").read_text(encoding="utf-8").splitlines()
+    other.write_text("\n".join(rows[:1] + rows[1:6]) + "\n", encoding="utf-8")
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("ID,Tweet text\n1,my flight is late again\n2,thanks for the quick help\n", encoding="utf-8")
+    assert main(["eval", "--run", str(run), "--data", str(other)]) == 0
+    assert main(["eval", "--run", str(run), "--data", str(unlabelled)]) == 0
+    report = read_run(run)
+    assert set(report.evals) == {"eval/eval-rank", "eval/file-new-rank", "eval/file-unlabelled-rank"}
+    assert report.eval["accuracy"] == held["accuracy"] and report.eval_on == "held-out"
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "Final metrics (held-out split)" in page
+    table = page.split("<h3>Evaluations</h3>")[1].split("</table>")[0]
+    for folder, on in (("eval/eval-rank", "held-out"), ("eval/file-new-rank", "file new.csv"),
+                       ("eval/file-unlabelled-rank", "file unlabelled.csv")):
+        assert f"<th>{escape(folder)}</th><td>{escape(on)}</td>" in table, table
+    assert "held-out rows" in page and "new.csv" in page
