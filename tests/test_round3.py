@@ -189,3 +189,23 @@ def test_report_lists_every_evaluation_and_keeps_the_held_out_one(run3, tmp_path
                        ("eval/file-unlabelled-rank", "file unlabelled.csv")):
         assert f"<th>{escape(folder)}</th><td>{escape(on)}</td>" in table, table
     assert "held-out rows" in page and "new.csv" in page
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. an adapter that does not fit the base model: one line in eval (and serve, which loads the same way)
+
+
+def test_adapter_that_does_not_fit_the_base_is_one_line(run3, tmp_path, capsys):
+    import yaml
+
+    run = _copy(run3, tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    cfg["model"]["name_or_path"] = "builtin:gpt2-zh-small"  # config.yaml edited: a wider GPT-2 than trained on
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    _one_line_error(capsys, ["eval", "--run", run], "does not fit the base model", "size mismatch for",
+                    "use the config.yaml the adapter was trained with")
+    from clmtune.errors import ClmtuneError
+    from clmtune.serve.engine import Engine
+
+    with pytest.raises(ClmtuneError, match="does not fit the base model"):
+        Engine.load(run=str(run), device="cpu")

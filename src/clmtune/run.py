@@ -290,7 +290,16 @@ class RunDir:
                 raise ClmtuneError(f"{self.path} has no trained adapter ({self.adapter}/{_ADAPTER_MARK}); did "
                                    "training finish?")
             check_safetensors(self.adapter, "train the run again (or `clmtune train --resume` from a checkpoint)")
-            model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(self.adapter))
+            base = load_model(cfg.model, dtype)
+            try:
+                model = PeftModel.from_pretrained(base, str(self.adapter))
+            except RuntimeError as exc:  # peft's load_state_dict: 30 lines of "size mismatch for ..." otherwise
+                if "size mismatch" not in str(exc):
+                    raise
+                first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+                raise ClmtuneError(f"{self.adapter} does not fit the base model {cfg.model.name_or_path} of "
+                                   f"{self.config_file} ({first.rstrip('.')}); use the config.yaml the adapter was "
+                                   "trained with, or train again") from None
             fix_prompt_learning_generation(model)
         tok = self.load_tokenizer(cfg)
         check_tokenizer_fits(model, tok, str(self.path))
