@@ -209,3 +209,51 @@ def test_adapter_that_does_not_fit_the_base_is_one_line(run3, tmp_path, capsys):
 
     with pytest.raises(ClmtuneError, match="does not fit the base model"):
         Engine.load(run=str(run), device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. a read-only run folder: checked first; eval and report with --out elsewhere work
+
+
+@pytest.fixture
+def read_only_run(run3, tmp_path):
+    """A copy of the run, bind-mounted read-only onto itself (a real EROFS, which root cannot write either)."""
+    import subprocess
+
+    run = _copy(run3, tmp_path)
+    assert main(["eval", "--run", str(run)]) == 0  # an earlier evaluation the report can show
+    mounted = subprocess.run(["mount", "--bind", str(run), str(run)], capture_output=True).returncode == 0
+    if mounted:
+        mounted = subprocess.run(["mount", "-o", "remount,ro,bind", str(run)], capture_output=True).returncode == 0
+        if not mounted:
+            subprocess.run(["umount", str(run)], check=False)
+    if not mounted:
+        pytest.skip("cannot bind-mount a folder read-only here (needs root with CAP_SYS_ADMIN)")
+    try:
+        yield run
+    finally:
+        subprocess.run(["umount", str(run)], check=False)
+
+
+def test_read_only_run_eval_and_report(read_only_run, tmp_path, capsys):
+    run = read_only_run
+    before = _snapshot(run)
+    _one_line_error(capsys, ["eval", "--run", run], "read-only", "pass --out DIR")
+    out = tmp_path / "elsewhere"
+    assert main(["eval", "--run", str(run), "--out", str(out)]) == 0
+    assert json.loads((out / "eval.json").read_text())["n"] > 0
+    _one_line_error(capsys, ["report", run], "read-only", "pass --out FILE")
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert "Final metrics (held-out split)" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert _snapshot(run) == before
+
+
+def test_eval_of_a_run_being_trained_names_the_pid(run3, tmp_path, capsys):
+    import os
+    import socket
+
+    run = _copy(run3, tmp_path)
+    (run / "train_summary.json").unlink()  # training has not finished yet ...
+    (run / ".clmtune.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "command": "clmtune train", "started": "now"}))  # ... and runs
+    _one_line_error(capsys, ["eval", "--run", run], f"being trained now by pid {os.getpid()}", "wait until it finishes")

@@ -210,6 +210,18 @@ def check_writable(folder: str | Path, what: str = "output folder") -> Path:
     return folder
 
 
+def is_writable(folder: str | Path) -> bool:
+    """Whether a file can be created in ``folder`` now (tried, not guessed from permission bits: root ignores them,
+    a read-only mount does not)."""
+    probe = Path(folder) / f"{TMP_PREFIX}probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
 class FolderLock:
     """Exclusive use of an output folder by one clmtune process (``with FolderLock(out): ...``).
 
@@ -240,6 +252,13 @@ class FolderLock:
         if holder.get("host") != socket.gethostname():
             return False
         return not pid_alive(int(holder.get("pid", -1)))
+
+    def live_holder(self) -> dict[str, Any] | None:
+        """The lock's holder (pid, host, command, started) while it is held by a live process, else None."""
+        if not self.path.exists():
+            return None
+        holder = self._holder()
+        return None if holder is None or self._stale(holder) else holder
 
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)

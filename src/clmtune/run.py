@@ -24,6 +24,7 @@ no other module spells these names.
 from __future__ import annotations
 
 import csv
+import logging
 import io
 import json
 import os
@@ -35,7 +36,9 @@ import torch
 
 from clmtune.config import RunConfig, load_config
 from clmtune.errors import ClmtuneError
-from clmtune.fsutil import FolderLock, atomic_write_bytes, clean_stale_tmp, os_errors, tmp_sibling
+from clmtune.fsutil import FolderLock, atomic_write_bytes, clean_stale_tmp, is_writable, os_errors, tmp_sibling
+
+log = logging.getLogger("clmtune")
 
 ADAPTER = "adapter"
 MODEL = "model"
@@ -165,6 +168,10 @@ class RunDir:
         evaluation, with ``folder``), and ``RUN/eval/index.json`` lists it with every earlier one."""
         import time
 
+        if not is_writable(self.path):  # a read-only run evaluated with --out elsewhere: nothing else is written
+            log.warning("%s is read-only: this evaluation (in %s) is not listed in its %s/%s", self.path, folder,
+                        EVALS, EVAL_INDEX)
+            return
         folder = Path(folder).resolve()
         where = str(folder.relative_to(self.path.resolve())) if folder.is_relative_to(self.path.resolve()) \
             else str(folder)
@@ -205,6 +212,11 @@ class RunDir:
             raise ClmtuneError(f"{self.path} is not a clmtune run folder (no {CONFIG}); give the output_dir of "
                                "`clmtune train`")
         if not self.is_finished():
+            holder = FolderLock(self.path).live_holder()
+            if holder is not None:
+                raise ClmtuneError(f"cannot {what} {self.path}: it is being trained now by pid {holder.get('pid')} "
+                                   f"(`{holder.get('command')}`, since {holder.get('started')}); wait until it "
+                                   "finishes")
             state = ("its weights are saved but training did not finish writing (killed while saving?); "
                      "`clmtune train --config {cfg} --resume` finishes it" if self.has_weights() else
                      "training did not finish (no trained weights); continue it with `clmtune train --config {cfg} "

@@ -17,6 +17,7 @@ from typing import Sequence
 from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import Encoder, load_task, prepare_data, read_table, render_examples
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import check_writable, is_writable
 from clmtune.inference import for_inference, model_precision
 from clmtune.models import is_prompt_learning
 from clmtune.evaluate.metrics import classification_metrics, perplexity
@@ -103,6 +104,11 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     run = RunDir(run_dir)
     cfg = run.load_config()
     run.check_finished("evaluate")
+    if out_dir is not None:
+        check_writable(out_dir, "--out")
+    elif not is_writable(run.path):  # before minutes of evaluating, not after
+        raise ClmtuneError(f"cannot write to the run folder {run.path} (read-only); pass --out DIR to write the "
+                           "evaluation elsewhere")
     if method is not None and get_task(cfg.data.task).evaluation != "labels":
         raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by perplexity, not by predicting "
                            "labels; drop --method")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import check_writable, is_writable
 
 
 def default_report_path(runs: Sequence[str | Path]) -> Path:
@@ -26,4 +27,10 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, titl
     paths = [Path(r) for r in runs]
     names = unique_names(paths)
     read = [read_run(p, name) for p, name in zip(paths, names)]
-    return write_html(read, out or default_report_path(runs), title)
+    target = Path(out or default_report_path(runs))
+    if out is None and target.parent.is_dir() and not is_writable(target.parent):
+        raise ClmtuneError(f"cannot write {target} ({target.parent} is read-only); pass --out FILE to write the "
+                           "report elsewhere")
+    if out is not None:
+        check_writable(target.parent, "the folder of --out")
+    return write_html(read, target, title)
