@@ -257,3 +257,52 @@ def test_eval_of_a_run_being_trained_names_the_pid(run3, tmp_path, capsys):
     (run / ".clmtune.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                    "command": "clmtune train", "started": "now"}))  # ... and runs
     _one_line_error(capsys, ["eval", "--run", run], f"being trained now by pid {os.getpid()}", "wait until it finishes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. the server's edges: lone surrogates are a 400, a bad or busy port is one line before the model loads
+
+
+def test_lone_surrogates_are_400_in_all_three_endpoints(run3):
+    import httpx
+    from liveserver import CHAT_TEMPLATE, LiveServer
+
+    from clmtune.serve.app import create_app
+    from clmtune.serve.engine import Engine
+
+    engine = Engine.load(run=str(run3 / "run"), device="cpu")
+    engine.tokenizer.chat_template = engine.request_tokenizer.chat_template = CHAT_TEMPLATE
+    bodies = {"/v1/completions": '{"model": "run", "prompt": "abc\\ud800def", "max_tokens": 2}',
+              "/v1/chat/completions": '{"model": "run", "messages": [{"role": "user", "content": "abc\\udc00"}]}',
+              "/v1/classify": '{"input": ["fine", "abc\\ud800def"]}'}
+    with LiveServer(create_app(engine)) as srv:
+        for path, body in bodies.items():
+            r = httpx.post(srv.url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code == 400, (path, r.status_code, r.text)
+            msg = r.json()["error"]["message"]
+            assert "lone UTF-16 surrogate" in msg and "\n" not in msg, msg
+        ok = httpx.post(srv.url + "/v1/classify", json={"input": "my flight was cancelled"}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_bad_port_and_port_in_use_are_one_line_before_loading(monkeypatch, capsys):
+    import socket
+
+    from clmtune.serve.engine import Engine
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: never()))
+    _one_line_error(capsys, ["serve", "--model", "builtin:tiny-opt", "--port", "99999"],
+                    "--port 99999 is not a port number")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        err = _one_line_error(capsys, ["serve", "--model", "builtin:tiny-opt", "--port", port], f"--port {port}",
+                              "is in use")
+    finally:
+        busy.close()
+    assert "serve:" not in capsys.readouterr().out

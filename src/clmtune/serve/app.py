@@ -6,6 +6,7 @@ request never takes the server down (a failing batch fails only its own requests
 
 from __future__ import annotations
 
+import errno
 import json
 import secrets
 import time
@@ -19,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clmtune.errors import ClmtuneError
 from clmtune.serve import schemas as S
 from clmtune.serve.batcher import Batcher, Job, QueueFull
 from clmtune.serve.engine import Engine, RequestError, Sampling
@@ -113,8 +115,9 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             return _error(400, f"the body is not valid JSON ({err.get('msg')})", "invalid_request_error",
                           code="invalid_json")
         where = ".".join(loc) or "body"
-        return _error(400, f"{where}: {err.get('msg')} (got {err.get('input')!r:.80})", "invalid_request_error",
-                      param=where, code=err.get("type"))
+        got = f" (got {err.get('input')!r:.80})" if loc else ""  # the whole body is not echoed back
+        return _error(400, f"{where}: {err.get('msg')}{got}", "invalid_request_error", param=where,
+                      code=err.get("type"))
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
@@ -311,8 +314,42 @@ def serve(run: str | None = None, model: str | None = None, host: str = "127.0.0
     import uvicorn
 
     limits = Limits(**limits) if isinstance(limits, dict) else limits
-    engine = Engine.load(run, model, device)
-    app = create_app(engine, api_key, limits)
-    print(f"clmtune serve: {engine.model_id} ({engine.task_name}) on http://{host}:{port}/ "
-          f"(API: /v1, playground: /){' - API key required' if api_key else ''}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)  # info: one line per request
+    sock = bind_socket(host, port)  # before loading the model: a port in use is one line, at once
+    try:
+        engine = Engine.load(run, model, device)
+        app = create_app(engine, api_key, limits)
+        port = sock.getsockname()[1]
+        print(f"clmtune serve: {engine.model_id} ({engine.task_name}) on http://{host}:{port}/ "
+              f"(API: /v1, playground: /){' - API key required' if api_key else ''}", flush=True)
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)  # info: one line per request
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int):
+    """A listening socket on ``host:port``, or one line saying why not (port out of range, in use, bad host).
+    The server then runs on this socket, so nothing can take the port between the check and serving."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ClmtuneError(f"--port {port} is not a port number; give one from 1 to 65535 (e.g. 8000)")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ClmtuneError(f"--host {host!r} is not an address of this machine ({exc}); use 127.0.0.1 or "
+                           "0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a recently closed port is reusable
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ClmtuneError(f"--port {port} on {host} is in use by another program; stop it or pick another "
+                               "--port") from None
+        raise ClmtuneError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --host or --port") \
+            from None
+    sock.set_inheritable(True)
+    return sock
