@@ -306,3 +306,27 @@ def test_bad_port_and_port_in_use_are_one_line_before_loading(monkeypatch, capsy
     finally:
         busy.close()
     assert "serve:" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. a Parquet column of structs is flattened to column.field, never trained on as Python repr
+
+
+def test_parquet_struct_column_is_flattened_not_repr(tmp_path, capsys):
+    import pandas as pd
+
+    from clmtune.data.sources import read_table
+
+    rows = [{"text": {"body": f"review {i} good" if i % 2 else f"review {i} bad", "lang": "en"},
+             "label": "good" if i % 2 else "bad"} for i in range(12)]
+    path = tmp_path / "s.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    read = read_table(path)
+    assert read[1] == {"text.body": "review 1 good", "text.lang": "en", "label": "good"}
+    common = ["prepare", "--data.source", path, "--data.label_column", "label"]
+    _one_line_error(capsys, [*common, "--data.template", "{text} :"], "'text.body'")
+    capsys.readouterr()
+    assert main([str(a) for a in [*common, "--data.template", "{text.body} :"]]) == 0
+    # a list column used as text is refused, not turned into "['a', 'b']"
+    pd.DataFrame([{"text": ["a", "b"], "label": "good"}, {"text": ["c"], "label": "bad"}] * 4).to_parquet(path)
+    _one_line_error(capsys, [*common, "--data.template", "{text} :"], "column 'text' holds lists, not text")

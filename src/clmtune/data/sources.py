@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +19,8 @@ from typing import Any
 from clmtune.config import DataConfig
 from clmtune.errors import ClmtuneError
 from clmtune.tasks import get_task
+
+log = logging.getLogger("clmtune")
 
 BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf:"
@@ -261,6 +264,23 @@ def _read_txt(path: Path, encoding: str, sample_by: str) -> list[dict[str, Any]]
     return [{"text": p, "file": path.name} for p in pieces]
 
 
+def _flatten_structs(df, path: Path):
+    """Parquet struct columns as one column per field, named ``column.field`` (as ``pandas.json_normalize``):
+    read as they are, a template would fill ``{column}`` with the Python repr of a dict and train on it."""
+    import pandas as pd
+
+    for col in list(df.columns):
+        values = df[col].dropna()
+        if not len(values) or not values.map(lambda v: isinstance(v, dict)).all():
+            continue
+        flat = pd.json_normalize([v if isinstance(v, dict) else {} for v in df[col]], sep=".").add_prefix(f"{col}.")
+        flat.index = df.index
+        at = df.columns.get_loc(col)
+        df = pd.concat([df.iloc[:, :at], flat, df.iloc[:, at + 1:]], axis=1)
+        log.info("%s: struct column %r read as %s", path, col, ", ".join(flat.columns))
+    return df
+
+
 def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8",
                sample_by: str = "line", nested: bool = False) -> list[dict[str, Any]]:
     """Read a CSV/TSV/JSON/JSONL/Parquet/TXT file into a list of row dicts (values kept as written).
@@ -289,7 +309,7 @@ def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8"
             raise ClmtuneError(f"{path} is not a readable Parquet file ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:200]})") from None
         df.columns = [str(c) for c in df.columns]
-        return df.to_dict(orient="records")
+        return _flatten_structs(df, path).to_dict(orient="records")
     raise ClmtuneError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl, .parquet or .txt")
 
 

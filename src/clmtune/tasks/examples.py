@@ -55,8 +55,16 @@ def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def cell_text(value: Any) -> str:
-    return "" if is_missing(value) else str(value)
+def cell_text(value: Any, column: str = "") -> str:
+    """A cell as text; a list or mapping (a Parquet/JSON column of structs or arrays) is refused, not turned into
+    its Python repr."""
+    if is_missing(value):
+        return ""
+    if isinstance(value, (dict, list, tuple)) or type(value).__name__ == "ndarray":
+        kind = "mappings" if isinstance(value, dict) else "lists"
+        raise ClmtuneError(f"column {column!r} holds {kind}, not text (e.g. {str(value)[:60]!r}); use a text column, "
+                           "or one of its fields as its own column")
+    return str(value)
 
 
 def row_name(where: str, i: int) -> str:
