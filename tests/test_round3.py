@@ -29,8 +29,10 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 def _one_line_error(capsys, args: list[str], *expected: str) -> str:
     capsys.readouterr()
     assert main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
+    everything = capsys.readouterr().err.strip()
+    assert "Traceback" not in everything, everything
+    err = everything.splitlines()[-1]  # progress bars may come before the error line
+    assert err.startswith("clmtune: error: ") and everything.count("clmtune: error") == 1, everything
     for text in expected:
         assert text in err, err
     return err
@@ -330,3 +332,28 @@ def test_parquet_struct_column_is_flattened_not_repr(tmp_path, capsys):
     # a list column used as text is refused, not turned into "['a', 'b']"
     pd.DataFrame([{"text": ["a", "b"], "label": "good"}, {"text": ["c"], "label": "bad"}] * 4).to_parquet(path)
     _one_line_error(capsys, [*common, "--data.template", "{text} :"], "column 'text' holds lists, not text")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. the run folder deleted during training: one line, no partial folder recreated
+
+
+def test_run_folder_deleted_during_training_is_one_line(tmp_path, monkeypatch, capsys, one_thread):
+    from tinyrun import twitter_rows
+
+    from clmtune.train import TrainRecipe
+
+    fit = TrainRecipe.fit
+
+    def fit_then_delete(self):
+        out = fit(self)
+        shutil.rmtree(self.run.path)
+        return out
+
+    monkeypatch.setattr(TrainRecipe, "fit", fit_then_delete)
+    run = tmp_path / "run"
+    _one_line_error(capsys, ["train", "--no-eval", "--data.source", twitter_rows(tmp_path), "--data.max_length", "48",
+                             "--model.name_or_path", "builtin:tiny-gpt2", "--train.max_steps", "1",
+                             "--data.labels", "[complaint, no complaint]", "--train.output_dir", run],
+                    "was deleted or replaced while training", "nothing was saved")
+    assert not run.exists()

@@ -397,7 +397,15 @@ class TrainRecipe:
             self.log_file.flush()
         self.watch.log(record)
 
+    def check_folder(self) -> None:
+        """The run folder (with this run's lock) is still there: deleted or replaced during training, saving into
+        it would recreate a partial folder, or fail with FileNotFoundError after the whole training."""
+        if self.main and self.lock is not None and not self.lock.path.is_file():
+            raise ClmtuneError(f"the run folder {self.run.path} was deleted or replaced while training; nothing was "
+                               "saved; train again (into a folder nothing else removes)")
+
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
+        self.check_folder()
         if batch_in_epoch >= self.batches_per_epoch:  # store the next position: start of the next epoch
             epoch, batch_in_epoch = epoch + 1, 0
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
@@ -419,6 +427,7 @@ class TrainRecipe:
         from accelerate.utils import gather_object
 
         acc, cfg, run = self.accelerator, self.cfg, self.run
+        self.check_folder()
         acc.wait_for_everyone()
         best = self.watch.finish()  # with train.save_best: the best weights are loaded back into the model
         weights = _trainable_state(self.model, acc)  # collective (ZeRO-3 gather); the real weights, not shards
