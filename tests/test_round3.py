@@ -357,3 +357,63 @@ def test_run_folder_deleted_during_training_is_one_line(tmp_path, monkeypatch, c
                              "--data.labels", "[complaint, no complaint]", "--train.output_dir", run],
                     "was deleted or replaced while training", "nothing was saved")
     assert not run.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unclear -> clear: encodings, empty-looking rows, label sets
+
+
+def _csv(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding, errors="ignore"))  # (tweets hold a few characters gbk lacks)
+    return path
+
+
+GOOD_BAD = "text,label\nnice room,good\nbad room,bad\nfine stay,good\nawful,bad\nlovely,good\nugly,bad\n"
+
+
+def test_utf16_with_a_byte_order_mark_is_named(tmp_path, capsys):
+    path = _csv(tmp_path, "u16.csv", GOOD_BAD, "utf-16")
+    common = ["prepare", "--data.source", path, "--data.template", "{text} :", "--data.label_column", "label"]
+    err = _one_line_error(capsys, common, "is UTF-16 (little-endian) text", "data.encoding: utf-16")
+    assert "gbk" not in err
+    assert main([str(a) for a in [*common, "--data.encoding", "utf-16"]]) == 0
+
+
+def test_eval_data_takes_the_encoding_of_its_file(run3, tmp_path, capsys):
+    rows = (run3 / "twitter12.csv").read_text(encoding="utf-8")
+    path = _csv(tmp_path, "gbk.csv", rows.replace("@", "＠投诉"), "gbk")
+    _one_line_error(capsys, ["eval", "--run", run3 / "run", "--data", path, "--out", tmp_path / "o"], "is not utf-8")
+    assert main(["eval", "--run", str(run3 / "run"), "--data", str(path), "--data.encoding", "gbk",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["n"] == 12
+    _one_line_error(capsys, ["eval", "--run", run3 / "run", "--data.encoding", "gbk"], "give --data FILE")
+
+
+def test_zero_width_rows_are_empty_and_labels_empty_list_is_refused(tmp_path, capsys, caplog):
+    from clmtune.config import DataConfig
+    from clmtune.data import load_task
+
+    path = _csv(tmp_path, "zw.csv", GOOD_BAD + "\u200b\u200b,good\n \ufeff\u2060 ,bad\n")
+    data = load_task(DataConfig(source=str(path), template="{text} :", label_column="label", eval_fraction=0))
+    assert data.report["dropped_empty"]["train"] == 2 and len(data.train) == 6
+    _one_line_error(capsys, ["prepare", "--data.source", path, "--data.template", "{text} :",
+                             "--data.label_column", "label", "--data.labels", "[]"], "data.labels=[] names no label")
+
+
+def test_one_class_warns_and_a_long_label_set_is_summarised(tmp_path, capsys, caplog):
+    from clmtune.config import DataConfig
+    from clmtune.data import load_task
+
+    path = _csv(tmp_path, "one.csv", "text,label\n" + "".join(f"row {i},good\n" for i in range(8)))
+    with caplog.at_level("WARNING"):
+        load_task(DataConfig(source=str(path), template="{text} :", label_column="label", eval_fraction=0,
+                             labels=["good", "bad"]))
+    assert "the training rows hold one class only ('good', 8 rows)" in caplog.text and "'bad'" in caplog.text
+    labels = [f"category number {i}" for i in range(96)]
+    path = _csv(tmp_path, "many.csv", "text,label\n" + "".join(f"row {i},{labels[i]}\n" for i in range(96))
+                + "row x,not a label\n")
+    err = _one_line_error(capsys, ["prepare", "--data.source", path, "--data.template", "{text} :",
+                                   "--data.label_column", "label", "--data.labels", "[" + ", ".join(labels) + "]"],
+                          "not in the label set of 96 label(s)", "... 86 more")
+    assert len(err) < 600, len(err)

@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the run's eval.method (auto: rank, or constrained for a big label tree)")
     e.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override the run's eval.dtype (default auto: "
                    "bf16 where the hardware has native bf16 matrix units, else fp32; fp32: bit-reproducible)")
+    e.add_argument("--data.encoding", dest="data_encoding", metavar="ENCODING",
+                   help="text encoding of --data FILE (default: the run's data.encoding, e.g. utf-8; gbk, utf-16)")
+    e.add_argument("--data.delimiter", dest="data_delimiter", metavar="SEP",
+                   help="column separator of a --data CSV/TSV file (default: the run's data.delimiter)")
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
     e.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps; "
                                     "default: the run's eval.device")
@@ -239,8 +243,12 @@ def _print_eval(metrics: dict, where: Path) -> None:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.evaluate import evaluate_run
 
+    reading = {k: v for k, v in (("encoding", args.data_encoding), ("delimiter", args.data_delimiter)) if v}
+    if reading and not args.data:
+        raise ClmtuneError(f"--data.{next(iter(reading))} is about reading --data FILE; give --data FILE (the run's "
+                           "own splits are read as in training)")
     metrics, where = evaluate_run(args.run, args.split, args.data, args.method, args.out, device=args.device,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, data_reading=reading)
     _print_eval(metrics, where)
     return 0
 

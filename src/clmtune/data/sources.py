@@ -72,6 +72,12 @@ def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, int] | None
 
 
 def _encoding_error(path: Path, encoding: str) -> ClmtuneError:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    for bom, name in ((b"\xff\xfe", "UTF-16 (little-endian)"), (b"\xfe\xff", "UTF-16 (big-endian)")):
+        if head.startswith(bom) and not head.startswith(b"\xff\xfe\x00\x00"):
+            return ClmtuneError(f"{path} is {name} text (it starts with a byte-order mark), not {encoding}; set "
+                                "data.encoding: utf-16, or save it as UTF-8")
     found = _first_undecodable_line(path, encoding)
     where = f"line {found[0]} (byte offset {found[1]})" if found else "somewhere"
     return ClmtuneError(f"{path} is not {encoding}: {where} has bytes that are not valid {encoding}; convert the file "
