@@ -8,6 +8,7 @@ nothing on disk changed.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -180,6 +181,10 @@ def test_report_lists_every_evaluation_and_keeps_the_held_out_one(run3, tmp_path
     unlabelled.write_text("ID,Tweet text\n1,my flight is late again\n2,thanks for the quick help\n", encoding="utf-8")
     assert main(["eval", "--run", str(run), "--data", str(other)]) == 0
     assert main(["eval", "--run", str(run), "--data", str(unlabelled)]) == 0
+    with open(run / "eval" / "file-unlabelled-rank" / "predictions_text.csv", encoding="utf-8") as fh:
+        texts = list(csv.DictReader(fh))  # an unlabelled file's predictions next to their texts
+    assert [r["id"] for r in texts] == ["1", "2"] and "my flight is late again" in texts[0]["text"]
+    assert texts[0]["predicted"] in ("complaint", "no complaint")
     report = read_run(run)
     assert set(report.evals) == {"eval/eval-rank", "eval/file-new-rank", "eval/file-unlabelled-rank"}
     assert report.eval["accuracy"] == held["accuracy"] and report.eval_on == "held-out"

@@ -28,7 +28,11 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clmtune", description=__doc__.split(".")[0] + ".")
+    p = argparse.ArgumentParser(
+        prog="clmtune", description="Fine-tune decoder-only language models with LoRA and other PEFT methods, then "
+        "evaluate, generate, chat, serve (OpenAI-compatible), export and report. Start with `clmtune train` (a "
+        "built-in example) or `clmtune prepare --data.source FILE` to check your data; `clmtune COMMAND --help` "
+        "for each command.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -282,7 +286,7 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.generate import load_for_generation
 
     settings = _generate_settings(args, {})
-    model, tok = load_for_generation(args.run, args.model, settings.device)
+    model, tok = load_for_generation(args.run, args.model, settings.device, settings.dtype)  # as `generate`
     if args.chat_template:
         install_chat_template(tok, args.chat_template)
     elif not getattr(tok, "chat_template", None):

@@ -55,6 +55,7 @@ REPORT_HTML = "report.html"
 EVAL_JSON = "eval.json"
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_JSONL = "predictions.jsonl"
+PREDICTIONS_TEXT_CSV = "predictions_text.csv"  # unlabelled rows: id, text, predicted (predictions.csv: ID,Label)
 CONFUSION_PNG = "confusion_matrix.png"
 EVALS = "eval"
 EVAL_INDEX = "index.json"
