@@ -422,3 +422,41 @@ def test_one_class_warns_and_a_long_label_set_is_summarised(tmp_path, capsys, ca
                                    "--data.label_column", "label", "--data.labels", "[" + ", ".join(labels) + "]"],
                           "not in the label set of 96 label(s)", "... 86 more")
     assert len(err) < 600, len(err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dependency floors: what `make test-floors` installs is what pyproject.toml claims
+
+
+def test_floor_constraints_match_pyproject():
+    import re
+    import tomllib
+
+    from packaging.version import Version
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    floors = dict(re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d).groups() for d in deps if ">=" in d)
+    pinned = dict(ln.split("==") for ln in (REPO / "constraints-floors.txt").read_text().split("\n")
+                  if ln.strip() and not ln.startswith("#"))
+    assert set(pinned) == {"transformers", "peft", "accelerate", "datasets"}
+    assert {k: Version(floors[k]) for k in pinned} == {k: Version(v) for k, v in pinned.items()}
+    torch_pin = next(ln.split("==")[1] for ln in (REPO / "constraints.txt").read_text().split("\n")
+                     if ln.startswith("torch=="))
+    assert Version(floors["torch"]) == Version(torch_pin)  # the torch tested is the floor
+
+
+def test_cache_helpers_take_either_name():
+    from types import SimpleNamespace
+
+    from clmtune.models import cache_kwarg, output_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return SimpleNamespace(logits=None, past_key_values="old")
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return SimpleNamespace(logits=None, cache="new", past_key_values=None)
+
+    assert cache_kwarg(Old()) == "past_key_values" and output_cache(Old()(None)) == "old"
+    assert cache_kwarg(New()) == "cache" and output_cache(New()(None)) == "new"
