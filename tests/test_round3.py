@@ -460,3 +460,29 @@ def test_cache_helpers_take_either_name():
 
     assert cache_kwarg(Old()) == "past_key_values" and output_cache(Old()(None)) == "old"
     assert cache_kwarg(New()) == "cache" and output_cache(New()(None)) == "new"
+
+
+def test_a_symlink_loop_is_named(tmp_path, capsys):
+    (tmp_path / "a.csv").symlink_to(tmp_path / "b.csv")
+    (tmp_path / "b.csv").symlink_to(tmp_path / "a.csv")
+    (tmp_path / "gone.csv").symlink_to(tmp_path / "nothing.csv")
+    _one_line_error(capsys, ["prepare", "--data.source", tmp_path / "a.csv"], "is a symbolic link that loops")
+    _one_line_error(capsys, ["prepare", "--data.source", tmp_path / "gone.csv"], "nothing.csv', which does not exist")
+
+
+def test_a_rising_held_out_loss_is_warned_about(caplog):
+    from types import SimpleNamespace
+
+    from clmtune.train.watch import Watch
+
+    train = SimpleNamespace(eval_steps=10, early_stopping_patience=None, save_best=None, report_to=[])
+    w = Watch(SimpleNamespace(cfg=SimpleNamespace(train=train), main=True))
+    w.losses = [(10, 2.61), (20, 2.50), (30, 4.16)]
+    with caplog.at_level("WARNING"):
+        assert w.finish() is None
+    assert "the held-out loss rose to 4.1600 at step 30 from 2.5000 at step 20" in caplog.text
+    caplog.clear()
+    w.losses = [(10, 2.61), (20, 2.50), (30, 2.55)]  # within 10 % of the best: no warning
+    with caplog.at_level("WARNING"):
+        w.finish()
+    assert "rose" not in caplog.text

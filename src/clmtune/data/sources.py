@@ -8,8 +8,10 @@ known, and the fix.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -47,6 +49,17 @@ def resolve_source(source: str) -> Path:
                                "builtin:chnsenticorp/ChnSentiCorp_htl_all.csv, builtin:chat/chatterbot-zh)")
         return path
     path = Path(source).expanduser()
+    if not path.exists() and path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13
+            raise ClmtuneError(f"data.source={source!r} is a symbolic link that loops (it points back to itself); "
+                               "point it at the data file") from None
+        except OSError as exc:
+            why = "loops (it points back to itself)" if exc.errno == errno.ELOOP else \
+                f"points to {os.readlink(path)!r}, which does not exist"
+            raise ClmtuneError(f"data.source={source!r} is a symbolic link that {why}; point it at the data "
+                               "file") from None
     if not path.exists():
         raise ClmtuneError(f"data.source={source!r}: no such file or folder (give a CSV/TSV/JSON/JSONL/Parquet/TXT "
                            "file, a folder of split files or .txt files, or hf:NAME for a Hugging Face dataset)")
