@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/twitter_complaints
 
-.PHONY: install test test-floors demo demo-en bench bench-chat clean
+.PHONY: install test test-fast test-floors demo demo-en bench bench-chat clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	sh scripts/system_deps.sh  # CJK font + chromium where missing (apt-get as root; otherwise it says what to install)
@@ -18,6 +18,10 @@ install: $(BIN)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite without the tests marked slow (whole training runs, servers, browsers): a quick check while working
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The lowest versions pyproject.toml allows (constraints-floors.txt; torch: the CPU build of constraints.txt) in a
 # venv of their own, and the tests that exercise what differs between versions (evaluation's KV-cache use, peft
@@ -51,11 +55,11 @@ demo-en: install
 		"Tweet text : Thanks @JetBlue, the crew was lovely today label : "
 	@echo "demo finished: everything is in $(RUN)/"
 
-# Training speed: tutorial recipe vs Trainer vs clmtune (fp32, bf16), ratios within one run (~12 min on 2 cores)
+# Training speed: tutorial recipe vs Trainer vs clmtune (fp32, bf16), ratios within one run (bench/README.md)
 bench: install
 	$(BIN)/python bench/bench_train.py --threads 1
 
-# Chat fine-tuning speed: TRL's SFTTrainer (assistant-only loss, padding-free) vs clmtune (~2 min on 2 cores)
+# Chat fine-tuning speed: TRL's SFTTrainer (assistant-only loss, padding-free) vs clmtune (bench/README.md)
 bench-chat: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[bench]'
 	$(BIN)/python bench/bench_chat.py --threads 1
