@@ -65,6 +65,7 @@ def _copy(run3: Path, tmp_path: Path) -> Path:
 # 1. --overwrite replaces only a folder of the same kind written by clmtune
 
 
+@pytest.mark.slow
 def test_prepare_save_overwrite_never_deletes_a_file_a_run_or_the_data(run3, tmp_path, capsys):
     run = _copy(run3, tmp_path)
     csv = tmp_path / "data.csv"
@@ -96,6 +97,7 @@ def test_prepare_save_overwrite_never_deletes_a_file_a_run_or_the_data(run3, tmp
     assert (saved / "clmtune_prepared.json").is_file()
 
 
+@pytest.mark.slow
 def test_export_overwrite_never_replaces_the_run_or_its_parts(run3, tmp_path, capsys):
     run = _copy(run3, tmp_path)
     before = _snapshot(run)
@@ -147,6 +149,7 @@ def test_config_folder_and_two_output_folders_are_refused(tmp_path, capsys):
 # 3. train.max_steps is the number of steps trained; warm-up longer than the training is warned about
 
 
+@pytest.mark.slow
 def test_max_steps_trains_that_many_steps_whatever_the_epochs(tmp_path, one_thread, caplog):
     from tinyrun import tiny_cfg
 
@@ -166,6 +169,7 @@ def test_max_steps_trains_that_many_steps_whatever_the_epochs(tmp_path, one_thre
 # 4. the report lists every evaluation; held-out stays held-out after `eval --data FILE`
 
 
+@pytest.mark.slow
 def test_report_lists_every_evaluation_and_keeps_the_held_out_one(run3, tmp_path, capsys):
     from html import escape
 
@@ -202,6 +206,7 @@ def test_report_lists_every_evaluation_and_keeps_the_held_out_one(run3, tmp_path
 # 6. an adapter that does not fit the base model: one line in eval (and serve, which loads the same way)
 
 
+@pytest.mark.slow
 def test_adapter_that_does_not_fit_the_base_is_one_line(run3, tmp_path, capsys):
     import yaml
 
@@ -242,6 +247,7 @@ def read_only_run(run3, tmp_path):
         subprocess.run(["umount", str(run)], check=False)
 
 
+@pytest.mark.slow
 def test_read_only_run_eval_and_report(read_only_run, tmp_path, capsys):
     run = read_only_run
     before = _snapshot(run)
@@ -255,6 +261,7 @@ def test_read_only_run_eval_and_report(read_only_run, tmp_path, capsys):
     assert _snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_being_trained_names_the_pid(run3, tmp_path, capsys):
     import os
     import socket
@@ -270,6 +277,7 @@ def test_eval_of_a_run_being_trained_names_the_pid(run3, tmp_path, capsys):
 # 8. the server's edges: lone surrogates are a 400, a bad or busy port is one line before the model loads
 
 
+@pytest.mark.slow
 def test_lone_surrogates_are_400_in_all_three_endpoints(run3):
     import httpx
     from liveserver import CHAT_TEMPLATE, LiveServer
@@ -319,6 +327,7 @@ def test_bad_port_and_port_in_use_are_one_line_before_loading(monkeypatch, capsy
 # 9. a Parquet column of structs is flattened to column.field, never trained on as Python repr
 
 
+@pytest.mark.slow
 def test_parquet_struct_column_is_flattened_not_repr(tmp_path, capsys):
     import pandas as pd
 
@@ -343,6 +352,7 @@ def test_parquet_struct_column_is_flattened_not_repr(tmp_path, capsys):
 # 10. the run folder deleted during training: one line, no partial folder recreated
 
 
+@pytest.mark.slow
 def test_run_folder_deleted_during_training_is_one_line(tmp_path, monkeypatch, capsys, one_thread):
     from tinyrun import twitter_rows
 
@@ -385,6 +395,7 @@ def test_utf16_with_a_byte_order_mark_is_named(tmp_path, capsys):
     assert main([str(a) for a in [*common, "--data.encoding", "utf-16"]]) == 0
 
 
+@pytest.mark.slow
 def test_eval_data_takes_the_encoding_of_its_file(run3, tmp_path, capsys):
     rows = (run3 / "twitter12.csv").read_text(encoding="utf-8")
     path = _csv(tmp_path, "gbk.csv", rows.replace("@", "＠投诉"), "gbk")
