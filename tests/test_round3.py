@@ -497,3 +497,13 @@ def test_a_rising_held_out_loss_is_warned_about(caplog):
     with caplog.at_level("WARNING"):
         w.finish()
     assert "rose" not in caplog.text
+
+
+def test_train_overwrite_refuses_a_folder_that_holds_the_data(tmp_path, capsys):
+    from tinyrun import twitter_rows
+
+    data = twitter_rows(tmp_path)
+    before = _snapshot(tmp_path)
+    _one_line_error(capsys, ["train", "--data.source", data, "--output-dir", tmp_path, "--overwrite",
+                             "--train.max_steps", "1"], f"holds the data {data}", "another folder")
+    assert _snapshot(tmp_path) == before

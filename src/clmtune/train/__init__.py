@@ -177,6 +177,13 @@ class TrainRecipe:
             _check_same_config(self.cfg, json.loads((self.ckpt / STATE_FILE).read_text(encoding="utf-8"))["config"],
                                self.ckpt)
         if self.main:
+            if t_cfg.overwrite:  # --overwrite clears a run's outputs; never in a folder that holds the data read
+                here, d = self.run.path.resolve(), self.cfg.data
+                for src in (d.source, d.eval_file, d.test_file, d.prepared):
+                    if src and Path(src).exists() and (Path(src).resolve() == here or
+                                                       here in Path(src).resolve().parents):
+                        raise ClmtuneError(f"train.output_dir {self.run.path} holds the data {src}; write the run "
+                                           "into another folder")
             prepare_output_dir(self.run.path, t_cfg.overwrite, self.resume is not None)
         self.accelerator.wait_for_everyone()  # no process reads the folder before rank 0 has checked/cleaned it
         self.determinism = seed_everything(self.cfg)  # deterministic kernels too, with train.deterministic
