@@ -507,3 +507,31 @@ def test_train_overwrite_refuses_a_folder_that_holds_the_data(tmp_path, capsys):
     _one_line_error(capsys, ["train", "--data.source", data, "--output-dir", tmp_path, "--overwrite",
                              "--train.max_steps", "1"], f"holds the data {data}", "another folder")
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_non_streaming_request_whose_client_left_is_cancelled(monkeypatch):
+    import time
+
+    import httpx
+    from liveserver import LiveServer
+
+    from clmtune.serve.app import create_app
+    from clmtune.serve.engine import Engine
+
+    engine = Engine.load(model="builtin:tiny-gpt2-zh", device="cpu")
+    forward = engine._forward
+
+    def slow_forward(*a, **k):  # 200 tokens: ~10 s of generation
+        time.sleep(0.05)
+        return forward(*a, **k)
+
+    monkeypatch.setattr(engine, "_forward", slow_forward)
+    with LiveServer(create_app(engine)) as srv:
+        body = {"model": engine.model_id, "prompt": "今天天气", "max_tokens": 200, "temperature": 0}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=1.0)  # the client gives up and leaves
+        t0 = time.perf_counter()
+        while srv.health()["queue"]["in_flight"] and time.perf_counter() - t0 < 5:
+            time.sleep(0.1)
+        assert srv.health()["queue"]["in_flight"] == 0, srv.health()  # cancelled, not run for ~10 s

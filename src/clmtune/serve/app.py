@@ -6,6 +6,7 @@ request never takes the server down (a failing batch fails only its own requests
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import secrets
@@ -39,6 +40,9 @@ class Limits:
     max_batch: int = 16
     """Rows (prompts x n) generated together in one batch; also the most one request may ask for."""
     max_classify_inputs: int = 64
+
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -169,13 +173,29 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
                         seed=req.seed)
 
-    async def finish(job: Job) -> list[tuple[str, str | None, int]]:
+    async def next_event(job: Job, request: Request):
+        """The job's next event; a client that went away cancels the job (``finally`` of the caller) instead of
+        letting its rows run to the end and hold places in the queue (Starlette does not cancel a non-streaming
+        handler when its client disconnects)."""
+        get = asyncio.ensure_future(job.events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return get.result()
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client closed the request", "invalid_request_error",
+                                   code="client_closed")
+        finally:
+            get.cancel()
+
+    async def finish(job: Job, request: Request) -> list[tuple[str, str | None, int]]:
         """(text, finish_reason, tokens) per row once all rows ended; cancels the job if this request is
-        cancelled while it waits."""
+        cancelled, or its client goes away, while it waits."""
         open_rows = job.size
         try:
             while open_rows:
-                event = await job.events.get()
+                event = await next_event(job, request)
                 if event[0] == "done":
                     open_rows -= 1
                 elif event[0] == "error":
@@ -234,7 +254,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         return card()
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: S.CompletionRequest):
+    async def completions(req: S.CompletionRequest, request: Request):
         check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         params = sampling(req, len(prompts) * req.n)
@@ -251,7 +271,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]},
                                   ensure_ascii=False)
             return stream(job, chunk)
-        rows = await finish(job)
+        rows = await finish(job, request)
         used = sum(t for _, _, t in rows)
         prompt_tokens = sum(map(len, ids))
         return S.Completion(id=rid, created=now, model=engine.model_id,
@@ -261,7 +281,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                           total_tokens=prompt_tokens + used))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(req: S.ChatRequest):
+    async def chat_completions(req: S.ChatRequest, request: Request):
         check_model(req.model)
         params = sampling(req, req.n)
         ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
@@ -278,7 +298,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                              choices=[S.ChatChunkChoice(index=i, delta=delta, finish_reason=reason)])
                 return json.dumps(body.model_dump(exclude_none=False), ensure_ascii=False)
             return stream(job, chunk)
-        rows = await finish(job)
+        rows = await finish(job, request)
         used = sum(t for _, _, t in rows)
         return S.ChatCompletion(id=rid, created=now, model=engine.model_id,
                                 choices=[S.ChatChoice(index=i, message=S.AssistantMessage(content=t), finish_reason=f)
@@ -287,7 +307,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                               total_tokens=len(ids) + used))
 
     @app.post("/v1/classify", response_model=S.ClassifyResponse, dependencies=[Depends(authorized)])
-    async def classify(req: S.ClassifyRequest):
+    async def classify(req: S.ClassifyRequest, request: Request):
         check_model(req.model)
         inputs = [req.input] if isinstance(req.input, str) else req.input
         if len(inputs) > limits.max_classify_inputs:
@@ -296,7 +316,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         prompts = engine.encode_classify(inputs)
         job = batcher.submit_classify(prompts)
         try:
-            event = await job.events.get()
+            event = await next_event(job, request)
         finally:
             if not job.released:
                 batcher.cancel(job)
