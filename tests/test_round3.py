@@ -535,3 +535,27 @@ def test_a_non_streaming_request_whose_client_left_is_cancelled(monkeypatch):
         while srv.health()["queue"]["in_flight"] and time.perf_counter() - t0 < 5:
             time.sleep(0.1)
         assert srv.health()["queue"]["in_flight"] == 0, srv.health()  # cancelled, not run for ~10 s
+
+
+def test_hf_source_goes_offline_at_once_when_the_hub_cannot_be_reached(monkeypatch, capsys):
+    import socket
+
+    import datasets
+    import huggingface_hub.constants as hub
+
+    seen = []
+
+    def load_dataset(name, subset=None):
+        seen.append((hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub (OfflineModeIsEnabled)")
+
+    def unreachable(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    _one_line_error(capsys, ["prepare", "--data.source", "hf:someone/data"], "could not load 'someone/data'")
+    assert seen == [(True, True)]  # offline while loading: the cache or an error at once, no retries
+    assert (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == (False, False)  # and back afterwards

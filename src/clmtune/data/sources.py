@@ -7,6 +7,7 @@ known, and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -370,12 +371,43 @@ def _task_json_labels(folder: Path, label_column: str) -> list[str] | None:
     return meta.get("label_columns", {}).get(label_column) or None
 
 
+@contextlib.contextmanager
+def _offline_when_unreachable(host: str = "huggingface.co", timeout: float = 3.0):
+    """Offline mode for ``datasets``/``huggingface_hub`` while the Hub cannot be reached (one quick probe): the
+    cached copy is used when there is one, and a missing one fails at once, instead of ~10 logged retries over
+    ~30 s before the same error."""
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        yield
+        return
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield
+        return
+    log.info("%s cannot be reached: loading the data set from the local cache only", host)
+    before = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+
+
 def _load_hf(cfg: DataConfig) -> RawData:
     import datasets
 
     name, _, subset = cfg.source[len(HF_PREFIX):].partition(":")
     try:
-        dd = datasets.load_dataset(name, subset or None)
+        with _offline_when_unreachable():
+            dd = datasets.load_dataset(name, subset or None)
     except Exception as exc:  # network, missing dataset, offline mode: all mean "cannot get it from here"
         raise ClmtuneError(f"data.source={cfg.source!r}: could not load {name!r} with datasets.load_dataset "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); Hugging Face datasets need "
