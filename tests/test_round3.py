@@ -559,3 +559,23 @@ def test_hf_source_goes_offline_at_once_when_the_hub_cannot_be_reached(monkeypat
     _one_line_error(capsys, ["prepare", "--data.source", "hf:someone/data"], "could not load 'someone/data'")
     assert seen == [(True, True)]  # offline while loading: the cache or an error at once, no retries
     assert (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == (False, False)  # and back afterwards
+
+
+def test_rows_the_tokenizer_cannot_read_are_counted_and_warned(tmp_path, caplog):
+    from clmtune.config import DataConfig, ModelConfig
+    from clmtune.data import prepare_data
+    from clmtune.models import load_tokenizer
+
+    path = _csv(tmp_path, "emoji.csv", "review,label\n今天很开心😀,好评\n太差了😡😡,差评\n不错,好评\n很糟糕,差评\n")
+    tok = load_tokenizer(ModelConfig("builtin:tiny-gpt2-zh"))  # BERT Chinese characters: no emoji
+    with caplog.at_level("WARNING"):
+        prep = prepare_data(tok, DataConfig(source=str(path), template="{review}：", label_column="label",
+                                            eval_fraction=0, max_length=32))
+    assert prep.report["splits"]["train"]["rows_with_unknown_tokens"] == 2
+    assert "2 of 4 training rows hold text the tokenizer does not know" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a byte-level BPE reads everything; its unk is the end token: no warning
+        prepare_data(load_tokenizer(ModelConfig("builtin:tiny-opt")),
+                     DataConfig(source=str(path), template="{review}：", label_column="label", eval_fraction=0,
+                                max_length=32))
+    assert "does not know" not in caplog.text

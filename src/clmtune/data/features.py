@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from clmtune.tasks.examples import SPLIT_ORDER, Example, TaskData
 from clmtune.data.load import load_task
 from clmtune.tasks import get_task
 from clmtune.errors import ClmtuneError
+
+log = logging.getLogger("clmtune")
 
 META_FILE = "clmtune_prepared.json"
 PREPARED_VERSION = 1
@@ -141,6 +144,15 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     finally:
         if not progress and was_enabled:
             datasets.enable_progress_bars()
+    unk = tokenizer.unk_token_id  # GPT-2-style vocabularies have none of their own (unk = the end token): skipped
+    special = {enc.end_id, enc.pad_id, tokenizer.eos_token_id, tokenizer.bos_token_id, *enc.prefix}
+    if unk is not None and unk not in special and feats["train"] is not None:
+        rows = sum(unk in ids for ids in feats["train"]["input_ids"])
+        stats["train"]["rows_with_unknown_tokens"] = rows
+        if rows:  # e.g. emoji in a vocabulary without them: the model sees the same unknown token for all of them
+            log.warning("%d of %d training rows hold text the tokenizer does not know (tokenized as %r): the model "
+                        "cannot tell those characters apart; clean them or use a model whose vocabulary has them",
+                        rows, len(feats["train"]), tokenizer.unk_token)
     tok = tokenizer.convert_ids_to_tokens
     report = {"task": cfg.task, "splits": stats, "labels": task.labels, "data": task.report,
               "pad_token": {"token": tok(enc.pad_id), "id": enc.pad_id},
