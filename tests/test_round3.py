@@ -192,7 +192,11 @@ def test_report_lists_every_evaluation_and_keeps_the_held_out_one(run3, tmp_path
     report = read_run(run)
     assert set(report.evals) == {"eval/eval-rank", "eval/file-new-rank", "eval/file-unlabelled-rank"}
     assert report.eval["accuracy"] == held["accuracy"] and report.eval_on == "held-out"
+    capsys.readouterr()
     assert main(["report", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert f"run: eval/eval-rank  (held-out, rank)  accuracy {held['accuracy']:.4f}" in printed, printed
+    assert "run: eval/file-new-rank  (file new.csv, rank)" in printed
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "Final metrics (held-out split)" in page
     table = page.split("<h3>Evaluations</h3>")[1].split("</table>")[0]

@@ -348,9 +348,12 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
-    from clmtune.report import write_report
+    from clmtune.report import evaluation_lines, write_report
 
-    print(f"report written to {write_report(args.runs, args.out)}")
+    out = write_report(args.runs, args.out)
+    for line in evaluation_lines(args.runs):  # every evaluation of the index, held-out or not
+        print(line)
+    print(f"report written to {out}")
     return 0
 
 

@@ -34,3 +34,20 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, titl
     if out is not None:
         check_writable(target.parent, "the folder of --out")
     return write_html(read, target, title)
+
+
+def evaluation_lines(runs: Sequence[str | Path]) -> list[str]:
+    """One line per evaluation of each run (``eval/index.json``): folder, what it ran on, method, numbers."""
+    from clmtune.report.runs import evaluated_on, read_run
+
+    lines = []
+    for path in runs:
+        run = read_run(path)
+        for folder, e in sorted(run.evals.items(), key=lambda kv: kv[1].get("written", "")):
+            numbers = "  ".join(f"{label} {e[key]:.4f}" if isinstance(e[key], float) else f"{label} {e[key]}"
+                                for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
+                                                   ("perplexity", "perplexity"), ("n", "rows"),
+                                                   ("invalid", "invalid")) if e.get(key) is not None)
+            lines.append(f"{run.name}: {folder}  ({evaluated_on(e)}, {e.get('method')})  {numbers}")
+    return lines
+
