@@ -215,8 +215,9 @@ class RunDir:
         if not self.is_finished():
             holder = FolderLock(self.path).live_holder()
             if holder is not None:
-                raise ClmtuneError(f"cannot {what} {self.path}: it is being trained now by pid {holder.get('pid')} "
-                                   f"(`{holder.get('command')}`, since {holder.get('started')}); wait until it "
+                who = (f"pid {holder['pid']} (`{holder.get('command')}`, since {holder.get('started')})"
+                       if holder.get("pid") else "another clmtune process")
+                raise ClmtuneError(f"cannot {what} {self.path}: it is being trained now by {who}; wait until it "
                                    "finishes")
             state = ("its weights are saved but training did not finish writing (killed while saving?); "
                      "`clmtune train --config {cfg} --resume` finishes it" if self.has_weights() else
@@ -247,6 +248,13 @@ class RunDir:
     def lock(self) -> FolderLock:
         """The exclusive lock of this folder for one writer (``with run.lock(): ...``)."""
         return FolderLock(self.path)
+
+    def running(self) -> dict | None:
+        """The live process that holds this folder's lock (a training or evaluation in progress), or None."""
+        return FolderLock(self.path).live_holder()
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(p.name.startswith("step-") for p in self.checkpoints.iterdir())
 
     def clean_temporary(self) -> list[Path]:
         """Remove ``.tmp-*`` items that interrupted writes left here and in ``checkpoints/``."""
