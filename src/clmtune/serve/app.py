@@ -180,12 +180,19 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         get = asyncio.ensure_future(job.events.get())
         try:
             while True:
+                now = time.monotonic()
+                # checked every DISCONNECT_POLL_S also while events keep coming (a row's tokens arrive faster)
+                if now - getattr(request.state, "checked_at", now) >= DISCONNECT_POLL_S:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client closed the request", "invalid_request_error",
+                                       code="client_closed")
+                    request.state.checked_at = now
+                elif not hasattr(request.state, "checked_at"):
+                    request.state.checked_at = now
                 done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
                 if done:
                     return get.result()
-                if await request.is_disconnected():
-                    raise ApiError(499, "the client closed the request", "invalid_request_error",
-                                   code="client_closed")
+                request.state.checked_at = now - DISCONNECT_POLL_S  # waited a whole period: check next round
         finally:
             get.cancel()
 
