@@ -24,6 +24,7 @@ from clmtune.errors import ClmtuneError
 from clmtune.generate import (CleanStreamer, _decode, _generation_config, _stopping_criteria, context_length,
                               stop_token_ids)
 from clmtune.models import model_device
+from clmtune.text import plural
 
 HELP = "commands: /reset  /system TEXT  /history  /exit"
 
@@ -126,7 +127,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
         elif text == "/history":
             for m in session.messages():
                 write(f"{m['role']}: {m['content']}\n")
-            write(f"({len(session.history) // 2} turns kept)\n")
+            write(f"({plural(len(session.history) // 2, 'turn')} kept)\n")
         elif text.startswith("/"):
             write(f"(unknown command {text.split()[0]}; {HELP})\n")
         else:

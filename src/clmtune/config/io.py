@@ -17,6 +17,32 @@ from clmtune.errors import ConfigError
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+KEY_ALIASES = {("preference", "lambda"): "lambda_"}
+"""YAML keys that are Python keywords, and the field that holds them."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` keeps the last of two equal keys without a word (two ``train:`` sections: the first is
+    lost); this loader refuses them, naming the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                hashable = key in seen
+            except TypeError:
+                continue  # an unhashable key: the base loader reports it
+            if hashable:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one of them "
+                                    "(merge the two into one section)")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
@@ -122,6 +148,7 @@ def from_dict(raw: dict[str, Any] | None) -> RunConfig:
         hints = get_type_hints(cls)
         kwargs = {}
         for key, value in (sec_raw if isinstance(sec_raw, dict) else {}).items():
+            key = KEY_ALIASES.get((sec_name, key), key)
             if key not in hints:
                 problems.append(f"unknown key {sec_name}.{key} (known: {', '.join(hints)})")
                 continue
@@ -177,10 +204,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            inside = path / "config.yaml"
+            hint = f"give {inside}" if inside.is_file() else "give a YAML file (see configs/ for examples)"
+            raise ConfigError([f"config file {str(path)!r} is a folder; {hint}"])
         if not path.is_file():
             raise ConfigError([f"config file {str(path)!r} does not exist; see configs/ for examples"])
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+            if raw is None:
+                raise ConfigError([f"config file {str(path)!r} is empty (no settings); write its sections (see "
+                                   "configs/), or leave out --config to use the embedded defaults"])
+        except _DuplicateKey as exc:
+            raise ConfigError([f"{path}: {exc}"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path} is not valid YAML: {exc}".replace("\n", " ")]) from None
         except UnicodeDecodeError as exc:
@@ -192,4 +228,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    raw = cfg.to_dict()
+    for (sec, key), field_name in KEY_ALIASES.items():  # written as the user writes it (``lambda``)
+        if field_name in raw.get(sec, {}):
+            raw[sec] = {(key if k == field_name else k): v for k, v in raw[sec].items()}
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from clmtune.tasks.examples import SPLIT_ORDER, Example, TaskData
 from clmtune.data.load import load_task
 from clmtune.tasks import get_task
 from clmtune.errors import ClmtuneError
+
+log = logging.getLogger("clmtune")
 
 META_FILE = "clmtune_prepared.json"
 PREPARED_VERSION = 1
@@ -90,12 +93,12 @@ def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[i
                   cfg: DataConfig) -> tuple[Any, dict[str, Any]]:
     import datasets
 
-    ds = datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
-                                     "target": [e.target if e.target is not None else e.label for e in examples]})
-    # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
-    common = dict(batched=True, batch_size=1000, remove_columns=["prompt", "target"], desc=f"tokenize {split}",
-                  new_fingerprint=f"clmtune-{split}-{len(examples)}-{os.getpid()}")
     task = get_task(cfg.task)
+    columns = task.example_columns(examples)
+    ds = datasets.Dataset.from_dict(columns)
+    # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
+    common = dict(batched=True, batch_size=1000, remove_columns=list(columns), desc=f"tokenize {split}",
+                  new_fingerprint=f"clmtune-{split}-{len(examples)}-{os.getpid()}")
     ds = ds.map(partial(task.encode, tokenizer=tokenizer, prefix=prefix, end_id=end_id, d=cfg), **common)
     column = lambda name: ds.data.column(name).to_numpy()  # noqa: E731  Arrow -> numpy, not row by row
     stats = {"rows": len(examples), "truncated": int(column("truncated").sum()),
@@ -141,6 +144,15 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     finally:
         if not progress and was_enabled:
             datasets.enable_progress_bars()
+    unk = tokenizer.unk_token_id  # GPT-2-style vocabularies have none of their own (unk = the end token): skipped
+    special = {enc.end_id, enc.pad_id, tokenizer.eos_token_id, tokenizer.bos_token_id, *enc.prefix}
+    if unk is not None and unk not in special and feats["train"] is not None:
+        rows = sum(unk in ids for ids in feats["train"]["input_ids"])
+        stats["train"]["rows_with_unknown_tokens"] = rows
+        if rows:  # e.g. emoji in a vocabulary without them: the model sees the same unknown token for all of them
+            log.warning("%d of %d training rows hold text the tokenizer does not know (tokenized as %r): the model "
+                        "cannot tell those characters apart; clean them or use a model whose vocabulary has them",
+                        rows, len(feats["train"]), tokenizer.unk_token)
     tok = tokenizer.convert_ids_to_tokens
     report = {"task": cfg.task, "splits": stats, "labels": task.labels, "data": task.report,
               "pad_token": {"token": tok(enc.pad_id), "id": enc.pad_id},
@@ -169,11 +181,13 @@ def _data_settings(cfg: DataConfig) -> dict[str, Any]:
     return d
 
 
-def check_save_target(folder: str | Path, overwrite: bool) -> Path:
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise ClmtuneError(f"--save {str(folder)!r} exists and is not empty; choose another folder or pass --overwrite")
-    return folder
+def check_save_target(folder: str | Path, overwrite: bool, cfg: DataConfig | None = None) -> Path:
+    """``--save`` may replace only an earlier ``prepare --save`` folder (never a file, a run or the data read)."""
+    from clmtune.run import check_replace_target
+
+    sources = [p for p in (cfg.source, cfg.eval_file, cfg.test_file) if p and Path(p).exists()] if cfg else []
+    return check_replace_target(folder, overwrite, option="--save", marker=META_FILE, kind="`clmtune prepare --save`",
+                                sources=sources)
 
 
 def save_prepared(prep: Prepared, folder: str | Path, cfg: DataConfig, tokenizer, overwrite: bool = False) -> Path:
@@ -181,7 +195,7 @@ def save_prepared(prep: Prepared, folder: str | Path, cfg: DataConfig, tokenizer
     filled, then renamed, so an interrupted run never leaves a half-written folder."""
     import datasets
 
-    folder = check_save_target(folder, overwrite)
+    folder = check_save_target(folder, overwrite, cfg)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -213,7 +227,9 @@ def load_prepared(folder: str | Path, tokenizer, cfg: DataConfig) -> Prepared:
                            f"(no {META_FILE}); run prepare first or unset data.prepared")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     saved, now = meta["data"], _data_settings(cfg)
-    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v]
+    default = _data_settings(DataConfig())  # a setting newer than the folder (absent there) at its default is unchanged
+    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v
+            and not (k not in saved and v == default.get(k))]
     if diff:
         raise ClmtuneError(f"data.prepared={str(folder)!r} was prepared with other data settings ({'; '.join(diff)}); "
                            "prepare again with this config or use the same data settings")

@@ -17,11 +17,13 @@ from typing import Sequence
 from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import Encoder, load_task, prepare_data, read_table, render_examples
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import check_writable, is_writable
 from clmtune.inference import for_inference, model_precision
 from clmtune.models import is_prompt_learning
 from clmtune.evaluate.metrics import classification_metrics, perplexity
 from clmtune.evaluate.predict import (label_tree_nodes, predict_constrained, predict_generate, predict_rank,
                                       resolve_method)
+from clmtune.evaluate.preference import evaluate_preference_run
 from clmtune.evaluate.replies import predict_replies, reply_metrics, write_replies
 from clmtune.evaluate.report import write_label_report, write_result
 from clmtune.run import RunDir
@@ -93,23 +95,33 @@ def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, ou
 
 def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None = None, method: str | None = None,
                  out_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
-                 dtype: str | None = None) -> tuple[dict, Path]:
+                 dtype: str | None = None, data_reading: dict | None = None) -> tuple[dict, Path]:
     """Evaluate a trained run on its held-out split (``eval``), its unlabelled ``test`` split, or ``data_file``.
 
     Returns (metrics, folder written to). Each evaluation has its own folder (``RunDir.eval_output_dir``:
     ``RUN/eval/<split or file-stem>-<method>/``) unless ``out_dir`` names one; ``RUN/eval.json`` is the latest
     evaluation and ``RUN/eval/index.json`` lists them all. ``device``/``dtype``: override the run's ``eval.device``/``eval.dtype``.
+    ``data_reading``: how to read ``data_file`` where it differs from the run's data (``encoding``, ``delimiter``).
     """
     run = RunDir(run_dir)
     cfg = run.load_config()
+    if data_reading:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data_reading))
     run.check_finished("evaluate")
+    if out_dir is not None:
+        check_writable(out_dir, "--out")
+    elif not is_writable(run.path):  # before minutes of evaluating, not after
+        raise ClmtuneError(f"cannot write to the run folder {run.path} (read-only); pass --out DIR to write the "
+                           "evaluation elsewhere")
     if method is not None and get_task(cfg.data.task).evaluation != "labels":
-        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by perplexity, not by predicting "
-                           "labels; drop --method")
+        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is not scored by predicting labels; drop "
+                           "--method")
     model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
-    model, precision, why = for_inference(model, dtype or cfg.eval.dtype)
-    log.info("eval in %s (%s)", precision, why)
-    evaluator = EVALUATORS[get_task(cfg.data.task).evaluation]
+    evaluation = get_task(cfg.data.task).evaluation
+    if evaluation not in REFERENCE_EVALUATIONS:
+        model, precision, why = for_inference(model, dtype or cfg.eval.dtype)
+        log.info("eval in %s (%s)", precision, why)
+    evaluator = EVALUATORS[evaluation]
     return evaluator(run, model, tokenizer, cfg, split, data_file, out_dir, progress, method)
 
 
@@ -196,5 +208,8 @@ def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: 
     return result, out
 
 
-EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run}
+EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run,
+              "preference": evaluate_preference_run}
 """``Task.evaluation`` -> the function that evaluates a run of that task."""
+REFERENCE_EVALUATIONS = ("preference",)
+"""Evaluations that switch the adapter off for a reference: the model stays fp32 and unmerged."""

@@ -60,11 +60,17 @@ from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weig
                                      restore_modules, restore_weights)
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
+from clmtune.train.preference import PreferenceObjective
 from clmtune.train.stop import stop_after_step
 from clmtune.train.sampler import EpochSampler, RowCollator
+from clmtune.tasks import get_task
 from clmtune.train.watch import Watch, write_loss_png
 
 log = logging.getLogger("clmtune")
+
+OBJECTIVES = {"preference": PreferenceObjective}
+"""``Task.training`` -> the objective that replaces next-token cross-entropy (``next_token`` is this module's own
+``_train_window``)."""
 
 __all__ = ["EpochSampler", "HeadMode", "TrainRecipe", "TrainResult", "bf16_unsupported_reason", "causal_lm_loss",
            "head_positions", "head_trim_support", "list_checkpoints", "logits_to_keep", "resolve_resume",
@@ -151,6 +157,8 @@ class TrainRecipe:
         self.swapped: list = []
         self.activations: list = []  # modules swapped for bf16 training (one_op_tanh_gelu), put back after fit
         self.estimate, self.determinism = None, None
+        training = get_task(cfg.data.task).training
+        self.objective = OBJECTIVES[training](self) if training in OBJECTIVES else None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> "TrainRecipe":
@@ -178,6 +186,13 @@ class TrainRecipe:
             _check_same_config(self.cfg, json.loads((self.ckpt / STATE_FILE).read_text(encoding="utf-8"))["config"],
                                self.ckpt)
         if self.main:
+            if t_cfg.overwrite:  # --overwrite clears a run's outputs; never in a folder that holds the data read
+                here, d = self.run.path.resolve(), self.cfg.data
+                for src in (d.source, d.eval_file, d.test_file, d.prepared):
+                    if src and Path(src).exists() and (Path(src).resolve() == here or
+                                                       here in Path(src).resolve().parents):
+                        raise ClmtuneError(f"train.output_dir {self.run.path} holds the data {src}; write the run "
+                                           "into another folder")
             prepare_output_dir(self.run.path, t_cfg.overwrite, self.resume is not None)
         self.accelerator.wait_for_everyone()  # no process reads the folder before rank 0 has checked/cleaned it
         self.determinism = seed_everything(self.cfg)  # deterministic kernels too, with train.deterministic
@@ -195,8 +210,9 @@ class TrainRecipe:
         self.data = prepare_data(self.tokenizer, cfg.data, context_length=context_length(cfg.model),
                                  progress=self.progress and self.main)
         # rows as plain dicts with their index: the sampler/collator report which rows each process saw
-        self.features = [{"input_ids": ids, "labels": lab, "row": i}
-                         for i, (ids, lab) in enumerate(zip(self.data.train["input_ids"], self.data.train["labels"]))]
+        self.features = (self.objective.features(self.data.train) if self.objective else
+                         [{"input_ids": ids, "labels": lab, "row": i}
+                          for i, (ids, lab) in enumerate(zip(self.data.train["input_ids"], self.data.train["labels"]))])
         log.info(self.data.summary_line())
 
     def _setup_model(self) -> None:
@@ -209,6 +225,8 @@ class TrainRecipe:
         base = prepare_base(base, cfg)  # gradient checkpointing, quantized-base preparation
         self.model = apply_peft(base, cfg.peft, tokenizer_path=resolve_model_path(cfg.model.name_or_path))
         self.params = trainable_summary(self.model)
+        if self.objective:
+            self.objective.setup_reference(self.model, self.features, self.accelerator.device, self.is_peft)
         log.info("model: %s, method %s, %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
                  cfg.peft.method, self.params["trainable_params"], self.params["all_params"],
                  100 * self.params["trainable_params"] / self.params["all_params"])
@@ -219,8 +237,9 @@ class TrainRecipe:
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
         self.head_mode, self.head_reason = (head_trim_support(self.model) if t_cfg.logits_on_labels_only
                                             else (None, "train.logits_on_labels_only is off"))
-        self.fused_reason = fused_head_reason(self.model, self.accelerator.device, self.is_peft, self.head_mode,
-                                              self.precision, t_cfg.deepspeed is not None)
+        self.fused_reason = ("the preference loss needs each sequence's log-probabilities" if self.objective else
+                             fused_head_reason(self.model, self.accelerator.device, self.is_peft, self.head_mode,
+                                               self.precision, t_cfg.deepspeed is not None))
         self.fused_head = fused_head_module(self.model) if self.fused_reason is None else None
         self.packed_head = None
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
@@ -236,23 +255,28 @@ class TrainRecipe:
                                                          keep=(head.weight,) if pack else ())
             self.packed_head = PackedHead(head.weight) if pack else None
             self.activations = one_op_tanh_gelu(self.model) if cpu else []
-        lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
+        lengths = ((self.objective.lengths(self.features) if self.objective else
+                    [len(f["input_ids"]) for f in self.features]) if t_cfg.group_by_length else None)
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
         # Own generator: DataLoader draws a base seed per epoch; from the global RNG that would shift dropout masks
         # between an uninterrupted and a resumed run.
+        collator = (self.objective.collator if self.objective else RowCollator)(self.data.pad_id, length,
+                                                                                cfg.data.pad_to_multiple_of)
         loader = torch.utils.data.DataLoader(self.features, batch_size=t_cfg.batch_size, sampler=self.sampler,
-                                             generator=torch.Generator().manual_seed(t_cfg.seed),
-                                             collate_fn=RowCollator(self.data.pad_id, length,
-                                                                    cfg.data.pad_to_multiple_of))
+                                             generator=torch.Generator().manual_seed(t_cfg.seed), collate_fn=collator)
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                       lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
         # Per process: accelerate hands each process every n_proc-th batch (padding the last round: even_batches).
         self.batches_per_epoch = math.ceil(len(loader) / n_proc)
         steps_per_epoch = math.ceil(self.batches_per_epoch / t_cfg.gradient_accumulation_steps)
-        self.total_steps = steps_per_epoch * t_cfg.epochs
-        if t_cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, t_cfg.max_steps)
+        # train.max_steps is the number of steps trained whatever the data size; epochs are then ignored, as in
+        # transformers' Trainer.
+        self.total_steps = steps_per_epoch * t_cfg.epochs if t_cfg.max_steps is None else t_cfg.max_steps
+        if t_cfg.warmup_steps >= self.total_steps and self.main:
+            log.warning("train.warmup_steps=%d is not shorter than the training (%d steps): the learning rate never "
+                        "reaches train.learning_rate=%g; lower warmup_steps or train longer", t_cfg.warmup_steps,
+                        self.total_steps, t_cfg.learning_rate)
         # accelerate's scheduler wrapper steps the schedule n_proc times per optimizer step, hence the factor.
         scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps * n_proc, self.total_steps * n_proc)
         self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
@@ -327,7 +351,8 @@ class TrainRecipe:
         stopper = stop_after_step(enabled=self.n_proc == 1)
         stop_request = stopper.__enter__()
         try:
-            for epoch in range(self.epoch0, t_cfg.epochs):
+            endless = t_cfg.max_steps is not None and self.batches_per_epoch > 0
+            for epoch in itertools.count(self.epoch0) if endless else range(self.epoch0, t_cfg.epochs):
                 if self.step >= self.total_steps:
                     break
                 # skip: batches per process already done; each was one of n_proc consecutive batches of the order
@@ -336,8 +361,13 @@ class TrainRecipe:
                 self.sampler.skip_rows(batch_in_epoch * n_proc * t_cfg.batch_size)
                 batches = iter(self.loader)
                 while window := list(itertools.islice(batches, ga)):
-                    loss_sum, n_sup = _train_window(window, self.model, self.accelerator, self.head, n_proc,
-                                                    self.rows_seen if epoch == 0 else None)
+                    seen = self.rows_seen if epoch == 0 else None
+                    metrics = {}
+                    if self.objective:  # n_sup: the pairs of the step
+                        loss_sum, n_sup, metrics = self.objective.window(window, self.model, self.accelerator,
+                                                                         self.head, n_proc, seen)
+                    else:
+                        loss_sum, n_sup = _train_window(window, self.model, self.accelerator, self.head, n_proc, seen)
                     grad_norm = None  # the global norm before clipping, logged as transformers.Trainer does
                     if t_cfg.max_grad_norm is not None and t_cfg.deepspeed is None:  # DeepSpeed clips itself
                         grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, t_cfg.max_grad_norm))
@@ -358,7 +388,8 @@ class TrainRecipe:
                         record = {"step": self.step, "epoch": epoch + 1, "loss": round(self.losses[-1], 6),
                                   "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                                  "seconds": round(now - window_start, 4)}  # since the previous line
+                                  "seconds": round(now - window_start, 4),  # since the previous line
+                                  **{k: round(v / max(n_sup, 1), 6) for k, v in metrics.items()}}
                         self.write_log(record)
                         window_tokens, window_start = 0, now
                     t_eval = time.perf_counter()
@@ -403,7 +434,15 @@ class TrainRecipe:
             self.log_file.flush()
         self.watch.log(record)
 
+    def check_folder(self) -> None:
+        """The run folder (with this run's lock) is still there: deleted or replaced during training, saving into
+        it would recreate a partial folder, or fail with FileNotFoundError after the whole training."""
+        if self.main and self.lock is not None and not self.lock.path.is_file():
+            raise ClmtuneError(f"the run folder {self.run.path} was deleted or replaced while training; nothing was "
+                               "saved; train again (into a folder nothing else removes)")
+
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
+        self.check_folder()
         if batch_in_epoch >= self.batches_per_epoch:  # store the next position: start of the next epoch
             epoch, batch_in_epoch = epoch + 1, 0
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
@@ -425,6 +464,7 @@ class TrainRecipe:
         from accelerate.utils import gather_object
 
         acc, cfg, run = self.accelerator, self.cfg, self.run
+        self.check_folder()
         acc.wait_for_everyone()
         best = self.watch.finish()  # with train.save_best: the best weights are loaded back into the model
         weights = _trainable_state(self.model, acc)  # collective (ZeRO-3 gather); the real weights, not shards
