@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/twitter_complaints
 
-.PHONY: install test test-fast demo demo-en bench bench-chat clean
+.PHONY: install test test-fast test-floors demo demo-en bench bench-chat clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	sh scripts/system_deps.sh  # CJK font + chromium where missing (apt-get as root; otherwise it says what to install)
@@ -22,6 +22,23 @@ test: install
 # The suite without the tests marked slow (whole training runs, servers, browsers): a quick check while working
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The lowest versions pyproject.toml allows (constraints-floors.txt; torch: the CPU build of constraints.txt) in a
+# venv of their own, and the tests that exercise what differs between versions (evaluation's KV-cache use, peft
+# methods, training, the server): the floors are claims, this checks them (~10 min on 2 cores).
+FLOORS ?= .venv-floors
+FLOOR_TESTS ?= tests/test_round3.py tests/test_constrained.py tests/test_rank_search.py tests/test_eval_methods.py \
+	tests/test_peft_methods.py tests/test_serve_api.py tests/test_export_merge.py tests/test_checkpoints.py
+$(FLOORS)/bin/.installed: pyproject.toml constraints.txt constraints-floors.txt
+	test -x $(FLOORS)/bin/python || $(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(FLOORS)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -c constraints-floors.txt \
+		-e '.[test,serve]'
+	touch $@
+
+test-floors: $(FLOORS)/bin/.installed
+	$(FLOORS)/bin/python -m pip check
+	$(FLOORS)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 # Embedded defaults (Chinese): the shipped pretrained builtin:gpt2-zh-small fine-tuned on ChnSentiCorp hotel reviews:
 # classification (LoRA and full fine-tuning), LM fine-tuning with perplexity before/after, top-k generation.
@@ -48,4 +65,4 @@ bench-chat: install
 	$(BIN)/python bench/bench_chat.py --threads 1
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(FLOORS) runs

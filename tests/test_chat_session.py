@@ -68,7 +68,7 @@ def test_repl_commands(zh_model):
     text = "".join(out)
     assert n == 1
     assert "(system prompt: 你是客服)" in text
-    assert "system: 你是客服\nuser: 你好\nassistant: " in text and "(1 turns kept)" in text
+    assert "system: 你是客服\nuser: 你好\nassistant: " in text and "(1 turn kept)" in text
     assert "(history cleared)" in text and "(0 turns kept)" in text
     assert "(unknown command /nope;" in text
     assert s.history == [] and s.system == "你是客服"

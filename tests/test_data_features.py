@@ -331,7 +331,7 @@ def test_saved_splits_reload_identically_and_refuse_other_settings(tmp_path, opt
         prepare_data(opt_tok, DataConfig(**{**cfg.__dict__, "prepared": str(out), "max_length": 32}))
     with pytest.raises(ClmtuneError, match="another tokenizer"):
         prepare_data(bert_zh_tok, DataConfig(**{**cfg.__dict__, "prepared": str(out)}))
-    with pytest.raises(ClmtuneError, match="not empty"):
+    with pytest.raises(ClmtuneError, match="holds an earlier `clmtune prepare --save` output"):
         save_prepared(prep, out, cfg, opt_tok)
     # a failure half-way leaves neither a half-written folder nor a temporary one behind
     import clmtune.data.features as features

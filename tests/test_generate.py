@@ -99,8 +99,9 @@ SAMPLED = dict(max_new_tokens=12, temperature=1.0, top_k=10, seed=5)  # varied t
 
 
 def _stop_inside(text: str) -> str:
-    """A 2-character piece that first occurs at index >= 3 of ``text``."""
-    return next(text[i:i + 2] for i in range(3, len(text) - 1) if text.find(text[i:i + 2]) == i)
+    """A 2-character piece that first occurs where at least 3 characters (spaces stripped) come before it."""
+    return next(text[i:i + 2] for i in range(3, len(text) - 1)
+                if text.find(text[i:i + 2]) == i and len(text[:i].rstrip()) >= 3)
 
 
 def test_stop_string_cuts_and_stops(zh):

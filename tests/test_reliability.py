@@ -381,7 +381,7 @@ RUN_CASES = [  # (id, how the folder is spoiled, arguments, expected line); {run
      "cannot load {run}: its weights are saved but training did not finish writing"),
     ("export-unfinished", "unfinished", ["export", "--run", "{run}", "--to", "{tmp}/out"], "cannot export"),
     ("export-to-file", "none", ["export", "--run", "{run}", "--to", "{tmp}/afile"],
-     "--to {tmp}/afile is a file; give a folder path"),
+     "--to {tmp}/afile is a file, not a folder; give a new folder path"),
     ("export-under-file", "none", ["export", "--run", "{run}", "--to", "{tmp}/afile/out"],
      "the folder of --to {tmp}/afile is a file; choose a folder path"),
     ("train-output-is-file", "none", ["train", "--train.output_dir", "{tmp}/afile", "--train.max_steps", "1"],

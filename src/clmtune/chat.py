@@ -24,6 +24,7 @@ from clmtune.errors import ClmtuneError
 from clmtune.decoding import CleanStreamer, decode, generation_config, stop_token_ids, stopping_criteria
 from clmtune.models import context_length, model_device
 from clmtune.tasks.examples import drop_oldest_turns
+from clmtune.text import plural
 
 HELP = "commands: /reset  /system TEXT  /history  /exit"
 
@@ -121,7 +122,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
         elif text == "/history":
             for m in session.messages():
                 write(f"{m['role']}: {m['content']}\n")
-            write(f"({len(session.history) // 2} turns kept)\n")
+            write(f"({plural(len(session.history) // 2, 'turn')} kept)\n")
         elif text.startswith("/"):
             write(f"(unknown command {text.split()[0]}; {HELP})\n")
         else:

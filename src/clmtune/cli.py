@@ -28,13 +28,19 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clmtune", description=__doc__.split(".")[0] + ".")
+    p = argparse.ArgumentParser(
+        prog="clmtune", description="Fine-tune decoder-only language models with LoRA and other PEFT methods, then "
+        "evaluate, generate, chat, serve (OpenAI-compatible), export and report. Start with `clmtune train` (a "
+        "built-in example) or `clmtune prepare --data.source FILE` to check your data; `clmtune COMMAND --help` "
+        "for each command.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune an adapter (and evaluate on the held-out split)",
                        description="Train with a YAML config (embedded defaults when none is given). "
-                                   "Override any key with --section.key VALUE, e.g. --train.epochs 5.")
+                                   "Override any key with --section.key VALUE, e.g. --train.epochs 5. "
+                                   "--train.max_steps N trains exactly N optimizer steps; train.epochs is ignored "
+                                   "when it is set (as in transformers' Trainer).")
     t.add_argument("--config", help="YAML config file (see configs/)")
     t.add_argument("--output-dir", help="shortcut for --train.output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
@@ -51,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="YAML config file (see configs/)")
     r.add_argument("--save", help="write the tokenized splits (Arrow) here; train reuses them with "
                                   "--data.prepared DIR")
-    r.add_argument("--overwrite", action="store_true", help="replace the --save folder if it is not empty")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare --save` folder (never a file, "
+                   "a run folder or the data read)")
     r.add_argument("--json", action="store_true", help="print the full report as JSON instead of the table")
 
     e = sub.add_parser("eval", help="evaluate a trained run; write eval.json and predictions.csv")
@@ -63,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the run's eval.method (auto: rank, or constrained for a big label tree)")
     e.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override the run's eval.dtype (default auto: "
                    "bf16 where the hardware has native bf16 matrix units, else fp32; fp32: bit-reproducible)")
+    e.add_argument("--data.encoding", dest="data_encoding", metavar="ENCODING",
+                   help="text encoding of --data FILE (default: the run's data.encoding, e.g. utf-8; gbk, utf-16)")
+    e.add_argument("--data.delimiter", dest="data_delimiter", metavar="SEP",
+                   help="column separator of a --data CSV/TSV file (default: the run's data.delimiter)")
     e.add_argument("--out", help="folder for eval.json and predictions.csv")
     e.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N or mps; "
                                     "default: the run's eval.device")
@@ -104,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--run", required=True)
     x.add_argument("--to", required=True, help="destination folder")
     x.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
-    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier `clmtune export` folder (never a file "
+                   "or a run folder)")
 
     v = sub.add_parser("serve", help="serve a run or model over an OpenAI-compatible HTTP API, with a playground",
                        description="OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models; "
@@ -149,6 +161,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = parse_overrides(extra)
     shortcuts = {}
     if args.output_dir:
+        given = overrides.get("train", {}).get("output_dir") if isinstance(overrides.get("train"), dict) else None
+        if given is not None and str(given) != args.output_dir:
+            raise ClmtuneError(f"--output-dir {args.output_dir!r} and --train.output_dir {str(given)!r} name two "
+                               "folders; give one of them")
         shortcuts["output_dir"] = args.output_dir
     if args.overwrite:
         shortcuts["overwrite"] = True
@@ -246,8 +262,12 @@ def _print_eval(metrics: dict, where: Path) -> None:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.evaluate import evaluate_run
 
+    reading = {k: v for k, v in (("encoding", args.data_encoding), ("delimiter", args.data_delimiter)) if v}
+    if reading and not args.data:
+        raise ClmtuneError(f"--data.{next(iter(reading))} is about reading --data FILE; give --data FILE (the run's "
+                           "own splits are read as in training)")
     metrics, where = evaluate_run(args.run, args.split, args.data, args.method, args.out, device=args.device,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, data_reading=reading)
     _print_eval(metrics, where)
     return 0
 
@@ -281,7 +301,7 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from clmtune.generate import load_for_generation
 
     settings = _generate_settings(args, {})
-    model, tok = load_for_generation(args.run, args.model, settings.device)
+    model, tok = load_for_generation(args.run, args.model, settings.device, settings.dtype)  # as `generate`
     if args.chat_template:
         install_chat_template(tok, args.chat_template)
     elif not getattr(tok, "chat_template", None):
@@ -343,9 +363,12 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
-    from clmtune.report import write_report
+    from clmtune.report import evaluation_lines, write_report
 
-    print(f"report written to {write_report(args.runs, args.out)}")
+    out = write_report(args.runs, args.out)
+    for line in evaluation_lines(args.runs):  # every evaluation of the index, held-out or not
+        print(line)
+    print(f"report written to {out}")
     return 0
 
 

@@ -64,22 +64,23 @@ class Resolved:
     examples: TaskData | None = None
 
 
-def resolve_defaults(cfg: RunConfig, announce: bool = True) -> tuple[RunConfig, dict[str, Any]]:
+def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True) -> tuple[RunConfig, dict[str, Any]]:
     """``cfg`` with its ``auto`` values chosen, and ``{key: {"value": ..., "why": ...}}`` for each choice.
 
-    ``announce``: log the choices and warnings (off on the non-main processes of a distributed run).
+    ``announce``: log the choices and warnings (off on the non-main processes of a distributed run); ``choices``:
+    log the choices too (off where the caller prints them itself, as ``prepare``'s report does).
     """
-    r = resolve_run(cfg, announce)
+    r = resolve_run(cfg, announce, choices)
     return r.cfg, r.auto
 
 
-def resolve_run(cfg: RunConfig, announce: bool = True) -> Resolved:
+def resolve_run(cfg: RunConfig, announce: bool = True, choices: bool = True) -> Resolved:
     """``resolve_defaults``, keeping the examples it read (``Resolved.examples``) for ``prepare_data``."""
     from clmtune.data import load_task
     from clmtune.data.profile import CJK_THRESHOLD, auto_max_length, cjk_share, sequence_lengths, text_sample
 
     cfg = copy.deepcopy(cfg)
-    say = log.info if announce else log.debug
+    say = log.info if announce and choices else log.debug
     warn = log.warning if announce else log.debug
     chosen: dict[str, Any] = {}
     task = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from clmtune.data import collate
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import atomic_folder, check_writable, clean_stale_tmp
 from clmtune.models import forward_inputs, merge_adapter
-from clmtune.run import RunDir
+from clmtune.run import RunDir, check_replace_target
+
+EXPORT_MARK = "clmtune_export.json"  # in every export folder: what --overwrite may replace
 
 
 def export_run(run_dir: str | Path, to: str | Path, merge: bool = False, overwrite: bool = False) -> Path:
@@ -23,10 +26,7 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False, overwri
     model is exported as it is (with or without ``merge``). Prompt-learning adapters cannot be merged.
     """
     run, to = RunDir(run_dir), Path(to)
-    if to.exists() and not to.is_dir():
-        raise ClmtuneError(f"--to {to} is a file; give a folder path (the export is a folder of files)")
-    if to.exists() and any(to.iterdir()) and not overwrite:
-        raise ClmtuneError(f"{to} exists and is not empty; choose another folder or pass --overwrite")
+    check_replace_target(to, overwrite, option="--to", marker=EXPORT_MARK, kind="`clmtune export`")
     check_writable(to.parent, "the folder of --to")
     clean_stale_tmp(to.parent, to.name)
     cfg = run.load_config()
@@ -47,6 +47,8 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False, overwri
         else:
             _merged(model, tokenizer).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_MARK).write_text(json.dumps({"run": str(run.path.resolve()), "merge": merge, "method": method},
+                                                  indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return to
 
 

@@ -204,6 +204,18 @@ def check_writable(folder: str | Path, what: str = "output folder") -> Path:
     return folder
 
 
+def is_writable(folder: str | Path) -> bool:
+    """Whether a file can be created in ``folder`` now (tried, not guessed from permission bits: root ignores them,
+    a read-only mount does not)."""
+    probe = Path(folder) / f"{TMP_PREFIX}probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
 class FolderLock:
     """Exclusive use of an output folder by one clmtune process (``with FolderLock(out): ...``).
 

@@ -21,7 +21,7 @@ from clmtune.defaults import resolve_run
 from clmtune.tasks import get_task
 from clmtune.memory import estimate_before_loading
 from clmtune.models import context_length, load_tokenizer
-from clmtune.text import format_table
+from clmtune.text import format_table, plural
 
 
 @dataclass
@@ -39,9 +39,10 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
             progress: bool = True) -> PrepareResult:
     """Tokenize the configured data (never reading ``data.prepared``) and optionally save it to ``save``."""
     if save is not None:
-        check_save_target(save, overwrite)  # fail before the work, not after
+        check_save_target(save, overwrite, cfg.data)  # fail before the work, not after
     t0 = time.perf_counter()
-    resolved = resolve_run(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=None)))
+    resolved = resolve_run(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=None)),
+                           choices=False)  # the report below prints each choice once
     cfg, auto = resolved.cfg, resolved.auto
     data_cfg = cfg.data
     tokenizer = load_tokenizer(cfg.model)
@@ -112,9 +113,10 @@ def format_summary(report: dict[str, Any]) -> str:
             lines.append(f"{s}: {st['tokens']} tokens packed into {st['features']} blocks of {st['block_size']} "
                          f"(last block shorter; {st['tail_tokens_dropped']} tail tokens dropped)")
         if "turns" in st:
-            lines.append(f"{s}: {st['conversations']} conversations, {st['turns']} assistant turns trained on, tokens "
-                         f"per turn p50/p95/max {_lens(st['tokens_per_turn'])}; {st['truncated']} conversations "
-                         f"lost {st['turns_dropped']} oldest turns to fit max_length, {st['dropped_too_long']} "
+            lines.append(f"{s}: {plural(st['conversations'], 'conversation')}, "
+                         f"{plural(st['turns'], 'assistant turn')} trained on, tokens "
+                         f"per turn p50/p95/max {_lens(st['tokens_per_turn'])}; {plural(st['truncated'], 'conversation')} "
+                         f"lost {plural(st['turns_dropped'], 'oldest turn')} to fit max_length, {st['dropped_too_long']} "
                          "dropped (too long even with only their last turn)")
     counts = d.get("label_counts")
     if counts:

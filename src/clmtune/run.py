@@ -24,6 +24,7 @@ no other module spells these names.
 from __future__ import annotations
 
 import csv
+import logging
 import io
 import json
 import os
@@ -35,7 +36,9 @@ import torch
 
 from clmtune.config import RunConfig, load_config
 from clmtune.errors import ClmtuneError
-from clmtune.fsutil import FolderLock, atomic_write_bytes, clean_stale_tmp, os_errors, tmp_sibling
+from clmtune.fsutil import FolderLock, atomic_write_bytes, clean_stale_tmp, is_writable, os_errors, tmp_sibling
+
+log = logging.getLogger("clmtune")
 
 ADAPTER = "adapter"
 MODEL = "model"
@@ -52,6 +55,7 @@ REPORT_HTML = "report.html"
 EVAL_JSON = "eval.json"
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_JSONL = "predictions.jsonl"
+PREDICTIONS_TEXT_CSV = "predictions_text.csv"  # unlabelled rows: id, text, predicted (predictions.csv: ID,Label)
 CONFUSION_PNG = "confusion_matrix.png"
 EVALS = "eval"
 EVAL_INDEX = "index.json"
@@ -165,6 +169,10 @@ class RunDir:
         evaluation, with ``folder``), and ``RUN/eval/index.json`` lists it with every earlier one."""
         import time
 
+        if not is_writable(self.path):  # a read-only run evaluated with --out elsewhere: nothing else is written
+            log.warning("%s is read-only: this evaluation (in %s) is not listed in its %s/%s", self.path, folder,
+                        EVALS, EVAL_INDEX)
+            return
         folder = Path(folder).resolve()
         where = str(folder.relative_to(self.path.resolve())) if folder.is_relative_to(self.path.resolve()) \
             else str(folder)
@@ -205,6 +213,12 @@ class RunDir:
             raise ClmtuneError(f"{self.path} is not a clmtune run folder (no {CONFIG}); give the output_dir of "
                                "`clmtune train`")
         if not self.is_finished():
+            holder = FolderLock(self.path).live_holder()
+            if holder is not None:
+                who = (f"pid {holder['pid']} (`{holder.get('command')}`, since {holder.get('started')})"
+                       if holder.get("pid") else "another clmtune process")
+                raise ClmtuneError(f"cannot {what} {self.path}: it is being trained now by {who}; wait until it "
+                                   "finishes")
             state = ("its weights are saved but training did not finish writing (killed while saving?); "
                      "`clmtune train --config {cfg} --resume` finishes it" if self.has_weights() else
                      "training did not finish (no trained weights); continue it with `clmtune train --config {cfg} "
@@ -297,7 +311,16 @@ class RunDir:
                 raise ClmtuneError(f"{self.path} has no trained adapter ({self.adapter}/{_ADAPTER_MARK}); did "
                                    "training finish?")
             check_safetensors(self.adapter, "train the run again (or `clmtune train --resume` from a checkpoint)")
-            model = PeftModel.from_pretrained(load_model(cfg.model, dtype), str(self.adapter))
+            base = load_model(cfg.model, dtype)
+            try:
+                model = PeftModel.from_pretrained(base, str(self.adapter))
+            except RuntimeError as exc:  # peft's load_state_dict: 30 lines of "size mismatch for ..." otherwise
+                if "size mismatch" not in str(exc):
+                    raise
+                first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+                raise ClmtuneError(f"{self.adapter} does not fit the base model {cfg.model.name_or_path} of "
+                                   f"{self.config_file} ({first.rstrip('.')}); use the config.yaml the adapter was "
+                                   "trained with, or train again") from None
             fix_prompt_learning_generation(model)
         tok = self.load_tokenizer(cfg)
         check_tokenizer_fits(model, tok, str(self.path))
@@ -346,3 +369,49 @@ class RunDir:
         shutil.rmtree(self.tokenizer, ignore_errors=True)
         os.replace(tmp, self.tokenizer)
         return self.tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output folders that --overwrite may replace. Rule: only a folder of the same kind that clmtune wrote (it carries
+# ``marker``), never a file, never a folder holding the data read, never a run folder or anything inside one. A
+# refusal names a new path as the fix, not --overwrite, unless the folder is one --overwrite may replace.
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run folder that ``path`` is or lies in (a folder with ``config.yaml`` and a run's outputs), or None."""
+    p = Path(os.path.abspath(path))
+    for d in (p, *p.parents):
+        if (d / CONFIG).is_file() and any((d / n).exists() for n in (ADAPTER, MODEL, SUMMARY, TRAIN_LOG, CHECKPOINTS,
+                                                                      TOKENIZER)):
+            return d
+    return None
+
+
+def check_replace_target(dest: str | Path, overwrite: bool, *, option: str, marker: str, kind: str,
+                         sources: Iterable[str | Path] = ()) -> Path:
+    """Refuse ``dest`` as the output of ``option`` unless writing there loses nothing the user did not ask to.
+
+    ``marker``: the file every ``kind`` folder clmtune writes carries; ``sources``: paths read by the same command
+    (a folder holding one of them is never replaced)."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ClmtuneError(f"{option} {dest} is a file, not a folder; give a new folder path (a file is never "
+                           "replaced)")
+    run = enclosing_run(dest)
+    if run is not None and dest.exists() and any(dest.iterdir()):
+        where = "is the run folder" if run == Path(os.path.abspath(dest)) else f"lies inside the run folder {run}"
+        raise ClmtuneError(f"{option} {dest} {where}; give a new folder outside it (a run's files are never "
+                           "replaced from here)")
+    here = Path(os.path.abspath(dest))
+    for src in sources:
+        s = Path(os.path.abspath(src))
+        if s == here or here in s.parents:
+            raise ClmtuneError(f"{option} {dest} holds the data source {src}; give a new folder path")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not (dest / marker).is_file():
+            raise ClmtuneError(f"{option} {dest} exists and was not written by {kind} (no {marker}); give a "
+                               "new folder path")
+        if not overwrite:
+            raise ClmtuneError(f"{option} {dest} holds an earlier {kind} output; give a new folder path, or "
+                               "pass --overwrite to replace it")
+    return dest

@@ -70,3 +70,8 @@ def format_table(head: Sequence[str], rows: Sequence[Sequence[object]], align: s
     lines = ["  ".join(pad_to_width(c, w, a) for c, w, a in zip(r, widths, align)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 turn``, ``2 turns``, ``0 conversations`` (``many``: the plural where it is not ``word + "s"``)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"

@@ -21,6 +21,30 @@ KEY_ALIASES = {("preference", "lambda"): "lambda_"}
 """YAML keys that are Python keywords, and the field that holds them."""
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` keeps the last of two equal keys without a word (two ``train:`` sections: the first is
+    lost); this loader refuses them, naming the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                hashable = key in seen
+            except TypeError:
+                continue  # an unhashable key: the base loader reports it
+            if hashable:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one of them "
+                                    "(merge the two into one section)")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
     """Check a YAML value against a field annotation; ints are accepted for floats."""
     hint = annotation
@@ -180,10 +204,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            inside = path / "config.yaml"
+            hint = f"give {inside}" if inside.is_file() else "give a YAML file (see configs/ for examples)"
+            raise ConfigError([f"config file {str(path)!r} is a folder; {hint}"])
         if not path.is_file():
             raise ConfigError([f"config file {str(path)!r} does not exist; see configs/ for examples"])
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+            if raw is None:
+                raise ConfigError([f"config file {str(path)!r} is empty (no settings); write its sections (see "
+                                   "configs/), or leave out --config to use the embedded defaults"])
+        except _DuplicateKey as exc:
+            raise ConfigError([f"{path}: {exc}"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path} is not valid YAML: {exc}".replace("\n", " ")]) from None
         except UnicodeDecodeError as exc:

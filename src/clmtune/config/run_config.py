@@ -71,6 +71,9 @@ class RunConfig:
             p.append("data.template is empty; give a prompt such as 'Text : {text} label : '")
         if not 0 <= d.eval_fraction < 1:
             p.append(f"data.eval_fraction={d.eval_fraction!r} must be in [0, 1)")
+        if d.labels is not None and not d.labels:
+            p.append("data.labels=[] names no label; leave it out (or null) to take the labels from the data, or list "
+                     "them: [a, b]")
         if d.labels is not None and len(set(d.labels)) != len(d.labels):
             p.append(f"data.labels has duplicates: {d.labels}")
         if d.max_length is not None:

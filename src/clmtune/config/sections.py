@@ -287,7 +287,8 @@ class TrainConfig:
     """Passes over the training split (50 rows of a RAFT task need several)."""
 
     max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides ``epochs`` when reached first)."""
+    """Train exactly this many optimizer steps; ``epochs`` is ignored when this is set (the data is passed over as
+    often as needed, as transformers' Trainer does). ``None``: ``epochs`` passes."""
 
     batch_size: int = 8
     """Rows per forward pass."""

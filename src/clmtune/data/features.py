@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from clmtune.tasks.examples import SPLIT_ORDER, Example, TaskData
 from clmtune.data.load import load_task
 from clmtune.tasks import get_task
 from clmtune.errors import ClmtuneError
+
+log = logging.getLogger("clmtune")
 
 META_FILE = "clmtune_prepared.json"
 PREPARED_VERSION = 1
@@ -145,6 +148,15 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     finally:
         if not progress and was_enabled:
             datasets.enable_progress_bars()
+    unk = tokenizer.unk_token_id  # GPT-2-style vocabularies have none of their own (unk = the end token): skipped
+    special = {enc.end_id, enc.pad_id, tokenizer.eos_token_id, tokenizer.bos_token_id, *enc.prefix}
+    if unk is not None and unk not in special and feats["train"] is not None:
+        rows = sum(unk in ids for ids in feats["train"]["input_ids"])
+        stats["train"]["rows_with_unknown_tokens"] = rows
+        if rows:  # e.g. emoji in a vocabulary without them: the model sees the same unknown token for all of them
+            log.warning("%d of %d training rows hold text the tokenizer does not know (tokenized as %r): the model "
+                        "cannot tell those characters apart; clean them or use a model whose vocabulary has them",
+                        rows, len(feats["train"]), tokenizer.unk_token)
     tok = tokenizer.convert_ids_to_tokens
     report = {"task": cfg.task, "splits": stats, "labels": task.labels, "data": task.report,
               "pad_token": {"token": tok(enc.pad_id), "id": enc.pad_id},
@@ -173,11 +185,13 @@ def _data_settings(cfg: DataConfig) -> dict[str, Any]:
     return d
 
 
-def check_save_target(folder: str | Path, overwrite: bool) -> Path:
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise ClmtuneError(f"--save {str(folder)!r} exists and is not empty; choose another folder or pass --overwrite")
-    return folder
+def check_save_target(folder: str | Path, overwrite: bool, cfg: DataConfig | None = None) -> Path:
+    """``--save`` may replace only an earlier ``prepare --save`` folder (never a file, a run or the data read)."""
+    from clmtune.run import check_replace_target
+
+    sources = [p for p in (cfg.source, cfg.eval_file, cfg.test_file) if p and Path(p).exists()] if cfg else []
+    return check_replace_target(folder, overwrite, option="--save", marker=META_FILE, kind="`clmtune prepare --save`",
+                                sources=sources)
 
 
 def save_prepared(prep: Prepared, folder: str | Path, cfg: DataConfig, tokenizer, overwrite: bool = False) -> Path:
@@ -185,7 +199,7 @@ def save_prepared(prep: Prepared, folder: str | Path, cfg: DataConfig, tokenizer
     filled, then renamed, so an interrupted run never leaves a half-written folder."""
     import datasets
 
-    folder = check_save_target(folder, overwrite)
+    folder = check_save_target(folder, overwrite, cfg)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"

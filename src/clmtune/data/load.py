@@ -146,4 +146,12 @@ def load_task(cfg: DataConfig) -> TaskData:
     if classify:
         report["label_counts"] = {s: dict(Counter(e.label for e in ex if e.label is not None))
                                   for s, ex in (("train", train), ("eval", evals), ("test", test))}
+        seen = report["label_counts"]["train"]
+        if len(seen) == 1:
+            only = next(iter(seen))
+            others = [lab for lab in labels if lab != only]
+            log.warning("the training rows hold one class only (%r, %d rows): the model learns to answer it always, "
+                        "and macro-F1 averages over %d label(s) never seen in training%s; add rows of the other "
+                        "labels", only, seen[only], max(len(others), 1),
+                        f" ({', '.join(map(repr, others[:5]))})" if others else "")
     return TaskData(train=train, eval=evals, test=test, labels=labels, report=report)

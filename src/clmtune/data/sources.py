@@ -7,8 +7,12 @@ known, and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +23,8 @@ from clmtune.config import DataConfig
 from clmtune.data.records import read_records
 from clmtune.errors import ClmtuneError
 from clmtune.tasks import get_task
+
+log = logging.getLogger("clmtune")
 
 BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf:"
@@ -45,6 +51,17 @@ def resolve_source(source: str) -> Path:
                                "builtin:chnsenticorp/ChnSentiCorp_htl_all.csv, builtin:chat/chatterbot-zh)")
         return path
     path = Path(source).expanduser()
+    if not path.exists() and path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13
+            raise ClmtuneError(f"data.source={source!r} is a symbolic link that loops (it points back to itself); "
+                               "point it at the data file") from None
+        except OSError as exc:
+            why = "loops (it points back to itself)" if exc.errno == errno.ELOOP else \
+                f"points to {os.readlink(path)!r}, which does not exist"
+            raise ClmtuneError(f"data.source={source!r} is a symbolic link that {why}; point it at the data "
+                               "file") from None
     if not path.exists():
         raise ClmtuneError(f"data.source={source!r}: no such file or folder (give a CSV/TSV/JSON/JSONL/Parquet/TXT "
                            "file, a folder of split files or .txt files, or hf:NAME for a Hugging Face dataset)")
@@ -70,6 +87,12 @@ def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, int] | None
 
 
 def _encoding_error(path: Path, encoding: str) -> ClmtuneError:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    for bom, name in ((b"\xff\xfe", "UTF-16 (little-endian)"), (b"\xfe\xff", "UTF-16 (big-endian)")):
+        if head.startswith(bom) and not head.startswith(b"\xff\xfe\x00\x00"):
+            return ClmtuneError(f"{path} is {name} text (it starts with a byte-order mark), not {encoding}; set "
+                                "data.encoding: utf-16, or save it as UTF-8")
     found = _first_undecodable_line(path, encoding)
     where = f"line {found[0]} (byte offset {found[1]})" if found else "somewhere"
     return ClmtuneError(f"{path} is not {encoding}: {where} has bytes that are not valid {encoding}; convert the file "
@@ -262,6 +285,23 @@ def _read_txt(path: Path, encoding: str, sample_by: str) -> list[dict[str, Any]]
     return [{"text": p, "file": path.name} for p in pieces]
 
 
+def _flatten_structs(df, path: Path):
+    """Parquet struct columns as one column per field, named ``column.field`` (as ``pandas.json_normalize``):
+    read as they are, a template would fill ``{column}`` with the Python repr of a dict and train on it."""
+    import pandas as pd
+
+    for col in list(df.columns):
+        values = df[col].dropna()
+        if not len(values) or not values.map(lambda v: isinstance(v, dict)).all():
+            continue
+        flat = pd.json_normalize([v if isinstance(v, dict) else {} for v in df[col]], sep=".").add_prefix(f"{col}.")
+        flat.index = df.index
+        at = df.columns.get_loc(col)
+        df = pd.concat([df.iloc[:, :at], flat, df.iloc[:, at + 1:]], axis=1)
+        log.info("%s: struct column %r read as %s", path, col, ", ".join(flat.columns))
+    return df
+
+
 def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8",
                sample_by: str = "line", nested: bool = False) -> list[dict[str, Any]]:
     """Read a CSV/TSV/JSON/JSONL/Parquet/TXT file into a list of row dicts (values kept as written).
@@ -288,7 +328,7 @@ def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8"
             raise ClmtuneError(f"{path} is not a readable Parquet file ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:200]})") from None
         df.columns = [str(c) for c in df.columns]
-        return df.to_dict(orient="records")
+        return _flatten_structs(df, path).to_dict(orient="records")
     raise ClmtuneError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl, .parquet or .txt")
 
 
@@ -330,12 +370,43 @@ def _task_json_labels(folder: Path, label_column: str) -> list[str] | None:
     return meta.get("label_columns", {}).get(label_column) or None
 
 
+@contextlib.contextmanager
+def _offline_when_unreachable(host: str = "huggingface.co", timeout: float = 3.0):
+    """Offline mode for ``datasets``/``huggingface_hub`` while the Hub cannot be reached (one quick probe): the
+    cached copy is used when there is one, and a missing one fails at once, instead of ~10 logged retries over
+    ~30 s before the same error."""
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        yield
+        return
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield
+        return
+    log.info("%s cannot be reached: loading the data set from the local cache only", host)
+    before = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+
+
 def _load_hf(cfg: DataConfig) -> RawData:
     import datasets
 
     name, _, subset = cfg.source[len(HF_PREFIX):].partition(":")
     try:
-        dd = datasets.load_dataset(name, subset or None)
+        with _offline_when_unreachable():
+            dd = datasets.load_dataset(name, subset or None)
     except Exception as exc:  # network, missing dataset, offline mode: all mean "cannot get it from here"
         raise ClmtuneError(f"data.source={cfg.source!r}: could not load {name!r} with datasets.load_dataset "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); Hugging Face datasets need "

@@ -24,6 +24,7 @@ import torch
 
 from clmtune.evaluate.headscore import head_returns_hidden, linear_head
 from clmtune.evaluate.labeltree import Trie
+from clmtune.models import cache_kwarg, output_cache
 from clmtune.tasks.encoding import left_pad
 
 
@@ -57,9 +58,9 @@ def constrained_decode(model, prompts: list[list[int]], conts: list[list[int]], 
                 if not active:
                     break
                 kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1]:]} if pos_ids else {}
-                out = model(input_ids=inputs, attention_mask=mask, cache=cache, use_cache=True,
-                            logits_to_keep=1, **kwargs)
-                cache = out.cache
+                out = model(input_ids=inputs, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                            **{cache_kwarg(model): cache}, **kwargs)
+                cache = output_cache(out)
                 last = out.logits[:, -1]  # (B, d) hidden states when bypassed, else (B, V) logits
                 step = torch.full((len(group), 1), pad_id, dtype=torch.long, device=device)
                 for b in active:

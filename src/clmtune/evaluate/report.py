@@ -11,7 +11,8 @@ from clmtune.config import RunConfig
 from clmtune.data import resolve_source
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import clean_stale_tmp, tmp_sibling
-from clmtune.run import CONFUSION_PNG, EVAL_JSON, PREDICTIONS_CSV, write_csv_atomic, write_json_atomic
+from clmtune.run import (CONFUSION_PNG, EVAL_JSON, PREDICTIONS_CSV, PREDICTIONS_TEXT_CSV, write_csv_atomic,
+                         write_json_atomic)
 from clmtune.tasks.examples import Example, normalize_label
 
 
@@ -80,13 +81,14 @@ def write_label_report(result: dict, out_dir: Path, examples: list[Example], pre
     """Write ``predictions.csv`` (and for labelled examples the confusion matrix PNG), then ``eval.json``.
 
     Labelled: ``id,text,gold,predicted`` (+ ``output`` for ``generate``, + ``mapped`` with ``map_invalid``).
-    Unlabelled: a RAFT submission, ``ID,Label`` with ``task.json``'s label spelling.
+    Unlabelled: a RAFT submission, ``ID,Label`` with ``task.json``'s label spelling, and ``predictions_text.csv``
+    (``id,text,predicted``) to read the predictions next to their texts.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     # eval.json is written last: remove the old one first, so that an interrupted evaluation never leaves new
     # predictions next to old metrics (each file itself is written to a temporary name and renamed)
     (out_dir / EVAL_JSON).unlink(missing_ok=True)
-    for name in (EVAL_JSON, PREDICTIONS_CSV, CONFUSION_PNG):
+    for name in (EVAL_JSON, PREDICTIONS_CSV, PREDICTIONS_TEXT_CSV, CONFUSION_PNG):
         clean_stale_tmp(out_dir, name)  # left by an evaluation that was killed while writing
     files = {"predictions": PREDICTIONS_CSV}
     if "confusion_matrix" in result:
@@ -105,6 +107,9 @@ def write_label_report(result: dict, out_dir: Path, examples: list[Example], pre
         names = submission_names(cfg, labels)
         write_csv_atomic(out_dir / PREDICTIONS_CSV, ["ID", "Label"],
                          ([e.id, names.get(p, p)] for e, p in zip(examples, final)))
+        write_csv_atomic(out_dir / PREDICTIONS_TEXT_CSV, ["id", "text", "predicted"],
+                         ([e.id, e.text, names.get(p, p)] for e, p in zip(examples, final)))
+        files["predictions_with_text"] = PREDICTIONS_TEXT_CSV
         result["submission"] = True
         result["predicted_counts"] = {lab: final.count(lab) for lab in labels}
     result["files"] = files

@@ -17,6 +17,7 @@ from typing import Sequence
 from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import Encoder, load_task, prepare_data, read_table, render_examples
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import check_writable, is_writable
 from clmtune.inference import for_inference, model_precision
 from clmtune.models import is_prompt_learning
 from clmtune.evaluate.metrics import classification_metrics, perplexity
@@ -94,19 +95,28 @@ def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, ou
 
 def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None = None, method: str | None = None,
                  out_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
-                 dtype: str | None = None) -> tuple[dict, Path]:
+                 dtype: str | None = None, data_reading: dict | None = None) -> tuple[dict, Path]:
     """Evaluate a trained run on its held-out split (``eval``), its unlabelled ``test`` split, or ``data_file``.
 
     Returns (metrics, folder written to). Each evaluation has its own folder (``RunDir.eval_output_dir``:
     ``RUN/eval/<split or file-stem>-<method>/``) unless ``out_dir`` names one; ``RUN/eval.json`` is the latest
     evaluation and ``RUN/eval/index.json`` lists them all. ``device``/``dtype``: override the run's ``eval.device``/``eval.dtype``.
+    ``data_reading``: how to read ``data_file`` where it differs from the run's data (``encoding``, ``delimiter``).
     """
     run = RunDir(run_dir)
     cfg = run.load_config()
+    if data_reading:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data_reading))
     run.check_finished("evaluate")
+    if out_dir is not None:
+        check_writable(out_dir, "--out")
+    elif not is_writable(run.path):  # before minutes of evaluating, not after
+        raise ClmtuneError(f"cannot write to the run folder {run.path} (read-only); pass --out DIR to write the "
+                           "evaluation elsewhere")
     if method is not None and get_task(cfg.data.task).evaluation != "labels":
-        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is not scored by predicting labels; drop "
-                           "--method")
+        scored_by = SCORED_BY.get(get_task(cfg.data.task).evaluation, "its own measure")
+        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by {scored_by}, not by predicting "
+                           "labels; drop --method")
     model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
     evaluation = get_task(cfg.data.task).evaluation
     if evaluation not in REFERENCE_EVALUATIONS:
@@ -216,5 +226,8 @@ def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: 
 EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run,
               "preference": evaluate_preference_run}
 """``Task.evaluation`` -> the function that evaluates a run of that task."""
+SCORED_BY = {"perplexity": "perplexity", "replies": "perplexity and its replies",
+             "preference": "reward accuracy on its held-out pairs"}
+"""What a run that does not predict labels is scored by, for the refusal of ``--method``."""
 REFERENCE_EVALUATIONS = ("preference",)
 """Evaluations that switch the adapter off for a reference: the model stays fp32 and unmerged."""

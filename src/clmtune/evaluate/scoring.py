@@ -14,7 +14,8 @@ import torch
 
 from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
 from clmtune.evaluate.labeltree import Trie
-from clmtune.models import CUSTOM_MASK_MODEL_TYPES, forward_inputs, is_prompt_learning, model_device
+from clmtune.models import (CUSTOM_MASK_MODEL_TYPES, cache_kwarg, forward_inputs, is_prompt_learning, model_device,
+                            output_cache)
 from clmtune.tasks.encoding import collate
 
 if TYPE_CHECKING:
@@ -237,7 +238,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
         out = model(**prompt_inputs, use_cache=True, logits_to_keep=1)
         last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
         sums[rows] += last[:, first].cpu()
-        cache = out.cache
+        cache = output_cache(out)
         if not isinstance(cache, DynamicCache):
             raise RuntimeError(f"unexpected cache type {type(cache).__name__}; use strategy=\"pairs\"")
         layers = [(k, v) for k, v, *_ in cache]  # per layer (B, H, T, D) keys and values of the prompts
@@ -258,7 +259,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
             if "position_ids" in prompt_inputs:  # GPT-2/LLaMA: number the label tokens after each real prompt
                 inputs["position_ids"] = pos
             with head_returns_hidden(bypass and bypass[0]):
-                out = model(**inputs, cache=shared, use_cache=True).logits  # (B*n, N-1, d) hidden, or (.., V)
+                out = model(**inputs, **{cache_kwarg(model): shared}, use_cache=True).logits  # (B*n, N-1, d) hidden, or (.., V)
             # log p(token) = logit[token] - logsumexp(logits) at the real (not padding) label positions
             ok = valid[lab].repeat(b, 1)  # (B*n, N-1)
             lp = torch.zeros(ok.shape, device=dev)

@@ -32,7 +32,7 @@ import torch
 
 from clmtune.evaluate.labeltree import Trie
 from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
-from clmtune.models import model_device
+from clmtune.models import cache_kwarg, model_device, output_cache
 from clmtune.tasks.encoding import left_pad
 
 
@@ -103,7 +103,7 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
     with head_returns_hidden(bypass and bypass[0]):
         out = model(input_ids=ids.to(device), attention_mask=pmask.to(device),
                     position_ids=(pmask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
-    cache = out.cache
+    cache = output_cache(out)
     root = [(r, 0, 0.0) for r in range(b)]
     at, tok = _child_steps(list(range(b)), root, trie.children)
     first = _child_scores(logprobs(out.logits[:, -1], bypass, at.to(device), tok.to(device)).tolist(), root,
@@ -150,8 +150,8 @@ def search_batch(model, prompts: list[list[int]], conts: list[list[int]], pad_id
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         with head_returns_hidden(bypass and bypass[0]):
             out = model(input_ids=inp.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                        cache=cache, use_cache=True)  # logits: (B, k, d) hidden states, or (B, k, V)
-        cache = out.cache
+                        use_cache=True, **{cache_kwarg(model): cache})  # logits: (B, k, d) hidden, or (B, k, V)
+        cache = output_cache(out)
         col += k
         at, tok = _child_steps(feed_at, flat, trie.children)
         lp = logprobs(out.logits.reshape(b * k, -1), bypass, at.to(device), tok.to(device)).tolist()
@@ -198,7 +198,7 @@ def _tree_scores(model, cache, conts, rows, pmask, plen, width, first, additive,
         pos = torch.tensor([plen[r] for r in part])[:, None] + torch.tensor(tree.depth)
         with head_returns_hidden(bypass and bypass[0]):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                        cache=c, use_cache=True).logits  # (rows, M, d) or (rows, M, V)
+                        use_cache=True, **{cache_kwarg(model): c}).logits  # (rows, M, d) or (rows, M, V)
         n = len(part)
         lp = logprobs(out.reshape(n * m, -1), bypass, (torch.arange(n)[:, None] * m + at).reshape(-1).to(device),
                       tok.repeat(n).to(device)).view(n, -1).cpu()  # (rows, S)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from clmtune.models.builtin import (BUILTIN_MODELS, BUILTIN_VERSION, SHIPPED_MODELS, opt_bpe_tokenizer,
                                     bert_chinese_tokenizer, builtin_model_path, clmtune_home, resolve_model_path)
-from clmtune.models.compat import fix_prompt_learning_generation
+from clmtune.models.compat import cache_kwarg, fix_prompt_learning_generation, output_cache
 from clmtune.models.load import (TORCH_DTYPES, check_safetensors, check_tokenizer_fits, context_length,
                                  ensure_pad_token, load_model, load_tokenizer, model_device, model_dtype,
                                  quantization_config, resolve_device)
@@ -18,7 +18,7 @@ from clmtune.models.peft_methods import (CUSTOM_MASK_MODEL_TYPES, apply_peft, bu
                                          input_virtual_tokens, is_prompt_learning, linear_layer_names, merge_adapter, peft_type,
                                          self_attending_mask, unwrap)
 
-__all__ = ["CUSTOM_MASK_MODEL_TYPES", "TORCH_DTYPES", "model_dtype", "quantization_config", "BUILTIN_MODELS",
+__all__ = ["cache_kwarg", "output_cache", "CUSTOM_MASK_MODEL_TYPES", "TORCH_DTYPES", "model_dtype", "quantization_config", "BUILTIN_MODELS",
            "BUILTIN_VERSION", "SHIPPED_MODELS", "opt_bpe_tokenizer", "apply_peft",
            "bert_chinese_tokenizer", "build_peft_config", "builtin_model_path", "check_safetensors",
            "check_tokenizer_fits", "clmtune_home",

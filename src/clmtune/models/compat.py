@@ -45,3 +45,20 @@ def fix_prompt_learning_generation(model) -> None:
     model.base_model_prepare_inputs_for_generation = base_prepare_as_peft_expects
     model.prepare_inputs_for_generation = prepare  # peft.generate installs this on the base model
     model._clmtune_cache_shim = True
+
+
+# transformers 5.x renamed the KV cache argument and output field ``past_key_values`` -> ``cache`` within the
+# major version (the old name warns, and goes later); pyproject allows transformers>=5.0, so both names are used
+# through these two helpers: evaluation (search, scoring, constrained) and the server's decode loop.
+
+
+def cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` (newer 5.x) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a forward's output, under either name (None when there is none)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clmtune.errors import ClmtuneError
+from clmtune.fsutil import check_writable, is_writable
 
 
 def default_report_path(runs: Sequence[str | Path]) -> Path:
@@ -27,4 +28,27 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, titl
     paths = [Path(r) for r in runs]
     names = unique_names(paths)
     read = [read_run(p, name) for p, name in zip(paths, names)]
-    return write_html(read, out or default_report_path(runs), title)
+    target = Path(out or default_report_path(runs))
+    if out is None and target.parent.is_dir() and not is_writable(target.parent):
+        raise ClmtuneError(f"cannot write {target} ({target.parent} is read-only); pass --out FILE to write the "
+                           "report elsewhere")
+    if out is not None:
+        check_writable(target.parent, "the folder of --out")
+    return write_html(read, target, title)
+
+
+def evaluation_lines(runs: Sequence[str | Path]) -> list[str]:
+    """One line per evaluation of each run (``eval/index.json``): folder, what it ran on, method, numbers."""
+    from clmtune.report.runs import evaluated_on, read_run
+
+    lines = []
+    for path in runs:
+        run = read_run(path)
+        for folder, e in sorted(run.evals.items(), key=lambda kv: kv[1].get("written", "")):
+            numbers = "  ".join(f"{label} {e[key]:.4f}" if isinstance(e[key], float) else f"{label} {e[key]}"
+                                for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
+                                                   ("perplexity", "perplexity"), ("n", "rows"),
+                                                   ("invalid", "invalid")) if e.get(key) is not None)
+            lines.append(f"{run.name}: {folder}  ({evaluated_on(e)}, {e.get('method')})  {numbers}")
+    return lines
+

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from clmtune.curves import plot_loss, plot_runs
-from clmtune.report.runs import RunFiles
+from clmtune.report.runs import RunFiles, evaluated_on
 
 CSS = """
 body{font-family:"Noto Sans CJK SC","Noto Sans SC","PingFang SC","Microsoft YaHei","WenQuanYi Micro Hei",
@@ -120,7 +120,7 @@ def _metrics_rows(run: RunFiles) -> list[tuple[str, Any]]:
     e = run.eval or {}
     rows = [(label, e[key]) for key, label in METRIC_ROWS if key in e]
     if isinstance(e.get("loss"), (int, float)):
-        rows.append(("held-out loss", e["loss"]))
+        rows.append(("held-out loss" if run.eval_on == "held-out" else "loss", e["loss"]))
     replies = e.get("replies") if isinstance(e.get("replies"), dict) else {}
     rows += [(label, replies[key]) for key, label in (("rouge_l", "reply ROUGE-L"), ("bleu4", "reply BLEU-4"),
                                                     ("exact_match", "reply exact match")) if key in replies]
@@ -185,13 +185,26 @@ def _wrong(run: RunFiles) -> str:
     if not run.predictions or "gold" not in run.predictions[0]:
         return ""
     sample = run.wrong_sample()
-    head = (f"<h3>Wrong predictions</h3><p class='muted'>{len(wrong):,} of {len(run.predictions):,} held-out rows "
+    on = "held-out rows" if run.eval_on == "held-out" else f"rows ({escape(run.eval_on)})"
+    head = (f"<h3>Wrong predictions</h3><p class='muted'>{len(wrong):,} of {len(run.predictions):,} {on} "
             f"are wrong; {len(sample)} shown (a fixed-seed sample).</p>")
     if not sample:
         return head
     return head + _table(("id", "text", "gold", "predicted"),
                          [(r.get("id", ""), _clip(r.get("text", "")), r.get("gold", ""), r.get("predicted", ""))
                           for r in sample], cls="wrong")
+
+
+def _evaluations(run: RunFiles) -> str:
+    """Every evaluation of the run from ``eval/index.json``, by folder, with what it was computed on."""
+    if not run.evals:
+        return ""
+    rows = [(folder, evaluated_on(e), e.get("method"), e.get("accuracy"), e.get("macro_f1"), e.get("perplexity"),
+             e.get("n"), e.get("invalid"), e.get("written"))
+            for folder, e in sorted(run.evals.items(), key=lambda kv: kv[1].get("written", ""))]
+    return ("<h3>Evaluations</h3>" +
+            _table(("folder", "on", "method", "accuracy", "macro-F1", "perplexity", "rows", "invalid", "written"),
+                   rows, cls="evaluations"))
 
 
 def _clip(text: str, limit: int = 600) -> str:
@@ -217,9 +230,11 @@ def run_section(run: RunFiles, index: int) -> str:
            f"<p class='muted'>{escape(str(run.path))} · model {escape(_model(run))} · method {escape(str(method))}"
            f" · {escape(str(s.get('data', {}).get('task', '')))}</p>"]
     metrics = _metrics_rows(run)
-    out.append("<h3>Final metrics</h3>")
+    on = "" if run.eval is None else f" ({'held-out split' if run.eval_on == 'held-out' else run.eval_on})"
+    out.append(f"<h3>Final metrics{escape(on)}</h3>")
     out.append(_table(("metric", "value"), metrics, cls="metrics", table_id=f"metrics-{index}") if metrics
                else "<p class='muted'>not evaluated (no eval.json): run <code>clmtune eval --run RUN</code></p>")
+    out.append(_evaluations(run))
     png = _png_of(run)
     if png:
         out.append("<h3>Curves</h3>" + _img(png, f"loss curves of {run.name}"))

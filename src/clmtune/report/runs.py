@@ -35,7 +35,13 @@ class RunFiles:
     log: list[dict[str, Any]] = field(default_factory=list)
     bad_log_lines: int = 0
     eval: dict[str, Any] | None = None
+    """The evaluation the metrics, confusion matrix and wrong predictions come from: the latest one on the held-out
+    split when there is one (a later ``eval --data FILE`` does not replace it), else the latest."""
     eval_dir: Path | None = None
+    eval_on: str = "held-out"
+    """What ``eval`` was computed on: ``held-out``, ``test split`` or ``file NAME``."""
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every evaluation of the run (``eval/index.json``): folder -> split or file, method, headline metrics."""
     predictions: list[dict[str, str]] = field(default_factory=list)
     confusion_png: Path | None = None
     loss_png: Path | None = None
@@ -94,6 +100,16 @@ def read_run(path: str | Path, name: str | None = None) -> RunFiles:
         if run.bad_log_lines:
             log.warning("%s: skipped %d unreadable line(s)", rd.log_file, run.bad_log_lines)
     run.eval = _read_json(rd.path / EVAL_JSON)  # the latest evaluation; "folder" says where its files are
+    run.evals = _read_json(rd.eval_index) or {}
+    if run.eval is not None and run.evals:
+        latest = run.eval.get("folder")
+        held = [k for k, v in run.evals.items() if v.get("split") == "eval"]
+        if held and latest not in held:
+            folder = max(held, key=lambda k: run.evals[k].get("written", ""))
+            older = _read_json(rd.path / folder / EVAL_JSON)
+            if older is not None:
+                run.eval = {**older, "folder": folder}
+        run.eval_on = evaluated_on(run.evals.get(run.eval.get("folder"), {"split": "eval"}))
     if run.eval is not None:
         eval_dir = rd.path / run.eval.get("folder", ".")  # an absolute folder stays absolute
         run.eval_dir = eval_dir
@@ -106,6 +122,14 @@ def read_run(path: str | Path, name: str | None = None) -> RunFiles:
         run.confusion_png = png if png.is_file() else None
     run.loss_png = rd.loss_png if rd.loss_png.is_file() else None
     return run
+
+
+def evaluated_on(entry: dict[str, Any]) -> str:
+    """``held-out``, ``test split`` or ``file NAME`` for one ``eval/index.json`` entry."""
+    if entry.get("data_file"):
+        return f"file {Path(entry['data_file']).name}"
+    split = entry.get("split") or "eval"
+    return "held-out" if split == "eval" else f"{split} split"
 
 
 def unique_names(paths: list[Path]) -> list[str]:

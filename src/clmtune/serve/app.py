@@ -6,6 +6,8 @@ request never takes the server down (a failing batch fails only its own requests
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import secrets
 import time
@@ -19,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clmtune.errors import ClmtuneError
 from clmtune.serve import schemas as S
 from clmtune.serve.batcher import Batcher, Job, QueueFull
 from clmtune.serve.engine import Engine, RequestError, Sampling
@@ -37,6 +40,9 @@ class Limits:
     max_batch: int = 16
     """Rows (prompts x n) generated together in one batch; also the most one request may ask for."""
     max_classify_inputs: int = 64
+
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -113,8 +119,9 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             return _error(400, f"the body is not valid JSON ({err.get('msg')})", "invalid_request_error",
                           code="invalid_json")
         where = ".".join(loc) or "body"
-        return _error(400, f"{where}: {err.get('msg')} (got {err.get('input')!r:.80})", "invalid_request_error",
-                      param=where, code=err.get("type"))
+        got = f" (got {err.get('input')!r:.80})" if loc else ""  # the whole body is not echoed back
+        return _error(400, f"{where}: {err.get('msg')}{got}", "invalid_request_error", param=where,
+                      code=err.get("type"))
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
@@ -166,13 +173,36 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
                         seed=req.seed)
 
-    async def finish(job: Job) -> list[tuple[str, str | None, int]]:
+    async def next_event(job: Job, request: Request):
+        """The job's next event; a client that went away cancels the job (``finally`` of the caller) instead of
+        letting its rows run to the end and hold places in the queue (Starlette does not cancel a non-streaming
+        handler when its client disconnects)."""
+        get = asyncio.ensure_future(job.events.get())
+        try:
+            while True:
+                now = time.monotonic()
+                # checked every DISCONNECT_POLL_S also while events keep coming (a row's tokens arrive faster)
+                if now - getattr(request.state, "checked_at", now) >= DISCONNECT_POLL_S:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client closed the request", "invalid_request_error",
+                                       code="client_closed")
+                    request.state.checked_at = now
+                elif not hasattr(request.state, "checked_at"):
+                    request.state.checked_at = now
+                done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return get.result()
+                request.state.checked_at = now - DISCONNECT_POLL_S  # waited a whole period: check next round
+        finally:
+            get.cancel()
+
+    async def finish(job: Job, request: Request) -> list[tuple[str, str | None, int]]:
         """(text, finish_reason, tokens) per row once all rows ended; cancels the job if this request is
-        cancelled while it waits."""
+        cancelled, or its client goes away, while it waits."""
         open_rows = job.size
         try:
             while open_rows:
-                event = await job.events.get()
+                event = await next_event(job, request)
                 if event[0] == "done":
                     open_rows -= 1
                 elif event[0] == "error":
@@ -231,7 +261,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         return card()
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: S.CompletionRequest):
+    async def completions(req: S.CompletionRequest, request: Request):
         check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         params = sampling(req, len(prompts) * req.n)
@@ -248,7 +278,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]},
                                   ensure_ascii=False)
             return stream(job, chunk)
-        rows = await finish(job)
+        rows = await finish(job, request)
         used = sum(t for _, _, t in rows)
         prompt_tokens = sum(map(len, ids))
         return S.Completion(id=rid, created=now, model=engine.model_id,
@@ -258,7 +288,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                           total_tokens=prompt_tokens + used))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(req: S.ChatRequest):
+    async def chat_completions(req: S.ChatRequest, request: Request):
         check_model(req.model)
         params = sampling(req, req.n)
         ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
@@ -275,7 +305,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                              choices=[S.ChatChunkChoice(index=i, delta=delta, finish_reason=reason)])
                 return json.dumps(body.model_dump(exclude_none=False), ensure_ascii=False)
             return stream(job, chunk)
-        rows = await finish(job)
+        rows = await finish(job, request)
         used = sum(t for _, _, t in rows)
         return S.ChatCompletion(id=rid, created=now, model=engine.model_id,
                                 choices=[S.ChatChoice(index=i, message=S.AssistantMessage(content=t), finish_reason=f)
@@ -284,7 +314,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                                               total_tokens=len(ids) + used))
 
     @app.post("/v1/classify", response_model=S.ClassifyResponse, dependencies=[Depends(authorized)])
-    async def classify(req: S.ClassifyRequest):
+    async def classify(req: S.ClassifyRequest, request: Request):
         check_model(req.model)
         inputs = [req.input] if isinstance(req.input, str) else req.input
         if len(inputs) > limits.max_classify_inputs:
@@ -293,7 +323,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         prompts = engine.encode_classify(inputs)
         job = batcher.submit_classify(prompts)
         try:
-            event = await job.events.get()
+            event = await next_event(job, request)
         finally:
             if not job.released:
                 batcher.cancel(job)
@@ -311,8 +341,42 @@ def serve(run: str | None = None, model: str | None = None, host: str = "127.0.0
     import uvicorn
 
     limits = Limits(**limits) if isinstance(limits, dict) else limits
-    engine = Engine.load(run, model, device)
-    app = create_app(engine, api_key, limits)
-    print(f"clmtune serve: {engine.model_id} ({engine.task_name}) on http://{host}:{port}/ "
-          f"(API: /v1, playground: /){' - API key required' if api_key else ''}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)  # info: one line per request
+    sock = bind_socket(host, port)  # before loading the model: a port in use is one line, at once
+    try:
+        engine = Engine.load(run, model, device)
+        app = create_app(engine, api_key, limits)
+        port = sock.getsockname()[1]
+        print(f"clmtune serve: {engine.model_id} ({engine.task_name}) on http://{host}:{port}/ "
+              f"(API: /v1, playground: /){' - API key required' if api_key else ''}", flush=True)
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)  # info: one line per request
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int):
+    """A listening socket on ``host:port``, or one line saying why not (port out of range, in use, bad host).
+    The server then runs on this socket, so nothing can take the port between the check and serving."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ClmtuneError(f"--port {port} is not a port number; give one from 1 to 65535 (e.g. 8000)")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ClmtuneError(f"--host {host!r} is not an address of this machine ({exc}); use 127.0.0.1 or "
+                           "0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a recently closed port is reusable
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ClmtuneError(f"--port {port} on {host} is in use by another program; stop it or pick another "
+                               "--port") from None
+        raise ClmtuneError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --host or --port") \
+            from None
+    sock.set_inheritable(True)
+    return sock

@@ -31,10 +31,11 @@ import torch
 from clmtune.errors import ClmtuneError
 from clmtune.decoding import CleanStreamer, finish_text, load_for_generation, stop_token_ids
 from clmtune.decoding import decode, raw_text  # the exact decoding `clmtune generate` applies
-from clmtune.models import context_length, is_prompt_learning, model_device, resolve_device
+from clmtune.models import cache_kwarg, context_length, is_prompt_learning, model_device, output_cache, resolve_device
 from clmtune.run import RunDir
 from clmtune.tasks import Task, get_task
 from clmtune.tasks.encoding import leading_special_ids, left_pad
+from clmtune.tasks.examples import is_blank
 from clmtune.text import clean_text
 
 log = logging.getLogger("clmtune")
@@ -157,8 +158,7 @@ class Engine:
         params = inspect.signature(base.forward).parameters
         self._takes_positions = "position_ids" in params
         self._takes_logits_to_keep = "logits_to_keep" in params
-        # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40)
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)  # ``past_key_values`` or ``cache``, as the installed transformers
         if is_prompt_learning(model):
             raise ClmtuneError("serving prompt-learning runs (prefix/prompt/p-tuning) is not supported yet: their "
                                "virtual tokens live outside the KV cache the server decodes with; export a LoRA/IA3/"
@@ -241,8 +241,7 @@ class Engine:
         if self._takes_logits_to_keep:
             kw["logits_to_keep"] = 1  # the LM head only on the last position
         out = self.model(**kw)
-        cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else None
-        return out.logits[:, -1, :].float().cpu(), cache if cache is not None else out.past_key_values  # (B, vocab)
+        return out.logits[:, -1, :].float().cpu(), output_cache(out)  # (B, vocab)
 
     def _prefill(self, rows: list[Row]):
         """One forward over the rows' left-padded prompts: (last logits (B, vocab), cache, mask (B, T),
@@ -375,7 +374,7 @@ class Engine:
             if missing:
                 raise RequestError(f"input[{i}] lacks {missing} (the template's placeholders: {names})",
                                    param=f"input[{i}]")
-            if not any(str(item[f]).strip() for f in names):
+            if all(is_blank(str(item[f])) for f in names):  # zero-width characters only: nothing to classify
                 raise RequestError(f"input[{i}] is empty; give some text to classify", param=f"input[{i}]")
             rows.append(dict(item))
         examples, dropped = self.task.render_examples(rows, cfg, self.labels, "the request", labelled=False)

@@ -16,8 +16,35 @@ UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_b
                "frequency_penalty", "tools", "tool_choice", "functions", "function_call", "response_format")
 
 
+def _lone_surrogate(value, where: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, but not
+    text; the tokenizer and the UTF-8 response would fail on it (HTTP 500) instead of a 400 naming the field."""
+    if isinstance(value, str):
+        return where or "body" if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_text(cls, data):
+        where = _lone_surrogate(data)
+        if where:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send "
+                             "each character whole (a surrogate pair or UTF-8)")
+        return data
 
     @model_validator(mode="after")
     def _no_unsupported_options(self):

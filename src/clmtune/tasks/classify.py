@@ -33,7 +33,7 @@ class ClassifyTask(Task):
 
     def example(self, row: dict[str, Any], i, rid, d, labels, where, labelled) -> Example | None:
         p_fields = fields(d.template)
-        values = {f: cell_text(row[f]) for f in p_fields}
+        values = {f: cell_text(row[f], f) for f in p_fields}
         if p_fields and not any(v.strip() for v in values.values()):
             return None
         label = None

@@ -125,8 +125,25 @@ def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def cell_text(value: Any) -> str:
-    return "" if is_missing(value) else str(value)
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e"))  # zero-width, soft hyphen
+
+
+def is_blank(text: str) -> bool:
+    """Nothing visible: only whitespace and zero-width characters (U+200B..U+200D, U+2060, U+FEFF)."""
+    return not text.translate(_INVISIBLE).strip()
+
+
+def cell_text(value: Any, column: str = "") -> str:
+    """A cell as text; a list or mapping (a Parquet/JSON column of structs or arrays) is refused, not turned into
+    its Python repr."""
+    if is_missing(value):
+        return ""
+    if isinstance(value, (dict, list, tuple)) or type(value).__name__ == "ndarray":
+        kind = "mappings" if isinstance(value, dict) else "lists"
+        raise ClmtuneError(f"column {column!r} holds {kind}, not text (e.g. {str(value)[:60]!r}); use a text column, "
+                           "or one of its fields as its own column")
+    text = str(value)
+    return "" if is_blank(text) else text  # a cell of zero-width characters is empty: counted and dropped as such
 
 
 def row_name(where: str, i: int) -> str:
@@ -148,8 +165,9 @@ def map_label(value: Any, labels: list[str], where: str) -> str:
         k = int(value)
     if k is not None and 0 <= k < len(labels):
         return labels[k]
-    raise ClmtuneError(f"{where}: label {value!r} is not in the label set {labels} (nor a position 0..{len(labels) - 1}"
-                       f" in it); add it to data.labels or fix the row")
+    shown = labels if len(labels) <= 12 else [*labels[:10], f"... {len(labels) - 10} more"]
+    raise ClmtuneError(f"{where}: label {str(value)[:80]!r} is not in the label set of {len(labels)} label(s) "
+                       f"{shown} (nor a position 0..{len(labels) - 1} in it); add it to data.labels or fix the row")
 
 
 def check_columns(key: str, names: list[str], columns: list[str], where: str, what: str = "placeholder(s)") -> None:

@@ -34,7 +34,7 @@ class LmTask(Task):
         check_columns("data.text_column", [d.text_column], columns, where, "column")
 
     def example(self, row, i, rid, d, labels, where, labelled) -> Example | None:
-        text = cell_text(row[d.text_column])
+        text = cell_text(row[d.text_column], d.text_column)
         if not text.strip():
             return None
         return Example(id=rid, prompt="", label=None, text=text, target=text)

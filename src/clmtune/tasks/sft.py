@@ -34,10 +34,10 @@ class SftTask(Task):
 
     def example(self, row, i, rid, d, labels, where, labelled) -> Example | None:
         p_fields, r_fields = fields(d.template), fields(d.response_template, "data.response_template")
-        values = {f: cell_text(row[f]) for f in p_fields}
+        values = {f: cell_text(row[f], f) for f in p_fields}
         if p_fields and not any(v.strip() for v in values.values()):
             return None
-        r_values = {f: cell_text(row[f]) for f in r_fields}
+        r_values = {f: cell_text(row[f], f) for f in r_fields}
         if r_fields and not any(v.strip() for v in r_values.values()):
             return None
         return Example(id=rid, prompt=fill_template(d.template, values), label=None, text=" ".join(values.values()),

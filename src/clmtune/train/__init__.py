@@ -187,6 +187,13 @@ class TrainRecipe:
             check_same_config(self.cfg, json.loads((self.ckpt / STATE_FILE).read_text(encoding="utf-8"))["config"],
                                self.ckpt)
         if self.main:
+            if t_cfg.overwrite:  # --overwrite clears a run's outputs; never in a folder that holds the data read
+                here, d = self.run.path.resolve(), self.cfg.data
+                for src in (d.source, d.eval_file, d.test_file, d.prepared):
+                    if src and Path(src).exists() and (Path(src).resolve() == here or
+                                                       here in Path(src).resolve().parents):
+                        raise ClmtuneError(f"train.output_dir {self.run.path} holds the data {src}; write the run "
+                                           "into another folder")
             prepare_output_dir(self.run.path, t_cfg.overwrite, self.resume is not None)
         self.accelerator.wait_for_everyone()  # no process reads the folder before rank 0 has checked/cleaned it
         self.determinism = seed_everything(self.cfg)  # deterministic kernels too, with train.deterministic
@@ -265,9 +272,13 @@ class TrainRecipe:
         # Per process: accelerate hands each process every n_proc-th batch (padding the last round: even_batches).
         self.batches_per_epoch = math.ceil(len(loader) / n_proc)
         steps_per_epoch = math.ceil(self.batches_per_epoch / t_cfg.gradient_accumulation_steps)
-        self.total_steps = steps_per_epoch * t_cfg.epochs
-        if t_cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, t_cfg.max_steps)
+        # train.max_steps is the number of steps trained whatever the data size; epochs are then ignored, as in
+        # transformers' Trainer.
+        self.total_steps = steps_per_epoch * t_cfg.epochs if t_cfg.max_steps is None else t_cfg.max_steps
+        if t_cfg.warmup_steps >= self.total_steps and self.main:
+            log.warning("train.warmup_steps=%d is not shorter than the training (%d steps): the learning rate never "
+                        "reaches train.learning_rate=%g; lower warmup_steps or train longer", t_cfg.warmup_steps,
+                        self.total_steps, t_cfg.learning_rate)
         # accelerate's scheduler wrapper steps the schedule n_proc times per optimizer step, hence the factor.
         scheduler = get_linear_schedule_with_warmup(optimizer, t_cfg.warmup_steps * n_proc, self.total_steps * n_proc)
         self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
@@ -342,7 +353,8 @@ class TrainRecipe:
         stopper = stop_after_step(enabled=self.n_proc == 1)
         stop_request = stopper.__enter__()
         try:
-            for epoch in range(self.epoch0, t_cfg.epochs):
+            endless = t_cfg.max_steps is not None and self.batches_per_epoch > 0
+            for epoch in itertools.count(self.epoch0) if endless else range(self.epoch0, t_cfg.epochs):
                 if self.step >= self.total_steps:
                     break
                 # skip: batches per process already done; each was one of n_proc consecutive batches of the order
@@ -424,7 +436,15 @@ class TrainRecipe:
             self.log_file.flush()
         self.watch.log(record)
 
+    def check_folder(self) -> None:
+        """The run folder (with this run's lock) is still there: deleted or replaced during training, saving into
+        it would recreate a partial folder, or fail with FileNotFoundError after the whole training."""
+        if self.main and self.lock is not None and not self.lock.path.is_file():
+            raise ClmtuneError(f"the run folder {self.run.path} was deleted or replaced while training; nothing was "
+                               "saved; train again (into a folder nothing else removes)")
+
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
+        self.check_folder()
         if batch_in_epoch >= self.batches_per_epoch:  # store the next position: start of the next epoch
             epoch, batch_in_epoch = epoch + 1, 0
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
@@ -446,6 +466,7 @@ class TrainRecipe:
         from accelerate.utils import gather_object
 
         acc, cfg, run = self.accelerator, self.cfg, self.run
+        self.check_folder()
         acc.wait_for_everyone()
         best = self.watch.finish()  # with train.save_best: the best weights are loaded back into the model
         weights = trainable_state(self.model, acc)  # collective (ZeRO-3 gather); the real weights, not shards

@@ -86,6 +86,7 @@ class Watch:
         self.save_best = bool(t.save_best) and self.every is not None
         self.stopped_at: int | None = None
         self.last: dict[str, float] = {}
+        self.losses: list[tuple[int, float]] = []  # (step, held-out loss) of each evaluation since the start
         self.features, self.examples = [], []
         self.trackers = list(t.report_to)
 
@@ -100,6 +101,9 @@ class Watch:
             n = min(t.eval_max_rows, len(r.data.eval))
             rows = r.data.eval.select(range(n))
             self.features = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
+            if len(self.features) == 1 and r.main:
+                log.warning("the held-out split has one row (or conversation) only: its eval_loss says little about "
+                            "the model; hold out more (data.eval_fraction, data.eval_file)")
             from clmtune.tasks import get_task
 
             if get_task(r.cfg.data.task).evaluation == "labels":
@@ -154,6 +158,8 @@ class Watch:
             return False
         metrics = self.evaluate()
         self.last = {k: v for k, v in metrics.items() if k in WATCH_METRICS}
+        if "eval_loss" in metrics:
+            self.losses.append((r.step, metrics["eval_loss"]))
         r.write_log({"step": r.step, "epoch": epoch + 1, **metrics})  # the log file and the trackers
         improved = self.keeper.update(metrics, r.step) if self.keeper else False
         if improved and self.save_best:
@@ -193,6 +199,14 @@ class Watch:
         r = self.r
         if self.trackers:
             r.accelerator.end_training()
+        if r.main and len(self.losses) >= 2:
+            (s0, first), (s1, last) = self.losses[0], self.losses[-1]
+            low_step, low = min(self.losses, key=lambda x: x[1])
+            if last > 1.1 * low:  # more than 10 % above its best: over-fitting, or a learning rate too high
+                log.warning("the held-out loss rose to %.4f at step %d from %.4f at step %d (first %.4f at step %d): "
+                            "the model over-fits or the learning rate is too high; train fewer steps, lower "
+                            "train.learning_rate, or keep the best weights with train.save_best", last, s1, low,
+                            low_step, first, s0)
         if not self.save_best or self.keeper is None or self.keeper.best_step is None:
             return None
         from clmtune.train.checkpoints import load_checkpoint_weights
