@@ -61,6 +61,8 @@ from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weig
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
+from clmtune.train.speed import (LossBuffer, chunked_head_loss, compile_forward, compile_ok, make_adamw,
+                                 resolve_switch, skip_update_if_not_finite)
 from clmtune.train.watch import Watch, write_loss_png
 
 log = logging.getLogger("clmtune")
@@ -92,7 +94,7 @@ def trainable_summary(model) -> dict[str, int]:
 
 
 def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc: int,
-                  rows_seen: list[int] | None) -> tuple[float, int]:
+                  rows_seen: list[int] | None, device_loss: bool = False) -> tuple[float | torch.Tensor, int]:
     """Forward + backward over one optimizer step's batches (gradient accumulation); returns the summed loss and
     the number of supervised tokens of the window, over all processes.
 
@@ -100,12 +102,14 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
     token weighs the same, however the tokens fall into batches and processes (the mean of per-batch means would
     overweight short labels in small batches). ``accelerator.backward`` divides by its accumulation steps and DDP
     averages over processes; the scale undoes both. Costs one all-reduce of one integer per step under DDP.
+    ``device_loss``: the summed loss is returned as a device tensor, not read on the host (``train.speed``); the
+    token counts then come from the collator's CPU-side ``counts``.
     """
-    n_sup = sum(supervised_tokens(b["labels"]) for b in window)
+    n_sup = sum(b["counts"][0] if "counts" in b else supervised_tokens(b["labels"]) for b in window)
     if n_proc > 1:
         n_sup = int(accelerator.reduce(torch.tensor(n_sup, device=accelerator.device), "sum"))
     scale = accelerator.gradient_accumulation_steps * n_proc / max(n_sup, 1)
-    total = 0.0
+    total = torch.zeros((), device=accelerator.device) if device_loss else 0.0
     for k, batch in enumerate(window):
         rows = batch.pop("rows")
         if rows_seen is not None:
@@ -121,14 +125,17 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
             if head.fused is not None:  # the frozen head and the loss in one pass over its weight (fusedhead)
                 with head_returns_hidden(head.fused):
                     hidden = model(**inputs).logits  # (N, d): the supervised positions' final hidden states
-                loss = frozen_head_loss(hidden, head.fused.weight, supervised_targets(batch["labels"]), head.packed)
+                targets = supervised_targets(batch["labels"])
+                loss = (chunked_head_loss(hidden, head.fused.weight, targets) if head.chunked
+                        else frozen_head_loss(hidden, head.fused.weight, targets, head.packed))
             else:
                 logits = model(**inputs).logits
                 loss = causal_lm_loss(logits, batch["labels"], reduction="sum")
             accelerator.backward(loss * scale)
-        total += loss.item()
+        total += loss.detach() if device_loss else loss.item()
     if n_proc > 1:  # the logged loss is the mean over every process's tokens
-        total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
+        total = accelerator.reduce(torch.as_tensor(total, device=accelerator.device), "sum")
+        total = total if device_loss else float(total)
     return total, n_sup
 
 
@@ -150,6 +157,7 @@ class TrainRecipe:
         self.swapped: list = []
         self.activations: list = []  # modules swapped for bf16 training (one_op_tanh_gelu), put back after fit
         self.estimate, self.determinism = None, None
+        self.pending, self.grad_norms = LossBuffer(), {}  # train.device_loss: device losses not yet read
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> "TrainRecipe":
@@ -218,8 +226,10 @@ class TrainRecipe:
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
         self.head_mode, self.head_reason = (head_trim_support(self.model) if t_cfg.logits_on_labels_only
                                             else (None, "train.logits_on_labels_only is off"))
-        self.fused_reason = fused_head_reason(self.model, self.accelerator.device, self.is_peft, self.head_mode,
-                                              self.precision, t_cfg.deepspeed is not None)
+        device = self.accelerator.device
+        self.chunked = t_cfg.chunked_loss  # any device; else the CPU's fused loss (fusedhead) where it applies
+        self.fused_reason = fused_head_reason(self.model, device, self.is_peft, self.head_mode, self.precision,
+                                              t_cfg.deepspeed is not None, any_device=self.chunked)
         self.fused_head = fused_head_module(self.model) if self.fused_reason is None else None
         self.packed_head = None
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
@@ -230,7 +240,8 @@ class TrainRecipe:
             # an epoch in bench/ab_train_packed.py).
             cpu = self.accelerator.device.type == "cpu"
             head = self.fused_head
-            pack = head is not None and head.weight.dtype == torch.float32  # a bf16 base's head: fused, unpacked
+            pack = (head is not None and head.weight.dtype == torch.float32  # a bf16 base's head: fused, unpacked
+                    and not self.chunked)
             self.swapped = frozen_matmul_weights_to_bf16(self.model, cpu and head is None,
                                                          keep=(head.weight,) if pack else ())
             self.packed_head = PackedHead(head.weight) if pack else None
@@ -244,8 +255,12 @@ class TrainRecipe:
                                              generator=torch.Generator().manual_seed(t_cfg.seed),
                                              collate_fn=RowCollator(self.data.pad_id, length,
                                                                     cfg.data.pad_to_multiple_of))
-        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                      lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
+        self.device_loss = resolve_switch(t_cfg.device_loss, device)
+        self.fused_adamw = resolve_switch(t_cfg.fused_adamw, device) and t_cfg.deepspeed is None
+        optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], t_cfg.learning_rate,
+                               t_cfg.weight_decay, self.fused_adamw)
+        if t_cfg.compile:
+            compile_forward(self.model)
         # Per process: accelerate hands each process every n_proc-th batch (padding the last round: even_batches).
         self.batches_per_epoch = math.ceil(len(loader) / n_proc)
         steps_per_epoch = math.ceil(self.batches_per_epoch / t_cfg.gradient_accumulation_steps)
@@ -287,7 +302,8 @@ class TrainRecipe:
             elif mode == "last":
                 log.info("LM head on the last labelled positions of each batch (this model's forward takes an "
                          "integer logits_to_keep only)")
-            self.head = HeadMode(mode, virtual_tokens(self.model), self.fused_head, self.packed_head)
+            self.head = HeadMode(mode, virtual_tokens(self.model), self.fused_head, self.packed_head,
+                                 self.chunked and self.fused_head is not None)
         log.info("LM head and loss: %s", "fused, one pass over the frozen head per step" if self.head.fused
                  is not None else f"logits, then cross-entropy ({self.fused_reason})")
         self.estimate = estimate_run(unwrap(self.model), [len(f["input_ids"]) for f in self.features],
@@ -334,19 +350,29 @@ class TrainRecipe:
                 batches = iter(self.loader)
                 while window := list(itertools.islice(batches, ga)):
                     loss_sum, n_sup = _train_window(window, self.model, self.accelerator, self.head, n_proc,
-                                                    self.rows_seen if epoch == 0 else None)
+                                                    self.rows_seen if epoch == 0 else None, self.device_loss)
                     grad_norm = None  # the global norm before clipping, logged as transformers.Trainer does
                     if t_cfg.max_grad_norm is not None and t_cfg.deepspeed is None:  # DeepSpeed clips itself
-                        grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, t_cfg.max_grad_norm))
-                    check_finite(self.step + 1, loss_sum / max(n_sup, 1), grad_norm,  # before the update
-                                 self.last_saved, self.run.checkpoints)
+                        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, t_cfg.max_grad_norm)
+                    due = (self.step + 1) % t_cfg.log_every == 0 or self.step + 1 == self.total_steps or (
+                        t_cfg.save_steps and (self.step + 1) % t_cfg.save_steps == 0) or self.watch.due(self.step + 1)
+                    if self.device_loss:  # read on the host at log lines and checkpoints only (train.speed)
+                        self.pending.add(self.step + 1, loss_sum / max(n_sup, 1), grad_norm)
+                        if not skip_update_if_not_finite(self.optimizer, loss_sum, grad_norm) or due:
+                            self._flush_losses()  # every step when the optimizer cannot skip a bad update
+                    else:
+                        grad_norm = None if grad_norm is None else float(grad_norm)
+                        check_finite(self.step + 1, loss_sum / max(n_sup, 1), grad_norm,  # before the update
+                                     self.last_saved, self.run.checkpoints)
+                        self.losses.append(loss_sum / max(n_sup, 1))
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad()
                     batch_in_epoch += len(window)
-                    window_tokens += sum(int(b["attention_mask"].sum()) for b in window)
-                    self.losses.append(loss_sum / max(n_sup, 1))
-                    if self.first_loss is None:
+                    window_tokens += sum(b["counts"][1] for b in window)
+                    if self.device_loss and due:  # flushed above: the step's values were read before its update
+                        grad_norm = self.grad_norms.get(self.step + 1)
+                    if self.first_loss is None and self.losses:
                         self.first_loss = self.losses[0]
                     self.step += 1
                     bar.update(1)
@@ -361,7 +387,8 @@ class TrainRecipe:
                     t_eval = time.perf_counter()
                     stop = self.watch.after_step(epoch)  # held-out evaluation when due; early stopping
                     window_start += time.perf_counter() - t_eval  # tokens/s counts training time only
-                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **self.watch.postfix())
+                    if self.losses:
+                        bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **self.watch.postfix())
                     if t_cfg.save_steps and (self.step % t_cfg.save_steps == 0 or self.step == self.total_steps):
                         self.save_checkpoint(epoch, batch_in_epoch)
                     if self.step >= self.total_steps or stop:
@@ -376,6 +403,7 @@ class TrainRecipe:
             self.head, self.packed_head = self.head._replace(packed=None), None  # free the packed head copies
             restore_modules(self.activations)
             restore_determinism(self.determinism)  # process-wide flags: leave them as they were
+        self._flush_losses()  # train.device_loss: steps after the last log line (none unless stopped early)
         self.seconds = time.perf_counter() - self.t0
         if not self.losses and self.ckpt is None:
             raise ClmtuneError("no training step was run; check train.epochs, train.max_steps and the data")
@@ -384,6 +412,14 @@ class TrainRecipe:
         if t_cfg.save_steps and self.last_saved != self.step:
             self.save_checkpoint(t_cfg.epochs - 1, self.batches_per_epoch)
         return self
+
+    def _flush_losses(self) -> None:
+        """train.device_loss: read the pending steps' losses and gradient norms (one host synchronisation), refuse
+        a non-finite one (before any checkpoint holds its update) and append them to ``self.losses``."""
+        for step, loss, grad_norm in self.pending.flush():
+            check_finite(step, loss, grad_norm, self.last_saved, self.run.checkpoints)
+            self.losses.append(loss)
+            self.grad_norms = {step: grad_norm}
 
     def write_log(self, record: dict) -> None:
         """One ``train_log.jsonl`` line (main process) and the same values to the trackers."""
@@ -428,7 +464,10 @@ class TrainRecipe:
                        "max_length": cfg.data.max_length, "auto": self.auto,
                        "precision": self.precision,
                        "precision_reason": self.precision_reason, "lm_head_positions": self.head.mode or "all",
-                       "lm_head_loss": "fused" if self.head.fused is not None else "logits",
+                       "lm_head_loss": ("chunked" if self.head.chunked else "fused") if self.head.fused is not None
+                       else "logits",
+                       "speed": {"device_loss": self.device_loss, "fused_adamw": self.fused_adamw,
+                                 "compile": compile_ok(unwrap(self.model)) if cfg.train.compile else None},
                        "resumed_from": str(self.ckpt) if self.ckpt else None,
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
                        "end_token": self.data.report["end_token"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from clmtune.tasks.encoding import collate
+from clmtune.tasks.examples import IGNORE_INDEX
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -74,4 +75,6 @@ class RowCollator:
     def __call__(self, feats):
         batch = collate(feats, self.pad_id, length=self.length, pad_to_multiple_of=self.multiple)
         batch["rows"] = torch.tensor([f["row"] for f in feats])
+        # (supervised tokens, real tokens), counted here on the CPU: the loop reads them without waiting for the GPU
+        batch["counts"] = (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["attention_mask"].sum()))
         return batch
