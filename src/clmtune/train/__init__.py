@@ -58,6 +58,7 @@ from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_pos
 from clmtune.device import resolve_precision, training_device
 from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, one_op_tanh_gelu,
                                      restore_modules, restore_weights)
+from clmtune.memory import swapped_originals_bytes
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
@@ -312,7 +313,7 @@ class TrainRecipe:
                                      lm_head_bytes=None if self.head.fused is None else
                                      functools.partial(fused_head_bytes, weight=self.head.fused.weight,
                                                        packed=self.packed_head is not None))
-        self.estimate.weights += sum(d.numel() * d.element_size() for _, d in self.swapped)  # kept fp32 originals
+        self.estimate.weights += swapped_originals_bytes(self.swapped, self.accelerator.device)  # kept fp32 originals
         self.estimate.weights += self.packed_head.nbytes if self.packed_head else 0  # the head's 2 packed copies
         if self.main:
             log.info(self.estimate.table())
