@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/twitter_complaints
 
-.PHONY: install test demo demo-en bench bench-chat clean
+.PHONY: install test test-fast demo demo-en bench bench-chat clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	sh scripts/system_deps.sh  # CJK font + chromium where missing (apt-get as root; otherwise it says what to install)
@@ -18,6 +18,10 @@ install: $(BIN)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite without the tests marked slow (whole training runs, servers, browsers): a quick check while working
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Embedded defaults (Chinese): the shipped pretrained builtin:gpt2-zh-small fine-tuned on ChnSentiCorp hotel reviews:
 # classification (LoRA and full fine-tuning), LM fine-tuning with perplexity before/after, top-k generation.
@@ -34,11 +38,11 @@ demo-en: install
 		"Tweet text : Thanks @JetBlue, the crew was lovely today label : "
 	@echo "demo finished: everything is in $(RUN)/"
 
-# Training speed: tutorial recipe vs Trainer vs clmtune (fp32, bf16), ratios within one run (~12 min on 2 cores)
+# Training speed: tutorial recipe vs Trainer vs clmtune (fp32, bf16), ratios within one run (bench/README.md)
 bench: install
 	$(BIN)/python bench/bench_train.py --threads 1
 
-# Chat fine-tuning speed: TRL's SFTTrainer (assistant-only loss, padding-free) vs clmtune (~2 min on 2 cores)
+# Chat fine-tuning speed: TRL's SFTTrainer (assistant-only loss, padding-free) vs clmtune (bench/README.md)
 bench-chat: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[bench]'
 	$(BIN)/python bench/bench_chat.py --threads 1

@@ -18,7 +18,7 @@ trainer runs in its own child process.
 tokens/s counts real (non-pad) tokens of the conversations trained on. Before training, both compute the loss of
 one identical batch (the first 16 conversations, initial weights); the two must agree (to 1e-4), and both must
 tokenize every conversation to the same ids with the same assistant mask.
-Writes bench/results/chat_gpt2zh.json and prints a table.
+Writes bench/results/chat_gpt2zh_cpu.json and prints a table.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import atexit
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import result_path  # noqa: E402  (bench/common.py)
 MODEL = "builtin:gpt2-zh-small"
 BATCH, LR, MAX_LENGTH = 16, 5e-4, 256
 
@@ -148,16 +149,6 @@ def run_clmtune(data: Path, epochs: int) -> dict:
             "final_loss": log[-1]["loss"], "lm_head_positions": summary["lm_head_positions"]}
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def child(name: str, data: str, epochs: int) -> None:
     import torch
 
@@ -200,8 +191,7 @@ def main() -> None:
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "speedup": ours["tokens_per_s"] / trl["tokens_per_s"], "first_batch_loss_agrees": agree,
               "results": results}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "chat_gpt2zh.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    result_path("chat", "gpt2zh").write_text(json.dumps(report, indent=1, default=str) + "\n")
     print("\n| trainer | steps | tokens | seconds | tokens/s | first-batch loss | last-step loss |\n"
           "|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -33,7 +33,7 @@ than arithmetic sets the time, as for small models on a GPU).
 Timed repeats alternate between the methods; medians are compared, by wall-clock time and by the process's CPU time
 (the steadier measure when other jobs share the cores; both are written). Threads: 1 by default, for the reason given in
 bench_generate.py (two threads on this shared 2-core machine measure the neighbours).
-Writes bench/results/eval_<case>.json.
+Writes bench/results/eval_<case>_<machine>.json.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE))
+from common import result_path  # noqa: E402  (bench/common.py)
 
 import clmtune.evaluate as ev  # noqa: E402
 import clmtune.evaluate.scoring as scoring  # noqa: E402
@@ -342,7 +344,7 @@ def main() -> None:
                           + f", same label as rank {100 * r['agreement_with_rank'].get(k, float('nan')):.1f} %"
                           + (f", same as fp32 {100 * r['bf16_agreement_with_fp32'][k]:.1f} %"
                              if k in r["bf16_agreement_with_fp32"] else ""), flush=True)
-            out = HERE / "results" / (f"eval_{name}.json" if not args.labels else f"eval_{name}_{args.labels}labels.json")
+            out = result_path("eval", name if not args.labels else f"{name}_{args.labels}labels", device)
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(results[name], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -23,7 +23,7 @@ tokens before the first difference), and batched throughput at batch 8 and 32 (r
 Threads: 1 by default (``--threads``). On this 2-core machine shared by three developers, 2 torch threads make every
 small op of a one-token step wait on an OpenMP barrier (a 12-layer one-token forward: ~30 ms with 1 thread,
 ~150 ms with 2), which measures the neighbours rather than the code. Both paths always use the same setting.
-Writes bench/results/generate_gpt2zh.json.
+Writes bench/results/generate_gpt2zh_cpu.json.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+from common import result_path  # noqa: E402  (bench/common.py)
 
 from clmtune.config import GenerateConfig  # noqa: E402
 from clmtune.device import cpu_matrix_features, describe_cpu  # noqa: E402
@@ -191,7 +193,7 @@ def main() -> None:
         "speedup_vs_tutorial_cpu_time": {k: med_cpu["tutorial"] / v for k, v in med_cpu.items()},
         "batched": batched, "greedy_bf16_vs_fp32": agreement,
     }
-    out = HERE / "results" / "generate_gpt2zh.json"
+    out = result_path("generate", "gpt2zh")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"{describe_cpu()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -18,8 +18,8 @@ Configurations (each in its own child process, one after another, so the peak RS
               gc = + train.gradient_checkpointing: true
 Reported: seconds per step (median over steps after the first), seconds per epoch, real (non-pad) tokens/s, peak
 RSS of the child, and clmtune's memory estimate for the same step (``clmtune.memory``; runtime + estimate
-compared with the peak RSS). Writes bench/results/memory_<model>.json, bench/results/memory.md and its section
-of bench/README.md.
+compared with the peak RSS). Writes bench/results/memory_<model>_cpu.json and its section of
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import importlib.util
 import atexit
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULTS, result_path  # noqa: E402  (bench/common.py)
 CONFIGS = ["tutorial_fp32", "clmtune_fp32", "tutorial_bf16", "clmtune_bf16", "tutorial_bf16_gc", "clmtune_bf16_gc"]
 MODELS = {
     "bloom560m": "BLOOM-560m architecture (24 layers x 1024, vocabulary 250,880), twitter_complaints (50 rows, "
@@ -246,13 +247,6 @@ def wait_for_memory(model: str, config: str, cfg: dict, patience_s: int = 300) -
         time.sleep(10)
 
 
-def cpu_name() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
-
-
 def table(results: dict) -> str:
     gib = 2 ** 30
     base = {p: results.get(f"tutorial_{p}") for p in ("fp32", "bf16", "bf16_gc")}
@@ -296,7 +290,7 @@ MEMORY_BEGIN, MEMORY_END = "<!-- bench_memory.py: begin -->", "<!-- bench_memory
 
 def gpu_note() -> str:
     """The GPU checks' section: what ``bench/gpu_check.py`` recorded (results/gpu_check_*.json), or that none ran."""
-    runs = sorted((HERE / "results").glob("gpu_check_*.json"))
+    runs = sorted(RESULTS.glob("gpu_check_*.json"))
     head = ("## GPU checks (`bench/gpu_check.py`)\n\n`python bench/gpu_check.py --out DIR` runs them in a few minutes "
             "on one GPU (a CUDA build of torch; `pip install deepspeed bitsandbytes` for those checks, otherwise "
             "reported as skipped). `zero2`, `zero3` (ZeRO-3 + CPU offload), `fsdp` (FSDP2 through `accelerate "
@@ -369,7 +363,7 @@ def user_sentence(results_by_model: dict) -> str:
 
 def write_markdown() -> Path:
     parts, by_model = [], {}
-    for f in sorted((HERE / "results").glob("memory_*.json")):
+    for f in sorted(RESULTS.glob("memory_*_cpu.json")):
         res = json.loads(f.read_text())
         by_model[res["model"]] = res["results"]
         m = res["machine"]
@@ -379,8 +373,6 @@ def write_markdown() -> Path:
                      f"{res['setup']}.\n\n" + table(res["results"]) + "\n"
                      + "".join(f"\n{k} not run: {v}\n" for k, v in res.get("skipped", {}).items()))
     body = SECTION_HEAD + "\n" + user_sentence(by_model) + "\n\n" + "\n".join(parts) + "\n" + gpu_note()
-    out = HERE / "results" / "memory.md"
-    out.write_text(body, encoding="utf-8")
     readme = HERE / "README.md"
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     section = f"{MEMORY_BEGIN}\n{body}\n{MEMORY_END}"
@@ -389,7 +381,7 @@ def write_markdown() -> Path:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     readme.write_text(text, encoding="utf-8")
-    return out
+    return readme
 
 
 def main() -> None:
@@ -409,7 +401,6 @@ def main() -> None:
 
     import torch
 
-    (HERE / "results").mkdir(exist_ok=True)
     for model in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"bench_memory_{model}_"))
         atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
@@ -432,7 +423,7 @@ def main() -> None:
                                "capability": torch.backends.cpu.get_cpu_capability(), "load_average_start": load_start,
                                "load_average_end": " ".join(f"{x:.1f}" for x in os.getloadavg())},
                    "results": results, "skipped": skipped}
-            (HERE / "results" / f"memory_{model}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
+            result_path("memory", model).write_text(json.dumps(out, indent=2, ensure_ascii=False))
 
         for config in args.configs.split(","):
             print(f"[{model}] {config} ...", flush=True)
@@ -456,7 +447,7 @@ def main() -> None:
                   f" GiB, estimate {r['estimate_plus_runtime'] / 2 ** 30:.2f} GiB ({time.perf_counter() - t0:.0f} s "
                   "with loading)", flush=True)
         print(f"\n{model}\n" + table(results) + "\n", flush=True)
-    print(f"written {write_markdown()} and bench/README.md")
+    print(f"written {write_markdown()}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ clients (asyncio + httpx): each of ``c`` clients sends a request, waits for the 
 Request k always gets prompt k mod 6 and seed k, sampling at temperature 1 with up to 64 new tokens, so both
 servers generate the same tokens; the script checks that their texts are equal. Levels are measured in turns
 (batched, one-at-a-time, batched ...) so that a neighbour's load on this shared machine hits both.
-Reports requests/s, generated tokens/s, p50/p95 latency per level; writes bench/results/serve_gpt2zh.json.
+Reports requests/s, generated tokens/s, p50/p95 latency per level; writes bench/results/serve_gpt2zh_cpu.json.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import result_path  # noqa: E402  (bench/common.py)
 MODEL = "builtin:gpt2-zh-small"
 PROMPTS = ["这家酒店的早餐", "房间很干净，服务员", "位置很好，离地铁站", "今天天气不错，我们", "价格有点贵，但是",
            "下次出差还会"]
@@ -91,7 +93,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
-    ap.add_argument("--out", default=str(HERE / "results" / "serve_gpt2zh.json"))
+    ap.add_argument("--out", default=str(result_path("serve", "gpt2zh")))
     args = ap.parse_args()
     servers = {"batched": start_server(16, args.threads), "one_at_a_time": start_server(1, args.threads)}
     results: dict = {"batched": [], "one_at_a_time": []}

@@ -11,11 +11,14 @@ Configurations (all: one epoch, batch 8, LoRA r=8 on peft's default target modul
             name for group_by_length=True), dynamic padding, full logits
   clmtune   clmtune's default training path
   clmtune_bf16  clmtune with train.precision: bf16
+  clmtune_logits, clmtune_bf16_logits  (not run unless named in --configs) the same with the fused head loss off:
+            (N, V) logits, then cross-entropy; what the fused frozen-head loss (clmtune.train.fusedhead) saves, e.g.
+            --models bloom --configs clmtune,clmtune_logits,clmtune_bf16,clmtune_bf16_logits
 Models:
   bloom     BLOOM architecture, 4 layers x 1024, vocabulary 250,880, the 50 twitter_complaints rows, max_length 64
   gpt2zh    GPT-2 architecture, 12 layers x 768, vocabulary 21,128 (BERT Chinese characters), ChnSentiCorp
             reviews as classification (好评/差评), max_length 256
-Writes bench/results/train_<model>.json and prints a table with ratios against `tutorial`.
+Writes bench/results/train_<model>_cpu.json and prints a table with ratios against `tutorial`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import result_path  # noqa: E402  (bench/common.py)
 CONFIGS = ["tutorial", "trainer", "clmtune", "clmtune_bf16"]
 LOSS_TOL = 0.02
 """bf16's train-set loss after the epoch may differ from fp32's by this fraction (relative)."""
@@ -108,35 +113,6 @@ def features(cfg_dict: dict, padding: str):
 
 # ---------------------------------------------------------------------------------------------------------------
 # one configuration (child process)
-
-
-def ab_args(doc: str | None) -> argparse.ArgumentParser:
-    """The A/B scripts' common options: which bench model, how many alternating repeats, torch threads."""
-    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
-    ap.add_argument("--model", default="bloom", choices=["bloom", "gpt2zh"])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    return ap
-
-
-def ab_setup(model: str, prefix: str, threads: int, precision: str | None = None):
-    """The shared start of the A/B scripts (ab_train_*.py): one thread count, the bench model built in a temporary
-    folder, its task config (32 rows) and features; the BLOOM bench model's deliberately cut vocabulary passes the
-    tokenizer check. Returns (work folder, config dict, encoder, features)."""
-    import torch
-
-    import clmtune.train as tr
-
-    torch.set_num_threads(threads)
-    work = Path(tempfile.mkdtemp(prefix=f"{prefix}_{model}_"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)  # models of up to GBs: never left in /tmp
-    build_model(model, work / "model")
-    cfg_dict = task_config(model, work / "model", 32, work)
-    if precision:
-        cfg_dict["train"]["precision"] = precision
-    _, _, enc, feats = features(cfg_dict, "longest")
-    tr.check_tokenizer_fits = lambda *a, **k: None
-    return work, cfg_dict, enc, feats
 
 
 def train_set_loss(model, feats, pad_id: int) -> float:
@@ -286,7 +262,11 @@ def child(config: str, cfg_path: str) -> None:
     elif config == "trainer":
         res = run_trainer(cfg_dict)
     else:
-        res = run_clmtune(cfg_dict, "bf16" if config.endswith("bf16") else "fp32")
+        if config.endswith("_logits"):  # the fused head loss off (test_fused_head checks this switch)
+            import clmtune.train.fusedhead as fh
+
+            fh.FUSED_PRECISIONS = frozenset()
+        res = run_clmtune(cfg_dict, "bf16" if "bf16" in config else "fp32")
     from clmtune.memory import peak_rss
 
     # VmHWM, not ru_maxrss: ru_maxrss survives exec, so the child would report the parent's RSS (which built the
@@ -400,7 +380,7 @@ def write_readme(peaks: dict) -> None:
     parts = [README_HEAD.format(cpu=describe_cpu(), torch=torch.__version__,
                                 fp32=peaks["fp32"] / 1e9, bf16=peaks["bf16"] / 1e9,
                                 load=" ".join(f"{x:.1f}" for x in os.getloadavg()))]
-    for f in (HERE / "results" / f"train_{m}.json" for m in ("bloom", "gpt2zh")):  # not train_bloom_0736.json etc.
+    for f in (result_path("train", m) for m in ("bloom", "gpt2zh")):
         if not f.is_file():
             continue
         res = json.loads(f.read_text())
@@ -439,6 +419,8 @@ same run; ratios are against the tutorial's recipe (and Trainer) *of the same ru
   "s/epoch" is the training loop, as for every config (loading the model is outside it for all); the one-time
   bf16 preparation before it (casting the other frozen weights, packing BLOOM's 250,880 x 1024 head twice: ~1-2 s
   on one thread) is reported under the table, with the MFU it would give if it were counted.
+- **clmtune_logits**, **clmtune_bf16_logits** (only when named in `--configs`): the same with the fused head loss
+  off ((N, V) logits, then cross-entropy): what `clmtune.train.fusedhead` saves.
 
 tokens/s counts real (non-pad) training tokens. MFU = useful training FLOP/s (LoRA: 4 x transformer-block
 parameters per token + the LM head where a label is predicted; the same count for every configuration, see
@@ -483,7 +465,6 @@ def main() -> None:
 
     os.environ["BENCH_THREADS"] = str(args.threads)  # read by the children
     torch.set_num_threads(args.threads)  # the peak with the same threads as the runs
-    (HERE / "results").mkdir(exist_ok=True)
     peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
     print(f"matmul peak on this machine: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     descriptions = {"bloom": "BLOOM architecture, 4 layers x 1024, vocabulary 250,880, RAFT twitter_complaints "
@@ -539,8 +520,8 @@ def main() -> None:
                            "processor": platform.processor(), "load_average": os.getloadavg()},
                "matmul_peak_flops": peaks, "flops_per_token": flops_per_token, "supervised_fraction": frac,
                "results": results}
-        (HERE / "results" / f"train_{model}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
-        print(f"written bench/results/train_{model}.json\n")
+        result_path("train", model).write_text(json.dumps(out, indent=2, ensure_ascii=False))
+        print(f"written {result_path('train', model)}\n")
     write_readme(peaks)
     print("written bench/README.md")
 

@@ -1,12 +1,12 @@
 """A tiny chat run for the chat tests: 12 chatterbot-zh conversations, the tiny GPT-2 with the BERT character
-vocabulary, full fine-tuning, the built-in ``zh`` template (saved with the run's tokenizer)."""
+vocabulary, full fine-tuning, the built-in ``zh`` template (saved with the run's tokenizer). The finished run is the
+session fixture ``chat_run`` (conftest.py): trained once, shared by every test that only reads it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,16 +31,12 @@ def chat_cfg(tmp_path: Path, out: str = "run", **train):
         "generate": {"max_new_tokens": 8}})
 
 
-@pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
-    """(run folder, CLMTUNE_HOME) of a finished tiny chat run."""
-    import os
-
+def train_chat_run(tmp: Path) -> Path:
+    """Train the tiny chat run into ``tmp/run`` (the session fixture ``chat_run`` in conftest.py does this once)."""
     import torch
 
     from clmtune.train import train
 
     torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("chatrun")
     train(chat_cfg(tmp).validate(), progress=False)
-    return tmp / "run", os.environ["CLMTUNE_HOME"]
+    return tmp / "run"

@@ -51,3 +51,11 @@ def trained(tmp_path_factory):
                   "learning_rate": 1e-2, "seed": 7}})
     result = train(cfg, progress=False)
     return cfg, result
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+    """(run folder, CLMTUNE_HOME) of a finished tiny chat run (tests/chatrun.py), trained once per test session."""
+    from chatrun import train_chat_run
+
+    return train_chat_run(tmp_path_factory.mktemp("chatrun")), os.environ["CLMTUNE_HOME"]

@@ -8,7 +8,7 @@ import sys
 
 import pexpect
 
-from chatrun import REPO, chat_run  # noqa: F401  (fixture)
+from chatrun import REPO
 
 
 def _spawn(args: list[str], home: str) -> pexpect.spawn:

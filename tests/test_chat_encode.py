@@ -21,7 +21,8 @@ EN_CHAT = [{"role": "system", "content": "Be brief."},
 
 
 @pytest.fixture(scope="module")
-def zh_tok():
+def zh_small_chat_tok():
+    """builtin:gpt2-zh-small's tokenizer (BERT characters cut to 7,996 entries) with the built-in ``zh`` template."""
     tok = load_tokenizer(ModelConfig(name_or_path="builtin:gpt2-zh-small"))  # BERT characters, 7,996 entries
     assert install_chat_template(tok, "zh") == "zh"
     return tok
@@ -34,7 +35,7 @@ def bpe_tok():
     return tok
 
 
-def test_zh_template_bert_characters_exact(zh_tok):
+def test_zh_template_bert_characters_exact(zh_small_chat_tok):
     # 你是客服\n用户：你好\n助手：您好！[SEP]\n用户：几点了\n助手：三点[SEP]\n  (BERT drops the newlines)
     # 你 346 是 2046 客 1260 服 2103 用 2880 户 1724 ： 4979 好 1126 助 592 手 1731 您 1627 ！ 4958 [SEP] 3
     # 几 522 点 2669 了 240 三 175  (vocab.txt order: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3)
@@ -43,11 +44,11 @@ def test_zh_template_bert_characters_exact(zh_tok):
     reply1 = [1627, 1126, 4958, 3]  # 您好！[SEP]
     user2 = [2880, 1724, 4979, 522, 2669, 240, 592, 1731, 4979]  # 用户：几点了 助手：
     reply2 = [175, 2669, 3]  # 三点[SEP]
-    enc = encode_conversation(zh_tok, ZH_CHAT)
+    enc = encode_conversation(zh_small_chat_tok, ZH_CHAT)
     assert enc.input_ids == system + user1 + reply1 + user2 + reply2
     assert enc.labels == [X] * 12 + reply1 + [X] * 9 + reply2
-    assert zh_tok.convert_ids_to_tokens(reply1) == ["您", "好", "！", "[SEP]"]
-    last = encode_conversation(zh_tok, ZH_CHAT, train_on="last")
+    assert zh_small_chat_tok.convert_ids_to_tokens(reply1) == ["您", "好", "！", "[SEP]"]
+    last = encode_conversation(zh_small_chat_tok, ZH_CHAT, train_on="last")
     assert last.input_ids == enc.input_ids
     assert last.labels == [X] * 25 + reply2
 
@@ -88,14 +89,14 @@ def test_mask_equals_transformers_assistant_mask(name, which):
     assert enc.labels == [i if m else X for i, m in zip(out["input_ids"], out["assistant_masks"])]
 
 
-def test_template_without_generation_blocks_masks_by_prefix(zh_tok):
+def test_template_without_generation_blocks_masks_by_prefix(zh_small_chat_tok):
     """A model's own template rarely has {% generation %}: the spans come from prefix renderings instead."""
     plain = BUILTIN_TEMPLATES["zh"].replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
     assert not has_generation_blocks(plain)
     tok = load_tokenizer(ModelConfig(name_or_path="builtin:gpt2-zh-small"))
     tok.chat_template = plain
     assert resolve_chat_template(tok) == (plain, "tokenizer")  # the tokenizer's own template is used
-    assert encode_conversation(tok, ZH_CHAT).labels == encode_conversation(zh_tok, ZH_CHAT).labels
+    assert encode_conversation(tok, ZH_CHAT).labels == encode_conversation(zh_small_chat_tok, ZH_CHAT).labels
 
 
 def test_no_template_is_one_clear_error():
@@ -134,23 +135,23 @@ def _pairs(n):
     return chat
 
 
-def test_truncation_drops_oldest_whole_turns_keeps_system_and_last_reply(zh_tok):
+def test_truncation_drops_oldest_whole_turns_keeps_system_and_last_reply(zh_small_chat_tok):
     # system 4 tokens; each pair: 用户：问题N好 助手： (10) + 回答N好[SEP] (5) = 15 tokens
-    full = encode_conversation(zh_tok, _pairs(3))
+    full = encode_conversation(zh_small_chat_tok, _pairs(3))
     assert len(full.input_ids) == 4 + 3 * 15 and full.turns_dropped == 0
-    cut = encode_conversation(zh_tok, _pairs(3), max_length=4 + 2 * 15)
+    cut = encode_conversation(zh_small_chat_tok, _pairs(3), max_length=4 + 2 * 15)
     assert cut.turns_dropped == 1
     kept = [_pairs(3)[0]] + _pairs(3)[3:]
-    assert cut.input_ids == encode_conversation(zh_tok, kept).input_ids  # system + pairs 1 and 2, whole
-    assert zh_tok.decode(cut.input_ids[:4]).replace(" ", "") == "你是客服"
+    assert cut.input_ids == encode_conversation(zh_small_chat_tok, kept).input_ids  # system + pairs 1 and 2, whole
+    assert zh_small_chat_tok.decode(cut.input_ids[:4]).replace(" ", "") == "你是客服"
     assert cut.labels[-5:] == cut.input_ids[-5:] and cut.labels[4:14] == [X] * 10
-    assert encode_conversation(zh_tok, _pairs(3), max_length=4 + 15).turns_dropped == 2
-    assert encode_conversation(zh_tok, _pairs(3), max_length=4 + 14) is None  # even the last pair does not fit
+    assert encode_conversation(zh_small_chat_tok, _pairs(3), max_length=4 + 15).turns_dropped == 2
+    assert encode_conversation(zh_small_chat_tok, _pairs(3), max_length=4 + 14) is None  # even the last pair does not fit
 
 
-def test_encode_conversations_counts_everything(zh_tok):
+def test_encode_conversations_counts_everything(zh_small_chat_tok):
     convs = [_pairs(1), _pairs(3), _pairs(2), ZH_CHAT]
-    feats, stats = encode_conversations(zh_tok, convs, max_length=4 + 2 * 15)
+    feats, stats = encode_conversations(zh_small_chat_tok, convs, max_length=4 + 2 * 15)
     assert len(feats) == 4
     d = stats.as_dict()
     assert d["conversations"] == 4 and d["encoded"] == 4 and d["truncated"] == 1 and d["turns_dropped"] == 1
@@ -159,9 +160,9 @@ def test_encode_conversations_counts_everything(zh_tok):
     assert d["supervised_tokens"] == 5 + 10 + 10 + 7
     assert d["tokens_per_turn"] == {"mean": 16.8, "p50": 17, "p95": 19, "max": 19}  # 19, 17, 17, 14 per pair
     # 18 tokens: system + last pair is 19 for the _pairs conversations (dropped), 16 for ZH_CHAT (its last pair)
-    feats, stats = encode_conversations(zh_tok, convs, max_length=18)
+    feats, stats = encode_conversations(zh_small_chat_tok, convs, max_length=18)
     assert stats.dropped_too_long == 3 and stats.encoded == 1 and stats.truncated == 1
-    assert feats == [{"input_ids": encode_conversation(zh_tok, ZH_CHAT[:1] + ZH_CHAT[3:]).input_ids,
-                      "labels": encode_conversation(zh_tok, ZH_CHAT[:1] + ZH_CHAT[3:]).labels}]
+    assert feats == [{"input_ids": encode_conversation(zh_small_chat_tok, ZH_CHAT[:1] + ZH_CHAT[3:]).input_ids,
+                      "labels": encode_conversation(zh_small_chat_tok, ZH_CHAT[:1] + ZH_CHAT[3:]).labels}]
     with pytest.raises(ClmtuneError, match="data.train_on='first'"):
-        encode_conversation(zh_tok, ZH_CHAT, train_on="first")
+        encode_conversation(zh_small_chat_tok, ZH_CHAT, train_on="first")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from chatrun import chat_cfg, chat_run  # noqa: F401  (fixture)
+from chatrun import chat_cfg
 from safetensors.torch import load_file
 
 import clmtune.train as train_mod

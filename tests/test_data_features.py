@@ -24,7 +24,8 @@ def opt_tok():
 
 
 @pytest.fixture(scope="module")
-def zh_tok():
+def bert_zh_tok():
+    """The whole BERT Chinese character tokenizer (21,128 entries), as Chinese GPT-2 models ship it."""
     return bert_chinese_tokenizer()
 
 
@@ -111,21 +112,21 @@ def test_classify_multiclass_labels_of_several_tokens(opt_tok):
     assert prep.report["splits"]["train"]["target_tokens"]["max"] >= 6
 
 
-def test_end_token_pad_or_eos(zh_tok):
+def test_end_token_pad_or_eos(bert_zh_tok):
     for end, want in (("eos", "[SEP]"), ("pad", "[PAD]")):
         cfg = DataConfig(source="builtin:chnsenticorp/ChnSentiCorp_htl_all.csv", template="{review}评价：",
                          label_column="label", labels=["差评", "好评"], end_token=end, max_length=48)
-        prep = prepare_data(zh_tok, cfg)
-        end_id = zh_tok.convert_tokens_to_ids(want)
+        prep = prepare_data(bert_zh_tok, cfg)
+        end_id = bert_zh_tok.convert_tokens_to_ids(want)
         assert prep.end_id == end_id and prep.report["end_token"]["token"] == want
         feat = prep.train[0]
         assert feat["input_ids"][-1] == end_id and feat["labels"][-1] == end_id  # the end token is learned
-        assert zh_tok.convert_ids_to_tokens(feat["input_ids"][-3:-1]) in (["好", "评"], ["差", "评"])
+        assert bert_zh_tok.convert_ids_to_tokens(feat["input_ids"][-3:-1]) in (["好", "评"], ["差", "评"])
         assert len(feat["input_ids"]) <= 48
     assert prep.report["splits"]["train"]["truncated"] > 0  # max_length 48 cuts long reviews, and says so
 
 
-def test_sft_loss_on_the_response_only(tmp_path, zh_tok):
+def test_sft_loss_on_the_response_only(tmp_path, bert_zh_tok):
     rows = [{"instruction": "把这句话翻译成英文：你好", "output": "Hello"},
             {"instruction": "酒店怎么样？", "output": "房间干净，早餐丰富。"},
             {"instruction": "", "output": "没有问题的回答"},
@@ -134,13 +135,13 @@ def test_sft_loss_on_the_response_only(tmp_path, zh_tok):
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     cfg = DataConfig(source=str(f), task="sft", template="问：{instruction} 答：", response_template="{output}",
                      eval_fraction=0, max_length=64)
-    prep = prepare_data(zh_tok, cfg)
+    prep = prepare_data(bert_zh_tok, cfg)
     assert len(prep.train) == 2 and prep.report["data"]["dropped_empty"]["train"] == 2
     feat = prep.train[1]
-    prompt = zh_tok("问：酒店怎么样？ 答：", add_special_tokens=False).input_ids
-    response = zh_tok("房间干净，早餐丰富。", add_special_tokens=False).input_ids
-    assert feat["input_ids"] == prompt + response + [zh_tok.sep_token_id]
-    assert feat["labels"] == [IGNORE_INDEX] * len(prompt) + response + [zh_tok.sep_token_id]
+    prompt = bert_zh_tok("问：酒店怎么样？ 答：", add_special_tokens=False).input_ids
+    response = bert_zh_tok("房间干净，早餐丰富。", add_special_tokens=False).input_ids
+    assert feat["input_ids"] == prompt + response + [bert_zh_tok.sep_token_id]
+    assert feat["labels"] == [IGNORE_INDEX] * len(prompt) + response + [bert_zh_tok.sep_token_id]
 
 
 def test_sft_truncation_keeps_half_the_prompt_then_cuts_the_response():
@@ -152,30 +153,30 @@ def test_sft_truncation_keeps_half_the_prompt_then_cuts_the_response():
     assert cut and ids == [1] + list(range(117, 130)) + response[:5] + [2]  # BOS kept, end token kept
 
 
-def test_lm_packing_exact_blocks_and_labels(tmp_path, zh_tok):
+def test_lm_packing_exact_blocks_and_labels(tmp_path, bert_zh_tok):
     texts = ["房间很大", "早餐一般般", "", "服务员态度很好，下次还来"]
     f = tmp_path / "lm.csv"
     f.write_text("id,text\n" + "\n".join(f"{i},{t}" for i, t in enumerate(texts)) + "\n", encoding="utf-8")
     cfg = DataConfig(source=str(f), task="lm", eval_fraction=0, block_size=8)
-    prep = prepare_data(zh_tok, cfg)
-    sep = zh_tok.sep_token_id
-    stream = [i for t in texts if t for i in zh_tok(t, add_special_tokens=False).input_ids + [sep]]
+    prep = prepare_data(bert_zh_tok, cfg)
+    sep = bert_zh_tok.sep_token_id
+    stream = [i for t in texts if t for i in bert_zh_tok(t, add_special_tokens=False).input_ids + [sep]]
     assert len(stream) == 24
     assert [f["input_ids"] for f in prep.train] == [stream[0:8], stream[8:16], stream[16:24]]
     assert all(f["labels"] == f["input_ids"] for f in prep.train)  # loss on every real token
-    assert zh_tok.cls_token_id not in stream and prep.report["prefix_tokens"] == []  # no [CLS] anywhere
+    assert bert_zh_tok.cls_token_id not in stream and prep.report["prefix_tokens"] == []  # no [CLS] anywhere
     assert prep.report["data"]["dropped_empty"]["train"] == 1
     # a remainder becomes a last, shorter block; collate pads it on the left with [PAD] and -100
     cfg.block_size = 10
-    prep = prepare_data(zh_tok, cfg)
+    prep = prepare_data(bert_zh_tok, cfg)
     assert [len(f["input_ids"]) for f in prep.train] == [10, 10, 4]
     batch = collate(list(prep.train), prep.pad_id)
-    assert batch["input_ids"][2].tolist() == [zh_tok.pad_token_id] * 6 + stream[20:]
+    assert batch["input_ids"][2].tolist() == [bert_zh_tok.pad_token_id] * 6 + stream[20:]
     # the row's first real token is not a target: only a pad position stands before it
     assert batch["labels"][2].tolist() == [IGNORE_INDEX] * 7 + stream[21:]
 
 
-def test_lm_labels_give_the_models_own_loss(tmp_path, zh_tok):
+def test_lm_labels_give_the_models_own_loss(tmp_path, bert_zh_tok):
     """The training loss on a left-padded batch of packed blocks equals transformers' own loss for these labels."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -185,12 +186,12 @@ def test_lm_labels_give_the_models_own_loss(tmp_path, zh_tok):
 
     cfg = DataConfig(source=str(assets_path("chnsenticorp/ChnSentiCorp_htl_all.csv")), task="lm",
                      text_column="review", block_size=32, eval_fraction=0)
-    prep = prepare_data(zh_tok, cfg)
+    prep = prepare_data(bert_zh_tok, cfg)
     feats = [prep.train[i] for i in range(3)] + [prep.train[len(prep.train) - 1]]  # last block is shorter
     assert len(feats[-1]["input_ids"]) < 32
     batch = collate(feats, prep.pad_id)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(zh_tok), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(bert_zh_tok), n_embd=32, n_layer=1, n_head=2, n_positions=64))
     with torch.no_grad():
         inputs = forward_inputs(model, batch)
         out = model(**inputs, labels=batch["labels"])
@@ -201,14 +202,14 @@ def test_lm_labels_give_the_models_own_loss(tmp_path, zh_tok):
     assert int((batch["labels"] != IGNORE_INDEX).sum()) == n_real - len(feats)
 
 
-def test_lm_without_packing_one_text_per_row_truncation_counted(tmp_path, zh_tok):
+def test_lm_without_packing_one_text_per_row_truncation_counted(tmp_path, bert_zh_tok):
     f = tmp_path / "lm.csv"
     f.write_text("text\n房间很大\n服务员态度很好，下次还来\n", encoding="utf-8")
-    prep = prepare_data(zh_tok, DataConfig(source=str(f), task="lm", eval_fraction=0, packing=False, max_length=8))
-    sep = zh_tok.sep_token_id
+    prep = prepare_data(bert_zh_tok, DataConfig(source=str(f), task="lm", eval_fraction=0, packing=False, max_length=8))
+    sep = bert_zh_tok.sep_token_id
     assert [x["input_ids"] for x in prep.train] == [
-        zh_tok("房间很大", add_special_tokens=False).input_ids + [sep],
-        zh_tok("服务员态度很好，下次还来", add_special_tokens=False).input_ids[:8]]
+        bert_zh_tok("房间很大", add_special_tokens=False).input_ids + [sep],
+        bert_zh_tok("服务员态度很好，下次还来", add_special_tokens=False).input_ids[:8]]
     assert prep.report["splits"]["train"]["truncated"] == 1
 
 
@@ -231,7 +232,7 @@ def _classify_cfg(**kw) -> DataConfig:
     return DataConfig(template=TWEETS, max_length=64, **kw)
 
 
-@pytest.mark.parametrize("name", ["opt_tok", "gpt2_tok", "llama_tok", "bloom_tok", "zh_tok"])
+@pytest.mark.parametrize("name", ["opt_tok", "gpt2_tok", "llama_tok", "bloom_tok", "bert_zh_tok"])
 def test_target_tokens_identical_in_training_and_evaluation(name, request):
     """'label : ' + 'complaint': the target's ids in the training features are exactly what evaluation scores
     (ClassificationEncoder.label_ids) after exactly the prompt ids evaluation feeds (encode_prompts)."""
@@ -317,7 +318,7 @@ def test_bloom_style_pads_with_id_3_on_the_left(bloom_tok):
 # Saved splits
 
 
-def test_saved_splits_reload_identically_and_refuse_other_settings(tmp_path, opt_tok, zh_tok, monkeypatch):
+def test_saved_splits_reload_identically_and_refuse_other_settings(tmp_path, opt_tok, bert_zh_tok, monkeypatch):
     cfg = _classify_cfg()
     prep = prepare_data(opt_tok, cfg)
     out = save_prepared(prep, tmp_path / "prep", cfg, opt_tok)
@@ -327,7 +328,7 @@ def test_saved_splits_reload_identically_and_refuse_other_settings(tmp_path, opt
     with pytest.raises(ClmtuneError, match="data.max_length=64 there, 32 here"):
         prepare_data(opt_tok, DataConfig(**{**cfg.__dict__, "prepared": str(out), "max_length": 32}))
     with pytest.raises(ClmtuneError, match="another tokenizer"):
-        prepare_data(zh_tok, DataConfig(**{**cfg.__dict__, "prepared": str(out)}))
+        prepare_data(bert_zh_tok, DataConfig(**{**cfg.__dict__, "prepared": str(out)}))
     with pytest.raises(ClmtuneError, match="not empty"):
         save_prepared(prep, out, cfg, opt_tok)
     # a failure half-way leaves neither a half-written folder nor a temporary one behind

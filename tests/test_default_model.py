@@ -22,7 +22,7 @@ DEFAULT = "builtin:gpt2-zh-small"
 
 
 def _pretrain_script():
-    spec = importlib.util.spec_from_file_location("pretrain_default", REPO / "scripts" / "pretrain_default.py")
+    spec = importlib.util.spec_from_file_location("pretrain_default", REPO / "scripts" / "maint" / "pretrain_default.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
+from tinyrun import load_run, one_thread, tiny_cfg  # noqa: F401  (fixture)
 
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
 from clmtune.export import export_run
 from clmtune.models import forward_inputs, load_model
-from clmtune.run import load_run
 from clmtune.train import train
 
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from bf16lora import lora_model
 from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 
@@ -20,11 +21,16 @@ from clmtune.train import bf16_unsupported_reason, causal_lm_loss, head_position
 from clmtune.train.loss import supervised_targets
 
 
+def reference_loss(hidden, weight, targets):
+    """The library path for the same rows (logits, fp32 cross-entropy, summed): what the fused loss must equal."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
 def reference(h, w, t, bf16: bool):
-    """Today's path: (summed loss, gradient for h)."""
+    """The library path: (summed loss, gradient for h)."""
     h = h.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = fh.reference_loss(h, w, t)
+        loss = reference_loss(h, w, t)
     loss.backward()
     return loss.detach(), h.grad
 
@@ -139,7 +145,7 @@ def test_fused_path_is_refused_where_it_would_be_wrong():
                     lora_model("tiny-opt", modules_to_save=["lm_head"])):  # a trainable copy of the head
         assert "the output head is a" in fh.fused_head_reason(wrapped, cpu, True, "mask", "fp32")
     saved = fh.FUSED_PRECISIONS
-    fh.FUSED_PRECISIONS = frozenset({"fp32"})  # how bench/ab_train_fused.py switches a precision off
+    fh.FUSED_PRECISIONS = frozenset({"fp32"})  # as bench/bench_train.py turns it off (_logits configs)
     try:
         assert "bf16 training" in fh.fused_head_reason(model, cpu, True, "mask", "bf16")
         assert fh.fused_head_reason(model, cpu, True, "mask", "fp32") is None

@@ -207,7 +207,7 @@ def test_quantized_loading_without_bitsandbytes_is_one_clear_error(monkeypatch):
 
 
 def test_fsdp_config_on_a_cpu_machine_is_refused_not_run_as_ddp(tmp_path):
-    """accelerate 1.15 selects FSDP only on GPUs; on CPU it would train plain DDP (see README "Scaling out")."""
+    """accelerate 1.15 selects FSDP only on GPUs; on CPU it would train plain DDP (see docs/gpu-and-clusters.md, "Scaling out")."""
     from tinyrun import twitter_rows
 
     builtin_model_path("tiny-opt")

@@ -7,14 +7,13 @@ import warnings
 
 import pytest
 import torch
-from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
+from tinyrun import load_run, one_thread, tiny_cfg  # noqa: F401  (fixture)
 
 from clmtune.config import GenerateConfig, ModelConfig, PeftSettings
 from clmtune.data import collate
 from clmtune.evaluate import evaluate_run
 from clmtune.generate import generate_texts
 from clmtune.models import apply_peft, forward_inputs, load_model, load_tokenizer, resolve_model_path
-from clmtune.run import load_run
 from clmtune.train import train
 
 INIT_TEXT = "Classify if the tweet is a complaint or not:"

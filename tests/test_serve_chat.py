@@ -7,11 +7,10 @@ import httpx
 import openai
 import torch
 
-from chatrun import chat_run  # noqa: F401 (fixture)
 from liveserver import LiveServer
 
 
-def test_chat_completions_through_a_chat_runs_template(chat_run):  # noqa: F811
+def test_chat_completions_through_a_chat_runs_template(chat_run):
     from clmtune.chat import ChatSession
     from clmtune.config import GenerateConfig
     from clmtune.serve.app import create_app

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from tinyrun import load_run
 
 from clmtune.config import load_config
 from clmtune.data import collate
 from clmtune.errors import ClmtuneError
 from clmtune.models import forward_inputs, load_model
-from clmtune.run import load_run
 
 
 def test_lora_trains_only_the_adapter(trained):

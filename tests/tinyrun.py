@@ -70,3 +70,13 @@ def crash_training_at(monkeypatch, batch: int, cfg, train) -> None:
         train(cfg, progress=False)
     for name, fn in real.items():
         monkeypatch.setattr(train_mod, name, fn)
+
+
+def load_run(run_dir, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer, config) of a finished run folder, in eval mode on ``device``."""
+    from clmtune.run import RunDir
+
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    model, tok = run.load_model(device=device, dtype=dtype, cfg=cfg)
+    return model, tok, cfg

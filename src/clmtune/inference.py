@@ -61,7 +61,7 @@ they cannot be fused, and in bf16 training, ``clmtune.train.precision.one_op_tan
 class TanhGELU(torch.nn.Module):
     """GELU, tanh approximation, as one op. transformers' ``NewGELUActivation`` (GPT-2's ``gelu_new``) and BLOOM's
     ``BloomGelu`` write it as 5-6 elementwise ops, each a pass over the (rows x 4*hidden) activations in bf16:
-    on GPT-2 12 x 768 they were 25 % of bf16 rank evaluation's time (bench/README.md)."""
+    on GPT-2 12 x 768 they were 25 % of bf16 rank evaluation's time in a profile."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.gelu(x, approximate="tanh")

@@ -309,9 +309,6 @@ class RunDir:
     def write_text(self, relpath: str | Path, text: str) -> Path:
         return write_text_atomic(self.path / relpath, text)
 
-    def write_csv(self, relpath: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
-        return write_csv_atomic(self.path / relpath, header, rows)
-
     def save_weights(self, model, is_peft: bool, state_dict=None) -> Path:
         """``save_pretrained`` into a hidden folder renamed into place: ``adapter/`` (or ``model/``) appears
         complete or not at all. A full disk is one line naming the file; the hidden folder is removed."""
@@ -342,16 +339,3 @@ class RunDir:
         shutil.rmtree(self.tokenizer, ignore_errors=True)
         os.replace(tmp, self.tokenizer)
         return self.tokenizer
-
-
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
-    """(model, tokenizer, config) of a finished run folder, in eval mode on ``device``."""
-    run = RunDir(run_dir)
-    cfg = run.load_config()
-    model, tok = run.load_model(device=device, dtype=dtype, cfg=cfg)
-    return model, tok, cfg
-
-
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    return RunDir(run_dir).load_config()

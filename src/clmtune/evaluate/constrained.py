@@ -13,7 +13,7 @@ end token), and it picks the most likely of those. So the output is always a lab
   scaling) does not change it. A head that is not a plain linear layer (an adapter on it) is run as is.
 
 Unlike ``rank`` this is greedy: the first token is chosen without looking at the rest of the label, so the two can
-disagree when a label's first token is likely but its continuation is not (reported in bench/README.md).
+disagree when a label's first token is likely but its continuation is not.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 the whole vocabulary. Run through the model's own head, that is one (rows, V) fp32 tensor per batch (16 rows x 33
 label-tree nodes x OPT's 50,265 tokens: 106 MB; BLOOM's 250,880 tokens: 5x that), and ``torch.logsumexp`` makes
 three more of that size (the shifted copy, its exp, ...). On a CPU most of that time is the kernel handing out and
-zeroing fresh pages, not arithmetic: profiled on tiny-opt with 10 labels (bench/README.md), the head's matmul ran at
+zeroing fresh pages, not arithmetic: profiled on tiny-opt with 10 labels, the head's matmul ran at
 26 GFLOP/s and logsumexp's ``sub`` alone took a quarter of the evaluation.
 
 Here the head's weight is read block by block along the vocabulary (an online log-sum-exp: running max and sum of

@@ -76,7 +76,7 @@ CONSTRAINED_ABOVE_NODES = 64
 """``eval.method: auto`` uses ``constrained`` instead of ``rank`` when the label prefix tree has more nodes than
 this (``LabelTree``: one node per distinct proper prefix of label tokens + end token). ``rank`` runs the LM head
 over the whole vocabulary at every node for every example; ``constrained`` decodes at most one step per tree level
-and only multiplies the head rows of the allowed tokens. Measured (bench/README.md): with 2 labels (3-4 nodes)
+and only multiplies the head rows of the allowed tokens. Measured on a CPU: with 2 labels (3-4 nodes)
 rank and greedy decoding cost about the same; with banking_77's 232 nodes rank was 3-4x slower than generate."""
 
 

@@ -106,7 +106,7 @@ BUILTIN_MODELS = {
 
 
 # Pretrained models shipped inside the package (assets/models/NAME: safetensors + tokenizer + MODEL_CARD.md),
-# trained by clmtune itself; scripts/pretrain_default.py reproduces them. Unlike BUILTIN_MODELS nothing is built.
+# trained by clmtune itself; scripts/maint/pretrain_default.py reproduces them. Unlike BUILTIN_MODELS nothing is built.
 SHIPPED_MODELS = {
     "gpt2-zh-small": "GPT-2, 4 layers x 256, cut BERT Chinese char vocab; pretrained on CLUECorpusSmall (sample) "
                      "+ ChnSentiCorp train reviews. The default for the Chinese configs and `make demo`.",
@@ -119,7 +119,7 @@ def builtin_model_path(name: str) -> Path:
         folder = assets_path(f"models/{name}")
         if not (folder / "model.safetensors").is_file():
             raise ClmtuneError(f"builtin:{name} is missing from this installation ({folder}/model.safetensors); "
-                               "reinstall clmtune or rebuild it with scripts/pretrain_default.py")
+                               "reinstall clmtune or rebuild it with scripts/maint/pretrain_default.py")
         return folder
     if name not in BUILTIN_MODELS:
         raise ClmtuneError(f"model.name_or_path='builtin:{name}' is unknown; built-in models: "

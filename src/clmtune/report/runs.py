@@ -53,9 +53,6 @@ class RunFiles:
         keep = sorted(random.Random(seed).sample(range(len(wrong)), k))
         return [wrong[i] for i in keep]
 
-    def training_records(self) -> list[dict[str, Any]]:
-        return [r for r in self.log if "loss" in r]
-
     def median_tokens_per_s(self) -> float | None:
         values = [r["tokens_per_s"] for r in self.log if isinstance(r.get("tokens_per_s"), (int, float))]
         return statistics.median(values) if values else None

@@ -237,8 +237,8 @@ class TrainRecipe:
             # CPU: the frozen LM head column-major (faster input gradient, same memory), or, when the fused loss
             # reads it, left fp32 and packed by oneDNN in vocabulary blocks (PackedHead; not a bf16 base's head,
             # which is read as it is, without extra memory); tanh-GELU as one op.
-            # The other frozen weights are not packed (clmtune.packed.pack_frozen_linears: 2.4x the CPU time of
-            # an epoch in bench/ab_train_packed.py).
+            # The other frozen weights are not packed: packed W and W^T for forward and backward measured slower
+            # per epoch than autocast on the plain bf16 weights, for two more copies of memory.
             cpu = self.accelerator.device.type == "cpu"
             head = self.fused_head
             pack = (head is not None and head.weight.dtype == torch.float32  # a bf16 base's head: fused, unpacked

@@ -20,29 +20,28 @@ the backward: no logits tensor, no second pass over W. The idea of Apple's "Cut 
 CPUs: hence this loop).
 
 Exact in spirit: the same loss definition as ``clmtune.train.loss.causal_lm_loss`` with ``reduction="sum"`` (no
-label smoothing, no ignore_index inside: the rows are already the supervised ones). It differs from today's path by
+label smoothing, no ignore_index inside: the rows are already the supervised ones). It differs from the logits path by
 rounding only: in bf16 the block logits are bf16 products as before, but the target logit and the gradient are
-accumulated in fp32 (today's gradient is a bf16 product of bf16-rounded softmax values). Only for a plain linear
+accumulated in fp32 (the logits path's gradient is a bf16 product of bf16-rounded softmax values). Only for a plain linear
 head without bias whose weight does not train, on models whose forward applies nothing after the head
-(``FUSED_MODEL_TYPES``); ``fused_head_reason`` says why not otherwise, and training then takes today's path.
+(``FUSED_MODEL_TYPES``); ``fused_head_reason`` says why not otherwise, and training then takes the logits path.
 
-Measured on the AMD EPYC (Zen 4, avx512_bf16, no AMX; bench/README.md, "Round four"): in fp32 the single pass wins
+Measured on the AMD EPYC (Zen 4, avx512_bf16, no AMX): in fp32 the single pass wins
 outright (BLOOM's 24-row head step ~410 ms against ~570 ms). In bf16 it does not by itself: with 24 rows the two
 products are bound by the kernel, not by reading W (a cached block is multiplied only ~25 % faster), and PyTorch's
 bf16 ``mm`` re-lays out its right operand into oneDNN's pair-interleaved layout at every call. So bf16 training
 reads the head from ``PackedHead`` (each block packed once per run, for both products): ~160 ms per 24-row step
-against ~210 ms for today's column-major path, for 2 packed bf16 copies of the head and ~1 s more preparation.
+against ~210 ms for the logits path on a column-major head, for 2 packed bf16 copies of the head and ~1 s more preparation.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 BLOCK_WEIGHT_BYTES = 4 << 20
 """Bytes of one vocabulary block of the head's weight: it is read from memory by the first product and must still be
 in the cache (L2/L3) for the second. Measured on the AMD EPYC (Zen 4, 1 MB L2 per core, 32 MB L3), BLOOM's head,
-24 rows, one thread: blocks of 1-4 MB best (bench/README.md, "Round four")."""
+24 rows, one thread: blocks of 1-4 MB best."""
 
 BLOCK_LOGIT_BYTES = 16 << 20
 """Upper bound of one block's fp32 logits (rows x block): with thousands of supervised rows (chat, ``lm``) the block
@@ -78,7 +77,7 @@ class PackedHead:
     for the first product and the vocabulary for the second, so no single layout serves both. Memory: 2 bf16
     copies of the head (BLOOM-560m: 2 x 0.5 GB), in place of the one bf16 copy plain bf16 training keeps; the head
     Parameter itself stays fp32 (a tied input embedding reads it as before training). Preparation: ~1.3 s for
-    BLOOM's 250,880 x 1024 head on one thread, once per run (bench/README.md, "Round four").
+    BLOOM's 250,880 x 1024 head on one thread, once per run.
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -180,7 +179,7 @@ def fused_ce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     def blocks():
         for v0 in range(0, vocab, block):
             w = weight[v0:v0 + block]  # (b, d), a view
-            z = torch.mm(h, w.t())  # (N, b) in the compute dtype, as today's logits
+            z = torch.mm(h, w.t())  # (N, b) in the compute dtype, as on the logits path
             if weight.dtype == torch.float32:
                 yield z, lambda acc, e, w=w: acc.addmm_(e, w)
             else:
@@ -217,14 +216,9 @@ def frozen_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     return FrozenHeadCrossEntropy.apply(hidden, weight, targets, packed)
 
 
-def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Today's path for the same rows (logits, fp32 cross-entropy, summed): what the fused loss must equal."""
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
-
-
 FUSED_PRECISIONS = frozenset({"fp32", "bf16"})
-"""Training precisions that take the fused path: those where it measured faster end to end (bench/README.md,
-"Round four"; ``bench/ab_train_fused.py`` switches this to compare)."""
+"""Training precisions that take the fused path: those where it measured faster end to end than the logits path
+(``bench/bench_train.py``'s ``_logits`` configs empty this set to compare)."""
 
 
 def fused_head_reason(model, device: torch.device, is_peft: bool, head_mode: str | None, precision: str,

@@ -69,7 +69,7 @@ def column_major_bf16(weight: torch.Tensor, rows: int = 16) -> torch.Tensor:
     """A bf16 copy of a 2-D (out, in) weight with the same values and shape, stored column-major: the (out, in)
     transposed view of a contiguous (in, out) tensor.
 
-    Why (measured on an AMD EPYC with avx512_bf16, one thread; bench/README.md, "Round three"): autograd's input
+    Why (measured on an AMD EPYC with avx512_bf16, one thread): autograd's input
     gradient of ``F.linear(x, W)`` is ``grad @ W``; for BLOOM's 250,880 x 1024 head on 24 labelled rows PyTorch's
     bf16 ``mm`` takes ~150 ms on a row-major W and ~87 ms on a column-major one (then oneDNN reads W as the
     contiguous weight of a linear layer), with bit-identical results; the forward ``x @ W^T`` costs ~7 % more

@@ -1,6 +1,6 @@
 """Quality bar of the default model on the standard ChnSentiCorp split (train.tsv -> test.tsv, 1,200 reviews).
 
-    PYTHONPATH=src python scripts/quality.py [--train-rows 3000] [--out runs/quality]
+    PYTHONPATH=src python scripts/maint/quality.py [--train-rows 3000] [--out runs/quality]
 
 Measured in one run, on the same training rows and the same test split:
 - baseline: character 1-3-gram TF-IDF + logistic regression (scikit-learn), on the same rows and on all 9,600;
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "chnsenticorp"
 
 

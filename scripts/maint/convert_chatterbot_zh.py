@@ -1,6 +1,6 @@
 """Convert the Chinese chatterbot-corpus YAML files into clmtune's shipped chat data (OpenAI ``messages`` JSONL).
 
-    python scripts/convert_chatterbot_zh.py [--src ../shared/data/chat/chatterbot-corpus/chinese]
+    python scripts/maint/convert_chatterbot_zh.py [--src ../shared/data/chat/chatterbot-corpus/chinese]
 
 Each YAML conversation (turns alternating user, assistant, starting with the user) becomes one line
 ``{"id": "ai-0001", "topic": "AI", "messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...]}`` in
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # ../shared beside the checkout (CI), or two levels up for a git worktree under wt/.
 _CANDIDATES = [base / "shared" / "data" / "chat" / "chatterbot-corpus" / "chinese" for base in REPO.parents[:2]]
 DEFAULT_SRC = next((c for c in _CANDIDATES if c.is_dir()), _CANDIDATES[0])

@@ -1,6 +1,6 @@
 """Why can greedy `generate` evaluation beat `rank` on multi-character labels? A measurement on a 6-label task.
 
-    python scripts/rank_vs_generate.py [--out runs/rank_vs_generate] [--steps 60 300]
+    python scripts/maint/rank_vs_generate.py [--out runs/rank_vs_generate] [--steps 60 300]
 
 The task is built from the shipped ChnSentiCorp reviews: a review that mentions exactly one of six hotel aspects
 (房间 服务 早餐 价格 环境 位置) gets that aspect as its label, and the aspect word is removed from the text, so
@@ -19,7 +19,7 @@ with every label (one plain forward per row and label), and the label is chosen 
 - ``generate``: clmtune's greedy decoding (``clmtune eval --method generate``), invalid outputs mapped to the
   nearest label, and the raw accuracy.
 
-Prints a table and writes ``bench/results/rank_vs_generate.json`` (accuracy, macro-F1, how often each label is
+Prints a table and writes ``bench/results/rank_vs_generate_cpu.json`` (accuracy, macro-F1, how often each label is
 predicted vs its share of the gold labels).
 """
 
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASPECTS = ["房间", "服务", "早餐", "价格", "环境", "位置"]
 TEMPLATE = "评论：{review} 方面："
 
@@ -111,7 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/rank_vs_generate")
     ap.add_argument("--steps", type=int, nargs="+", default=[60, 300], help="LoRA training budgets (16 rows/step)")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "rank_vs_generate.json"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "rank_vs_generate_cpu.json"))
     args = ap.parse_args()
 
     import torch
@@ -171,7 +171,7 @@ def main() -> int:
         print(format_table(("budget", "method", "accuracy", "macro-F1", "predicted share"), table, "<<>><"),
               flush=True)
         print("gold share: " + " ".join(f"{a}{v:.2f}" for a, v in row["gold_share"].items()), flush=True)
-    report = {"task": "ChnSentiCorp 6-aspect (see scripts/rank_vs_generate.py)", "rows": {"eval": len(gold)},
+    report = {"task": "ChnSentiCorp 6-aspect (see scripts/maint/rank_vs_generate.py)", "rows": {"eval": len(gold)},
               "model": "builtin:gpt2-zh-small + LoRA r16 (c_attn, c_proj, c_fc, wte)", "results": results}
     Path(args.results).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"results: {args.results}")

@@ -1,7 +1,7 @@
 """Reproduce clmtune's default model, ``builtin:gpt2-zh-small``: a small Chinese GPT-2 pretrained by clmtune itself.
 
-    PYTHONPATH=src python scripts/pretrain_default.py            # build, pretrain, ship into assets
-    PYTHONPATH=src python scripts/pretrain_default.py --pilot    # 40 steps from the random init: tokens/s
+    PYTHONPATH=src python scripts/maint/pretrain_default.py            # build, pretrain, ship into assets
+    PYTHONPATH=src python scripts/maint/pretrain_default.py --pilot    # 40 steps from the random init: tokens/s
     ... --resume                                                 # continue an interrupted run from its checkpoint
     ... --layers 8 --width 288 --heads 8 --epochs 24 --no-ship   # another size / length (a sweep)
 
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 NAME = "gpt2-zh-small"
 
 # Size: 10.4 M parameters (8 layers x 288 + an 8 k-character embedding), stored in bf16 (20.7 MB, under the 25 MB
 # asset limit). The corpus (1.65 M tokens) is small for it, so it is trained for 12 passes with dropout 0.1. A sweep
-# on one GPU (scripts/gpu_pretrain_sweep.py, all four in the same run; held-out perplexity): 8 x 288, 12 passes
+# on one GPU (scripts/maint/gpu_pretrain_sweep.py, all four in the same run; held-out perplexity): 8 x 288, 12 passes
 # 55.6; 6 x 320, 12 passes 56.7; 4 x 256, 12 passes 62.4; 6 x 320, 30 passes 73.4 (over-fitted: train loss 2.4).
 # The shipped weights were trained on an NVIDIA H200 with exactly this script's defaults (2.5 minutes); on a
 # 2-core AVX-512-bf16 CPU a pilot of this size ran ~1,550 tokens/s on one idle core: an estimated 2-4 hours.

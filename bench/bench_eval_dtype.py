@@ -1,7 +1,7 @@
 """Does bf16 evaluation predict what fp32 evaluation predicts, on a *trained* model? (``eval.dtype``, issue 18)
 
-    python bench/eval_dtype.py                 # LoRA on the shipped gpt2-zh-small, 1,600 reviews: ~5 min here
-    python bench/eval_dtype.py --train-rows 800 --methods rank
+    python bench/bench_eval_dtype.py                 # LoRA on the shipped gpt2-zh-small, 1,600 reviews: ~5 min here
+    python bench/bench_eval_dtype.py --train-rows 800 --methods rank
 
 Trains ``configs/chnsenticorp_classify.yaml`` (LoRA r 16 on the shipped, pretrained ``builtin:gpt2-zh-small``,
 ChnSentiCorp hotel reviews -> 差评/好评, max_length 256) on the first ``--train-rows`` rows of its training split
@@ -11,7 +11,7 @@ for one epoch, then evaluates the whole held-out split (20 %, 1,553 reviews) wit
 ``clmtune eval --dtype`` runs). Reports, per method, the share of reviews whose predicted label is the same in both
 precisions, both accuracies and both times (one torch thread). With random weights (bench_eval.py) every label
 is nearly equally likely and bf16 rounding flips near-ties; a trained model is what users evaluate.
-Writes bench/results/eval_dtype_gpt2zh.json.
+Writes bench/results/eval_dtype_gpt2zh_cpu.json.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE))
+from common import result_path  # noqa: E402  (bench/common.py)
 
 from clmtune.config import load_config  # noqa: E402
 from clmtune.device import cpu_matrix_features, describe_cpu  # noqa: E402
@@ -83,7 +85,7 @@ def main() -> None:
               f"{res['fp32']['seconds']:.2f} bf16 {res['bf16']['seconds']:.2f} "
               f"({res['fp32']['seconds'] / res['bf16']['seconds']:.2f}x)", flush=True)
     out["machine"]["load_average_end"] = os.getloadavg()
-    path = HERE / "results" / "eval_dtype_gpt2zh.json"
+    path = result_path("eval_dtype", "gpt2zh")
     path.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"written to {path}")
 

@@ -1,10 +1,10 @@
 """Pretraining sweep for ``builtin:gpt2-zh-small`` on a lent GPU, in one call of a few minutes.
 
-    python scripts/gpu_pretrain_sweep.py --data DATA --out OUT [--deadline 420]
+    python scripts/maint/gpu_pretrain_sweep.py --data DATA --out OUT [--deadline 420]
 
 DATA holds ``corpora/CLUECorpusSmall_sampled.txt`` and ``chnsenticorp/{train,test}.tsv`` (a copy of ../shared/data's
-files: the device machine does not see ../shared). Each candidate is ``scripts/pretrain_default.py`` with other
-sizes (run in parallel on the one GPU); each pretrained model is then fine-tuned with ``scripts/quality.py`` (LoRA
+files: the device machine does not see ../shared). Each candidate is ``scripts/maint/pretrain_default.py`` with other
+sizes (run in parallel on the one GPU); each pretrained model is then fine-tuned with ``scripts/maint/quality.py`` (LoRA
 and full fine-tuning, the shipped classification config, all 9,600 training rows, all 1,200 test rows). Whatever has
 not finished by the deadline is stopped. OUT/sweep.json gets every result; the weights of the best candidates come
 back as a tar in 15 MiB pieces (the device tool returns at most 8 files of 16 MiB). Developer-only.
@@ -20,7 +20,7 @@ import tarfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 # name -> pretrain_default.py flags (batch 32 x 256 tokens unless said; ~202 steps per pass over 1.65 M tokens)
@@ -102,11 +102,11 @@ def main() -> int:
             name = Path(folder).name
             results["candidates"][name] = {"folder": folder}
             for ft, flags in GRIDS[args.grids[i] if i < len(args.grids) else "main"].items():
-                launch(f"ft_{name}__{ft}", [PY, "scripts/quality.py", "--train-rows", "0", "--no-baseline", "--data",
+                launch(f"ft_{name}__{ft}", [PY, "scripts/maint/quality.py", "--train-rows", "0", "--no-baseline", "--data",
                                             str(data / "chnsenticorp"), "--model", folder,
                                             "--out", str(work / f"q_{name}_{ft}"), *flags])
     for name, flags in cands.items():
-        launch(f"pt_{name}", [PY, "scripts/pretrain_default.py", "--shared-data", str(data), "--build",
+        launch(f"pt_{name}", [PY, "scripts/maint/pretrain_default.py", "--shared-data", str(data), "--build",
                               str(work / name), "--no-ship", "--threads", "2", *flags])
         results["candidates"][name] = {"flags": flags}
     save()
@@ -127,7 +127,7 @@ def main() -> int:
                 if proc.returncode == 0 and stats.is_file():
                     entry["pretrain"] = json.loads(stats.read_text(encoding="utf-8")).get("pretrain")
                     for ft, flags in FINETUNES.items():
-                        launch(f"ft_{name}__{ft}", [PY, "scripts/quality.py", *qrows, "--no-baseline", "--data",
+                        launch(f"ft_{name}__{ft}", [PY, "scripts/maint/quality.py", *qrows, "--no-baseline", "--data",
                                                     str(data / "chnsenticorp"), "--model", str(work / name / "shipped"),
                                                     "--out", str(work / f"q_{name}_{ft}"), *flags])
                 else:
