@@ -208,7 +208,7 @@ def sft_config(w: Path, s: dict, model: str, out: str, method: str = "lora", **t
              "target_modules": BLOOM_TARGETS if model == "bloom" else LLAMA_TARGETS} if method == "lora"
             else {"method": "full", "target_modules": None})
     return {"data": {"source": str(w / "chat.jsonl"), "task": "chat", "format": "openai", "chat_template": "chatml",
-                     "train_on": "all", "max_length": s["sft_len"][1] + 64, "eval_fraction": 0.0},
+                     "train_on": "all", "max_length": s["sft_len"][1] + 160, "eval_fraction": 0.0},
             "model": {"name_or_path": str(w / model)}, "peft": peft,
             "train": {"output_dir": str(w / out), "overwrite": True, "epochs": 100, "max_steps": s["sft_steps"],
                       "batch_size": batch, "learning_rate": 2e-4 if method == "lora" else 2e-5,
@@ -411,7 +411,7 @@ def run_trl(w: Path, s: dict, model_kind: str) -> dict:
                              max_steps=s["sft_steps"], learning_rate=2e-4, lr_scheduler_type="linear",
                              logging_steps=s["log_every"], save_strategy="no", report_to=[], use_cpu=not gpu,
                              bf16=gpu, dataloader_num_workers=0, seed=0, use_liger_kernel=liger,
-                             group_by_length=not padding_free)
+                             **({} if padding_free else {"train_sampling_strategy": "group_by_length"}))
             trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"messages": convs}),
                                  processing_class=tok, peft_config=lora(BLOOM_TARGETS if model_kind == "bloom"
                                                                         else LLAMA_TARGETS, 16, 32, 0.0),
@@ -625,6 +625,8 @@ def child(names: str, w: Path, smoke: bool) -> None:
     for name in names.split(","):
         t0 = time.perf_counter()
         try:
+            if name in os.environ.get("GPU_BENCH_FAIL", "").split(","):  # tests: a configuration that breaks
+                raise RuntimeError(f"{name} failed on purpose (GPU_BENCH_FAIL)")
             res = run_config(name, w, sizes(smoke))
         except Exception as exc:  # noqa: BLE001  (reported in the JSON; the parent goes on)
             res = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
