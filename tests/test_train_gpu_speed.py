@@ -118,3 +118,15 @@ def test_device_loss_still_refuses_a_non_finite_step(tmp_path, one_thread):
                    batch_size=3, device_loss=True, fused_adamw=True, log_every=4)
     with pytest.raises(ClmtuneError, match=r"training stopped at step \d+: the loss is (nan|inf)"):
         train(cfg, progress=False)
+
+
+def test_chunked_loss_memory_line(tmp_path, one_thread):
+    """train.chunked_loss: the estimate's LM-head line is one chunk of logits, not the CPU fused loop's block."""
+    from clmtune.train.speed import chunked_head_bytes
+
+    _, _, s = _run(tmp_path, "chunk_mem", chunked_loss=True)
+    est = s["memory"]["estimate"]
+    assert s["lm_head_loss"] == "chunked" and est["lm_head"] > 0
+    w = torch.empty(50265, 64)  # tiny-opt's fp32 head: vocabulary x hidden
+    # the line is chunked_head_bytes of the supervised positions of the largest batch (3 rows of a few label tokens)
+    assert any(chunked_head_bytes(n, w) == est["lm_head"] for n in range(3, 30))

@@ -62,8 +62,8 @@ from clmtune.memory import swapped_originals_bytes
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
-from clmtune.train.speed import (LossBuffer, chunked_head_loss, compile_forward, compile_ok, make_adamw,
-                                 resolve_switch, skip_update_if_not_finite)
+from clmtune.train.speed import (LossBuffer, chunked_head_bytes, chunked_head_loss, compile_forward, compile_ok,
+                                 make_adamw, resolve_switch, skip_update_if_not_finite)
 from clmtune.train.watch import Watch, write_loss_png
 
 log = logging.getLogger("clmtune")
@@ -311,6 +311,8 @@ class TrainRecipe:
                                      [sum(1 for x in f["labels"] if x != -100) for f in self.features], self.cfg,
                                      self.precision, self.head.mode, self.runtime,
                                      lm_head_bytes=None if self.head.fused is None else
+                                     functools.partial(chunked_head_bytes, weight=self.head.fused.weight)
+                                     if self.head.chunked else
                                      functools.partial(fused_head_bytes, weight=self.head.fused.weight,
                                                        packed=self.packed_head is not None))
         self.estimate.weights += swapped_originals_bytes(self.swapped, self.accelerator.device)  # kept fp32 originals
