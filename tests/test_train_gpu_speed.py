@@ -98,7 +98,7 @@ def test_speed_paths_train_like_the_plain_path(tmp_path, one_thread):
     gradient norms and trained weights, to rounding."""
     plain_log, plain, s0 = _run(tmp_path, "plain", device_loss=False, fused_adamw=False)
     fast_log, fast, s1 = _run(tmp_path, "fast", device_loss=True, fused_adamw=True, chunked_loss=True, log_every=2)
-    assert s0["speed"] == {"device_loss": False, "fused_adamw": False, "compile": None}
+    assert s0["speed"] == {"device_loss": False, "fused_adamw": False, "padding_free": False, "compile": None}
     assert s1["speed"]["device_loss"] and s1["speed"]["fused_adamw"] and s1["lm_head_loss"] == "chunked"
     assert s0["lm_head_loss"] == "fused"  # the CPU's fused head: the chunked loss replaced it
     by_step = {r["step"]: r for r in plain_log}
@@ -130,3 +130,40 @@ def test_chunked_loss_memory_line(tmp_path, one_thread):
     w = torch.empty(50265, 64)  # tiny-opt's fp32 head: vocabulary x hidden
     # the line is chunked_head_bytes of the supervised positions of the largest batch (3 rows of a few label tokens)
     assert any(chunked_head_bytes(n, w) == est["lm_head"] for n in range(3, 30))
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-llama"])
+def test_padding_free_trains_like_padded_batches(tmp_path, one_thread, model):
+    """train.padding_free: each batch's rows in one row, positions restarting, attention within each row (here
+    SDPA with transformers' packed-sequence mask): the same losses and trained weights as left-padded batches."""
+    def run(name, **kw):
+        cfg = tiny_cfg(tmp_path, name=name, model=model, precision="fp32", epochs=2, batch_size=3,
+                       peft={"lora_dropout": 0.0}, **kw)
+        res = train(cfg, progress=False)
+        log = [json.loads(ln) for ln in open(res.output_dir / "train_log.jsonl")]
+        summary = json.loads((res.output_dir / "train_summary.json").read_text())
+        return log, {n: p.detach().clone() for n, p in res.model.named_parameters() if "lora_" in n}, summary
+
+    padded_log, padded, s0 = run("padded")
+    packed_log, packed, s1 = run("packed", padding_free=True)
+    assert s1["speed"]["padding_free"] and not s0["speed"]["padding_free"]
+    assert [r["step"] for r in packed_log] == [r["step"] for r in padded_log]
+    for a, b in zip(padded_log, packed_log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert sum(r["tokens_per_s"] * r["seconds"] for r in packed_log) == pytest.approx(
+        sum(r["tokens_per_s"] * r["seconds"] for r in padded_log), rel=1e-3)  # real tokens, no pads, both
+    for n in padded:
+        assert torch.allclose(padded[n], packed[n], atol=1e-4), n
+
+
+def test_pack_rows_and_refusal(tmp_path, one_thread):
+    from clmtune.train.speed import pack_rows
+
+    batch = pack_rows([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}],
+                      -100)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]  # no row learns the next row's first token
+    cfg = tiny_cfg(tmp_path, name="opt", precision="fp32", padding_free=True)  # OPT: positions from the mask
+    with pytest.raises(ClmtuneError, match="train.padding_free is on, but model type 'opt'"):
+        train(cfg, progress=False)

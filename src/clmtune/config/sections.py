@@ -307,6 +307,12 @@ class TrainConfig:
     compile: bool = False
     """``torch.compile`` the model's forward (falls back to eager, logged, when compiling fails)."""
 
+    padding_free: bool = False
+    """The rows of a batch packed into one row with no padding, positions restarting per row, attention kept
+    within each row (LLaMA-like models; ``clmtune.train.speed.pack_rows``). Pair with
+    ``model.attn_implementation: flex_attention`` or ``flash_attention_2`` on a GPU: with ``sdpa`` the per-row mask
+    is a dense (tokens x tokens) one."""
+
     chunked_loss: bool = False
     """The frozen LM head and the cross-entropy in chunks of rows, with no (tokens x vocabulary) logits tensor
     (adapter training; ``train.speed.chunked_head_loss``); on a CPU the fused head loss is used without it."""

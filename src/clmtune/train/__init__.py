@@ -63,7 +63,8 @@ from clmtune.train.resources import (current_rss, estimate_run, make_accelerator
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.sampler import EpochSampler, RowCollator
 from clmtune.train.speed import (LossBuffer, chunked_head_bytes, chunked_head_loss, compile_forward, compile_ok,
-                                 make_adamw, resolve_switch, skip_update_if_not_finite)
+                                 make_adamw, packed_inputs, padding_free_reason, resolve_switch,
+                                 skip_update_if_not_finite)
 from clmtune.train.watch import Watch, write_loss_png
 
 log = logging.getLogger("clmtune")
@@ -104,7 +105,8 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
     overweight short labels in small batches). ``accelerator.backward`` divides by its accumulation steps and DDP
     averages over processes; the scale undoes both. Costs one all-reduce of one integer per step under DDP.
     ``device_loss``: the summed loss is returned as a device tensor, not read on the host (``train.speed``); the
-    token counts then come from the collator's CPU-side ``counts``.
+    token counts then come from the collator's CPU-side ``counts``. A batch with ``position_ids`` is a packed,
+    padding-free one (``train.padding_free``).
     """
     n_sup = sum(b["counts"][0] if "counts" in b else supervised_tokens(b["labels"]) for b in window)
     if n_proc > 1:
@@ -120,7 +122,7 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
         # which makes accelerate's end-of-dataloader test fire one window early
         accelerator.gradient_state._set_sync_gradients(last)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            inputs = forward_inputs(model, batch, backward=True)
+            inputs = packed_inputs(batch) if "position_ids" in batch else forward_inputs(model, batch, backward=True)
             if head.mode:  # LM head (d x V matmul) on the supervised positions only: (N, V) logits, not (B, T, V)
                 inputs["logits_to_keep"] = head_positions(batch["labels"], head.mode, head.n_virtual)
             if head.fused is not None:  # the frozen head and the loss in one pass over its weight (fusedhead)
@@ -250,12 +252,18 @@ class TrainRecipe:
         lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
+        self.padding_free = False
+        if t_cfg.padding_free:
+            reason = padding_free_reason(self.model)
+            if reason is not None:
+                raise ClmtuneError(f"train.padding_free is on, but {reason}; set train.padding_free: false")
+            self.padding_free = True
         # Own generator: DataLoader draws a base seed per epoch; from the global RNG that would shift dropout masks
         # between an uninterrupted and a resumed run.
         loader = torch.utils.data.DataLoader(self.features, batch_size=t_cfg.batch_size, sampler=self.sampler,
                                              generator=torch.Generator().manual_seed(t_cfg.seed),
                                              collate_fn=RowCollator(self.data.pad_id, length,
-                                                                    cfg.data.pad_to_multiple_of))
+                                                                    cfg.data.pad_to_multiple_of, self.padding_free))
         self.device_loss = resolve_switch(t_cfg.device_loss, device)
         self.fused_adamw = resolve_switch(t_cfg.fused_adamw, device) and t_cfg.deepspeed is None
         optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], t_cfg.learning_rate,
@@ -470,6 +478,7 @@ class TrainRecipe:
                        "lm_head_loss": ("chunked" if self.head.chunked else "fused") if self.head.fused is not None
                        else "logits",
                        "speed": {"device_loss": self.device_loss, "fused_adamw": self.fused_adamw,
+                                 "padding_free": self.padding_free,
                                  "compile": compile_ok(unwrap(self.model)) if cfg.train.compile else None},
                        "resumed_from": str(self.ckpt) if self.ckpt else None,
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},

@@ -169,3 +169,54 @@ def chunked_head_bytes(rows: int, weight: torch.Tensor) -> int:
 def reference_head_loss(hidden, weight, targets) -> torch.Tensor:
     """The plain path for the same rows: logits, fp32 cross-entropy, summed."""
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+PADDING_FREE_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""``train.padding_free``: architectures whose positions come from ``position_ids`` alone and whose attention mask
+comes from transformers' ``create_causal_mask``, which turns restarting position ids into one causal block per
+sequence when no attention mask is given (``find_packed_sequence_indices``; flash attention takes them as varlen,
+FlexAttention as a document mask). Not BLOOM (ALiBi positions come from the attention mask) nor OPT (learned
+positions from the mask's cumulative sum); GPT-2 gave another loss than padded batches (transformers 5.25), so it
+is left out until that is understood."""
+
+
+def padding_free_reason(model) -> str | None:
+    """``None`` when ``train.padding_free`` can train this (peft-wrapped) model, else why not."""
+    import inspect
+
+    from clmtune.models import input_virtual_tokens, unwrap
+
+    unwrapped = unwrap(model)
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in PADDING_FREE_TYPES:
+        return f"model type {model_type!r} does not take packed sequences through position_ids"
+    if input_virtual_tokens(unwrapped) or getattr(getattr(unwrapped, "peft_config", {}).get("default"),
+                                                  "peft_type", None) == "PREFIX_TUNING":
+        return "prompt-learning methods put virtual tokens in front of each row"
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no position_ids"
+    return None
+
+
+def pack_rows(feats: list[dict], ignore_index: int) -> dict:
+    """One padding-free row (1, N) from a batch of rows: their tokens one after another, ``position_ids``
+    restarting at 0 for each, and the first label of each row ignored (the previous row's last position must not
+    learn to predict it; in a padded batch that label is never scored either), so the loss and the supervised token
+    count equal the padded batch's. ``attention_mask`` is all ones (for the token counts; not given to the model)."""
+    import torch
+
+    ids, labels, pos = [], [], []
+    for f in feats:
+        n = len(f["input_ids"])
+        ids += list(f["input_ids"])
+        labels += [ignore_index] + list(f["labels"][1:n])
+        pos += list(range(n))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([pos]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
+def packed_inputs(batch: dict) -> dict:
+    """Model inputs of a ``pack_rows`` batch: no attention mask, so transformers derives the per-sequence causal
+    mask from the restarting positions; no cache (transformers looks for packed sequences only without one)."""
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
