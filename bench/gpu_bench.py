@@ -19,7 +19,8 @@ bench/bench_train.py does) and data live in a temporary folder that is removed a
            linear layer, bf16; BLOOM-560m and a 1.1B LLaMA architecture (TinyLlama's shapes, vocabulary 50,272 for
            the OPT tokenizer); clmtune, transformers.Trainer + peft, TRL's SFTTrainer (padding-free; Liger kernels
            when importable; skipped when TRL is not importable), clmtune with train.chunked_loss (BLOOM: the
-           250,880-word head on ~8k supervised positions), and full fine-tuning of the 560m model. Real
+           250,880-word head on ~8k supervised positions), with train.padding_free and FlexAttention (LLaMA),
+           and full fine-tuning of the 560m model. Real
            (non-pad) tokens/s over the steps after the first log line; MFU from the FLOPs of useful work per real
            token (forward 2N + input gradients 2N, + 2N weight gradients for full fine-tuning, attention scores,
            the LM head on the supervised positions) over the measured bf16 matmul peak and the datasheet's.
@@ -60,6 +61,7 @@ CONFIGS = [
     ("tut_tutorial", 90), ("tut_trainer", 90), ("tut_clmtune_bf16", 90), ("tut_clmtune_fp32", 90),
     ("sft_bloom560m_clmtune", 90), ("sft_bloom560m_trl", 120), ("sft_llama1b_clmtune", 120),
     ("sft_llama1b_trl", 150), ("sft_bloom560m_trainer", 90), ("sft_bloom560m_chunked", 90),
+    ("sft_llama1b_padfree", 150),
     ("tut_clmtune_bf16_plain", 90), ("tut_clmtune_bf16_chunked", 90), ("sft_bloom560m_full", 90),
     ("infer_rank", 90), ("infer_generate", 90), ("serve_16", 120), ("tut_clmtune_bf16_compile", 150),
 ]
@@ -605,9 +607,13 @@ def run_config(name: str, w: Path, s: dict) -> dict:
             res = run_trainer(w, s, cfg, BLOOM_TARGETS if kind == "bloom" else LLAMA_TARGETS, 16, 32, 0.0,
                               max_steps=s["sft_steps"])
         else:
-            extra = {"chunked_loss": True} if what == "chunked" else {}
-            res = clmtune_train(sft_config(w, s, kind, name, method="full" if what == "full" else "lora", **extra),
-                                sft_lines)
+            extra = {"chunked": {"chunked_loss": True}, "padfree": {"padding_free": True}}.get(what, {})
+            cfg = sft_config(w, s, kind, name, method="full" if what == "full" else "lora", **extra)
+            if what == "padfree":  # FlexAttention's document mask on a GPU (compiled); SDPA's dense mask on a CPU
+                import torch
+
+                cfg["model"]["attn_implementation"] = "flex_attention" if torch.cuda.is_available() else "sdpa"
+            res = clmtune_train(cfg, sft_lines)
         sft_mfu(w, s, kind, res, full=what == "full")
         return res
     if name == "infer_rank":
@@ -747,7 +753,8 @@ def summarize(info: dict, prep: dict, results: dict) -> dict:
                           "target": 2.0},
            "vs_trl": {"bloom560m": ratio(tps("sft_bloom560m_clmtune"), tps("sft_bloom560m_trl")),
                       "bloom560m_chunked": ratio(tps("sft_bloom560m_chunked"), tps("sft_bloom560m_trl")),
-                      "llama1b": ratio(tps("sft_llama1b_clmtune"), tps("sft_llama1b_trl")), "target": 1.5},
+                      "llama1b": ratio(tps("sft_llama1b_clmtune"), tps("sft_llama1b_trl")),
+                      "llama1b_padfree": ratio(tps("sft_llama1b_padfree"), tps("sft_llama1b_trl")), "target": 1.5},
            "mfu": {k: r[k].get("mfu") for k in r if k.startswith("sft_") and r[k].get("mfu") is not None},
            "memory": {"peak_vs_trainer_tut": ratio(r.get("tut_clmtune_bf16", {}).get("peak_gb"),
                                                    r.get("tut_trainer", {}).get("peak_gb")),
