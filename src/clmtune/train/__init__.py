@@ -116,7 +116,7 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
     for k, batch in enumerate(window):
         rows = batch.pop("rows")
         if rows_seen is not None:
-            rows_seen.extend(rows.tolist())
+            rows_seen.extend(rows)
         last = k == len(window) - 1
         # our own accumulation, not accelerator.accumulate(): the window is fetched ahead (to count its tokens),
         # which makes accelerate's end-of-dataloader test fire one window early
