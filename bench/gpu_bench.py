@@ -3,6 +3,7 @@
     python bench/gpu_bench.py --out DIR            # every configuration; DIR/gpu_bench_<gpu>.json
     python bench/gpu_bench.py --out DIR --smoke    # every configuration at toy size, on the CPU (~2 minutes)
     python bench/gpu_bench.py --out DIR --only tut_tutorial,tut_clmtune_bf16
+    python bench/gpu_bench.py --table bench/results/gpu_bench_h100.json   # the table for bench/README.md
 
 Each configuration runs in its own child process with a timeout; one that fails, times out or whose package is
 missing (TRL) records why, and the run goes on. The JSON is rewritten after every configuration, so a run killed
@@ -771,6 +772,33 @@ def summarize(info: dict, prep: dict, results: dict) -> dict:
     return out
 
 
+def table(doc: dict) -> str:
+    """bench/README.md's table of one run (``--table FILE``): one line per configuration, then the summary."""
+    def f(v, fmt="{:.2f}"):
+        return "" if v is None else fmt.format(v)
+
+    dev = doc["device"]
+    lines = [f"{doc['date']}: {dev.get('gpu', dev.get('cpu'))}; "
+             + ", ".join(f"{k} {v}" for k, v in (dev.get("packages") or {}).items() if v)
+             + f"; bf16 matmul {f(doc.get('prepare', {}).get('matmul_peak_tflops'), '{:.0f}')} TFLOP/s", "",
+             "| configuration | s (timed) | real tokens/s | MFU | peak GB | estimate GB | est. / peak | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in doc["results"].items():
+        note = r.get("skipped") or (r["error"].splitlines()[0][:120] if "error" in r else "")
+        if "speedup" in r:
+            note = f"x{r['speedup']} " + ", ".join(f"{k} {v}" for k, v in r.items() if k.endswith("_per_s"))
+        elif r.get("speed"):
+            note = note or ", ".join([k for k, v in r["speed"].items() if v] + [f"head {r.get('lm_head_loss')}"])
+        ratio_ = r.get("estimate_gb") / r["peak_gb"] if r.get("estimate_gb") and r.get("peak_gb") else None
+        lines.append(f"| {name} | {f(r.get('seconds'))} | {f(r.get('tokens_per_s'), '{:,.0f}')} | "
+                     f"{f(r.get('mfu') and 100 * r['mfu'], '{:.1f} %')} | {f(r.get('peak_gb'))} | "
+                     f"{f(r.get('estimate_gb'))} | {f(ratio_)} | {note} |")
+    s = doc.get("summary", {})
+    lines += ["", "summary: " + json.dumps({k: s.get(k) for k in ("vs_tutorial", "vs_trainer", "vs_trl", "mfu",
+                                                                  "memory", "inference")}, default=str)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=False, help="folder of gpu_bench_<gpu>.json (default bench/results)")
@@ -779,10 +807,14 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting configurations after this many seconds (default 450; smoke 240)")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every configuration's timeout")
+    ap.add_argument("--table", metavar="JSON", help="print bench/README.md's table of a results file and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text(encoding="utf-8"))))
+        return
     if args.child or args.prepare:
         w = Path(args.work)
         if args.prepare:

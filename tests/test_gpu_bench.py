@@ -45,3 +45,5 @@ def test_gpu_bench_smoke_runs_every_configuration(tmp_path):
     assert res["sft_bloom560m_clmtune"]["flops_per_token"] > 0
     assert res["infer_rank"]["speedup"] > 0 and res["infer_generate"]["speedup"] > 0
     assert res["serve_16"]["clients"] == 16 and res["serve_16"]["tokens_per_s"] > 0
+    text = gpu_bench.table(doc)  # bench/README.md's table (--table)
+    assert "| tut_tutorial |" in text and "failed on purpose" in text and "summary: " in text
