@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import result_path  # noqa: E402  (bench/common.py)
+from common import cpu_name, result_path  # noqa: E402  (bench/common.py)
 MODEL = "builtin:gpt2-zh-small"
 BATCH, LR, MAX_LENGTH = 16, 5e-4, 256
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, result_path  # noqa: E402  (bench/common.py)
+from common import RESULTS, cpu_name, result_path  # noqa: E402  (bench/common.py)
 CONFIGS = ["tutorial_fp32", "clmtune_fp32", "tutorial_bf16", "clmtune_bf16", "tutorial_bf16_gc", "clmtune_bf16_gc"]
 MODELS = {
     "bloom560m": "BLOOM-560m architecture (24 layers x 1024, vocabulary 250,880), twitter_complaints (50 rows, "

@@ -8,10 +8,8 @@ machine replaces the file; earlier results live in git history. The CPU's name c
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -20,7 +18,7 @@ sys.path.insert(0, str(HERE.parent / "src"))  # the benchmarks run from a checko
 
 from clmtune.device import cpu_matrix_features, cpu_name  # noqa: E402
 
-__all__ = ["RESULTS", "cpu_matrix_features", "cpu_name", "machine", "machine_tag", "result_path"]
+__all__ = ["RESULTS", "cpu_matrix_features", "cpu_name", "machine_tag", "result_path"]
 
 
 def machine_tag(device: str = "cpu") -> str:
@@ -32,17 +30,6 @@ def machine_tag(device: str = "cpu") -> str:
     name = torch.cuda.get_device_name(torch.device(device))
     found = re.search(r"\b([A-Z]+\d{2,4}[A-Z]?)\b", name.replace("NVIDIA", ""))
     return found.group(1).lower() if found else "gpu"
-
-
-def machine(device: str = "cpu") -> dict:
-    """What a result file records about where it ran: date, CPU (or GPU), torch, threads, load."""
-    import torch
-
-    out = {"when": time.strftime("%Y-%m-%d %H:%M"), **cpu_matrix_features(), "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
-    if str(device).startswith("cuda"):
-        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return out
 
 
 def result_path(bench: str, case: str = "", device: str = "cpu") -> Path:

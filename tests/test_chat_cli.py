@@ -7,6 +7,7 @@ import os
 import sys
 
 import pexpect
+import pytest
 
 from chatrun import REPO
 
@@ -18,6 +19,7 @@ def _spawn(args: list[str], home: str) -> pexpect.spawn:
                          dimensions=(40, 200))
 
 
+@pytest.mark.slow
 def test_chat_session_through_a_terminal(chat_run):
     run, home = chat_run
     child = _spawn(["chat", "--run", str(run), "--max-new-tokens", "8", "--temperature", "0"], home)
@@ -51,6 +53,7 @@ def test_chat_session_through_a_terminal(chat_run):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_chat_ctrl_d_and_model_without_template(chat_run, tmp_path):
     run, home = chat_run
     child = _spawn(["chat", "--run", str(run), "--max-new-tokens", "4", "--temperature", "0"], home)
@@ -66,6 +69,7 @@ def test_chat_ctrl_d_and_model_without_template(chat_run, tmp_path):
     assert "no chat template" in child.before and "--chat-template" in child.before
 
 
+@pytest.mark.slow
 def test_generate_on_a_chat_run_uses_its_template(chat_run, capsys):
     from clmtune.cli import main
 

@@ -17,6 +17,7 @@ from clmtune.run import RunDir
 from clmtune.train import list_checkpoints, train
 
 
+@pytest.mark.slow
 def test_chat_run_learns_saves_template_and_is_evaluated(chat_run):
     run, _ = chat_run
     rd = RunDir(run)

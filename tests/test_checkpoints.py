@@ -26,6 +26,7 @@ def _weights(out, method="lora"):
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning", "full"])
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, one_thread, monkeypatch, method):
     full = train(_cfg(tmp_path, "straight", method), progress=False)
@@ -50,6 +51,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, one_thread,
     assert resumed.final_loss == pytest.approx(full.final_loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoints_are_ignored_and_bad_resume_refused(tmp_path, one_thread):
     cfg = _cfg(tmp_path, "run")
     out = tmp_path / "run"

@@ -66,6 +66,7 @@ def test_the_head_is_restored_after_decoding():
     assert "forward" not in vars(model.get_output_embeddings())
 
 
+@pytest.mark.slow
 def test_auto_picks_constrained_for_banking77_and_rank_for_two_labels(tmp_path):
     """eval.method auto: banking_77's 77 labels make a tree far above the threshold -> constrained, whose
     predictions are all labels; twitter_complaints' two labels -> rank. eval.json names both."""

@@ -112,6 +112,7 @@ def test_classify_multiclass_labels_of_several_tokens(opt_tok):
     assert prep.report["splits"]["train"]["target_tokens"]["max"] >= 6
 
 
+@pytest.mark.slow
 def test_end_token_pad_or_eos(bert_zh_tok):
     for end, want in (("eos", "[SEP]"), ("pad", "[PAD]")):
         cfg = DataConfig(source="builtin:chnsenticorp/ChnSentiCorp_htl_all.csv", template="{review}评价：",
@@ -176,6 +177,7 @@ def test_lm_packing_exact_blocks_and_labels(tmp_path, bert_zh_tok):
     assert batch["labels"][2].tolist() == [IGNORE_INDEX] * 7 + stream[21:]
 
 
+@pytest.mark.slow
 def test_lm_labels_give_the_models_own_loss(tmp_path, bert_zh_tok):
     """The training loss on a left-padded batch of packed blocks equals transformers' own loss for these labels."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -71,6 +71,7 @@ def test_default_model_is_stored_in_bf16_and_loads_in_the_dtype_asked_for():
         assert model.get_output_embeddings().weight.data_ptr() == wte.data_ptr()  # still tied after the cast
 
 
+@pytest.mark.slow
 def test_default_model_knows_the_test_reviews_it_never_saw(default_model, shared_data):
     """Perplexity on ChnSentiCorp test.tsv (never trained on): far below the random model's, and few [UNK]."""
     from clmtune.evaluate import perplexity
@@ -121,6 +122,7 @@ def test_model_folder_without_tokenizer_exits_2(tmp_path, capsys):
     assert len(errors) == 1 and str(tmp_path / "m") in errors[0] and "no usable tokenizer" in errors[0]
 
 
+@pytest.mark.slow
 def test_tokenizer_larger_than_the_embedding_names_both_numbers(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tinyrun import twitter_rows
 
@@ -17,6 +18,7 @@ from clmtune.models import builtin_model_path, load_model
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     builtin_model_path("tiny-opt")  # build the cached model once, not in two processes at the same time
     data = twitter_rows(tmp_path, 16)  # 12 train rows = 4 batches of 3 = 2 per process per epoch

@@ -1,6 +1,6 @@
 """The documents are true to the repository: README.md stays a front door (at most 300 lines), every relative link in
-README.md, docs/*.md and bench/README.md points at a file that exists, every config key they name exists, and the
-default learning rates they state are the ones the code chooses."""
+README.md, docs/*.md and bench/README.md points at a file that exists, every config key they name exists, the
+default learning rates they state are the ones the code chooses, and the commands they list are the CLI's."""
 
 from __future__ import annotations
 
@@ -67,3 +67,19 @@ def test_documented_learning_rates_are_the_code_defaults():
     assert logged and float(logged.group(1)) == MODEL_LORA[CHINESE_MODEL]["learning_rate"]
     other = re.search(r"other models: ([0-9.]+)\)", readme)
     assert other and float(other.group(1)) == DEFAULT_LEARNING_RATES["lora"]
+
+
+def test_commands_in_the_readme_are_the_cli_commands():
+    """The README's command table names only commands the CLI has, and every CLI command is documented."""
+    import subprocess
+    import sys
+
+    usage = subprocess.run([sys.executable, "-m", "clmtune", "--help"], capture_output=True, text=True, check=True)
+    cli = set(re.search(r"\{([a-z,-]+)\}", usage.stdout).group(1).split(","))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Commands"):readme.index("## The run folder")]
+    listed = set(re.findall(r"^\| `clmtune ([a-z-]+)", table, re.M))
+    assert listed and listed <= cli, f"README lists commands the CLI does not have: {sorted(listed - cli)}"
+    docs = "\n".join(d.read_text(encoding="utf-8") for d in DOCS)
+    undocumented = sorted(c for c in cli if f"clmtune {c}" not in docs)
+    assert not undocumented, f"CLI commands no document mentions: {undocumented}"

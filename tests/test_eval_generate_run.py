@@ -27,6 +27,7 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_rank_and_generate_eval_files(run_dir, tmp_path, capsys):
     for method in ("rank", "generate"):
         out = tmp_path / method
@@ -53,6 +54,7 @@ def test_rank_and_generate_eval_files(run_dir, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_unlabelled_file_gives_a_raft_submission(run_dir, tmp_path):
     src = assets_path("raft/twitter_complaints/test_unlabeled.csv")
     rows = _read_csv(src)[:12]
@@ -71,6 +73,7 @@ def test_unlabelled_file_gives_a_raft_submission(run_dir, tmp_path):
     assert res["submission"] and sum(res["predicted_counts"].values()) == 12
 
 
+@pytest.mark.slow
 def test_labels_outside_the_run_label_set_are_an_error(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("Tweet text,Label,ID\nhello,complaint,1\nworld,praise,2\n", encoding="utf-8")
@@ -79,6 +82,7 @@ def test_labels_outside_the_run_label_set_are_an_error(run_dir, tmp_path, capsys
     assert "label 'praise' is not in the label set" in err
 
 
+@pytest.mark.slow
 def test_generate_from_run_run_as_model_and_merged_export_agree(run_dir, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert cli.main(["export", "--run", str(run_dir), "--to", str(merged), "--merge"]) == 0

@@ -26,6 +26,7 @@ def _probe(tok):
     # a LoRA on GPT-2's input embedding, which is tied to the LM head: merging must not change the head
     ("lora", "builtin:tiny-gpt2-zh", ["c_attn", "wte"]),
 ])
+@pytest.mark.slow
 def test_merge_writes_a_model_transformers_loads(tmp_path, one_thread, method, model, targets):
     """GPT-2's Conv1D stores weights transposed: the merged logits only match if peft's fan_in_fan_out is right."""
     from transformers import AutoModelForCausalLM, pipeline
@@ -55,6 +56,7 @@ def test_merge_writes_a_model_transformers_loads(tmp_path, one_thread, method, m
     assert out[0]["generated_text"].startswith("Tweet text : I hate this label :")
 
 
+@pytest.mark.slow
 def test_adapter_export_and_refusals(tmp_path, one_thread):
     from peft import PeftModel
 

@@ -62,6 +62,7 @@ def test_a_trained_or_wrapped_head_is_left_alone():
     restore_weights(swapped)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="train() falls back to fp32 on this CPU")
 def test_training_with_the_column_major_head_writes_the_same_adapter(tmp_path, one_thread, monkeypatch):
     """train() in bf16 on a CPU uses the column-major head where the loss is not fused (fp32 training does not);

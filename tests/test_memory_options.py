@@ -90,6 +90,7 @@ def _measure_peaks() -> dict:
     return res
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_lowers_the_measured_peak():
     """4 layers x 256 on 8 x 256 tokens: ~0.25 GB of activations without checkpointing, ~0.07 GB with it. Each
     setting in a fresh process (in one process the allocator's reuse of freed memory blurs the second step); the
@@ -206,6 +207,7 @@ def test_quantized_loading_without_bitsandbytes_is_one_clear_error(monkeypatch):
     load_model(ModelConfig(name_or_path="builtin:tiny-opt", load_in_4bit=True))  # evaluation/export load the plain base: no bitsandbytes needed
 
 
+@pytest.mark.slow
 def test_fsdp_config_on_a_cpu_machine_is_refused_not_run_as_ddp(tmp_path):
     """accelerate 1.15 selects FSDP only on GPUs; on CPU it would train plain DDP (see docs/gpu-and-clusters.md, "Scaling out")."""
     from tinyrun import twitter_rows

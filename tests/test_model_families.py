@@ -37,6 +37,7 @@ def _chinese_rows(tmp_path, shared_data, n=12):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_trains_with_default_targets(tmp_path, one_thread, name, request):
     model_type, layer_cls = FAMILIES[name]

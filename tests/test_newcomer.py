@@ -215,6 +215,7 @@ def test_lora_on_gpt2_conv1d_is_configured_without_peft_warning():
     assert [m for m in messages if "is_gradient_checkpointing" in m]
 
 
+@pytest.mark.slow
 def test_cli_hides_library_deprecation_noise_but_debug_shows_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": ""}
     args = [sys.executable, "-m", "clmtune", "train", "--data.source", str(tweets_csv(tmp_path)), *EN,
@@ -232,6 +233,7 @@ def test_cli_hides_library_deprecation_noise_but_debug_shows_it(tmp_path):
 # --- item 1: defaults chosen from the data -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_chinese_csv_without_a_model_uses_the_shipped_chinese_model(tmp_path, capsys, caplog, one_thread):
     # clmtune train --data.source reviews.csv --data.template "评论：{review} 评价：" ...   (no model, no max_length)
     run_dir = tmp_path / "zh"
@@ -334,6 +336,7 @@ def zh_run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_evaluating_twice_keeps_both_and_summarises_the_latest(zh_run, tmp_path, capsys):
     # train already evaluated the held-out split with rank: RUN/eval/eval-rank/
     rank_dir = zh_run / "eval" / "eval-rank"
@@ -360,6 +363,7 @@ def test_evaluating_twice_keeps_both_and_summarises_the_latest(zh_run, tmp_path,
 # --- item 6: one definition of a truncated prompt -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepare_rank_and_generate_report_the_same_truncated_count(zh_run, capsys):
     # clmtune prepare --config RUN/config.yaml, then clmtune eval --method rank / generate: one number
     code, out, _ = run(capsys, "prepare", "--config", zh_run / "config.yaml")
@@ -375,6 +379,7 @@ def test_prepare_rank_and_generate_report_the_same_truncated_count(zh_run, capsy
                     "for the longest label + end token; 'truncated' above counts each row with its own label"]
 
 
+@pytest.mark.slow
 def test_training_again_with_overwrite_forgets_the_old_evaluations(zh_run, capsys):
     assert (zh_run / "eval" / "index.json").is_file() and (zh_run / "eval.json").is_file()
     code, _, _ = run(capsys, "train", "--config", zh_run / "config.yaml", "--overwrite", "--no-eval")

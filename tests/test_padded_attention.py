@@ -96,6 +96,7 @@ def test_bloom_and_eager_keep_the_2d_mask(mask_everywhere):
     assert forward_inputs(eager, batch, backward=True)["attention_mask"].dim() == 2
 
 
+@pytest.mark.slow
 def test_training_survives_a_kernel_that_nans_fully_masked_rows(tmp_path, monkeypatch, one_thread):
     """With the stand-in kernel, training a GPT-2 on left-padded batches stops on a NaN gradient norm unless the
     pads attend to themselves."""

@@ -32,6 +32,7 @@ def _strip_peft(name: str) -> str:
     return name.replace("base_model.model.", "").replace(".base_layer", "")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra,peft_type", CASES, ids=[c[0] + ("-text" if c[1] else "") for c in CASES])
 def test_method_end_to_end(tmp_path, one_thread, method, extra, peft_type):
     cfg = tiny_cfg(tmp_path, method, peft=extra)

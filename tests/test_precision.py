@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from safetensors.torch import load_file
 from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 
 from clmtune.train import train
 
 
+@pytest.mark.slow
 def test_bf16_training_tracks_fp32(tmp_path, one_thread):
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -26,6 +28,7 @@ def test_bf16_training_tracks_fp32(tmp_path, one_thread):
     assert json.loads((bf16.output_dir / "train_summary.json").read_text())["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_auto_precision_follows_the_hardware_and_says_why(tmp_path, one_thread, monkeypatch):
     from clmtune import device
     from clmtune.device import native_bf16

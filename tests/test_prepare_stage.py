@@ -20,6 +20,7 @@ def test_configs_are_shipped():
     assert {"chnsenticorp_classify.yaml", "chnsenticorp_lm.yaml", "raft_banking_77.yaml"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_validates_and_prepares(path):
     cfg = load_config(path)
@@ -32,6 +33,7 @@ def test_every_shipped_config_validates_and_prepares(path):
     assert result.report["task"] == cfg.data.task
 
 
+@pytest.mark.slow
 def test_cli_prepare_prints_summary_and_saves_for_train(tmp_path, capsys):
     cfg = str(Path(__file__).resolve().parents[1] / "configs" / "raft_banking_77.yaml")
     save = tmp_path / "prepared"
@@ -66,6 +68,7 @@ def test_cli_prepare_block_size_beyond_context_exits_2(capsys):
     assert "\n" not in err and "data.block_size=1024" in err and "at most 256" in err
 
 
+@pytest.mark.slow
 def test_lm_training_on_reviews_lowers_the_loss(tmp_path, capsys):
     from clmtune.data import assets_path, read_table
 

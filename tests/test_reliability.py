@@ -301,6 +301,7 @@ def test_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_pa
     assert not (out / "adapter").exists() and not (out / "train_summary.json").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path, capsys, caplog, one_thread):
     """Straight run (6 steps) vs a copy of it killed after step 4 whose step-4 checkpoint is truncated: resume
     warns, starts from step 2, and ends with the same adapter."""
@@ -407,6 +408,7 @@ def test_run_folder_error_is_one_line(spoil, args, expected, tiny_run, tmp_path,
     assert fill(expected) in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_resume_finishes_a_run_killed_before_its_summary(tiny_run, tmp_path, capsys):
     run = _broken("unfinished", tiny_run, tmp_path)
     shutil.rmtree(run / "checkpoints")  # no checkpoint: only the saved weights are left to finish from
@@ -420,6 +422,7 @@ def test_resume_finishes_a_run_killed_before_its_summary(tiny_run, tmp_path, cap
     assert main(["eval", "--run", str(run)]) == 0 and (run / "eval.json").is_file()
 
 
+@pytest.mark.slow
 def test_overwrite_clears_old_eval_files_and_lock_is_released(tiny_run, tmp_path):
     run = _copy_run(tiny_run, tmp_path)
     assert main(["eval", "--run", str(run)]) == 0
@@ -431,6 +434,7 @@ def test_overwrite_clears_old_eval_files_and_lock_is_released(tiny_run, tmp_path
     assert not [n for n in names if n.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_export_overwrite_replaces_the_folder_and_a_to_file_is_refused(tiny_run, tmp_path):
     run, out = _copy_run(tiny_run, tmp_path), tmp_path / "export"
     assert main(["export", "--run", str(run), "--to", str(out)]) == 0
@@ -467,6 +471,7 @@ def _kill_at_tokenizer_save():
     t.PreTrainedTokenizerBase.save_pretrained = _kill_self
 
 
+@pytest.mark.slow
 def test_export_killed_midway_leaves_the_old_export(tiny_run, tmp_path):
     run, out = _copy_run(tiny_run, tmp_path), tmp_path / "export"
     assert main(["export", "--run", str(run), "--to", str(out)]) == 0
@@ -519,6 +524,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_run, t
     assert not (run / "adapter").exists() and not (run / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_two_trainers_into_one_folder(tiny_run, tmp_path, capsys):
     """The second `clmtune train` into a folder another process is writing is refused; the first finishes alone.
     The first (a child process) waits after taking the lock, before its optimizer steps, until the second (this

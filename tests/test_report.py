@@ -140,6 +140,7 @@ def zh_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_plot_loss_from_a_real_run(zh_runs, tmp_path, glyph_misses):
     from PIL import Image
 
@@ -157,6 +158,7 @@ def test_plot_loss_from_a_real_run(zh_runs, tmp_path, glyph_misses):
         plot_loss([{"step": 1, "learning_rate": 1e-3}], tmp_path / "x.png")
 
 
+@pytest.mark.slow
 def test_report_html_content(zh_runs, tmp_path):
     from clmtune.report import write_report
     from clmtune.report.runs import read_run
@@ -189,6 +191,7 @@ def test_report_errors(tmp_path):
         write_report([tmp_path / "empty"])
 
 
+@pytest.mark.slow
 def test_report_cli(zh_runs, tmp_path, capsys):
     from clmtune.cli import main
 
@@ -201,6 +204,7 @@ def test_report_cli(zh_runs, tmp_path, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/system_deps.sh installs it)")
 def test_report_renders_in_headless_chromium(zh_runs, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")

@@ -33,6 +33,7 @@ def test_full_run_is_a_run(full_run, tmp_path):
     assert tok.pad_token_id is not None
 
 
+@pytest.mark.slow
 def test_full_run_generate_eval_export(full_run, tmp_path, capsys):
     # generate --model RUN treats the full run as a run (base model + nothing): same output as --run RUN
     assert main(["generate", "--model", str(full_run.path), "--max-new-tokens", "3", "hello"]) == 0

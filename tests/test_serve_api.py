@@ -118,6 +118,7 @@ def test_completion_stream_is_openai_sse(server):
     assert [texts[0], texts[1]] == [c["text"] for c in plain["choices"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [MODEL, "builtin:gpt2-zh-small"])
 def test_engine_batch_equals_one_at_a_time(engine, model):
     """The decode loop itself: 16 seeded rows of different prompts and settings, all in one batch and joining a

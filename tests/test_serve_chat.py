@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import httpx
 import openai
+import pytest
 import torch
 
 from liveserver import LiveServer
 
 
+@pytest.mark.slow
 def test_chat_completions_through_a_chat_runs_template(chat_run):
     from clmtune.chat import ChatSession
     from clmtune.config import GenerateConfig

@@ -68,6 +68,7 @@ def _naive_probabilities(cfg, run_dir, text: str, model, tok) -> dict[str, float
     return dict(zip(labels, probs))
 
 
+@pytest.mark.slow
 def test_classify_matches_naive_rank_scoring(served):
     url, cfg, result = served
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -89,6 +90,7 @@ def test_classify_matches_naive_rank_scoring(served):
         assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_classify_inputs_batch_and_errors(served):
     url, cfg, result = served
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -113,6 +115,7 @@ def test_classify_inputs_batch_and_errors(served):
     assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.slow
 def test_a_full_fine_tuning_run_is_served_like_an_adapter_run(tmp_path):
     """peft.method full writes model/ instead of adapter/: `--run` and `--model RUN` both serve it, and its task
     (classify) gives /v1/classify."""

@@ -101,6 +101,7 @@ def test_override_text_ending_in_colon_stays_text():
     assert got.data.template == "{text} label :"
 
 
+@pytest.mark.slow
 def test_gradient_clipping_is_logged_and_changes_the_update(tmp_path, one_thread):
     from clmtune.train import train
 

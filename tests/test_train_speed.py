@@ -136,6 +136,7 @@ class _RecordingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+@pytest.mark.slow
 def test_accumulating_two_batches_of_4_gives_the_gradient_of_one_batch_of_8(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", _RecordingAdamW)
     grads = {}
@@ -163,6 +164,7 @@ def test_accumulating_two_batches_of_4_gives_the_gradient_of_one_batch_of_8(tmp_
     assert sum(counts[:4]) != sum(counts[4:])
 
 
+@pytest.mark.slow
 def test_fast_path_trains_to_the_same_losses_as_full_logits(tmp_path, one_thread):
     """logits_to_keep (and the fused head loss) + length groups + pad_to_multiple_of vs full logits on
     exactly-padded batches, in fp32 (in bf16 the fused loss rounds differently: tests/test_fused_head.py)."""

@@ -36,6 +36,7 @@ def _adapter(folder):
 
 
 
+@pytest.mark.slow
 def test_eval_steps_log_best_weights_loss_png_and_tensorboard(tmp_path, one_thread):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -100,6 +101,7 @@ def test_early_stopping(tmp_path, one_thread, monkeypatch):
 
 # eval_accuracy: the best comes after the checkpoint the run resumes from; eval_loss with mode max (the loss falls, so
 # the first evaluation stays best): the best comes before it, so the resumed run must restore the best-so-far state
+@pytest.mark.slow
 @pytest.mark.parametrize("best", [{"metric": "eval_accuracy", "mode": "max"}, {"metric": "eval_loss", "mode": "max"}])
 def test_resume_with_eval_and_save_best_matches_uninterrupted(tmp_path, one_thread, monkeypatch, best):
     kw = dict(eval_steps=2, save_best=best, save_steps=3, save_total_limit=2)
@@ -121,6 +123,7 @@ def test_resume_with_eval_and_save_best_matches_uninterrupted(tmp_path, one_thre
     assert evals(resumed.output_dir) == pytest.approx(evals(straight.output_dir), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_lm_task_eval_loss_only(tmp_path, one_thread):
     data = _chinese_csv(tmp_path)
     cfg = load_config(overrides={
@@ -162,6 +165,7 @@ def test_watch_config_errors(tmp_path, monkeypatch):
         train(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_train_prints_best_weights_and_curves(tmp_path, capsys, one_thread):
     from clmtune.cli import main
 

@@ -128,6 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) written by `clmtune train`")
     rp.add_argument("--out", help="HTML file to write (default: RUN/report.html; for several runs report.html "
                                   "beside the first)")
+    u = sub.add_parser("ui", help="fine-tune from the browser: data, settings, live curves, runs, playground",
+                       description="One local page that drives the same `clmtune train/eval/export/serve` commands "
+                                   "in a workspace folder. Prints a URL with a random token; only requests with it "
+                                   "are answered. Needs pip install 'clmtune[serve]'.")
+    u.add_argument("--workspace", default=".", help="folder with the data, configs/ and runs/ (default: here); the "
+                                                    "page cannot read or write outside it")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--upload-limit-mb", type=int, default=100, help="largest file the page accepts (MiB)")
+    u.add_argument("--open", action="store_true", help="open the page in the default browser")
     return p
 
 
@@ -345,8 +355,21 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
+    from clmtune.ui import serve_ui
+
+    if not 0 < args.port < 65536:
+        raise ClmtuneError(f"--port {args.port} must be between 1 and 65535")
+    if args.upload_limit_mb < 1:
+        raise ClmtuneError(f"--upload-limit-mb {args.upload_limit_mb} must be at least 1")
+    serve_ui(args.workspace, host=args.host, port=args.port, open_browser=args.open,
+             upload_limit_mb=args.upload_limit_mb)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "chat": cmd_chat,
-            "export": cmd_export, "serve": cmd_serve, "report": cmd_report}
+            "export": cmd_export, "serve": cmd_serve, "report": cmd_report,
+            "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

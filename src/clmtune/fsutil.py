@@ -235,6 +235,14 @@ class FolderLock:
             return False
         return not pid_alive(int(holder.get("pid", -1)))
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """Who holds this folder now (pid, host, command, started), or None when it is free or the lock is stale:
+        lets a reader (``clmtune ui``'s run list) tell a running training from an interrupted one."""
+        if not self.path.exists():
+            return None
+        holder = self._holder()
+        return None if self._stale(holder) else (holder or {})
+
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,

@@ -235,6 +235,13 @@ class RunDir:
         """The exclusive lock of this folder for one writer (``with run.lock(): ...``)."""
         return FolderLock(self.path)
 
+    def running(self) -> dict | None:
+        """The live process that holds this folder's lock (a training or evaluation in progress), or None."""
+        return FolderLock(self.path).live_holder()
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(p.name.startswith("step-") for p in self.checkpoints.iterdir())
+
     def clean_temporary(self) -> list[Path]:
         """Remove ``.tmp-*`` items that interrupted writes left here and in ``checkpoints/``."""
         return clean_stale_tmp(self.path) + clean_stale_tmp(self.checkpoints)

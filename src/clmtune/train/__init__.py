@@ -61,6 +61,7 @@ from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weig
 from clmtune.memory import swapped_originals_bytes
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
+from clmtune.train.stop import stop_after_step
 from clmtune.train.sampler import EpochSampler, RowCollator
 from clmtune.train.speed import (LossBuffer, chunked_head_bytes, chunked_head_loss, compile_forward, compile_ok,
                                  make_adamw, packed_inputs, padding_free_reason, resolve_switch,
@@ -350,6 +351,8 @@ class TrainRecipe:
         self.model.train()
         if self.rng is not None:
             _set_rng_state(self.rng)  # last: everything above may consume random numbers
+        stopper = stop_after_step(enabled=self.n_proc == 1)
+        stop_request = stopper.__enter__()
         try:
             for epoch in range(self.epoch0, t_cfg.epochs):
                 if self.step >= self.total_steps:
@@ -402,11 +405,19 @@ class TrainRecipe:
                         bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **self.watch.postfix())
                     if t_cfg.save_steps and (self.step % t_cfg.save_steps == 0 or self.step == self.total_steps):
                         self.save_checkpoint(epoch, batch_in_epoch)
+                    if stop_request and self.step < self.total_steps:
+                        if self.last_saved != self.step:
+                            self.save_checkpoint(epoch, batch_in_epoch)
+                        log.warning("stopped at step %d of %d; checkpoint in %s; continue with `clmtune train --config "
+                                    "%s --resume`", self.step, self.total_steps, self.run.checkpoints,
+                                    self.run.config_file)
+                        raise KeyboardInterrupt
                     if self.step >= self.total_steps or stop:
                         break
                 if self.watch.stopped_at is not None:
                     break
         finally:
+            stopper.__exit__(None, None, None)
             bar.close()
             if self.log_file:
                 self.log_file.close()
