@@ -451,6 +451,7 @@ class TrainRecipe:
         self.watch.log(record)
 
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
+        self._flush_losses()  # train.device_loss: no checkpoint holds an update whose loss was not checked
         if batch_in_epoch >= self.batches_per_epoch:  # store the next position: start of the next epoch
             epoch, batch_in_epoch = epoch + 1, 0
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
