@@ -225,6 +225,11 @@ def _print_eval(metrics: dict, where: Path) -> None:
                   f"  predictions: {where / PREDICTIONS_JSONL}")
         print(f"  results:     {where / EVAL_JSON}")
         return
+    if "reward_accuracy" in metrics:  # a preference run
+        print(f"eval ({metrics['method']}, n={metrics['n']} pairs): reward accuracy {metrics['reward_accuracy']:.4f}, "
+              f"reward margin {metrics['reward_margin']:.4f}, loss {metrics['loss']:.4f}\n"
+              f"  results:     {where / EVAL_JSON}")
+        return
     line = f"eval ({metrics['method']}, n={metrics['n']}):"
     if "accuracy" in metrics:
         line += f" accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f},"

@@ -17,6 +17,8 @@ from clmtune.errors import ConfigError
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+KEY_ALIASES = {("preference", "lambda"): "lambda_"}
+"""YAML keys that are Python keywords, and the field that holds them."""
 
 
 def _coerce(name: str, value: Any, annotation: Any, problems: list[str]) -> Any:
@@ -122,6 +124,7 @@ def from_dict(raw: dict[str, Any] | None) -> RunConfig:
         hints = get_type_hints(cls)
         kwargs = {}
         for key, value in (sec_raw if isinstance(sec_raw, dict) else {}).items():
+            key = KEY_ALIASES.get((sec_name, key), key)
             if key not in hints:
                 problems.append(f"unknown key {sec_name}.{key} (known: {', '.join(hints)})")
                 continue
@@ -192,4 +195,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    raw = cfg.to_dict()
+    for (sec, key), field_name in KEY_ALIASES.items():  # written as the user writes it (``lambda``)
+        if field_name in raw.get(sec, {}):
+            raw[sec] = {(key if k == field_name else k): v for k, v in raw[sec].items()}
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -11,7 +11,8 @@ from typing import Any
 
 from clmtune.config.sections import (ATTN_IMPLEMENTATIONS, END_TOKENS, EVAL_METHODS, MODEL_DTYPES, PADDING,
                                      PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS,
-                                     TEXT_SAMPLE_BY, TRUNCATION_SIDES, DataConfig, EvalConfig, GenerateConfig,
+                                     PREFERENCE_LOSSES, TEXT_SAMPLE_BY, TRUNCATION_SIDES, DataConfig, EvalConfig,
+                                     GenerateConfig, PreferenceConfig,
                                      ModelConfig, PeftSettings, TrainConfig, device_problem)
 from clmtune.errors import ConfigError
 
@@ -24,6 +25,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +89,11 @@ class RunConfig:
             positive("data.block_size", d.block_size)
         if d.task in task_names():
             p.extend(get_task(d.task).config_problems(d))
+            if not get_task(d.task).prompt_learning and self.peft.method in ("prefix_tuning", "prompt_tuning",
+                                                                             "p_tuning"):
+                p.append(f"peft.method={self.peft.method} does not work with data.task={d.task} (the reference "
+                         "model and the paired forward need an adapter on the weights); use lora, ia3 or full")
+        p.extend(preference_problems(self.preference))
         if d.delimiter is not None and len(d.delimiter) != 1:
             p.append(f"data.delimiter={d.delimiter!r} must be one character, e.g. ',' or '\\t'")
         positive("peft.r", self.peft.r)
@@ -158,6 +165,21 @@ def watch_problems(t: TrainConfig, task: str) -> list[str]:
                      "re-sharded); remove one of them")
     if bad := [x for x in t.report_to if x not in TRACKERS]:
         p.append(f"train.report_to has {bad}; supported: {', '.join(TRACKERS)}")
+    return p
+
+
+def preference_problems(s: PreferenceConfig) -> list[str]:
+    p = []
+    if s.loss not in PREFERENCE_LOSSES:
+        p.append(f"preference.loss={s.loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}")
+    for key in ("beta", "lambda_"):
+        if getattr(s, key) <= 0:
+            p.append(f"preference.{key.rstrip('_')}={getattr(s, key)!r} must be > 0")
+    if not 0 <= s.label_smoothing < 0.5:
+        p.append(f"preference.label_smoothing={s.label_smoothing!r} must be in [0, 0.5)")
+    if s.precompute_reference and s.loss in ("orpo", "simpo"):
+        p.append(f"preference.precompute_reference is for dpo and ipo; preference.loss={s.loss} uses no reference "
+                 "model: remove it")
     return p
 
 

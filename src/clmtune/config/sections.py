@@ -168,6 +168,16 @@ class DataConfig:
     has none); ``chatml``, ``alpaca`` or ``zh`` (``用户：…\n助手：…``, for character tokenizers): a built-in
     template; or the path of a ``.jinja`` file. The template used is saved with the run's tokenizer."""
 
+    prompt_column: str = "prompt"
+    """``preference`` only: column of the prompt (text, or an OpenAI message list; optional for conversation pairs,
+    whose shared messages are the prompt)."""
+
+    chosen_column: str = "chosen"
+    """``preference`` only: column of the preferred response (text, or an OpenAI message list)."""
+
+    rejected_column: str = "rejected"
+    """``preference`` only: column of the dispreferred response (text, or an OpenAI message list)."""
+
     train_on: str = "all"
     """``chat`` only: which assistant turns carry the loss, ``all`` (every one, each with its end token) or
     ``last`` (only the final reply). System and user tokens never do."""
@@ -361,6 +371,37 @@ class TrainConfig:
     deepspeed: str | None = None
     """DeepSpeed config JSON (e.g. ``configs/deepspeed/zero3_offload.json``) handed to the engine through
     ``accelerate``; needs ``pip install deepspeed`` and GPUs. ``None``: plain DDP / single process."""
+
+
+PREFERENCE_LOSSES = ("dpo", "ipo", "orpo", "simpo")
+
+
+@dataclass
+class PreferenceConfig:
+    """``data.task: preference`` only: the loss on prompt/chosen/rejected pairs (TRL's formulas and names)."""
+
+    loss: str = "dpo"
+    """``dpo`` (sigmoid of the reward margin against a reference model), ``ipo`` (squared, length-averaged margin
+    against the reference), ``orpo`` (log odds ratio + NLL on the chosen response, no reference), ``simpo``
+    (length-averaged log-probabilities with a target margin ``gamma``, no reference)."""
+
+    beta: float = 0.1
+    """Temperature of the reward (dpo, ipo: the KL strength; simpo: the reward scale, 2.0..2.5 in the paper)."""
+
+    label_smoothing: float = 0.0
+    """dpo and simpo: the probability that a pair's labels are flipped (conservative DPO); 0 is plain DPO."""
+
+    lambda_: float = 0.1
+    """orpo: the weight of the odds-ratio term against the NLL of the chosen response (TRL's ORPO ``beta``).
+    Written ``lambda`` in YAML and on the command line (``--preference.lambda 0.2``)."""
+
+    gamma: float = 0.5
+    """simpo: the target reward margin (TRL's CPO ``simpo_gamma``)."""
+
+    precompute_reference: bool = False
+    """dpo/ipo: compute the reference log-probabilities of every training pair once before training (no reference
+    forward per step). Otherwise an adapter run uses the same weights with the adapter switched off and a full
+    fine-tuning run keeps a frozen copy of the starting weights."""
 
 
 @dataclass

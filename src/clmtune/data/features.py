@@ -90,12 +90,12 @@ def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[i
                   cfg: DataConfig) -> tuple[Any, dict[str, Any]]:
     import datasets
 
-    ds = datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
-                                     "target": [e.target if e.target is not None else e.label for e in examples]})
-    # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
-    common = dict(batched=True, batch_size=1000, remove_columns=["prompt", "target"], desc=f"tokenize {split}",
-                  new_fingerprint=f"clmtune-{split}-{len(examples)}-{os.getpid()}")
     task = get_task(cfg.task)
+    columns = task.example_columns(examples)
+    ds = datasets.Dataset.from_dict(columns)
+    # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
+    common = dict(batched=True, batch_size=1000, remove_columns=list(columns), desc=f"tokenize {split}",
+                  new_fingerprint=f"clmtune-{split}-{len(examples)}-{os.getpid()}")
     ds = ds.map(partial(task.encode, tokenizer=tokenizer, prefix=prefix, end_id=end_id, d=cfg), **common)
     column = lambda name: ds.data.column(name).to_numpy()  # noqa: E731  Arrow -> numpy, not row by row
     stats = {"rows": len(examples), "truncated": int(column("truncated").sum()),
@@ -213,7 +213,9 @@ def load_prepared(folder: str | Path, tokenizer, cfg: DataConfig) -> Prepared:
                            f"(no {META_FILE}); run prepare first or unset data.prepared")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     saved, now = meta["data"], _data_settings(cfg)
-    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v]
+    default = _data_settings(DataConfig())  # a setting newer than the folder (absent there) at its default is unchanged
+    diff = [f"data.{k}={saved.get(k)!r} there, {v!r} here" for k, v in now.items() if saved.get(k) != v
+            and not (k not in saved and v == default.get(k))]
     if diff:
         raise ClmtuneError(f"data.prepared={str(folder)!r} was prepared with other data settings ({'; '.join(diff)}); "
                            "prepare again with this config or use the same data settings")

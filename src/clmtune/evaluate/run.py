@@ -22,6 +22,7 @@ from clmtune.models import is_prompt_learning
 from clmtune.evaluate.metrics import classification_metrics, perplexity
 from clmtune.evaluate.predict import (label_tree_nodes, predict_constrained, predict_generate, predict_rank,
                                       resolve_method)
+from clmtune.evaluate.preference import evaluate_preference_run
 from clmtune.evaluate.replies import predict_replies, reply_metrics, write_replies
 from clmtune.evaluate.report import write_label_report, write_result
 from clmtune.run import RunDir
@@ -104,12 +105,14 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     cfg = run.load_config()
     run.check_finished("evaluate")
     if method is not None and get_task(cfg.data.task).evaluation != "labels":
-        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by perplexity, not by predicting "
-                           "labels; drop --method")
+        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is not scored by predicting labels; drop "
+                           "--method")
     model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
-    model, precision, why = for_inference(model, dtype or cfg.eval.dtype)
-    log.info("eval in %s (%s)", precision, why)
-    evaluator = EVALUATORS[get_task(cfg.data.task).evaluation]
+    evaluation = get_task(cfg.data.task).evaluation
+    if evaluation not in REFERENCE_EVALUATIONS:
+        model, precision, why = for_inference(model, dtype or cfg.eval.dtype)
+        log.info("eval in %s (%s)", precision, why)
+    evaluator = EVALUATORS[evaluation]
     return evaluator(run, model, tokenizer, cfg, split, data_file, out_dir, progress, method)
 
 
@@ -196,5 +199,8 @@ def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: 
     return result, out
 
 
-EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run}
+EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run,
+              "preference": evaluate_preference_run}
 """``Task.evaluation`` -> the function that evaluates a run of that task."""
+REFERENCE_EVALUATIONS = ("preference",)
+"""Evaluations that switch the adapter off for a reference: the model stays fp32 and unmerged."""

@@ -52,9 +52,13 @@ def _pyplot():
     return plt
 
 
+TRAINING_METRICS = ("rewards/accuracies", "rewards/margins")
+"""Training metrics drawn in the metrics panel (preference runs, TRL's names)."""
+
+
 def _metric_keys(s: Mapping) -> list[str]:
-    return [k for k in s if k.startswith("eval_") and k != "eval_loss" and "loss" not in k
-            and k not in ("eval_seconds", "eval_n", "eval_rows")]
+    return [k for k in s if (k.startswith("eval_") and k != "eval_loss" and "loss" not in k
+            and k not in ("eval_seconds", "eval_n", "eval_rows")) or k in TRAINING_METRICS]
 
 
 def plot_loss(records: Sequence[Mapping], path, title: str = "training loss", best_step: int | None = None) -> Path:
@@ -105,7 +109,7 @@ def plot_loss(records: Sequence[Mapping], path, title: str = "training loss", be
         for k, color in zip(metrics, METRIC_COLORS * 4):
             steps, vals = s[k]
             mx.plot(steps, vals, color=color, marker="o", markersize=4, linewidth=1.5, label=k.removeprefix("eval_"))
-        mx.set_ylabel("held-out metric")
+        mx.set_ylabel("metric" if any(k in TRAINING_METRICS for k in metrics) else "held-out metric")
         mx.grid(alpha=0.3)
         mx.legend(loc="lower right", fontsize=8, framealpha=0.85)
     axes[-1][0].set_xlabel("optimizer step")

@@ -29,7 +29,7 @@ img{max-width:100%;height:auto;border:1px solid #ddd;margin:.3em 0}
 """
 
 METRIC_ROWS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("perplexity", "perplexity"),
-               ("n", "rows evaluated"), ("invalid", "invalid outputs"), ("method", "method"))
+               ("reward_accuracy", "reward accuracy"), ("reward_margin", "reward margin"), ("n", "rows evaluated"), ("invalid", "invalid outputs"), ("method", "method"))
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -128,6 +128,10 @@ def _metrics_rows(run: RunFiles) -> list[tuple[str, Any]]:
     if mapped:
         rows += [("accuracy (invalid mapped to nearest label)", mapped.get("accuracy")),
                  ("macro-F1 (invalid mapped to nearest label)", mapped.get("macro_f1"))]
+    last = next((r for r in reversed(run.log) if "rewards/margins" in r), None)
+    if last:  # a preference run: TRL's training metrics of the last logged step
+        rows += [(f"{k} (training, step {last['step']})", last[k]) for k in ("rewards/chosen", "rewards/rejected",
+                 "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected") if k in last]
     best = run.summary.get("best")
     if isinstance(best, dict):
         rows.append(("best checkpoint", f"step {best.get('step')} ({best.get('metric')} {_fmt(best.get('value'))})"))
@@ -238,6 +242,8 @@ def comparison(runs: Sequence[RunFiles]) -> str:
             ("accuracy", lambda r: (r.eval or {}).get("accuracy")),
             ("macro-F1", lambda r: (r.eval or {}).get("macro_f1")),
             ("perplexity", lambda r: (r.eval or {}).get("perplexity")),
+            ("reward accuracy", lambda r: (r.eval or {}).get("reward_accuracy")),
+            ("reward margin", lambda r: (r.eval or {}).get("reward_margin")),
             ("rows evaluated", lambda r: (r.eval or {}).get("n")),
             ("training seconds", lambda r: r.summary.get("seconds")),
             ("trainable parameters", lambda r: r.summary.get("trainable_params"))]
@@ -249,7 +255,7 @@ def comparison(runs: Sequence[RunFiles]) -> str:
             continue
         numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         best = None
-        if label in ("accuracy", "macro-F1") and numeric:
+        if label in ("accuracy", "macro-F1", "reward accuracy") and numeric:
             best = max(numeric)
         elif label == "perplexity" and numeric:  # (training losses of different tasks do not compare)
             best = min(numeric)

@@ -10,6 +10,7 @@ from clmtune.tasks.base import Task
 from clmtune.tasks.chat import ChatTask
 from clmtune.tasks.classify import ClassifyTask
 from clmtune.tasks.lm import LmTask
+from clmtune.tasks.preference import PreferenceTask
 from clmtune.tasks.sft import SftTask
 
 _REGISTRY: dict[str, Task] = {}
@@ -37,5 +38,6 @@ register_task(ClassifyTask())
 register_task(SftTask())
 register_task(LmTask())
 register_task(ChatTask())
+register_task(PreferenceTask())
 
 __all__ = ["Task", "get_task", "register_task", "task_names"]

@@ -30,6 +30,11 @@ class Task:
     nested_rows: bool = False
     """Rows hold nested lists/objects (conversations): JSON/JSONL/Parquet files are read as records whose optional
     keys may differ from row to row, lists kept as lists."""
+    prompt_learning: bool = True
+    """peft's prompt-learning methods (prefix/prompt/p-tuning) can train this shape."""
+    training: str = "next_token"
+    """The training objective the train stage runs (``next_token``: cross-entropy on the supervised tokens;
+    ``preference``: a loss on chosen/rejected pairs)."""
 
     # -- configuration -----------------------------------------------------------------------------------------
     def config_problems(self, d: "DataConfig") -> list[str]:
@@ -80,6 +85,11 @@ class Task:
         return out, dropped
 
     # -- examples -> token ids ---------------------------------------------------------------------------------
+    def example_columns(self, examples: list[Example]) -> dict[str, list]:
+        """The columns ``encode`` receives (``datasets.map`` batches of them) for these examples."""
+        return {"prompt": [e.prompt for e in examples],
+                "target": [e.target if e.target is not None else e.label for e in examples]}
+
     def encode(self, batch: dict[str, list], tokenizer, prefix: list[int], end_id: int, d: "DataConfig") -> dict:
         """``datasets.map(batched=True)`` body: columns ``prompt``/``target`` -> ``input_ids`` (+ ``labels``, the
         loss mask as -100) and the statistics columns ``truncated``, ``prompt_len``, ``target_len``."""

@@ -61,14 +61,20 @@ from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weig
 from clmtune.memory import swapped_originals_bytes
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
+from clmtune.train.preference import PreferenceObjective
 from clmtune.train.stop import stop_after_step
 from clmtune.train.sampler import EpochSampler, RowCollator
+from clmtune.tasks import get_task
 from clmtune.train.speed import (LossBuffer, chunked_head_bytes, chunked_head_loss, compile_forward, compile_ok,
                                  make_adamw, packed_inputs, padding_free_reason, resolve_switch,
                                  skip_update_if_not_finite)
 from clmtune.train.watch import Watch, write_loss_png
 
 log = logging.getLogger("clmtune")
+
+OBJECTIVES = {"preference": PreferenceObjective}
+"""``Task.training`` -> the objective that replaces next-token cross-entropy (``next_token`` is this module's own
+``_train_window``)."""
 
 __all__ = ["EpochSampler", "HeadMode", "TrainRecipe", "TrainResult", "bf16_unsupported_reason", "causal_lm_loss",
            "head_positions", "head_trim_support", "list_checkpoints", "logits_to_keep", "resolve_resume",
@@ -162,6 +168,8 @@ class TrainRecipe:
         self.activations: list = []  # modules swapped for bf16 training (one_op_tanh_gelu), put back after fit
         self.estimate, self.determinism = None, None
         self.pending, self.grad_norms = LossBuffer(), {}  # train.device_loss: device losses not yet read
+        training = get_task(cfg.data.task).training
+        self.objective = OBJECTIVES[training](self) if training in OBJECTIVES else None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> "TrainRecipe":
@@ -206,8 +214,9 @@ class TrainRecipe:
         self.data = prepare_data(self.tokenizer, cfg.data, context_length=context_length(cfg.model),
                                  progress=self.progress and self.main)
         # rows as plain dicts with their index: the sampler/collator report which rows each process saw
-        self.features = [{"input_ids": ids, "labels": lab, "row": i}
-                         for i, (ids, lab) in enumerate(zip(self.data.train["input_ids"], self.data.train["labels"]))]
+        self.features = (self.objective.features(self.data.train) if self.objective else
+                         [{"input_ids": ids, "labels": lab, "row": i}
+                          for i, (ids, lab) in enumerate(zip(self.data.train["input_ids"], self.data.train["labels"]))])
         log.info(self.data.summary_line())
 
     def _setup_model(self) -> None:
@@ -220,6 +229,8 @@ class TrainRecipe:
         base = prepare_base(base, cfg)  # gradient checkpointing, quantized-base preparation
         self.model = apply_peft(base, cfg.peft, tokenizer_path=resolve_model_path(cfg.model.name_or_path))
         self.params = trainable_summary(self.model)
+        if self.objective:
+            self.objective.setup_reference(self.model, self.features, self.accelerator.device, self.is_peft)
         log.info("model: %s, method %s, %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
                  cfg.peft.method, self.params["trainable_params"], self.params["all_params"],
                  100 * self.params["trainable_params"] / self.params["all_params"])
@@ -231,9 +242,10 @@ class TrainRecipe:
         self.head_mode, self.head_reason = (head_trim_support(self.model) if t_cfg.logits_on_labels_only
                                             else (None, "train.logits_on_labels_only is off"))
         device = self.accelerator.device
-        self.chunked = t_cfg.chunked_loss  # any device; else the CPU's fused loss (fusedhead) where it applies
-        self.fused_reason = fused_head_reason(self.model, device, self.is_peft, self.head_mode, self.precision,
-                                              t_cfg.deepspeed is not None, any_device=self.chunked)
+        self.chunked = t_cfg.chunked_loss and not self.objective  # else the CPU's fused loss (fusedhead) where it applies
+        self.fused_reason = ("the preference loss needs each sequence's log-probabilities" if self.objective else
+                             fused_head_reason(self.model, device, self.is_peft, self.head_mode, self.precision,
+                                               t_cfg.deepspeed is not None, any_device=self.chunked))
         self.fused_head = fused_head_module(self.model) if self.fused_reason is None else None
         self.packed_head = None
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
@@ -250,22 +262,25 @@ class TrainRecipe:
                                                          keep=(head.weight,) if pack else ())
             self.packed_head = PackedHead(head.weight) if pack else None
             self.activations = one_op_tanh_gelu(self.model) if cpu else []
-        lengths = [len(f["input_ids"]) for f in self.features] if t_cfg.group_by_length else None
+        lengths = ((self.objective.lengths(self.features) if self.objective else
+                    [len(f["input_ids"]) for f in self.features]) if t_cfg.group_by_length else None)
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
         self.padding_free = False
         if t_cfg.padding_free:
-            reason = padding_free_reason(self.model)
+            reason = ("the preference task scores chosen and rejected rows side by side" if self.objective
+                      else padding_free_reason(self.model))
             if reason is not None:
                 raise ClmtuneError(f"train.padding_free is on, but {reason}; set train.padding_free: false")
             self.padding_free = True
         # Own generator: DataLoader draws a base seed per epoch; from the global RNG that would shift dropout masks
         # between an uninterrupted and a resumed run.
+        collator = (self.objective.collator(self.data.pad_id, length, cfg.data.pad_to_multiple_of) if self.objective
+                    else RowCollator(self.data.pad_id, length, cfg.data.pad_to_multiple_of, self.padding_free))
         loader = torch.utils.data.DataLoader(self.features, batch_size=t_cfg.batch_size, sampler=self.sampler,
-                                             generator=torch.Generator().manual_seed(t_cfg.seed),
-                                             collate_fn=RowCollator(self.data.pad_id, length,
-                                                                    cfg.data.pad_to_multiple_of, self.padding_free))
-        self.device_loss = resolve_switch(t_cfg.device_loss, device)
+                                             generator=torch.Generator().manual_seed(t_cfg.seed), collate_fn=collator)
+        # the preference objective reads its loss on the host (its metrics too): no device_loss there
+        self.device_loss = resolve_switch(t_cfg.device_loss, device) and self.objective is None
         self.fused_adamw = resolve_switch(t_cfg.fused_adamw, device) and t_cfg.deepspeed is None
         optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], t_cfg.learning_rate,
                                t_cfg.weight_decay, self.fused_adamw)
@@ -363,8 +378,14 @@ class TrainRecipe:
                 self.sampler.skip_rows(batch_in_epoch * n_proc * t_cfg.batch_size)
                 batches = iter(self.loader)
                 while window := list(itertools.islice(batches, ga)):
-                    loss_sum, n_sup = _train_window(window, self.model, self.accelerator, self.head, n_proc,
-                                                    self.rows_seen if epoch == 0 else None, self.device_loss)
+                    seen = self.rows_seen if epoch == 0 else None
+                    metrics = {}
+                    if self.objective:  # n_sup: the pairs of the step
+                        loss_sum, n_sup, metrics = self.objective.window(window, self.model, self.accelerator,
+                                                                         self.head, n_proc, seen)
+                    else:
+                        loss_sum, n_sup = _train_window(window, self.model, self.accelerator, self.head, n_proc, seen,
+                                                        self.device_loss)
                     grad_norm = None  # the global norm before clipping, logged as transformers.Trainer does
                     if t_cfg.max_grad_norm is not None and t_cfg.deepspeed is None:  # DeepSpeed clips itself
                         grad_norm = self.accelerator.clip_grad_norm_(self.trainable, t_cfg.max_grad_norm)
@@ -383,7 +404,8 @@ class TrainRecipe:
                     self.scheduler.step()
                     self.optimizer.zero_grad()
                     batch_in_epoch += len(window)
-                    window_tokens += sum(b["counts"][1] for b in window)
+                    window_tokens += sum(b["counts"][1] if "counts" in b else int(b["attention_mask"].sum())
+                                         for b in window)
                     if self.device_loss and due:  # flushed above: the step's values were read before its update
                         grad_norm = self.grad_norms.get(self.step + 1)
                     if self.first_loss is None and self.losses:
@@ -395,7 +417,8 @@ class TrainRecipe:
                         record = {"step": self.step, "epoch": epoch + 1, "loss": round(self.losses[-1], 6),
                                   "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
-                                  "seconds": round(now - window_start, 4)}  # since the previous line
+                                  "seconds": round(now - window_start, 4),  # since the previous line
+                                  **{k: round(v / max(n_sup, 1), 6) for k, v in metrics.items()}}
                         self.write_log(record)
                         window_tokens, window_start = 0, now
                     t_eval = time.perf_counter()

@@ -261,8 +261,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _check_same_config(cfg: RunConfig, saved: dict, ckpt: Path) -> None:
-    now, then = _flat(cfg.to_dict()), _flat(saved)
-    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in _RESUMABLE_CHANGES)
+    now, then, default = _flat(cfg.to_dict()), _flat(saved), _flat(RunConfig().to_dict())
+    # a key newer than the checkpoint (absent there) is unchanged when it has its default value
+    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in _RESUMABLE_CHANGES
+                  and not (k not in then and now.get(k) == default.get(k)))
     if diff:
         raise ClmtuneError(f"cannot resume from {ckpt}: the config differs in {', '.join(diff)} (checkpoint has "
                            f"{', '.join(f'{k}={then.get(k)!r}' for k in diff[:3])}); resume with the same config")
