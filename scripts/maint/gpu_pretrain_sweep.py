@@ -106,7 +106,8 @@ def main() -> int:
                                             str(data / "chnsenticorp"), "--model", folder,
                                             "--out", str(work / f"q_{name}_{ft}"), *flags])
     for name, flags in cands.items():
-        launch(f"pt_{name}", [PY, "scripts/maint/pretrain_default.py", "--shared-data", str(data), "--build",
+        launch(f"pt_{name}", [PY, "scripts/maint/pretrain_default.py", "--preset", "small", "--shared-data", str(data),
+                              "--build",
                               str(work / name), "--no-ship", "--threads", "2", *flags])
         results["candidates"][name] = {"flags": flags}
     save()

@@ -114,8 +114,9 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
         raise ClmtuneError(f"cannot write to the run folder {run.path} (read-only); pass --out DIR to write the "
                            "evaluation elsewhere")
     if method is not None and get_task(cfg.data.task).evaluation != "labels":
-        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is not scored by predicting labels; drop "
-                           "--method")
+        scored_by = SCORED_BY.get(get_task(cfg.data.task).evaluation, "its own measure")
+        raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by {scored_by}, not by predicting "
+                           "labels; drop --method")
     model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
     evaluation = get_task(cfg.data.task).evaluation
     if evaluation not in REFERENCE_EVALUATIONS:
@@ -211,5 +212,8 @@ def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: 
 EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run,
               "preference": evaluate_preference_run}
 """``Task.evaluation`` -> the function that evaluates a run of that task."""
+SCORED_BY = {"perplexity": "perplexity", "replies": "perplexity and its replies",
+             "preference": "reward accuracy on its held-out pairs"}
+"""What a run that does not predict labels is scored by, for the refusal of ``--method``."""
 REFERENCE_EVALUATIONS = ("preference",)
 """Evaluations that switch the adapter off for a reference: the model stays fp32 and unmerged."""
