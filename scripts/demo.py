@@ -9,7 +9,10 @@
    bf16 evaluation both times), then top-k sampling from 早餐太差，无论去多少人 and two more prompts.
 3. Chat fine-tuning on the chatterbot-zh conversations (configs/chat_zh.yaml, capped at --chat-steps): the
    replies to two held-out questions before and after, the held-out assistant-token loss and reply ROUGE-L.
-4. A summary table with each step's wall and CPU seconds (also in OUT/summary.json, with the CPU and the load
+4. DPO of that review LM on the shipped preference pairs (prompt 写一条酒店评论：, chosen a positive review,
+   rejected a negative one): the share of sampled reviews rated 好评 by a TF-IDF classifier, before and after, and
+   the held-out reward accuracy (scripts/preference_demo.py).
+5. A summary table with each step's wall and CPU seconds (also in OUT/summary.json, with the CPU and the load
    average, since the same steps take twice as long on a busy machine) and OUT/report.html.
 
 It aims at five minutes on an idle 2-core CPU (summary.json says what a run took, step by step): training is
@@ -20,8 +23,7 @@ in configs/ train for full epochs.
 Everything goes through clmtune's own stage functions (train, evaluate, generate, chat).
 
 A step is a function ``step(demo) -> dict`` listed in STEPS: it appends its rows to the table and returns what
-goes into summary.json under its name. A further step (e.g. preference tuning) is one more function and one more
-entry there.
+goes into summary.json under its name. A further step is one more function and one more entry there.
 """
 
 from __future__ import annotations
@@ -225,12 +227,37 @@ def chat_step(demo: Demo) -> dict:
                         for q, b, a in zip(questions, before_replies, after_replies)]}
 
 
-# The demo's steps, in order: (name in summary.json, function). A new step is one function and one entry here, e.g.
-# preference tuning after "lm": ("preference", lambda demo: preference_step(demo.out / "lm", demo.out / "preference"))
-# with scripts/preference_demo.py's preference_step, which starts from the LM run this demo has just trained.
+def preference_step(demo: Demo) -> dict:
+    """DPO of the review LM just trained (step "lm") towards positive reviews: the share of sampled reviews that
+    a TF-IDF sentiment classifier rates 好评, before and after, and the held-out reward accuracy
+    (scripts/preference_demo.py; its own command samples 200 reviews and trains longer)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from preference_demo import preference_step as dpo_step
+
+    lm_run = demo.out / "lm"
+    if not (lm_run / "config.yaml").is_file():
+        raise SystemExit(f"the preference step starts from the LM run {lm_run}: run the 'lm' step first")
+    print("== DPO of the review LM towards positive reviews (shipped ChnSentiCorp pairs) ==", flush=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = dpo_step(lm_run, demo.out / "preference", steps=demo.args.preference_steps,
+                   samples=demo.args.preference_samples)
+    print(f"sampled reviews rated 好评: {res['share_positive_before']:.0%} -> {res['share_positive_after']:.0%} "
+          f"({res['samples']} samples); held-out reward accuracy {res['held_out_reward_accuracy']:.3f} "
+          f"({res['held_out_pairs']} pairs)", flush=True)
+    demo.rows.append(("DPO towards 好评 (LoRA)", f"{res['dpo_steps']} steps", "好评 share before",
+                      res["share_positive_before"], None, None))
+    demo.rows.append(("", "", "好评 share after", res["share_positive_after"], None, None))
+    demo.rows.append(("", "", "reward accuracy", res["held_out_reward_accuracy"], time.perf_counter() - t0,
+                      time.process_time() - c0))
+    demo.runs.append(demo.out / "preference" / "dpo")
+    return {k: v for k, v in res.items() if not k.startswith("examples")}
+
+
+# The demo's steps, in order: (name in summary.json, function). A new step is one function and one entry here.
 STEPS: list[tuple[str, Callable[[Demo], dict]]] = [
     ("classify", classify_step),
     ("lm", lm_step),
+    ("preference", preference_step),
     ("chat", chat_step),
 ]
 
@@ -244,6 +271,9 @@ def main() -> int:
     ap.add_argument("--lm-steps", type=int, default=120, help="LoRA steps of 8 blocks of 128 tokens")
     ap.add_argument("--chat-steps", type=int, default=36, help="full fine-tuning steps of 16 conversations "
                                                               "(1 epoch = 24)")
+    ap.add_argument("--preference-steps", type=int, default=40, help="DPO steps of 8 review pairs")
+    ap.add_argument("--preference-samples", type=int, default=100,
+                    help="reviews sampled before and after DPO to measure the share rated 好评")
     ap.add_argument("--only", nargs="+", choices=[name for name, _ in STEPS], help="run only these steps")
     args = ap.parse_args()
 

@@ -42,9 +42,9 @@ def client(server):
 
 def test_health_models_and_page(server):
     h = server.health()
-    assert h["status"] == "ok" and h["model"] == MODEL and h["task"] == "lm"
+    assert h["status"] == "ok" and h["model"] == MODEL and h["task"] == "lm" and h["chat"] is True
     models = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL] and models.data[0].chat is True
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "<script" in page.text and "http://" not in page.text.replace("http://www.w3.org", "")  # no CDN
@@ -219,6 +219,8 @@ def test_no_chat_template_is_a_clear_400(engine):
     with LiveServer(create_app(eng)) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions",
                        json={"model": "plain", "messages": [{"role": "user", "content": "你好"}]})
+        # told beforehand too (the playground disables its Chat tab on this)
+        assert srv.health()["chat"] is False and httpx.get(srv.url + "/v1/models/plain").json()["chat"] is False
     assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
     assert "chat template" in r.json()["error"]["message"]
 

@@ -218,7 +218,34 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
     est = estimate_for_model(unwrap(model), batch_size=batch, seq_len=seq, head_positions=positions,
                              compute_dtype=compute, gradient_checkpointing=t_cfg.gradient_checkpointing,
                              runtime=runtime, one_op_gelu=one_op_gelu)
+    if precision == "bf16":
+        est = replace(est, weights=est.weights + autocast_weight_copies_bytes(unwrap(model)))
     return est if lm_head_bytes is None else replace(est, lm_head=lm_head_bytes(positions))
+
+
+def swapped_originals_bytes(swapped, device: torch.device | str) -> int:
+    """Bytes of the fp32 originals that bf16 training keeps of the frozen matmul weights
+    (``clmtune.train.precision.frozen_matmul_weights_to_bf16``: (parameter, fp32 data) pairs), counted only when they
+    live on the training device. On a GPU they do not: the swap happens before the model moves to the device, so
+    only the bf16 copies go there and the originals stay in host memory (BLOOM-560m: 2.2 GB the GPU estimate
+    counted and the GPU never held)."""
+    kind = torch.device(device).type
+    return sum(d.numel() * d.element_size() for _, d in swapped if d.device.type == kind)
+
+
+def autocast_weight_copies_bytes(model) -> int:
+    """bf16 autocast casts every trainable fp32 matmul weight to bf16 at the forward, and the matmul keeps the
+    cast for its backward: 2 bytes per such parameter until the backward frees them (full fine-tuning of
+    BLOOM-560m: 1.1 GB). Frozen weights are stored in bf16 already (no copy)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        w = module.weight
+        if w.requires_grad and w.dtype == torch.float32 and id(w) not in seen:
+            seen.add(id(w))
+            total += 2 * getattr(w, "ds_numel", w.numel())
+    return total
 
 
 def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) -> MemoryEstimate:

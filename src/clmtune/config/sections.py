@@ -59,7 +59,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3
 AUTO = "auto"
 """Value of a key that clmtune chooses from the data and the method (``model.name_or_path``,
 ``train.learning_rate``, ``data.max_length``); the numeric keys also take ``null`` for it."""
-AUTO_KEYS = ("data.max_length", "train.learning_rate", "model.name_or_path")
+AUTO_KEYS = ("data.max_length", "train.learning_rate", "model.name_or_path", "train.device_loss", "train.fused_adamw")
 DEFAULT_LEARNING_RATES = {n: m.learning_rate for n, m in PEFT_TABLE.items()}
 """``train.learning_rate: auto`` per ``peft.method`` (``defaults.MODEL_LORA`` can name another LoRA rate for a
 shipped model: 1e-3 for ``builtin:gpt2-zh-small``). Full fine-tuning 3e-4 vs 2e-3 on ChnSentiCorp with the first
@@ -331,6 +331,26 @@ class TrainConfig:
     logits_on_labels_only: bool = True
     """Run the LM head only on the last positions that carry a label (``logits_to_keep``), not at every position;
     the loss is the same. Falls back to full logits (logged) for models whose forward has no ``logits_to_keep``."""
+
+    device_loss: bool | None = None
+    """Keep each step's loss on the device and read it on the host only at a log line or a checkpoint (every
+    ``train.log_every`` steps): no host synchronisation per step. ``auto`` (``null``): on CUDA (``clmtune.train.speed``)."""
+
+    fused_adamw: bool | None = None
+    """``torch.optim.AdamW(fused=True)``: one kernel updates every parameter. ``auto`` (``null``): on CUDA."""
+
+    compile: bool = False
+    """``torch.compile`` the model's forward (falls back to eager, logged, when compiling fails)."""
+
+    padding_free: bool = False
+    """The rows of a batch packed into one row with no padding, positions restarting per row, attention kept
+    within each row (LLaMA-like models; ``clmtune.train.speed.pack_rows``). Pair with
+    ``model.attn_implementation: flex_attention`` or ``flash_attention_2`` on a GPU: with ``sdpa`` the per-row mask
+    is a dense (tokens x tokens) one."""
+
+    chunked_loss: bool = False
+    """The frozen LM head and the cross-entropy in chunks of rows, with no (tokens x vocabulary) logits tensor
+    (adapter training; ``train.speed.chunked_head_loss``); on a CPU the fused head loss is used without it."""
 
     save_steps: int | None = None
     """Write a checkpoint (adapter, optimizer, scheduler, RNG states, step) every N optimizer steps and at the end,

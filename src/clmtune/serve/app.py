@@ -153,7 +153,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
 
     def card() -> S.ModelCard:
         return S.ModelCard(id=engine.model_id, created=created, task=engine.task_name,
-                           labels=engine.labels if engine.classifies else None)
+                           labels=engine.labels if engine.classifies else None, chat=engine.chats)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != engine.model_id:
@@ -246,10 +246,11 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
     async def playground():
         return HTMLResponse(resources.files("clmtune.serve").joinpath("static/index.html").read_text("utf-8"))
 
-    @app.get("/health")
+    @app.get("/health", response_model=S.Health)
     async def health():
-        return {"status": "ok", "model": engine.model_id, "task": engine.task_name,
-                "labels": engine.labels if engine.classifies else None, "auth": api_key is not None, "queue": batcher.health()}
+        return S.Health(model=engine.model_id, task=engine.task_name, chat=engine.chats,
+                        labels=engine.labels if engine.classifies else None, auth=api_key is not None,
+                        queue=batcher.health())
 
     @app.get("/v1/models", response_model=S.ModelList, dependencies=[Depends(authorized)])
     async def models():

@@ -172,6 +172,11 @@ class Engine:
         return self.task is not None and self.task.has_labels
 
     @property
+    def chats(self) -> bool:
+        """The tokenizer has a chat template, so ``/v1/chat/completions`` can render a conversation."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
     def task_name(self) -> str:
         return self.task.name if self.task is not None else "lm"
 
@@ -200,7 +205,7 @@ class Engine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         template = getattr(self.tokenizer, "chat_template", None)  # the run's tokenizer says (a string: safe to read)
-        if not template:
+        if not self.chats:
             raise RequestError(f"model {self.model_id!r} has no chat template (its tokenizer sets no "
                                "chat_template); use /v1/completions, or serve a chat run", param="messages",
                                code="no_chat_template")

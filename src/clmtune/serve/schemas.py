@@ -8,7 +8,7 @@ clmtune does not implement (``logprobs``, ``echo``, ``presence_penalty`` ...) is
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
@@ -169,6 +169,21 @@ class ModelCard(BaseModel):
     """clmtune's addition: the run's task (``lm`` for a plain model)."""
     labels: list[str] | None = None
     """The label set when the run classifies (it then also answers ``/v1/classify``)."""
+    chat: bool = False
+    """clmtune's addition: the tokenizer has a chat template, so ``/v1/chat/completions`` answers (else 400
+    ``no_chat_template``)."""
+
+
+class Health(BaseModel):
+    """``GET /health`` (no API key needed): what the playground page needs to know before its first request."""
+    status: Literal["ok"] = "ok"
+    model: str
+    task: str
+    labels: list[str] | None = None
+    chat: bool
+    """Whether chat is available (see ``ModelCard.chat``); the page disables its Chat tab when not."""
+    auth: bool
+    queue: dict[str, Any]
 
 
 class ModelList(BaseModel):

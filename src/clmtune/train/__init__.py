@@ -58,12 +58,16 @@ from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_pos
 from clmtune.device import resolve_precision, training_device
 from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, one_op_tanh_gelu,
                                      restore_modules, restore_weights)
+from clmtune.memory import swapped_originals_bytes
 from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.preference import PreferenceObjective
 from clmtune.train.stop import stop_after_step
 from clmtune.train.sampler import EpochSampler, RowCollator
 from clmtune.tasks import get_task
+from clmtune.train.speed import (LossBuffer, chunked_head_bytes, chunked_head_loss, compile_forward, compile_ok,
+                                 make_adamw, packed_inputs, padding_free_reason, resolve_switch,
+                                 skip_update_if_not_finite)
 from clmtune.train.watch import Watch, write_loss_png
 
 log = logging.getLogger("clmtune")
@@ -99,7 +103,7 @@ def trainable_summary(model) -> dict[str, int]:
 
 
 def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc: int,
-                  rows_seen: list[int] | None) -> tuple[float, int]:
+                  rows_seen: list[int] | None, device_loss: bool = False) -> tuple[float | torch.Tensor, int]:
     """Forward + backward over one optimizer step's batches (gradient accumulation); returns the summed loss and
     the number of supervised tokens of the window, over all processes.
 
@@ -107,35 +111,41 @@ def _train_window(window: list[dict], model, accelerator, head: HeadMode, n_proc
     token weighs the same, however the tokens fall into batches and processes (the mean of per-batch means would
     overweight short labels in small batches). ``accelerator.backward`` divides by its accumulation steps and DDP
     averages over processes; the scale undoes both. Costs one all-reduce of one integer per step under DDP.
+    ``device_loss``: the summed loss is returned as a device tensor, not read on the host (``train.speed``); the
+    token counts then come from the collator's CPU-side ``counts``. A batch with ``position_ids`` is a packed,
+    padding-free one (``train.padding_free``).
     """
-    n_sup = sum(supervised_tokens(b["labels"]) for b in window)
+    n_sup = sum(b["counts"][0] if "counts" in b else supervised_tokens(b["labels"]) for b in window)
     if n_proc > 1:
         n_sup = int(accelerator.reduce(torch.tensor(n_sup, device=accelerator.device), "sum"))
     scale = accelerator.gradient_accumulation_steps * n_proc / max(n_sup, 1)
-    total = 0.0
+    total = torch.zeros((), device=accelerator.device) if device_loss else 0.0
     for k, batch in enumerate(window):
         rows = batch.pop("rows")
         if rows_seen is not None:
-            rows_seen.extend(rows.tolist())
+            rows_seen.extend(rows)
         last = k == len(window) - 1
         # our own accumulation, not accelerator.accumulate(): the window is fetched ahead (to count its tokens),
         # which makes accelerate's end-of-dataloader test fire one window early
         accelerator.gradient_state._set_sync_gradients(last)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            inputs = forward_inputs(model, batch, backward=True)
+            inputs = packed_inputs(batch) if "position_ids" in batch else forward_inputs(model, batch, backward=True)
             if head.mode:  # LM head (d x V matmul) on the supervised positions only: (N, V) logits, not (B, T, V)
                 inputs["logits_to_keep"] = head_positions(batch["labels"], head.mode, head.n_virtual)
             if head.fused is not None:  # the frozen head and the loss in one pass over its weight (fusedhead)
                 with head_returns_hidden(head.fused):
                     hidden = model(**inputs).logits  # (N, d): the supervised positions' final hidden states
-                loss = frozen_head_loss(hidden, head.fused.weight, supervised_targets(batch["labels"]), head.packed)
+                targets = supervised_targets(batch["labels"])
+                loss = (chunked_head_loss(hidden, head.fused.weight, targets) if head.chunked
+                        else frozen_head_loss(hidden, head.fused.weight, targets, head.packed))
             else:
                 logits = model(**inputs).logits
                 loss = causal_lm_loss(logits, batch["labels"], reduction="sum")
             accelerator.backward(loss * scale)
-        total += loss.item()
+        total += loss.detach() if device_loss else loss.item()
     if n_proc > 1:  # the logged loss is the mean over every process's tokens
-        total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
+        total = accelerator.reduce(torch.as_tensor(total, device=accelerator.device), "sum")
+        total = total if device_loss else float(total)
     return total, n_sup
 
 
@@ -158,6 +168,7 @@ class TrainRecipe:
         self.swapped: list = []
         self.activations: list = []  # modules swapped for bf16 training (one_op_tanh_gelu), put back after fit
         self.estimate, self.determinism = None, None
+        self.pending, self.grad_norms = LossBuffer(), {}  # train.device_loss: device losses not yet read
         training = get_task(cfg.data.task).training
         self.objective = OBJECTIVES[training](self) if training in OBJECTIVES else None
 
@@ -239,9 +250,11 @@ class TrainRecipe:
         cfg, t_cfg, n_proc = self.cfg, self.cfg.train, self.n_proc
         self.head_mode, self.head_reason = (head_trim_support(self.model) if t_cfg.logits_on_labels_only
                                             else (None, "train.logits_on_labels_only is off"))
+        device = self.accelerator.device
+        self.chunked = t_cfg.chunked_loss and not self.objective  # else the CPU's fused loss (fusedhead) where it applies
         self.fused_reason = ("the preference loss needs each sequence's log-probabilities" if self.objective else
-                             fused_head_reason(self.model, self.accelerator.device, self.is_peft, self.head_mode,
-                                               self.precision, t_cfg.deepspeed is not None))
+                             fused_head_reason(self.model, device, self.is_peft, self.head_mode, self.precision,
+                                               t_cfg.deepspeed is not None, any_device=self.chunked))
         self.fused_head = fused_head_module(self.model) if self.fused_reason is None else None
         self.packed_head = None
         if self.precision == "bf16" and t_cfg.deepspeed is None and self.is_peft:
@@ -252,7 +265,8 @@ class TrainRecipe:
             # per epoch than autocast on the plain bf16 weights, for two more copies of memory.
             cpu = self.accelerator.device.type == "cpu"
             head = self.fused_head
-            pack = head is not None and head.weight.dtype == torch.float32  # a bf16 base's head: fused, unpacked
+            pack = (head is not None and head.weight.dtype == torch.float32  # a bf16 base's head: fused, unpacked
+                    and not self.chunked)
             self.swapped = frozen_matmul_weights_to_bf16(self.model, cpu and head is None,
                                                          keep=(head.weight,) if pack else ())
             self.packed_head = PackedHead(head.weight) if pack else None
@@ -261,14 +275,26 @@ class TrainRecipe:
                     [len(f["input_ids"]) for f in self.features]) if t_cfg.group_by_length else None)
         self.sampler = EpochSampler(len(self.features), t_cfg.seed, lengths, t_cfg.batch_size)
         length = cfg.data.max_length if cfg.data.padding == "max_length" else None
+        self.padding_free = False
+        if t_cfg.padding_free:
+            reason = ("the preference task scores chosen and rejected rows side by side" if self.objective
+                      else padding_free_reason(self.model))
+            if reason is not None:
+                raise ClmtuneError(f"train.padding_free is on, but {reason}; set train.padding_free: false")
+            self.padding_free = True
         # Own generator: DataLoader draws a base seed per epoch; from the global RNG that would shift dropout masks
         # between an uninterrupted and a resumed run.
-        collator = (self.objective.collator if self.objective else RowCollator)(self.data.pad_id, length,
-                                                                                cfg.data.pad_to_multiple_of)
+        collator = (self.objective.collator(self.data.pad_id, length, cfg.data.pad_to_multiple_of) if self.objective
+                    else RowCollator(self.data.pad_id, length, cfg.data.pad_to_multiple_of, self.padding_free))
         loader = torch.utils.data.DataLoader(self.features, batch_size=t_cfg.batch_size, sampler=self.sampler,
                                              generator=torch.Generator().manual_seed(t_cfg.seed), collate_fn=collator)
-        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                      lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
+        # the preference objective reads its loss on the host (its metrics too): no device_loss there
+        self.device_loss = resolve_switch(t_cfg.device_loss, device) and self.objective is None
+        self.fused_adamw = resolve_switch(t_cfg.fused_adamw, device) and t_cfg.deepspeed is None
+        optimizer = make_adamw([p for p in self.model.parameters() if p.requires_grad], t_cfg.learning_rate,
+                               t_cfg.weight_decay, self.fused_adamw)
+        if t_cfg.compile:
+            compile_forward(self.model)
         # Per process: accelerate hands each process every n_proc-th batch (padding the last round: even_batches).
         self.batches_per_epoch = math.ceil(len(loader) / n_proc)
         steps_per_epoch = math.ceil(self.batches_per_epoch / t_cfg.gradient_accumulation_steps)
@@ -314,16 +340,19 @@ class TrainRecipe:
             elif mode == "last":
                 log.info("LM head on the last labelled positions of each batch (this model's forward takes an "
                          "integer logits_to_keep only)")
-            self.head = HeadMode(mode, virtual_tokens(self.model), self.fused_head, self.packed_head)
+            self.head = HeadMode(mode, virtual_tokens(self.model), self.fused_head, self.packed_head,
+                                 self.chunked and self.fused_head is not None)
         log.info("LM head and loss: %s", "fused, one pass over the frozen head per step" if self.head.fused
                  is not None else f"logits, then cross-entropy ({self.fused_reason})")
         self.estimate = estimate_run(unwrap(self.model), [len(f["input_ids"]) for f in self.features],
                                      [sum(1 for x in f["labels"] if x != -100) for f in self.features], self.cfg,
                                      self.precision, self.head.mode, self.runtime,
                                      lm_head_bytes=None if self.head.fused is None else
+                                     functools.partial(chunked_head_bytes, weight=self.head.fused.weight)
+                                     if self.head.chunked else
                                      functools.partial(fused_head_bytes, weight=self.head.fused.weight,
                                                        packed=self.packed_head is not None))
-        self.estimate.weights += sum(d.numel() * d.element_size() for _, d in self.swapped)  # kept fp32 originals
+        self.estimate.weights += swapped_originals_bytes(self.swapped, self.accelerator.device)  # kept fp32 originals
         self.estimate.weights += self.packed_head.nbytes if self.packed_head else 0  # the head's 2 packed copies
         if self.main:
             log.info(self.estimate.table())
@@ -369,19 +398,31 @@ class TrainRecipe:
                         loss_sum, n_sup, metrics = self.objective.window(window, self.model, self.accelerator,
                                                                          self.head, n_proc, seen)
                     else:
-                        loss_sum, n_sup = _train_window(window, self.model, self.accelerator, self.head, n_proc, seen)
+                        loss_sum, n_sup = _train_window(window, self.model, self.accelerator, self.head, n_proc, seen,
+                                                        self.device_loss)
                     grad_norm = None  # the global norm before clipping, logged as transformers.Trainer does
                     if t_cfg.max_grad_norm is not None and t_cfg.deepspeed is None:  # DeepSpeed clips itself
-                        grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, t_cfg.max_grad_norm))
-                    check_finite(self.step + 1, loss_sum / max(n_sup, 1), grad_norm,  # before the update
-                                 self.last_saved, self.run.checkpoints)
+                        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, t_cfg.max_grad_norm)
+                    due = (self.step + 1) % t_cfg.log_every == 0 or self.step + 1 == self.total_steps or (
+                        t_cfg.save_steps and (self.step + 1) % t_cfg.save_steps == 0) or self.watch.due(self.step + 1)
+                    if self.device_loss:  # read on the host at log lines and checkpoints only (train.speed)
+                        self.pending.add(self.step + 1, loss_sum / max(n_sup, 1), grad_norm)
+                        if not skip_update_if_not_finite(self.optimizer, loss_sum, grad_norm) or due:
+                            self._flush_losses()  # every step when the optimizer cannot skip a bad update
+                    else:
+                        grad_norm = None if grad_norm is None else float(grad_norm)
+                        check_finite(self.step + 1, loss_sum / max(n_sup, 1), grad_norm,  # before the update
+                                     self.last_saved, self.run.checkpoints)
+                        self.losses.append(loss_sum / max(n_sup, 1))
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad()
                     batch_in_epoch += len(window)
-                    window_tokens += sum(int(b["attention_mask"].sum()) for b in window)
-                    self.losses.append(loss_sum / max(n_sup, 1))
-                    if self.first_loss is None:
+                    window_tokens += sum(b["counts"][1] if "counts" in b else int(b["attention_mask"].sum())
+                                         for b in window)
+                    if self.device_loss and due:  # flushed above: the step's values were read before its update
+                        grad_norm = self.grad_norms.get(self.step + 1)
+                    if self.first_loss is None and self.losses:
                         self.first_loss = self.losses[0]
                     self.step += 1
                     bar.update(1)
@@ -397,7 +438,8 @@ class TrainRecipe:
                     t_eval = time.perf_counter()
                     stop = self.watch.after_step(epoch)  # held-out evaluation when due; early stopping
                     window_start += time.perf_counter() - t_eval  # tokens/s counts training time only
-                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **self.watch.postfix())
+                    if self.losses:
+                        bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **self.watch.postfix())
                     if t_cfg.save_steps and (self.step % t_cfg.save_steps == 0 or self.step == self.total_steps):
                         self.save_checkpoint(epoch, batch_in_epoch)
                     if stop_request and self.step < self.total_steps:
@@ -420,6 +462,7 @@ class TrainRecipe:
             self.head, self.packed_head = self.head._replace(packed=None), None  # free the packed head copies
             restore_modules(self.activations)
             restore_determinism(self.determinism)  # process-wide flags: leave them as they were
+        self._flush_losses()  # train.device_loss: steps after the last log line (none unless stopped early)
         self.seconds = time.perf_counter() - self.t0
         if not self.losses and self.ckpt is None:
             raise ClmtuneError("no training step was run; check train.epochs, train.max_steps and the data")
@@ -428,6 +471,14 @@ class TrainRecipe:
         if t_cfg.save_steps and self.last_saved != self.step:
             self.save_checkpoint(t_cfg.epochs - 1, self.batches_per_epoch)
         return self
+
+    def _flush_losses(self) -> None:
+        """train.device_loss: read the pending steps' losses and gradient norms (one host synchronisation), refuse
+        a non-finite one (before any checkpoint holds its update) and append them to ``self.losses``."""
+        for step, loss, grad_norm in self.pending.flush():
+            check_finite(step, loss, grad_norm, self.last_saved, self.run.checkpoints)
+            self.losses.append(loss)
+            self.grad_norms = {step: grad_norm}
 
     def write_log(self, record: dict) -> None:
         """One ``train_log.jsonl`` line (main process) and the same values to the trackers."""
@@ -445,6 +496,7 @@ class TrainRecipe:
 
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
         self.check_folder()
+        self._flush_losses()  # train.device_loss: no checkpoint holds an update whose loss was not checked
         if batch_in_epoch >= self.batches_per_epoch:  # store the next position: start of the next epoch
             epoch, batch_in_epoch = epoch + 1, 0
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "total_steps": self.total_steps,
@@ -481,7 +533,11 @@ class TrainRecipe:
                        "max_length": cfg.data.max_length, "auto": self.auto,
                        "precision": self.precision,
                        "precision_reason": self.precision_reason, "lm_head_positions": self.head.mode or "all",
-                       "lm_head_loss": "fused" if self.head.fused is not None else "logits",
+                       "lm_head_loss": ("chunked" if self.head.chunked else "fused") if self.head.fused is not None
+                       else "logits",
+                       "speed": {"device_loss": self.device_loss, "fused_adamw": self.fused_adamw,
+                                 "padding_free": self.padding_free,
+                                 "compile": compile_ok(unwrap(self.model)) if cfg.train.compile else None},
                        "resumed_from": str(self.ckpt) if self.ckpt else None,
                        "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
                        "end_token": self.data.report["end_token"],

@@ -222,15 +222,16 @@ FUSED_PRECISIONS = frozenset({"fp32", "bf16"})
 
 
 def fused_head_reason(model, device: torch.device, is_peft: bool, head_mode: str | None, precision: str,
-                      deepspeed: bool = False) -> str | None:
-    """``None`` when training may take the fused path, else why not (one line, for the log)."""
+                      deepspeed: bool = False, any_device: bool = False) -> str | None:
+    """``None`` when training may take the fused path, else why not (one line, for the log). ``any_device``: the
+    loss will be ``train.speed.chunked_head_loss`` (``train.chunked_loss``), which serves every device and precision."""
     from clmtune.models import unwrap
 
-    if device.type != "cpu":
-        return f"device {device.type} (the fused head is for CPUs; GPUs keep the library path)"
-    if precision not in FUSED_PRECISIONS:
+    if device.type != "cpu" and not any_device:
+        return f"device {device.type} (the fused head is for CPUs; GPUs keep the library path unless train.chunked_loss)"
+    if precision not in FUSED_PRECISIONS and not any_device:
         return f"{precision} training (measured no faster fused on a CPU)"
-    if precision == "bf16" and not PackedHead.available():
+    if precision == "bf16" and not PackedHead.available() and not any_device:
         return "bf16 without oneDNN's packed-weight ops in this torch"
     if not is_peft:
         return "full fine-tuning trains the head"

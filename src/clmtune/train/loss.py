@@ -94,6 +94,8 @@ class HeadMode(NamedTuple):
     (``clmtune.train.fusedhead``): the model then returns the supervised hidden states, not logits."""
     packed: object = None
     """bf16: the head's oneDNN-packed blocks (``clmtune.train.fusedhead.PackedHead``) the fused loss reads."""
+    chunked: bool = False
+    """``train.chunked_loss``: the fused head's loss in chunks of rows (``clmtune.train.speed.chunked_head_loss``)."""
 
 
 def head_positions(labels: torch.Tensor, mode: str, n_virtual: int = 0) -> torch.Tensor | int:

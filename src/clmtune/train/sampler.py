@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from clmtune.tasks.encoding import collate
+from clmtune.tasks.examples import IGNORE_INDEX
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -66,12 +67,22 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class RowCollator:
-    """``data.collate`` plus the rows' indices (``rows``: (B,)), so we can report which rows each process saw."""
+    """``data.collate`` plus the rows' indices (``rows``: a list), so we can report which rows each process saw.
+    ``padding_free``: the rows packed into one row without padding (``clmtune.train.speed.pack_rows``)."""
 
-    def __init__(self, pad_id: int, length: int | None, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_id: int, length: int | None, pad_to_multiple_of: int | None = None,
+                 padding_free: bool = False):
         self.pad_id, self.length, self.multiple = pad_id, length, pad_to_multiple_of
+        self.padding_free = padding_free
 
     def __call__(self, feats):
-        batch = collate(feats, self.pad_id, length=self.length, pad_to_multiple_of=self.multiple)
-        batch["rows"] = torch.tensor([f["row"] for f in feats])
+        if self.padding_free:
+            from clmtune.train.speed import pack_rows
+
+            batch = pack_rows(feats, IGNORE_INDEX)
+        else:
+            batch = collate(feats, self.pad_id, length=self.length, pad_to_multiple_of=self.multiple)
+        batch["rows"] = [f["row"] for f in feats]  # a list: accelerate leaves it on the host (no GPU read back)
+        # (supervised tokens, real tokens), counted here on the CPU: the loop reads them without waiting for the GPU
+        batch["counts"] = (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["attention_mask"].sum()))
         return batch
