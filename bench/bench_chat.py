@@ -51,7 +51,7 @@ def train_conversations() -> list[list[dict]]:
 
     cfg = load_config(REPO / "configs" / "chat_zh.yaml")
     tok = tokenizer_with_template()
-    convs = [json.loads(e.target) for e in load_task(cfg.data).train]
+    convs = [e.conversation.as_dicts() for e in load_task(cfg.data).train]
     return [c for c in convs if len(tokens_and_mask(tok, c)[0]) <= MAX_LENGTH]
 
 

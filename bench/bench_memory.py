@@ -60,13 +60,13 @@ def build_model(name: str, folder: Path) -> None:
     import torch
     from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from clmtune.models import _opt_bpe_tokenizer, bert_chinese_tokenizer
+    from clmtune.models import opt_bpe_tokenizer, bert_chinese_tokenizer
 
     torch.manual_seed(0)
     # built directly in bf16 (how it is stored, see below): a 1.1B model in fp32 plus its bf16 copy would need 6.6 GB
     torch.set_default_dtype(torch.bfloat16)
     if name == "bloom560m":  # bigscience/bloomz-560m config.json
-        tok = _opt_bpe_tokenizer()
+        tok = opt_bpe_tokenizer()
         model = BloomForCausalLM(BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16,
                                              layer_norm_epsilon=1e-5, pad_token_id=tok.pad_token_id,
                                              eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))

@@ -59,13 +59,13 @@ def build_model(name: str, folder: Path) -> None:
     import torch
     from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from clmtune.models import _opt_bpe_tokenizer, bert_chinese_tokenizer
+    from clmtune.models import opt_bpe_tokenizer, bert_chinese_tokenizer
 
     torch.manual_seed(0)
     if name == "bloom":
         # BLOOM's own tokenizer file is not available here; the OPT/GPT-2 BPE gives English token counts of the
         # same order. Ids stay < 50,265 but the LM head is the full 250,880 wide, which is what costs time.
-        tok = _opt_bpe_tokenizer()
+        tok = opt_bpe_tokenizer()
         model = BloomForCausalLM(BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=4, n_head=16,
                                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                              bos_token_id=tok.bos_token_id))

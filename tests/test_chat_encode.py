@@ -9,7 +9,7 @@ from clmtune.chat_templates import (BUILTIN_TEMPLATES, builtin_template, has_gen
 from clmtune.config import ModelConfig
 from clmtune.tasks.chat_encoding import encode_conversation, encode_conversations, tokens_and_mask
 from clmtune.errors import ClmtuneError
-from clmtune.models import _opt_bpe_tokenizer, load_tokenizer
+from clmtune.models import opt_bpe_tokenizer, load_tokenizer
 
 X = -100
 ZH_CHAT = [{"role": "system", "content": "你是客服"},
@@ -30,7 +30,7 @@ def zh_small_chat_tok():
 
 @pytest.fixture(scope="module")
 def bpe_tok():
-    tok = _opt_bpe_tokenizer()  # the shipped OPT/GPT-2 BPE files
+    tok = opt_bpe_tokenizer()  # the shipped OPT/GPT-2 BPE files
     install_chat_template(tok, "chatml")
     return tok
 
@@ -80,7 +80,7 @@ def test_mask_equals_transformers_assistant_mask(name, which):
     if which == "zh":
         tok, chat = load_tokenizer(ModelConfig(name_or_path="builtin:gpt2-zh-small")), ZH_CHAT
     else:
-        tok, chat = _opt_bpe_tokenizer(), EN_CHAT
+        tok, chat = opt_bpe_tokenizer(), EN_CHAT
     install_chat_template(tok, name)
     out = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = tokens_and_mask(tok, chat)
@@ -100,7 +100,7 @@ def test_template_without_generation_blocks_masks_by_prefix(zh_small_chat_tok):
 
 
 def test_no_template_is_one_clear_error():
-    tok = _opt_bpe_tokenizer()
+    tok = opt_bpe_tokenizer()
     assert tok.chat_template is None
     with pytest.raises(ClmtuneError, match="has no chat template and data.chat_template is not set; set "
                                            "data.chat_template to one of chatml, alpaca, zh"):
@@ -122,7 +122,7 @@ def test_bos_is_put_in_front_when_the_tokenizer_adds_one():
     tok = GPT2Tokenizer(vocab=json.loads((folder / "vocab.json").read_text(encoding="utf-8")), merges=merges,
                         bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True)
     assert builtin_template("zh", tok).startswith("{{- bos_token }}")
-    assert not builtin_template("zh", _opt_bpe_tokenizer()).startswith("{{- bos_token }}")
+    assert not builtin_template("zh", opt_bpe_tokenizer()).startswith("{{- bos_token }}")
     install_chat_template(tok, "chatml")
     ids, mask = tokens_and_mask(tok, EN_CHAT)
     assert ids[:2] == [2, 41552] and ids.count(2) == 1 and mask[0] == 0

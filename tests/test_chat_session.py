@@ -9,7 +9,7 @@ from clmtune.chat import ChatSession, repl
 from clmtune.chat_templates import install_chat_template, reply_stops
 from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.errors import ClmtuneError
-from clmtune.models import _opt_bpe_tokenizer, load_model, load_tokenizer
+from clmtune.models import opt_bpe_tokenizer, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_repl_commands(zh_model):
 
 
 def test_no_template_and_chatml_stops():
-    tok = _opt_bpe_tokenizer()
+    tok = opt_bpe_tokenizer()
     with pytest.raises(ClmtuneError, match="has no chat template"):
         ChatSession(None, tok)
     install_chat_template(tok, "chatml")

@@ -13,14 +13,14 @@ from clmtune.data import (IGNORE_INDEX, ClassificationEncoder, Example, TaskData
                           save_prepared)
 from clmtune.data.features import build_sft_example, context_check
 from clmtune.errors import ClmtuneError
-from clmtune.models import _opt_bpe_tokenizer, bert_chinese_tokenizer, ensure_pad_token
+from clmtune.models import opt_bpe_tokenizer, bert_chinese_tokenizer, ensure_pad_token
 
 TWEETS = "Tweet text : {Tweet text} label : "
 
 
 @pytest.fixture(scope="module")
 def opt_tok():
-    return _opt_bpe_tokenizer()
+    return opt_bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def gpt2_tok():
     """GPT-2 byte-level BPE (the real OPT/GPT-2 vocabulary) as GPT-2 ships it: no pad token of its own."""
     from transformers import GPT2Tokenizer
 
-    tok = _opt_bpe_tokenizer()
+    tok = opt_bpe_tokenizer()
     tok = GPT2Tokenizer(vocab=tok.get_vocab(), merges=[tuple(m.split()) for m in _merges()], bos_token="</s>",
                         eos_token="</s>", unk_token="<unk>")
     assert tok.pad_token_id is None

@@ -12,7 +12,7 @@ import torch
 from clmtune import cli
 from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.errors import ClmtuneError
-from clmtune.generate import (_decode, encode_prompts, generate, read_prompts_file, stop_token_ids, stream)
+from clmtune.generate import (decode, encode_prompts, generate, read_prompts_file, stop_token_ids, stream)
 from clmtune.models import bert_chinese_tokenizer, load_model, load_tokenizer
 from clmtune.text import clean_text, edit_distance, nearest_label
 
@@ -57,10 +57,10 @@ def test_bert_decoding_has_no_special_tokens_or_cjk_spaces():
     stops = stop_token_ids(tok)
     assert tok.sep_token_id in stops and tok.pad_token_id in stops
     row = ids + [tok.pad_token_id] * 3 + tok("后面", add_special_tokens=False).input_ids
-    text = _decode(tok, row, stops, [])
+    text = decode(tok, row, stops, [])
     assert text == "游泳池和健身房"
     # without a stop id in the way the special tokens are still never written
-    assert _decode(tok, row, [], []) == "游泳池和健身房后面"
+    assert decode(tok, row, [], []) == "游泳池和健身房后面"
 
 
 def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(zh):

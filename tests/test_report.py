@@ -85,7 +85,7 @@ def test_cjk_font_found_through_fontconfig_when_matplotlib_cache_lacks_it(monkey
 
 
 def test_smooth_and_series():
-    from clmtune.report.curves import series, smooth
+    from clmtune.curves import series, smooth
 
     assert smooth([]) == []
     values = [4.0, 2.0, 2.0]
@@ -144,7 +144,7 @@ def zh_runs(tmp_path_factory):
 def test_plot_loss_from_a_real_run(zh_runs, tmp_path, glyph_misses):
     from PIL import Image
 
-    from clmtune.report.curves import plot_loss
+    from clmtune.curves import plot_loss
     from clmtune.report.runs import read_run
 
     run = read_run(zh_runs[0])

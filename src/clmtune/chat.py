@@ -7,8 +7,8 @@ as it is generated. History is kept within the model's context: when system + hi
 as training truncates conversations. Commands: ``/reset`` (forget the history), ``/system TEXT`` (set the system
 prompt; ``/system`` alone removes it), ``/history`` (show what the model sees), ``/exit`` (or Ctrl-D).
 
-Decoding reuses the generate stage's pieces (sampling settings, stop tokens and strings, the cleaning streamer),
-so a chat reply is decoded exactly like ``clmtune generate`` output.
+Decoding uses the pieces the generate stage uses (``clmtune.decoding``: sampling settings, stop tokens and
+strings, the cleaning streamer), so a chat reply is decoded exactly like ``clmtune generate`` output.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from clmtune.chat_templates import reply_stops
 from clmtune.config import GenerateConfig
 from clmtune.errors import ClmtuneError
-from clmtune.generate import (CleanStreamer, _decode, _generation_config, _stopping_criteria, context_length,
-                              stop_token_ids)
-from clmtune.models import model_device
+from clmtune.decoding import CleanStreamer, decode, generation_config, stop_token_ids, stopping_criteria
+from clmtune.models import context_length, model_device
+from clmtune.tasks.examples import drop_oldest_turns
 from clmtune.text import plural
 
 HELP = "commands: /reset  /system TEXT  /history  /exit"
@@ -62,21 +62,16 @@ class ChatSession:
 
     def prompt_ids(self, user: str) -> list[int]:
         """Template(system + history + user) + the generation prompt, oldest pairs left out until it fits."""
-        history = list(self.history)
-        self.left_out = 0
-        while True:
-            head = [{"role": "system", "content": self.system}] if self.system else []
-            msgs = head + history + [{"role": "user", "content": user}]
-            ids = list(self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
-                                                          return_dict=True)["input_ids"])
-            if self.room is None or len(ids) <= self.room:
-                return ids
-            if not history:
-                raise ClmtuneError(f"this message needs {len(ids)} tokens with the system prompt but only "
-                                   f"{self.room} fit (context minus max_new_tokens); shorten it or lower "
-                                   "--max-new-tokens")
-            history = history[2:]
-            self.left_out += 1
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        msgs = head + self.history + [{"role": "user", "content": user}]
+        ids, self.left_out = drop_oldest_turns(
+            msgs, lambda m: list(self.tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True,
+                                                                    return_dict=True)["input_ids"]), len, self.room)
+        if self.room is not None and len(ids) > self.room:
+            raise ClmtuneError(f"this message needs {len(ids)} tokens with the system prompt but only "
+                               f"{self.room} fit (context minus max_new_tokens); shorten it or lower "
+                               "--max-new-tokens")
+        return ids
 
     @torch.no_grad()
     def send(self, user: str, write: Callable[[str], object] | None = None,
@@ -90,12 +85,12 @@ class ChatSession:
         if write is not None:
             streamer = CleanStreamer(self.tokenizer, write, self.stop_ids, self.stops, flush=flush)
         torch.manual_seed(self.settings.seed)
-        gen_cfg = _generation_config(self.settings, self.stop_ids, self.tokenizer.pad_token_id)
+        gen_cfg = generation_config(self.settings, self.stop_ids, self.tokenizer.pad_token_id)
         out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                   generation_config=gen_cfg,
-                                  stopping_criteria=_stopping_criteria(self.tokenizer, self.stops, input_ids.shape[1]),
+                                  stopping_criteria=stopping_criteria(self.tokenizer, self.stops, input_ids.shape[1]),
                                   streamer=streamer)
-        reply = _decode(self.tokenizer, out[0, input_ids.shape[1]:].tolist(), self.stop_ids, self.stops)
+        reply = decode(self.tokenizer, out[0, input_ids.shape[1]:].tolist(), self.stop_ids, self.stops)
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply or "…"}]
         return reply
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clmtune.config import ADAPTER_KEYS, AUTO, DEFAULT_LEARNING_RATES, PeftSettings, RunConfig
+from clmtune.tasks import get_task
+from clmtune.tasks.examples import TaskData
 
 log = logging.getLogger("clmtune")
 
@@ -51,12 +54,28 @@ def ignored_adapter_keys(s: PeftSettings) -> list[str]:
     return [k for k in ADAPTER_KEYS if getattr(s, k) != getattr(default, k)]
 
 
+@dataclass
+class Resolved:
+    """A config with its ``auto`` values chosen, the record of each choice, and the examples read to choose them
+    (``None`` when no choice needed the data): the stages take these instead of reading the source again."""
+
+    cfg: RunConfig
+    auto: dict[str, Any]
+    examples: TaskData | None = None
+
+
 def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True) -> tuple[RunConfig, dict[str, Any]]:
     """``cfg`` with its ``auto`` values chosen, and ``{key: {"value": ..., "why": ...}}`` for each choice.
 
     ``announce``: log the choices and warnings (off on the non-main processes of a distributed run); ``choices``:
     log the choices too (off where the caller prints them itself, as ``prepare``'s report does).
     """
+    r = resolve_run(cfg, announce, choices)
+    return r.cfg, r.auto
+
+
+def resolve_run(cfg: RunConfig, announce: bool = True, choices: bool = True) -> Resolved:
+    """``resolve_defaults``, keeping the examples it read (``Resolved.examples``) for ``prepare_data``."""
     from clmtune.data import load_task
     from clmtune.data.profile import CJK_THRESHOLD, auto_max_length, cjk_share, sequence_lengths, text_sample
 
@@ -129,6 +148,7 @@ def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True
             tokenizer = load_tokenizer(cfg.model)
         finally:
             log.setLevel(level)
+        get_task(d.task).prepare_tokenizer(tokenizer, d)  # chat: measure the rendered template, as trained
         lengths = sequence_lengths(tokenizer, d, task.train) if task.train else []
         if d.max_length is None and lengths:
             d.max_length, facts = auto_max_length(lengths, context)
@@ -147,4 +167,4 @@ def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True
                      100 * cut / len(lengths), facts["p99_tokens"])
         elif d.max_length is None:
             d.max_length = 64  # no training rows: the data stage reports that with its own error
-    return cfg, chosen
+    return Resolved(cfg, chosen, task)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-def _ops():
+def mkldnn_ops():
     return torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
 
 def pack(weight_out_in: torch.Tensor) -> torch.Tensor:
     """oneDNN's packed copy of a bf16 (out, in) weight."""
-    return _ops()[0](weight_out_in.contiguous())
+    return mkldnn_ops()[0](weight_out_in.contiguous())
 
 def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                   activation: tuple[str, str] = ("none", "")) -> torch.Tensor:
@@ -31,7 +31,7 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     "tanh")``, ``("gelu", "none")`` = exact erf GELU, ``("relu", "")``) applied to the fp32 result before rounding."""
     if x.dtype != torch.bfloat16:
         x = x.to(torch.bfloat16)
-    return _ops()[1](x.contiguous(), packed, bias, activation[0], [], activation[1])
+    return mkldnn_ops()[1](x.contiguous(), packed, bias, activation[0], [], activation[1])
 
 class PackedLinear(torch.nn.Module):
     """``y = x W^T + b`` with W packed by oneDNN for bf16 (forward only).

@@ -17,7 +17,7 @@ from clmtune.config import RunConfig
 from clmtune.data import SPLIT_ORDER, prepare_data
 from clmtune.data.features import check_save_target, save_prepared
 from clmtune.data import Encoder, load_task
-from clmtune.defaults import resolve_defaults
+from clmtune.defaults import resolve_run
 from clmtune.tasks import get_task
 from clmtune.memory import estimate_before_loading
 from clmtune.models import context_length, load_tokenizer
@@ -41,11 +41,12 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
     if save is not None:
         check_save_target(save, overwrite, cfg.data)  # fail before the work, not after
     t0 = time.perf_counter()
-    cfg, auto = resolve_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=None)),
-                                 choices=False)  # the report below prints each choice once
+    resolved = resolve_run(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=None)),
+                           choices=False)  # the report below prints each choice once
+    cfg, auto = resolved.cfg, resolved.auto
     data_cfg = cfg.data
     tokenizer = load_tokenizer(cfg.model)
-    task = load_task(data_cfg)
+    task = resolved.examples or load_task(data_cfg)
     prep = prepare_data(tokenizer, data_cfg, task=task, context_length=context_length(cfg.model), progress=progress)
     if get_task(data_cfg.task).evaluation == "labels" and task.eval:
         # what `clmtune eval` (rank and generate) will report: room for the longest label, not each row's own

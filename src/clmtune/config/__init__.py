@@ -26,13 +26,13 @@ from __future__ import annotations
 from clmtune.config.io import SECTIONS, RawOverride, from_dict, load_config, merge, parse_overrides, save_config
 from clmtune.config.run_config import RunConfig, deepspeed_problems, peft_problems
 from clmtune.config.sections import (ADAPTER_KEYS, AUTO, AUTO_KEYS, DEFAULT_LEARNING_RATES, DEVICE_PATTERN, END_TOKENS, EVAL_METHODS, MERGEABLE_METHODS, PADDING,
-                                     PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS, TEXT_SAMPLE_BY, TRUNCATION_SIDES,
-                                     DataConfig, EvalConfig, GenerateConfig, ModelConfig, PeftSettings, PreferenceConfig,
-                                     TrainConfig,
+                                     PEFT_CONFIG_CLASSES, PEFT_METHODS, PEFT_TABLE, PRECISIONS, TEXT_SAMPLE_BY,
+                                     TRUNCATION_SIDES, DataConfig, EvalConfig, GenerateConfig, ModelConfig, PeftMethod,
+                                     PeftSettings, PreferenceConfig, TrainConfig,
                                      device_problem)
 
 __all__ = ["ADAPTER_KEYS", "AUTO", "AUTO_KEYS", "DEFAULT_LEARNING_RATES", "DEVICE_PATTERN", "END_TOKENS", "EVAL_METHODS", "MERGEABLE_METHODS", "PADDING", "PEFT_CONFIG_CLASSES",
-           "PEFT_METHODS", "PRECISIONS", "SECTIONS", "TEXT_SAMPLE_BY", "TRUNCATION_SIDES", "DataConfig", "EvalConfig",
+           "PEFT_METHODS", "PEFT_TABLE", "PRECISIONS", "PeftMethod", "SECTIONS", "TEXT_SAMPLE_BY", "TRUNCATION_SIDES", "DataConfig", "EvalConfig",
            "GenerateConfig", "ModelConfig", "PeftSettings", "PreferenceConfig", "RawOverride", "RunConfig", "TrainConfig",
            "deepspeed_problems", "device_problem", "from_dict", "load_config", "merge", "parse_overrides",
            "peft_problems", "save_config"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from clmtune.config.sections import (ATTN_IMPLEMENTATIONS, END_TOKENS, EVAL_METHODS, MODEL_DTYPES, PADDING,
-                                     PEFT_CONFIG_CLASSES, PEFT_METHODS, PRECISIONS,
+                                     PEFT_CONFIG_CLASSES, PEFT_METHODS, PEFT_TABLE, PRECISIONS,
                                      PREFERENCE_LOSSES, TEXT_SAMPLE_BY, TRUNCATION_SIDES, DataConfig, EvalConfig,
                                      GenerateConfig, PreferenceConfig,
                                      ModelConfig, PeftSettings, TrainConfig, device_problem)
@@ -202,8 +202,9 @@ def peft_problems(s: PeftSettings) -> list[str]:
         if s.options:
             p.append(f"peft.options {sorted(s.options)} given, but peft.method=full uses no peft config; remove them")
         return p
-    if s.target_modules is not None and s.method not in ("lora", "ia3"):
-        p.append(f"peft.target_modules is only used by lora and ia3, not {s.method}; remove it")
+    if s.target_modules is not None and "target_modules" not in PEFT_TABLE[s.method].settings:
+        users = " and ".join(n for n, m in PEFT_TABLE.items() if "target_modules" in m.settings)
+        p.append(f"peft.target_modules is only used by {users}, not {s.method}; remove it")
     if s.options:
         import peft  # ~1 s import, only paid when options are given
 

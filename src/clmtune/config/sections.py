@@ -11,11 +11,36 @@ TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 END_TOKENS = ("eos", "pad")
 TRUNCATION_SIDES = ("left", "right")
 PADDING = ("longest", "max_length")
-PEFT_METHODS = ("lora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full")
-PEFT_CONFIG_CLASSES = {"lora": "LoraConfig", "prefix_tuning": "PrefixTuningConfig", "prompt_tuning": "PromptTuningConfig",
-                       "p_tuning": "PromptEncoderConfig", "ia3": "IA3Config"}
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """One ``peft.method``, everything clmtune knows about it in one row of ``PEFT_TABLE``: adding a method is one
+    row (plus, for a method with its own settings, its keys in ``PeftSettings``)."""
+
+    name: str
+    config_class: str | None
+    """peft's config class (``None``: ``full`` trains every weight, no adapter)."""
+    learning_rate: float
+    """``train.learning_rate: auto`` (``DEFAULT_LEARNING_RATES``)."""
+    settings: tuple[str, ...] = ()
+    """``PeftSettings`` keys handed to the config class."""
+    mergeable: bool = False
+    """``clmtune export --merge`` folds the adapter into the base weights."""
+
+
+PEFT_TABLE = {m.name: m for m in (
+    PeftMethod("lora", "LoraConfig", 2e-3, ("r", "lora_alpha", "lora_dropout", "target_modules"), mergeable=True),
+    PeftMethod("prefix_tuning", "PrefixTuningConfig", 1e-2, ("num_virtual_tokens",)),
+    PeftMethod("prompt_tuning", "PromptTuningConfig", 3e-2, ("num_virtual_tokens",)),
+    PeftMethod("p_tuning", "PromptEncoderConfig", 1e-3, ("num_virtual_tokens",)),
+    PeftMethod("ia3", "IA3Config", 3e-3, ("target_modules",), mergeable=True),
+    PeftMethod("full", None, 3e-4),
+)}
+PEFT_METHODS = tuple(PEFT_TABLE)
+PEFT_CONFIG_CLASSES = {n: m.config_class for n, m in PEFT_TABLE.items() if m.config_class}
 """peft config class of each method (``full`` has none: every weight is trained, no adapter)."""
-MERGEABLE_METHODS = ("lora", "ia3")
+MERGEABLE_METHODS = tuple(n for n, m in PEFT_TABLE.items() if m.mergeable)
 EVAL_METHODS = ("auto", "rank", "constrained", "generate")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
 """Values of ``eval.device`` / ``generate.device``."""
@@ -35,8 +60,7 @@ AUTO = "auto"
 """Value of a key that clmtune chooses from the data and the method (``model.name_or_path``,
 ``train.learning_rate``, ``data.max_length``); the numeric keys also take ``null`` for it."""
 AUTO_KEYS = ("data.max_length", "train.learning_rate", "model.name_or_path", "train.device_loss", "train.fused_adamw")
-DEFAULT_LEARNING_RATES = {"lora": 2e-3, "ia3": 3e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 1e-3,
-                          "full": 3e-4}
+DEFAULT_LEARNING_RATES = {n: m.learning_rate for n, m in PEFT_TABLE.items()}
 """``train.learning_rate: auto`` per ``peft.method`` (``defaults.MODEL_LORA`` can name another LoRA rate for a
 shipped model: 1e-3 for ``builtin:gpt2-zh-small``). Full fine-tuning 3e-4 vs 2e-3 on ChnSentiCorp with the first
 shipped model: 89.0 % vs 84.8 %; prompt tuning 3e-2 and prefix tuning 1e-2 are peft's example values (few

@@ -37,9 +37,8 @@ class Encoder:
 
         The same row builder as ``prepare_data`` (the task's ``encode``), without ``datasets``.
         """
-        out = get_task(self.cfg.task).encode(
-            {"prompt": [e.prompt for e in examples], "target": [e.target or e.label for e in examples]},
-            self.tokenizer, self.prefix, self.end_id, self.cfg)
+        task = get_task(self.cfg.task)
+        out = task.encode(task.example_columns(examples), self.tokenizer, self.prefix, self.end_id, self.cfg)
         feats = [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
         return feats, sum(out["truncated"])
 

@@ -52,6 +52,9 @@ class Prepared:
     end_id: int
     pad_id: int
     report: dict[str, Any] = field(default_factory=dict)
+    examples: TaskData | None = None
+    """The examples the splits were tokenized from (``None`` for splits read from a ``data.prepared`` folder):
+    in-training evaluation predicts labels for them without reading the source again."""
 
     def summary_line(self) -> str:
         r = self.report
@@ -110,11 +113,12 @@ def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[i
 
 
 def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, context_length: int | None = None,
-                 progress: bool = False) -> Prepared:
+                 progress: bool = False, splits: tuple[str, ...] = SPLIT_ORDER) -> Prepared:
     """Tokenized train/eval/test features of ``cfg`` (or the folder ``cfg.prepared`` names), with a report.
 
     ``task``: examples already loaded with ``load_task(cfg)`` (loaded here when None). ``context_length``: the
-    model's position limit, checked against ``max_length``/``block_size``.
+    model's position limit, checked against ``max_length``/``block_size``. ``splits``: the splits to tokenize
+    (the others are ``None``; evaluation tokenizes only the split it scores).
     """
     import datasets
 
@@ -137,7 +141,7 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
     try:
         feats, stats = {}, {}
         for split, examples in (("train", task.train), ("eval", task.eval), ("test", task.test)):
-            if not examples or any(e.target is None and e.label is None for e in examples):
+            if split not in splits or not examples or not all(e.learnable for e in examples):
                 feats[split] = None  # nothing to learn from (e.g. unlabelled test rows)
                 continue
             feats[split], stats[split] = _encode_split(examples, split, tokenizer, enc.prefix, enc.end_id, cfg)
@@ -159,7 +163,7 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
               "end_token": {"token": tok(enc.end_id), "id": enc.end_id},
               "prefix_tokens": [tok(i) for i in enc.prefix]}
     return Prepared(train=feats["train"], eval=feats["eval"], test=feats["test"], labels=task.labels,
-                    end_id=enc.end_id, pad_id=enc.pad_id, report=report)
+                    end_id=enc.end_id, pad_id=enc.pad_id, report=report, examples=task)
 
 
 # ----------------------------------------------------------------------------------------------------------------

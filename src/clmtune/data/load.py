@@ -27,10 +27,10 @@ def render_examples(rows: list[dict[str, Any]], cfg: DataConfig, labels: list[st
 
 
 def dedup_examples(examples: list[Example]) -> tuple[list[Example], int]:
-    """Keep the first of rows with the same (prompt, target); returns (kept, removed)."""
+    """Keep the first of rows with the same (prompt, target, conversation); returns (kept, removed)."""
     seen, out = set(), []
     for e in examples:
-        key = (e.prompt, e.target)
+        key = (e.prompt, e.target, e.conversation)
         if key not in seen:
             seen.add(key)
             out.append(e)

@@ -10,7 +10,7 @@ import random
 import re
 from typing import Sequence
 
-from clmtune.data.encoder import Encoder
+from clmtune.tasks import get_task
 from clmtune.tasks.examples import Example
 
 _CJK_IDEOGRAPH = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
@@ -39,12 +39,10 @@ def text_sample(examples: Sequence[Example], seed: int, n: int = SAMPLE_ROWS) ->
 
 
 def sequence_lengths(tokenizer, cfg, examples: Sequence[Example]) -> list[int]:
-    """Tokens of each training row before any cut: BOS (if the tokenizer adds one) + prompt + target + end token,
-    as ``data.build_train_example`` builds it."""
-    enc = Encoder(tokenizer, cfg)
-    prompts = enc.encode_texts([e.prompt for e in examples])
-    targets = enc.encode_texts([e.target or e.label or "" for e in examples])
-    return [len(enc.prefix) + len(p) + len(t) + 1 for p, t in zip(prompts, targets)]
+    """Tokens of each training row before any cut, measured as the task encodes it (``Task.sequence_lengths``:
+    prompt + target + end token; a chat conversation rendered by its template). A chat tokenizer must have its
+    template installed (``Task.prepare_tokenizer``) first."""
+    return get_task(cfg.task).sequence_lengths(tokenizer, cfg, list(examples))
 
 
 def percentile(values: Sequence[int], q: float) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clmtune.config import DataConfig
+from clmtune.data.records import read_records
 from clmtune.errors import ClmtuneError
 from clmtune.tasks import get_task
 
@@ -306,13 +307,11 @@ def read_table(path: Path, delimiter: str | None = None, encoding: str = "utf-8"
     """Read a CSV/TSV/JSON/JSONL/Parquet/TXT file into a list of row dicts (values kept as written).
 
     ``nested``: JSON/JSONL/Parquet rows are records that may hold lists and differ in optional keys
-    (conversations; see ``clmtune.data.conversations.read_records``)."""
+    (conversations; see ``clmtune.data.records.read_records``)."""
     suffix = path.suffix.lower()
     if path.is_file() and (path.stat().st_size == 0 or (path.stat().st_size < 4096 and not path.read_bytes().strip())):
         raise ClmtuneError(f"{path} is empty ({path.stat().st_size} bytes); fill it or point to the right file")
     if nested and suffix in (".json", ".jsonl", ".parquet"):
-        from clmtune.data.conversations import read_records
-
         return read_records(path, encoding)[0]
     if suffix in (".csv", ".tsv"):
         return _read_csv(path, delimiter, encoding)

@@ -19,43 +19,13 @@ disagree when a label's first token is likely but its continuation is not.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 
 import torch
 
 from clmtune.evaluate.headscore import head_returns_hidden, linear_head
+from clmtune.evaluate.labeltree import Trie
 from clmtune.models import cache_kwarg, output_cache
 from clmtune.tasks.encoding import left_pad
-
-
-@dataclass
-class Trie:
-    """Label continuations as a prefix tree. Node 0 is the root (right after the prompt)."""
-
-    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
-    label: list[int] = field(default_factory=lambda: [-1])
-    """For each node, the index of the only label below it, or -1 when there are several."""
-    n_nodes: int = 1
-
-    @staticmethod
-    def build(conts: list[list[int]]) -> "Trie":
-        t = Trie()
-        below: list[set[int]] = [set()]
-        for j, c in enumerate(conts):
-            node = 0
-            below[0].add(j)
-            for tok in c:
-                nxt = t.children[node].get(tok)
-                if nxt is None:
-                    nxt = len(t.children)
-                    t.children[node][tok] = nxt
-                    t.children.append({})
-                    below.append(set())
-                node = nxt
-                below[node].add(j)
-        t.label = [next(iter(b)) if len(b) == 1 else -1 for b in below]
-        t.n_nodes = len(t.children)
-        return t
 
 
 def _accepts_position_ids(model) -> bool:

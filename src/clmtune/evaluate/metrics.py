@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clmtune.errors import ClmtuneError
-from clmtune.evaluate.scoring import _batches
+from clmtune.evaluate.scoring import batches
 from clmtune.models import forward_inputs, model_device
 from clmtune.tasks.encoding import collate
 from clmtune.tasks.examples import IGNORE_INDEX
@@ -50,7 +50,7 @@ def perplexity(model, features: Sequence[dict[str, list[int]]], pad_id: int, bat
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0
-    for chunk in tqdm(list(_batches(features, batch_size)), desc="eval (perplexity)", disable=not progress,
+    for chunk in tqdm(list(batches(features, batch_size)), desc="eval (perplexity)", disable=not progress,
                       unit="batch"):
         batch = {k: v.to(model_device(model)) for k, v in collate(chunk, pad_id).items()}
         logits = model(**forward_inputs(model, batch)).logits  # (B, T', V); T' > T with prompt-learning prefixes

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from clmtune.evaluate.constrained import constrained_decode
-from clmtune.evaluate.scoring import LabelTree, _batches, _by_length, _continuations, label_scores, strategy_for
+from clmtune.evaluate.scoring import LabelTree, batches, by_length, continuations, label_scores, strategy_for
 from clmtune.evaluate.search import search_batch
 from clmtune.models import context_length, model_device
 from clmtune.tasks.encoding import collate
@@ -47,7 +47,7 @@ def predict_rank(model, encoder, examples: list[Example], labels: list[str], bat
     from tqdm.auto import tqdm
 
     prompts, truncated = encoder.encode_eval_prompts(examples, labels)
-    conts = _continuations(encoder, labels)
+    conts = continuations(encoder, labels)
     picks: list[int | None] = [None] * len(prompts)
     # The search is for a model with clear preferences: the longest label's path twice over (detours included).
     # A step costs about one position per example through every layer, but as a small batch (on GPT-2 12 x 768 one
@@ -57,7 +57,7 @@ def predict_rank(model, encoder, examples: list[Example], labels: list[str], bat
     budget = int(SEARCH_STEPS * max(map(len, conts)))
     if (search and not normalize and len(LabelTree.build(conts).token) > 2 * budget
             and strategy_for(model, prompts, conts) == "packed"):
-        groups = list(_batches(_by_length(prompts), batch_size))
+        groups = list(batches(by_length(prompts), batch_size))
         for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
             got, still_open = search_batch(model, [prompts[i] for i in group], conts, encoder.pad_id, budget)
             for i, j in zip(group, got):
@@ -81,7 +81,7 @@ rank and greedy decoding cost about the same; with banking_77's 232 nodes rank w
 
 
 def label_tree_nodes(encoder, labels: list[str]) -> int:
-    return len(LabelTree.build(_continuations(encoder, labels)).token)
+    return len(LabelTree.build(continuations(encoder, labels)).token)
 
 
 def resolve_method(method: str, encoder, labels: list[str]) -> str:
@@ -96,7 +96,7 @@ def predict_constrained(model, encoder, examples: list[Example], labels: list[st
                         progress: bool = False) -> Predictions:
     """Greedy decoding restricted to the label prefix tree (``clmtune.evaluate.constrained``): never invalid."""
     prompts, truncated = encoder.encode_eval_prompts(examples, labels)  # cut as rank and generate cut them
-    picks = constrained_decode(model, prompts, _continuations(encoder, labels), encoder.pad_id, batch_size,
+    picks = constrained_decode(model, prompts, continuations(encoder, labels), encoder.pad_id, batch_size,
                                progress)
     return Predictions(predicted=[labels[j] for j in picks], invalid=0, truncated=truncated)
 
@@ -120,8 +120,8 @@ def predict_generate(model, encoder, examples: list[Example], labels: list[str],
     gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=encoder.end_id,
                                pad_token_id=encoder.pad_id)
     outputs = [""] * len(prompts)
-    order = _by_length(prompts)  # batches of similar length: less padding
-    for group in tqdm(list(_batches(order, batch_size)), desc="eval (generate)", disable=not progress,
+    order = by_length(prompts)  # batches of similar length: less padding
+    for group in tqdm(list(batches(order, batch_size)), desc="eval (generate)", disable=not progress,
                       unit="batch"):
         chunk = [prompts[i] for i in group]
         batch = collate([{"input_ids": c} for c in chunk], encoder.pad_id)  # (B, T) left-padded

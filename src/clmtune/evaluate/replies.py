@@ -18,12 +18,12 @@ from typing import Sequence
 import torch
 
 from clmtune.chat_templates import reply_stops
-from clmtune.evaluate.scoring import _batches, _by_length
+from clmtune.decoding import finish_text
+from clmtune.evaluate.scoring import batches, by_length
 from clmtune.models import context_length, model_device
 from clmtune.run import PREDICTIONS_CSV, PREDICTIONS_JSONL, write_csv_atomic, write_text_atomic
 from clmtune.tasks.encoding import collate, cut_prompt, leading_special_ids, token_ids
-from clmtune.tasks.examples import Example
-from clmtune.text import clean_text
+from clmtune.tasks.examples import Example, drop_oldest_turns
 from clmtune.textmetrics import score_texts
 
 
@@ -37,29 +37,14 @@ class Reply:
     """User/assistant pairs before the prompt that the model saw (chat)."""
 
 
-def split_last_reply(conversation: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
-    """(messages up to the last user message, the last assistant reply)."""
-    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
-    return conversation[:last], conversation[last]["content"]
-
-
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], room: int | None) -> tuple[list[int], int]:
     """(rendered prompt ids, earlier pairs kept): the oldest pairs are left out while the prompt is longer than
-    ``room`` (as training truncates); a last message alone still too long keeps its end."""
-    system = messages[:1] if messages[0]["role"] == "system" else []
-    body = messages[len(system):]
-    while True:
-        ids = list(tokenizer.apply_chat_template(system + body, tokenize=True, add_generation_prompt=True,
-                                                 return_dict=True)["input_ids"])
-        if room is None or len(ids) <= room or len(body) <= 1:
-            return (ids[-room:] if room is not None and len(ids) > room else ids), (len(body) - 1) // 2
-        body = body[2:]
-
-
-def _finish(text: str, stops: Sequence[str]) -> str:
-    text = clean_text(text)
-    cut = [text.find(s) for s in stops if s in text]
-    return text[:min(cut)].rstrip() if cut else text
+    ``room`` (``drop_oldest_turns``, as training truncates); a last message alone still too long keeps its end."""
+    ids, dropped = drop_oldest_turns(
+        messages, lambda msgs: list(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
+                                                                  return_dict=True)["input_ids"]), len, room)
+    body = len(messages) - (messages[0]["role"] == "system")
+    return (ids[-room:] if room is not None and len(ids) > room else ids), (body - 1) // 2 - dropped
 
 
 @torch.no_grad()
@@ -76,7 +61,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
                                stop_strings=stops or None)
     kwargs = {"tokenizer": tokenizer} if stops else {}
     outputs = [""] * len(prompts)
-    for group in tqdm(list(_batches(_by_length(prompts), batch_size)), desc="eval (replies)", disable=not progress,
+    for group in tqdm(list(batches(by_length(prompts), batch_size)), desc="eval (replies)", disable=not progress,
                       unit="batch"):
         batch = collate([{"input_ids": prompts[i]} for i in group], tokenizer.pad_token_id)  # (B, T) left-padded
         ids = batch["input_ids"].to(model_device(model))
@@ -84,20 +69,20 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
                              generation_config=gen_cfg, **kwargs)
         for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new_tokens) new tokens
             cut = [row.index(e) for e in eos if e in row]
-            outputs[i] = _finish(tokenizer.decode(row[:min(cut)] if cut else row, skip_special_tokens=True), stops)
+            outputs[i] = finish_text(tokenizer.decode(row[:min(cut)] if cut else row, skip_special_tokens=True), stops)
     return outputs
 
 
 def predict_replies(model, tokenizer, examples: list[Example], chat: bool, max_new_tokens: int, end_id: int,
                     repetition_penalty: float = 1.0, batch_size: int = 16, progress: bool = False) -> list[Reply]:
-    """A reply per held-out example: chat examples hold their conversation as JSON in ``target``; sft examples a
-    prompt and its reference response."""
+    """A reply per held-out example: chat examples hold their ``conversation``; sft examples a prompt and its
+    reference response."""
     ctx = context_length(model)
     room = None if ctx is None else max(ctx - max_new_tokens, 1)
     prompts, items = [], []
     if chat:
         for e in examples:
-            msgs, reference = split_last_reply(json.loads(e.target))
+            msgs, reference = e.conversation.split_last_reply()
             ids, earlier = chat_prompt_ids(tokenizer, msgs, room)
             prompts.append(ids)
             items.append((msgs[-1]["content"], reference, earlier))

@@ -156,44 +156,58 @@ def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: s
     return result, out
 
 
-def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
-                     out_dir: str | Path | None, progress: bool, method: str | None = None,
-                     record: bool = True) -> tuple[dict, Path]:
-    """Perplexity of a run (``sft``, ``lm``) on its held-out split or on ``data_file`` (tokenized like training).
-    ``record``: list it as the run's latest evaluation (the replies evaluation records itself once complete)."""
+def _held_out(tokenizer, cfg: RunConfig, split: str, data_file: str | None):
+    """(tokenized features, their examples or None) of what a perplexity/replies evaluation scores: the run's
+    ``eval`` split or ``data_file`` (every row of it). The source is read once and only that split is tokenized;
+    a run trained from a ``data.prepared`` folder has its eval features there (examples: read on demand)."""
     if data_file is not None:
         if not Path(data_file).is_file():
             raise ClmtuneError(f"--data {data_file!r}: no such file")
         data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
                                        eval_fraction=0.0, prepared=None)
-        features = prepare_data(tokenizer, data_cfg).train
+        name = "train"
     else:
         if split not in get_task(cfg.data.task).eval_splits:
             raise ClmtuneError(f"--split {split!r}: an {cfg.data.task} run is scored by perplexity on its held-out "
                                "'eval' split or on --data FILE")
-        features = prepare_data(tokenizer, cfg.data).eval
-        if features is None or len(features) == 0:
-            raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
+        data_cfg, name = cfg.data, "eval"
+    prep = prepare_data(tokenizer, data_cfg, splits=(name,))
+    features = getattr(prep, name)
+    if data_file is None and (features is None or len(features) == 0):
+        raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
+    return features, (getattr(prep.examples, name) if prep.examples is not None else None), data_cfg
+
+
+def _perplexity(model, tokenizer, cfg: RunConfig, features, progress: bool) -> dict:
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(features["input_ids"], features["labels"])]
+    t0 = time.perf_counter()
+    result = {"method": "perplexity", **perplexity(model, rows, tokenizer.pad_token_id, cfg.eval.batch_size,
+                                                   progress)}
+    seconds = time.perf_counter() - t0
+    return {**result, "seconds": round(seconds, 3), "examples_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
+
+
+def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+                     out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
+    """Perplexity of an ``lm`` run on its held-out split or on ``data_file`` (tokenized like training)."""
+    features, _, _ = _held_out(tokenizer, cfg, split, data_file)
     out = Path(out_dir) if out_dir else run.eval_output_dir("eval", data_file, method or "perplexity")
-    result = evaluate_lm(model, rows, tokenizer.pad_token_id, out, cfg.eval.batch_size, progress)
-    if record:
-        run.record_evaluation(out, result, "eval", data_file)
+    result = write_result(_perplexity(model, tokenizer, cfg, features, progress), out)
+    run.record_evaluation(out, result, "eval", data_file)
     return result, out
 
 
 def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
                           out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
     """Chat and sft runs: the perplexity of the held-out split on the supervised (assistant / response) tokens,
-    then greedy replies to its prompts scored against the references; ``predictions.jsonl``/``.csv`` keep them."""
-    result, out = _evaluate_lm_run(run, model, tokenizer, cfg, split, data_file, out_dir, progress, "replies",
-                                   record=False)
-    data_cfg = cfg.data
-    if data_file is not None:
-        data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
-                                       eval_fraction=0.0, prepared=None)
-    task = load_task(data_cfg)
-    examples = task.train if data_file is not None else task.eval
+    then greedy replies to its prompts scored against the references; ``predictions.jsonl``/``.csv`` keep them.
+    ``eval.json`` is written once, with both."""
+    features, examples, data_cfg = _held_out(tokenizer, cfg, split, data_file)
+    result = _perplexity(model, tokenizer, cfg, features, progress)
+    out = Path(out_dir) if out_dir else run.eval_output_dir("eval", data_file, method or "replies")
+    if examples is None:  # splits from a data.prepared folder: the rows are read here
+        task = load_task(data_cfg)
+        examples = task.train if data_file is not None else task.eval
     t0 = time.perf_counter()
     replies = predict_replies(model, tokenizer, examples, get_task(cfg.data.task).nested_rows,
                               cfg.generate.max_new_tokens, Encoder(tokenizer, cfg.data).end_id,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
+from clmtune.evaluate.labeltree import Trie
 from clmtune.models import (CUSTOM_MASK_MODEL_TYPES, cache_kwarg, forward_inputs, is_prompt_learning, model_device,
                             output_cache)
 from clmtune.tasks.encoding import collate
@@ -21,12 +22,12 @@ if TYPE_CHECKING:
     from clmtune.data.encoder import Encoder
 
 
-def _batches(items: Sequence, size: int):
+def batches(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
 
-def _continuations(encoder: Encoder, labels: Sequence[str]) -> list[list[int]]:
+def continuations(encoder: Encoder, labels: Sequence[str]) -> list[list[int]]:
     """Each label's token ids + end token: exactly the tokens the model learnt to write after the prompt."""
     return [ids + [encoder.end_id] for ids in encoder.label_ids(labels)]
 
@@ -69,20 +70,20 @@ def label_scores(model, encoder: Encoder, prompts: list[list[int]], labels: list
     ``normalize``: mean instead of sum over the continuation's tokens. ``strategy=None`` picks the fastest exact
     way this model supports (``rank_strategy``); all three give the same scores up to float rounding.
     """
-    conts = _continuations(encoder, labels)
+    conts = continuations(encoder, labels)
     if strategy is None:
         strategy = strategy_for(model, prompts, conts)
     if strategy not in RANK_STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of {RANK_STRATEGIES}")
     fn = {"packed": _scores_packed, "shared_cache": _scores_shared_prompt, "pairs": _scores_padded_pairs}[strategy]
-    order = _by_length(prompts)  # batches of similar length: less padding, same scores
+    order = by_length(prompts)  # batches of similar length: less padding, same scores
     sums = fn(model, encoder, [prompts[i] for i in order], conts, batch_size, progress)  # (n, L)
     scores = torch.empty_like(sums)
     scores[order] = sums / torch.tensor([float(len(c)) for c in conts]) if normalize else sums
     return scores
 
 
-def _by_length(seqs: Sequence[Sequence[int]]) -> list[int]:
+def by_length(seqs: Sequence[Sequence[int]]) -> list[int]:
     """Indices of ``seqs`` from longest to shortest (stable)."""
     return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
 
@@ -106,21 +107,24 @@ class LabelTree:
 
     @staticmethod
     def build(conts: list[list[int]]) -> "LabelTree":
-        index: dict[tuple[int, ...], int] = {}
+        """The inner nodes (proper prefixes) of the label prefix tree (``labeltree.Trie``), numbered in the order
+        the labels reach them."""
+        trie = Trie.build(conts)
+        index: dict[int, int] = {}  # trie node -> node of this tree
         token, depth, parent, steps = [], [], [], []
         for j, c in enumerate(conts):
-            src = 0
+            src, node = 0, 0
             for k, t in enumerate(c):
                 steps.append((src, t, j))
                 if k == len(c) - 1:
                     break
-                key = tuple(c[:k + 1])
-                if key not in index:
-                    index[key] = len(token)
+                node = trie.children[node][t]
+                if node not in index:
+                    index[node] = len(token)
                     token.append(t)
                     depth.append(k)
                     parent.append(src - 1)  # -1: the prompt
-                src = index[key] + 1
+                src = index[node] + 1
         m = len(token)
         ancestors = torch.zeros((m, m), dtype=torch.bool)
         for i in range(m):
@@ -179,7 +183,7 @@ def _scores_packed(model, encoder, prompts, conts, batch_size, progress):
     dtype = model.get_input_embeddings().weight.dtype
     n_labels = len(conts)
     sums = torch.zeros(len(prompts), n_labels)
-    for rows in tqdm(list(_batches(range(len(prompts)), group)), desc="eval (rank)", disable=not progress,
+    for rows in tqdm(list(batches(range(len(prompts)), group)), desc="eval (rank)", disable=not progress,
                      unit="batch"):
         batch = collate([{"input_ids": prompts[i]} for i in rows], encoder.pad_id)
         pmask = batch["attention_mask"]  # (B, T)
@@ -226,7 +230,7 @@ def _scores_shared_prompt(model, encoder, prompts, conts, batch_size, progress):
     dev = model_device(model)
     bypass = linear_head(model)  # the second pass's head in vocabulary blocks (``headscore``), not (B*n, N-1, V)
     first, feed, target, valid = first.to(dev), feed.to(dev), target.to(dev), valid.to(dev)
-    groups = list(_batches(range(len(prompts)), batch_size))
+    groups = list(batches(range(len(prompts)), batch_size))
     for group in tqdm(groups, desc="eval (rank)", disable=not progress, unit="batch"):
         rows = list(group)
         batch = {k: v.to(dev) for k, v in collate([{"input_ids": prompts[i]} for i in rows], encoder.pad_id).items()}
@@ -279,7 +283,7 @@ def _scores_padded_pairs(model, encoder, prompts, conts, batch_size, progress):
     sums = torch.empty(len(prompts), len(conts))
     keep = max(len(c) for c in conts) + 1
     dev = model_device(model)
-    for chunk in tqdm(list(_batches(pairs, batch_size)), desc="eval (rank)", disable=not progress, unit="batch"):
+    for chunk in tqdm(list(batches(pairs, batch_size)), desc="eval (rank)", disable=not progress, unit="batch"):
         batch = collate([{"input_ids": prompts[i] + conts[j]} for i, j in chunk], encoder.pad_id)
         batch = {k: v.to(dev) for k, v in batch.items()}
         logits = model(**forward_inputs(model, batch), logits_to_keep=keep).logits[:, -keep:]  # (B, K, V)

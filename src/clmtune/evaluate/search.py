@@ -30,7 +30,7 @@ import heapq
 
 import torch
 
-from clmtune.evaluate.constrained import Trie
+from clmtune.evaluate.labeltree import Trie
 from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
 from clmtune.models import cache_kwarg, model_device, output_cache
 from clmtune.tasks.encoding import left_pad

@@ -8,7 +8,7 @@ devices), ``peft_methods`` (adapters and what a wrapped peft model is), ``compat
 
 from __future__ import annotations
 
-from clmtune.models.builtin import (BUILTIN_MODELS, BUILTIN_VERSION, SHIPPED_MODELS, _opt_bpe_tokenizer,
+from clmtune.models.builtin import (BUILTIN_MODELS, BUILTIN_VERSION, SHIPPED_MODELS, opt_bpe_tokenizer,
                                     bert_chinese_tokenizer, builtin_model_path, clmtune_home, resolve_model_path)
 from clmtune.models.compat import cache_kwarg, fix_prompt_learning_generation, output_cache
 from clmtune.models.load import (TORCH_DTYPES, check_safetensors, check_tokenizer_fits, context_length,
@@ -19,7 +19,7 @@ from clmtune.models.peft_methods import (CUSTOM_MASK_MODEL_TYPES, apply_peft, bu
                                          self_attending_mask, unwrap)
 
 __all__ = ["cache_kwarg", "output_cache", "CUSTOM_MASK_MODEL_TYPES", "TORCH_DTYPES", "model_dtype", "quantization_config", "BUILTIN_MODELS",
-           "BUILTIN_VERSION", "SHIPPED_MODELS", "_opt_bpe_tokenizer", "apply_peft",
+           "BUILTIN_VERSION", "SHIPPED_MODELS", "opt_bpe_tokenizer", "apply_peft",
            "bert_chinese_tokenizer", "build_peft_config", "builtin_model_path", "check_safetensors",
            "check_tokenizer_fits", "clmtune_home",
            "context_length", "ensure_pad_token", "fix_prompt_learning_generation", "forward_inputs",

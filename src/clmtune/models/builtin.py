@@ -22,7 +22,7 @@ def clmtune_home() -> Path:
     return Path(os.environ.get("CLMTUNE_HOME", Path.home() / ".cache" / "clmtune")).expanduser()
 
 
-def _opt_bpe_tokenizer():
+def opt_bpe_tokenizer():
     from transformers import GPT2Tokenizer
 
     folder = assets_path("vocab/opt-bpe")
@@ -51,7 +51,7 @@ def bert_chinese_tokenizer():
 def _tiny_opt():
     from transformers import OPTConfig, OPTForCausalLM
 
-    tok = _opt_bpe_tokenizer()
+    tok = opt_bpe_tokenizer()
     cfg = OPTConfig(vocab_size=len(tok), hidden_size=64, word_embed_proj_dim=64, ffn_dim=256, num_hidden_layers=2,
                     num_attention_heads=4, max_position_embeddings=512, pad_token_id=1, bos_token_id=2,
                     eos_token_id=2, dropout=0.0, attention_dropout=0.0, init_std=0.2)
@@ -71,7 +71,7 @@ def _tiny_gpt2_zh():
 def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = _opt_bpe_tokenizer()  # the OPT vocabulary is GPT-2's byte-level BPE (+4 specials)
+    tok = opt_bpe_tokenizer()  # the OPT vocabulary is GPT-2's byte-level BPE (+4 specials)
     cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=2,
                      eos_token_id=2, pad_token_id=1)
     return GPT2LMHeadModel(cfg), tok
@@ -80,7 +80,7 @@ def _tiny_gpt2():
 def _tiny_bloom():
     from transformers import BloomConfig, BloomForCausalLM
 
-    tok = _opt_bpe_tokenizer()  # BLOOM's own 250k vocabulary is not shipped; the architecture is what matters here
+    tok = opt_bpe_tokenizer()  # BLOOM's own 250k vocabulary is not shipped; the architecture is what matters here
     cfg = BloomConfig(vocab_size=len(tok), hidden_size=64, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=2,
                       pad_token_id=1)
     return BloomForCausalLM(cfg), tok
@@ -89,7 +89,7 @@ def _tiny_bloom():
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _opt_bpe_tokenizer()  # no sentencepiece vocabulary is shipped; LLaMA-family architecture, BPE vocab
+    tok = opt_bpe_tokenizer()  # no sentencepiece vocabulary is shipped; LLaMA-family architecture, BPE vocab
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=2,
                       eos_token_id=2, pad_token_id=1)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from clmtune.config import PEFT_CONFIG_CLASSES, PEFT_METHODS, PeftSettings
+from clmtune.config import PEFT_CONFIG_CLASSES, PEFT_METHODS, PEFT_TABLE, PeftSettings
 from clmtune.errors import ClmtuneError
 
 
@@ -31,20 +31,14 @@ def build_peft_config(settings: PeftSettings, tokenizer_path: str | None = None)
     if method not in PEFT_CONFIG_CLASSES:
         raise ClmtuneError(f"peft.method={method!r} is not one of {', '.join(PEFT_METHODS)}")
     cls = getattr(peft, PEFT_CONFIG_CLASSES[method])
-    kwargs: dict[str, Any] = {"task_type": peft.TaskType.CAUSAL_LM}
-    if method == "lora":
-        kwargs.update(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules)
-    elif method == "ia3":
-        kwargs.update(target_modules=settings.target_modules)
-    else:  # prompt-learning methods
-        kwargs.update(num_virtual_tokens=settings.num_virtual_tokens)
-        if method == "prompt_tuning":
-            if settings.init_text is not None:
-                kwargs.update(prompt_tuning_init=peft.PromptTuningInit.TEXT,
-                              prompt_tuning_init_text=settings.init_text, tokenizer_name_or_path=tokenizer_path)
-            else:
-                kwargs.update(prompt_tuning_init=peft.PromptTuningInit.RANDOM)
+    kwargs: dict[str, Any] = {"task_type": peft.TaskType.CAUSAL_LM,
+                              **{k: getattr(settings, k) for k in PEFT_TABLE[method].settings}}
+    if method == "prompt_tuning":
+        if settings.init_text is not None:
+            kwargs.update(prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                          prompt_tuning_init_text=settings.init_text, tokenizer_name_or_path=tokenizer_path)
+        else:
+            kwargs.update(prompt_tuning_init=peft.PromptTuningInit.RANDOM)
     kwargs.update(settings.options)
     try:
         return cls(**kwargs)

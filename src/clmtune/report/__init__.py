@@ -1,4 +1,5 @@
-"""Run reports: ``loss.png`` curves (``curves``), reading a run folder (``runs``), and ``report.html`` (``html``)."""
+"""Run reports: reading a run folder (``runs``) and ``report.html`` (``html``); the curves are ``clmtune.curves``
+(a foundation: training draws ``loss.png`` with them too)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from clmtune.report.curves import plot_loss, plot_runs
+from clmtune.curves import plot_loss, plot_runs
 from clmtune.report.runs import RunFiles, evaluated_on
 
 CSS = """

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from clmtune.errors import ClmtuneError
-from clmtune.generate import CleanStreamer, finish_text, load_for_generation, stop_token_ids
-from clmtune.generate import _decode, _raw_text  # noqa: the exact decoding `clmtune generate` applies
+from clmtune.decoding import CleanStreamer, finish_text, load_for_generation, stop_token_ids
+from clmtune.decoding import decode, raw_text  # the exact decoding `clmtune generate` applies
 from clmtune.models import cache_kwarg, context_length, is_prompt_learning, model_device, output_cache, resolve_device
 from clmtune.run import RunDir
 from clmtune.tasks import Task, get_task
@@ -104,13 +104,13 @@ class Row:
     def _finish(self, reason: str) -> bool:
         self.finish_reason = reason
         self._streamer._emit(final=True)  # the held-back tail (trailing space, partial character) goes out now
-        self.text = _decode(self._engine.tokenizer, self.new_ids, self._stop_ids, self.sampling.stop)
+        self.text = decode(self._engine.tokenizer, self.new_ids, self._stop_ids, self.sampling.stop)
         self._on_done(self)
         return True
 
     def cancel_now(self) -> None:
         self.finish_reason = "cancelled"
-        self.text = finish_text(_raw_text(self._engine.tokenizer, self.new_ids), self.sampling.stop)
+        self.text = finish_text(raw_text(self._engine.tokenizer, self.new_ids), self.sampling.stop)
         self._on_done(self)
 
 
@@ -385,9 +385,8 @@ class Engine:
         examples, dropped = self.task.render_examples(rows, cfg, self.labels, "the request", labelled=False)
         if dropped:  # the checks above should make this impossible; never answer fewer items than asked
             raise RequestError(f"{dropped} input(s) have no text to classify", param="input")
-        encoder = Encoder(self.request_tokenizer, cfg)
-        reserve = max(len(c) for c in encoder.label_ids(self.labels)) + 1
-        prompts, _ = encoder.encode_prompts(examples, reserve=reserve)
+        # cut as `clmtune eval` cuts: room for the longest label + end token (Encoder.eval_reserve)
+        prompts, _ = Encoder(self.request_tokenizer, cfg).encode_eval_prompts(examples, self.labels)
         return prompts
 
     @torch.inference_mode()

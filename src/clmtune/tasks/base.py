@@ -90,6 +90,16 @@ class Task:
         return {"prompt": [e.prompt for e in examples],
                 "target": [e.target if e.target is not None else e.label for e in examples]}
 
+    def sequence_lengths(self, tokenizer, d: "DataConfig", examples: list[Example]) -> list[int]:
+        """Tokens of each training row before any cut, as ``encode`` builds it: BOS (if the tokenizer adds one)
+        + prompt + target + end token (``data.max_length: auto`` takes its 99th percentile)."""
+        from clmtune.tasks.encoding import leading_special_ids, token_ids
+
+        prefix = leading_special_ids(tokenizer)
+        prompts = token_ids(tokenizer, [e.prompt for e in examples])
+        targets = token_ids(tokenizer, [e.target or e.label or "" for e in examples])
+        return [len(prefix) + len(p) + len(t) + 1 for p, t in zip(prompts, targets)]
+
     def encode(self, batch: dict[str, list], tokenizer, prefix: list[int], end_id: int, d: "DataConfig") -> dict:
         """``datasets.map(batched=True)`` body: columns ``prompt``/``target`` -> ``input_ids`` (+ ``labels``, the
         loss mask as -100) and the statistics columns ``truncated``, ``prompt_len``, ``target_len``."""

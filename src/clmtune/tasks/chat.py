@@ -13,15 +13,14 @@ perplexity of the held-out split plus generated replies scored by character ROUG
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from clmtune.chat_templates import install_chat_template, reply_stops
 from clmtune.tasks.base import Task
-from clmtune.tasks.chat_encoding import TRAIN_ON, encode_conversation
+from clmtune.tasks.chat_encoding import TRAIN_ON, encode_conversation, tokens_and_mask
 from clmtune.tasks.conversations import DEFAULT_COLUMNS, FORMATS, to_conversations
-from clmtune.tasks.examples import Example, is_missing
+from clmtune.tasks.examples import Conversation, Example, is_missing
 
 log = logging.getLogger("clmtune")
 
@@ -59,18 +58,25 @@ class ChatTask(Task):
         for msgs, n in zip(conv.conversations, conv.row_numbers):
             rid = rows[n - 1].get(d.id_column) if len(rows) >= n else None
             rid = str(n - 1) if is_missing(rid) else str(rid)
-            last_user = next(m["content"] for m in reversed(msgs) if m["role"] == "user")
-            out.append(Example(id=rid, prompt=last_user, label=None, text=last_user,
-                               target=json.dumps(msgs, ensure_ascii=False)))
+            conversation = Conversation.from_dicts(msgs)
+            last_user = conversation.last_user
+            out.append(Example(id=rid, prompt=last_user, label=None, text=last_user, conversation=conversation))
         return out, 0
 
+    def example_columns(self, examples: list[Example]) -> dict[str, list]:
+        return {"messages": [e.conversation.as_dicts() for e in examples]}
+
+    def sequence_lengths(self, tokenizer, d, examples: list[Example]) -> list[int]:
+        """Tokens of each whole conversation under the run's chat template, exactly as ``encode`` renders it
+        before any turn is left out (the template must be installed: ``prepare_tokenizer``)."""
+        return [len(tokens_and_mask(tokenizer, e.conversation.as_dicts())[0]) for e in examples]
+
     def encode(self, batch, tokenizer, prefix, end_id, d) -> dict:
-        """Each conversation (JSON in ``target``) -> ids + assistant labels; one that cannot fit is left out of the
+        """Each conversation (``messages``) -> ids + assistant labels; one that cannot fit is left out of the
         batch (a batched ``datasets.map`` may return fewer rows) and counted in ``finish_split``."""
         out = {"input_ids": [], "labels": [], "truncated": [], "prompt_len": [], "target_len": [], "turns": [],
                "turns_dropped": []}
-        for target in batch["target"]:
-            msgs = json.loads(target)
+        for msgs in batch["messages"]:
             enc = encode_conversation(tokenizer, msgs, d.max_length, d.train_on)
             if enc is None:
                 continue

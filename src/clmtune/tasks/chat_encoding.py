@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from clmtune.chat_templates import has_generation_blocks
 from clmtune.errors import ClmtuneError
-from clmtune.tasks.examples import IGNORE_INDEX
+from clmtune.tasks.examples import IGNORE_INDEX, drop_oldest_turns
 
 TRAIN_ON = ("all", "last")
 
@@ -95,17 +95,10 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], max_length: i
     prompt and final user+assistant pair."""
     if train_on not in TRAIN_ON:
         raise ClmtuneError(f"data.train_on={train_on!r}: use all (every assistant turn) or last")
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    body = messages[len(system):]
-    dropped = 0
-    while True:
-        ids, mask = tokens_and_mask(tokenizer, system + body)
-        if max_length is None or len(ids) <= max_length:
-            break
-        if len(body) <= 2:
-            return None
-        body = body[2:]  # the oldest complete user+assistant pair
-        dropped += 1
+    (ids, mask), dropped = drop_oldest_turns(messages, lambda msgs: tokens_and_mask(tokenizer, msgs),
+                                             lambda out: len(out[0]), max_length, keep=2)
+    if max_length is not None and len(ids) > max_length:
+        return None
     if train_on == "last":
         mask = _last_run_only(mask)
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]

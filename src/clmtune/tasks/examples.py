@@ -4,7 +4,7 @@ the checks of template placeholders against a file's columns."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 from clmtune.errors import ClmtuneError
 from clmtune.templates import template_fields as _template_fields
@@ -16,9 +16,51 @@ IGNORE_INDEX = -100
 SPLIT_ORDER = ("train", "eval", "test")
 
 
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: ``role`` is ``system``, ``user`` or ``assistant``."""
+
+    role: str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A normalised conversation: an optional system prompt, then user and assistant turns alternating, ending
+    with an assistant reply (``tasks.conversations`` builds and checks them). Frozen, so equal conversations
+    hash alike (duplicates are dropped by it)."""
+
+    messages: tuple[Message, ...]
+
+    @classmethod
+    def from_dicts(cls, messages: Sequence[dict[str, str]]) -> "Conversation":
+        return cls(tuple(Message(m["role"], m["content"]) for m in messages))
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        """The messages as chat templates take them."""
+        return [m.as_dict() for m in self.messages]
+
+    @property
+    def assistant_turns(self) -> int:
+        return sum(m.role == "assistant" for m in self.messages)
+
+    @property
+    def last_user(self) -> str:
+        return next(m.content for m in reversed(self.messages) if m.role == "user")
+
+    def split_last_reply(self) -> tuple[list[dict[str, str]], str]:
+        """(messages up to the last user message, the last assistant reply): a held-out reply's prompt and
+        reference."""
+        last = max(i for i, m in enumerate(self.messages) if m.role == "assistant")
+        return [m.as_dict() for m in self.messages[:last]], self.messages[last].content
+
+
 @dataclass
 class Example:
-    """One row after prompt rendering. ``label`` is None for unlabelled rows and for ``sft``/``lm``."""
+    """One row after prompt rendering. ``label`` is None for unlabelled rows and for ``sft``/``lm``/``chat``."""
 
     id: str
     prompt: str
@@ -26,6 +68,34 @@ class Example:
     text: str
     target: str | None = None
     """Words learned after the prompt: the label (classify), the response (sft), the whole text (lm, prompt '')."""
+    conversation: Conversation | None = None
+    """The whole conversation (chat); ``prompt`` and ``text`` are then its last user message."""
+
+    @property
+    def learnable(self) -> bool:
+        """Has something to learn from: a target, a label or a conversation (unlabelled test rows have none)."""
+        return self.target is not None or self.label is not None or self.conversation is not None
+
+
+R = TypeVar("R")
+
+
+def drop_oldest_turns(messages: Sequence[dict[str, str]], render: Callable[[list[dict[str, str]]], R],
+                      length: Callable[[R], int], room: int | None, keep: int = 1) -> tuple[R, int]:
+    """The one rule for fitting a conversation into ``room`` tokens, used by training, reply evaluation and the
+    chat REPL alike: while ``render(messages)`` is longer than ``room``, leave out the oldest complete
+    user+assistant pair after the system prompt (which always stays), until only ``keep`` messages after it are
+    left. Returns (the last rendering, pairs left out); the caller decides what a rendering still too long
+    means (dropped, cut, or refused)."""
+    system = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    body = list(messages[len(system):])
+    dropped = 0
+    while True:
+        out = render(system + body)
+        if room is None or length(out) <= room or len(body) <= keep:
+            return out, dropped
+        body = body[2:]
+        dropped += 1
 
 
 @dataclass

@@ -41,13 +41,13 @@ import torch
 
 from clmtune.config import RunConfig
 from clmtune.data import prepare_data
-from clmtune.defaults import resolve_defaults
+from clmtune.defaults import resolve_run
 from clmtune.errors import ClmtuneError
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, forward_inputs, load_model,
                             load_tokenizer, model_dtype, resolve_model_path, unwrap)
 from clmtune.fsutil import check_writable
 from clmtune.run import RunDir
-from clmtune.train.checkpoints import (STATE_FILE, _check_same_config, _set_rng_state, _trainable_state,
+from clmtune.train.checkpoints import (STATE_FILE, check_same_config, set_rng_state, trainable_state,
                                        list_checkpoints, load_checkpoint, load_weights, prepare_output_dir,
                                        resolve_resume, save_checkpoint)
 from clmtune.models.head import head_returns_hidden
@@ -156,7 +156,8 @@ class TrainRecipe:
 
     def __init__(self, cfg: RunConfig, progress: bool = True, resume: str | None = None):
         # every `auto` (model, learning rate, max_length) becomes a value first: the run and its saved config use it
-        cfg, self.auto = resolve_defaults(cfg, announce=int(os.environ.get("RANK", "0")) == 0)
+        resolved = resolve_run(cfg, announce=int(os.environ.get("RANK", "0")) == 0)
+        cfg, self.auto, self.examples = resolved.cfg, resolved.auto, resolved.examples
         self.cfg, self.progress, self.resume = cfg, progress, resume
         self.run = RunDir(cfg.train.output_dir)
         self.lock = None
@@ -194,7 +195,7 @@ class TrainRecipe:
                 raise ClmtuneError("--resume is not supported with train.deepspeed (DeepSpeed shards the optimizer "
                                    "state); restart the run, or resume without DeepSpeed")
             self.ckpt = resolve_resume(self.run.path, self.resume)
-            _check_same_config(self.cfg, json.loads((self.ckpt / STATE_FILE).read_text(encoding="utf-8"))["config"],
+            check_same_config(self.cfg, json.loads((self.ckpt / STATE_FILE).read_text(encoding="utf-8"))["config"],
                                self.ckpt)
         if self.main:
             if t_cfg.overwrite:  # --overwrite clears a run's outputs; never in a folder that holds the data read
@@ -218,8 +219,9 @@ class TrainRecipe:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        self.data = prepare_data(self.tokenizer, cfg.data, context_length=context_length(cfg.model),
-                                 progress=self.progress and self.main)
+        self.data = prepare_data(self.tokenizer, cfg.data, task=self.examples,
+                                 context_length=context_length(cfg.model), progress=self.progress and self.main)
+        self.examples = None  # kept by self.data
         # rows as plain dicts with their index: the sampler/collator report which rows each process saw
         self.features = (self.objective.features(self.data.train) if self.objective else
                          [{"input_ids": ids, "labels": lab, "row": i}
@@ -376,7 +378,7 @@ class TrainRecipe:
                    unit="step")
         self.model.train()
         if self.rng is not None:
-            _set_rng_state(self.rng)  # last: everything above may consume random numbers
+            set_rng_state(self.rng)  # last: everything above may consume random numbers
         stopper = stop_after_step(enabled=self.n_proc == 1)
         stop_request = stopper.__enter__()
         try:
@@ -519,7 +521,7 @@ class TrainRecipe:
         self.check_folder()
         acc.wait_for_everyone()
         best = self.watch.finish()  # with train.save_best: the best weights are loaded back into the model
-        weights = _trainable_state(self.model, acc)  # collective (ZeRO-3 gather); the real weights, not shards
+        weights = trainable_state(self.model, acc)  # collective (ZeRO-3 gather); the real weights, not shards
         per_rank = gather_object([self.rows_seen]) if self.n_proc > 1 else [self.rows_seen]
         if self.main:
             run.save_tokenizer(self.tokenizer)

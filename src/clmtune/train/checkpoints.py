@@ -123,7 +123,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
@@ -134,7 +134,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
+def trainable_state(model, accelerator) -> dict[str, torch.Tensor]:
     """State dict to save: the adapter (peft filters it) or, for full fine-tuning, every weight.
 
     ``accelerator.get_state_dict`` gathers ZeRO-3 shards (without it, DeepSpeed ZeRO-3 saves empty adapters).
@@ -159,7 +159,7 @@ def _write_weights(folder: Path, unwrapped, weights: dict, is_peft: bool) -> Non
 def save_checkpoint_weights(folder: Path, model, accelerator, is_peft: bool) -> Path:
     """The trainable weights alone (checkpoint format) into ``folder``, atomically: a hidden sibling renamed into
     place. A collective call under DeepSpeed: every process must make it."""
-    weights = _trainable_state(model, accelerator)
+    weights = trainable_state(model, accelerator)
     if accelerator.is_main_process:
         tmp = tmp_sibling(folder)
         _write_weights(tmp, accelerator.unwrap_model(model), weights, is_peft)
@@ -188,7 +188,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, accelerator, state: 
     """Write ``out/checkpoints/step-N`` atomically (temp folder + rename); delete all but the last ``keep``."""
     from safetensors.torch import save_model
 
-    weights = _trainable_state(model, accelerator)  # collective under DeepSpeed
+    weights = trainable_state(model, accelerator)  # collective under DeepSpeed
     final = RunDir(out).checkpoints / f"step-{state['step']:06d}"
     if not accelerator.is_main_process:
         return final
@@ -260,7 +260,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_same_config(cfg: RunConfig, saved: dict, ckpt: Path) -> None:
+def check_same_config(cfg: RunConfig, saved: dict, ckpt: Path) -> None:
     now, then, default = _flat(cfg.to_dict()), _flat(saved), _flat(RunConfig().to_dict())
     # a key newer than the checkpoint (absent there) is unchanged when it has its default value
     diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in _RESUMABLE_CHANGES

@@ -110,9 +110,9 @@ class PackedHead:
     @staticmethod
     def available() -> bool:
         try:
-            from clmtune.packed import _ops
+            from clmtune.packed import mkldnn_ops
 
-            _ops()
+            mkldnn_ops()
             return True
         except (AttributeError, RuntimeError):
             return False

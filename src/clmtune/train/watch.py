@@ -107,9 +107,12 @@ class Watch:
             from clmtune.tasks import get_task
 
             if get_task(r.cfg.data.task).evaluation == "labels":
-                from clmtune.data import load_task
+                examples = r.data.examples
+                if examples is None:  # splits read from a data.prepared folder hold token ids, not the rows
+                    from clmtune.data import load_task
 
-                self.examples = [e for e in load_task(r.cfg.data).eval if e.label is not None][:n]
+                    examples = load_task(r.cfg.data)
+                self.examples = [e for e in examples.eval if e.label is not None][:n]
         if resumed_state and "watch" in resumed_state:
             w = resumed_state["watch"]
             if self.keeper is not None and w.get("keeper"):
@@ -218,9 +221,9 @@ class Watch:
 
 
 def write_loss_png(run: RunDir, best_step: int | None = None) -> Path | None:
-    """``RUN/loss.png`` from ``train_log.jsonl`` (curves of the report stage's plotting module); a picture that
+    """``RUN/loss.png`` from ``train_log.jsonl`` (``clmtune.curves``); a picture that
     cannot be drawn is logged, never fatal: the trained weights are already saved."""
-    from clmtune.report.curves import plot_loss
+    from clmtune.curves import plot_loss
 
     records = [json.loads(ln) for ln in run.log_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
     try:

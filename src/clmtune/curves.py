@@ -1,4 +1,5 @@
-"""Training curves as PNG: ``loss.png`` of one run, and overlaid curves of several runs.
+"""Training curves as PNG: ``loss.png`` of one run, and overlaid curves of several runs (a foundation: the train
+stage draws ``loss.png`` at the end of a run, the report stage overlays runs).
 
 Input: the records of ``train_log.jsonl`` (one dict per line). Training records carry ``step`` and ``loss`` (and
 ``learning_rate``, ``grad_norm``, ``tokens_per_s``); evaluation records carry ``step`` and ``eval_*`` keys
