@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import launched
 from tinyrun import one_thread  # noqa: F401  (one fixture for every test module that asks for it)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,3 +60,10 @@ def chat_run(tmp_path_factory):
     from chatrun import train_chat_run
 
     return train_chat_run(tmp_path_factory.mktemp("chatrun")), os.environ["CLMTUNE_HOME"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium, one per test module that drives a page."""
+    with launched() as b:
+        yield b

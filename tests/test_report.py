@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import needs_chromium
 from clmtune.data import assets_path
 from clmtune.errors import ClmtuneError
 
@@ -201,32 +202,23 @@ def test_report_cli(zh_runs, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/system_deps.sh installs it)")
-def test_report_renders_in_headless_chromium(zh_runs, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
+@needs_chromium
+def test_report_renders_in_headless_chromium(zh_runs, tmp_path, browser):
     from clmtune.report import write_report
 
     page_path = write_report(zh_runs, tmp_path / "report.html")
     requests = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(page_path.as_uri())
-            page.wait_for_load_state("load")
-            assert page.locator("table#comparison").count() == 1
-            assert page.locator("table#metrics-0 tr").count() >= 3  # header + accuracy + macro-F1 ...
-            images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-            assert len(images) == 5 and all(done and width > 0 for done, width in images)
-            assert "好评" in page.inner_text("body")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(page_path.as_uri())
+    page.wait_for_load_state("load")
+    assert page.locator("table#comparison").count() == 1
+    assert page.locator("table#metrics-0 tr").count() >= 3  # header + accuracy + macro-F1 ...
+    images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+    assert len(images) == 5 and all(done and width > 0 for done, width in images)
+    assert "好评" in page.inner_text("body")
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
     assert (tmp_path / "report.png").stat().st_size > 50_000
     json.dumps(images)  # keep for a failure message

@@ -5,27 +5,15 @@ shown but disabled and a completion comes back as a reply bubble. Screenshots ar
 
 from __future__ import annotations
 
-import shutil
 
 import openai
 import pytest
 import torch
 
+from browser import needs_chromium
 from liveserver import CHAT_TEMPLATE, LiveServer
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium executable on PATH (Debian: apt-get install chromium fonts-noto-cjk); "
-                             "the browser test needs a real browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
+pytestmark = needs_chromium
 
 
 def watch(page) -> dict:

@@ -15,23 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from browser import needs_chromium
 from liveserver import LiveServer
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium executable on PATH (Debian: apt-get install chromium fonts-noto-cjk)")]
+pytestmark = [pytest.mark.slow, needs_chromium]
 TOKEN = "browser-test-token"
 GOOD = ["房间干净，服务热情，早餐丰富", "位置方便，前台很友好", "性价比高，下次还来", "床很舒服，环境安静"]
 BAD = ["房间有异味，隔音太差", "服务态度恶劣，再也不来", "设施陈旧，卫生间漏水", "早餐难吃，价格太贵"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def chinese_csv(path: Path) -> Path:

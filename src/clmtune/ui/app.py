@@ -258,6 +258,13 @@ def create_app(workspace: str | Path, token: str | None = None, upload_limit: in
             raise UiError(404, f"{rel} is not a run folder (no config.yaml)")
         return path
 
+    def finished_run(rel: str) -> tuple[Path, str]:
+        """A run folder whose training has finished (evaluate, export): its path and workspace-relative name."""
+        path = run_path(rel)
+        if not RunDir(path).is_finished():
+            raise UiError(409, f"{ws.rel(path)} has not finished training")
+        return path, ws.rel(path)
+
     def run_info(path: Path) -> dict:
         rel, rd = ws.rel(path), RunDir(path)
         info = {"run": rel, "name": path.name, "status": "interrupted", "error": None, "job": None,
@@ -539,10 +546,7 @@ def create_app(workspace: str | Path, token: str | None = None, upload_limit: in
 
     @app.post("/api/eval")
     async def evaluate(body: EvalBody):
-        path = run_path(body.run)
-        rel = ws.rel(path)
-        if not RunDir(path).is_finished():
-            raise UiError(409, f"{rel} has not finished training")
+        _, rel = finished_run(body.run)
         args = ["eval", "--run", rel]
         if body.data:
             p = ws.resolve(body.data)
@@ -556,10 +560,7 @@ def create_app(workspace: str | Path, token: str | None = None, upload_limit: in
 
     @app.post("/api/export")
     async def export(body: ExportBody):
-        path = run_path(body.run)
-        rel = ws.rel(path)
-        if not RunDir(path).is_finished():
-            raise UiError(409, f"{rel} has not finished training")
+        path, rel = finished_run(body.run)
         to = f"{EXPORTS}/{path.name}-{'merged' if body.merge else 'adapter'}"
         ws.resolve(to)
         args = ["export", "--run", rel, "--to", to, "--overwrite"] + (["--merge"] if body.merge else [])
