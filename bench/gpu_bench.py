@@ -91,9 +91,9 @@ def build_model(kind: str, folder: Path, smoke: bool) -> None:
     import torch
     from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from clmtune.models.builtin import _opt_bpe_tokenizer
+    from clmtune.models.builtin import opt_bpe_tokenizer
 
-    tok = _opt_bpe_tokenizer()
+    tok = opt_bpe_tokenizer()
     ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 1.1B weights: seconds on a GPU
@@ -127,9 +127,9 @@ def chat_jsonl(folder: Path, rows: int, lengths: tuple[int, int]) -> Path:
     import csv
 
     from clmtune.data import assets_path
-    from clmtune.models.builtin import _opt_bpe_tokenizer
+    from clmtune.models.builtin import opt_bpe_tokenizer
 
-    tok = _opt_bpe_tokenizer()
+    tok = opt_bpe_tokenizer()
     texts = [r["Tweet text"] for r in csv.DictReader(open(assets_path("raft/twitter_complaints/train.csv"),
                                                           encoding="utf-8"))]
     texts += [r["Query"] for r in csv.DictReader(open(assets_path("raft/banking_77/train.csv"), encoding="utf-8"))]
@@ -649,7 +649,7 @@ def prepare(w: Path, smoke: bool) -> dict:
     import torch
 
     from clmtune.chat_templates import install_chat_template
-    from clmtune.models.builtin import _opt_bpe_tokenizer
+    from clmtune.models.builtin import opt_bpe_tokenizer
     from clmtune.tasks.chat_encoding import tokens_and_mask
 
     s = sizes(smoke)
@@ -658,7 +658,7 @@ def prepare(w: Path, smoke: bool) -> dict:
         build_model(kind, w / kind, smoke)
     twitter_csv(w, s["tut_rows"])
     chat_jsonl(w, s["sft_rows"], s["sft_len"])
-    tok = _opt_bpe_tokenizer()
+    tok = opt_bpe_tokenizer()
     install_chat_template(tok, "chatml")
     real = sup = 0
     for ln in open(w / "chat.jsonl", encoding="utf-8"):
