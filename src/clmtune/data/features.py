@@ -32,6 +32,7 @@ from clmtune.data.encoder import Encoder, check_label_tokens
 from clmtune.tasks.encoding import build_sft_example  # noqa: F401  (re-exported: tests import it from here)
 from clmtune.tasks.examples import SPLIT_ORDER, Example, TaskData
 from clmtune.data.load import load_task
+from clmtune.text import plural
 from clmtune.tasks import get_task
 from clmtune.errors import ClmtuneError
 
@@ -62,7 +63,8 @@ class Prepared:
         for s in SPLIT_ORDER:
             if s in r["splits"]:
                 x = r["splits"][s]
-                parts.append(f"{s} {x['rows']} rows -> {x['features']} sequences ({x['truncated']} truncated)")
+                parts.append(f"{s} {plural(x['rows'], 'row')} -> {plural(x['features'], 'sequence')} "
+                             f"({x['truncated']} truncated)")
         d = r["data"]
         dropped = sum(d["dropped_empty"].values())
         dups = sum(d["dropped_duplicate"].values())
@@ -71,8 +73,8 @@ class Prepared:
             b, k = d["rows_before_sampling"], d["sampled"]
             sampled = (f"; sampled (seed {k['seed']}) train {k['train']} of {b['train']} rows, eval {k['eval']} of "
                        f"{b['eval']}")
-        return (f"data ({r['task']}): " + "; ".join(parts) + f"; {dropped} rows dropped (empty text), "
-                f"{dups} duplicates dropped{sampled}; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
+        return (f"data ({r['task']}): " + "; ".join(parts) + f"; {plural(dropped, 'row')} dropped (empty text), "
+                f"{plural(dups, 'duplicate')} dropped{sampled}; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
 
 
 def context_check(cfg: DataConfig, context_length: int | None) -> None:
