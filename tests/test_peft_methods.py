@@ -12,7 +12,7 @@ from tinyrun import load_run, one_thread, tiny_cfg  # noqa: F401  (fixture)
 from clmtune.config import GenerateConfig, ModelConfig, PeftSettings
 from clmtune.data import collate
 from clmtune.evaluate import evaluate_run
-from clmtune.generate import generate_texts
+from clmtune.generate import generate
 from clmtune.models import apply_peft, forward_inputs, load_model, load_tokenizer, resolve_model_path
 from clmtune.train import train
 
@@ -87,8 +87,8 @@ def test_method_end_to_end(tmp_path, one_thread, method, extra, peft_type):
                                        atol=1e-4, rtol=1e-4)
         base_first = base(**one).logits[0, -1]
     assert (gen.scores[0][0] - base_first).abs().max() > 1e-3  # differs from the base model's generation
-    texts = generate_texts(model, tok, ["Tweet text : I hate this label :"],
-                           GenerateConfig(temperature=0, max_new_tokens=4))
+    texts = [g.outputs for g in generate(model, tok, ["Tweet text : I hate this label :"],
+                                         GenerateConfig(temperature=0, max_new_tokens=4))]
     assert len(texts) == 1 and len(texts[0]) == 1
 
 

@@ -83,11 +83,6 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerateConfig,
             for p, o, x, c in zip(prompts, outputs, ids, cut)]
 
 
-def generate_texts(model, tokenizer, prompts: list[str], settings: GenerateConfig) -> list[list[str]]:
-    """For each prompt, its ``num_return_sequences`` continuations."""
-    return [g.outputs for g in generate(model, tokenizer, prompts, settings)]
-
-
 @torch.no_grad()
 def stream(model, tokenizer, prompt: str, settings: GenerateConfig,
            write: Callable[[str], object] | None = None) -> Generation:
