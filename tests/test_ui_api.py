@@ -392,7 +392,7 @@ def test_clmtune_ui_prints_a_tokened_localhost_url_and_refuses_requests_without_
 
 
 def test_progress_comes_from_the_progress_bar(tmp_path):
-    from clmtune.ui.app import progress_of
+    from clmtune.ui.routers.runs import progress_of
 
     log = tmp_path / "job.log"
     log.write_text("loading\rtrain:   0%|          | 0/40 [00:00<?, ?step/s]\rtrain:  12%|#2        | 5/40 "
