@@ -22,16 +22,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from clmtune.config.task_rules import CHAT_COLUMNS, CHAT_FORMATS
 from clmtune.errors import ClmtuneError
 
-FORMATS = ("alpaca", "sharegpt", "openai")
+FORMATS = CHAT_FORMATS
 ROLES = ("system", "user", "assistant")
-DEFAULT_COLUMNS = {
-    "instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history",
-    "conversations": "conversations", "messages": "messages", "role": None, "content": None,
-}
-"""Our field -> the file's column. ``role``/``content`` name the keys inside each message (``None``: ``from``/
-``value`` or ``role``/``content``, whichever the message has)."""
+DEFAULT_COLUMNS = CHAT_COLUMNS
+"""Our field -> the file's column (``config.task_rules.CHAT_COLUMNS``, which ``data.columns`` is checked against)."""
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 """Role names accepted in ShareGPT (``human``, ``gpt``) and OpenAI (``user``, ``assistant``) messages."""
 _SHOW_ROWS = 5  # rows named per problem in an error message
