@@ -111,9 +111,9 @@ def test_token_in_the_url_sets_a_same_site_cookie_that_authenticates_the_page(cl
 
 
 def test_cli_binds_localhost_by_default():
-    from clmtune.cli import _parser
+    from clmtune.cli import build_parser
 
-    args = _parser().parse_args(["ui"])
+    args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1" and args.workspace == "."
 
 
