@@ -180,5 +180,6 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-COMMANDS = [Command("train", add_train, cmd_train, overrides=True), Command("prepare", add_prepare, cmd_prepare, overrides=True),
+COMMANDS = [Command("train", add_train, cmd_train, overrides=True),
+            Command("prepare", add_prepare, cmd_prepare, overrides=True),
             Command("eval", add_eval, cmd_eval)]

@@ -52,8 +52,10 @@ def choice_problems(cfg: "RunConfig") -> list[str]:
     d = cfg.data
     return [*choice("data.task", d.task, TASK_NAMES), *choice("data.end_token", d.end_token, END_TOKENS),
             *choice("data.truncation_side", d.truncation_side, TRUNCATION_SIDES),
-            *choice("data.padding", d.padding, PADDING), *choice("data.text_sample_by", d.text_sample_by, TEXT_SAMPLE_BY),
-            *choice("peft.method", cfg.peft.method, PEFT_METHODS), *choice("eval.method", cfg.eval.method, EVAL_METHODS),
+            *choice("data.padding", d.padding, PADDING),
+            *choice("data.text_sample_by", d.text_sample_by, TEXT_SAMPLE_BY),
+            *choice("peft.method", cfg.peft.method, PEFT_METHODS),
+            *choice("eval.method", cfg.eval.method, EVAL_METHODS),
             *choice("train.precision", cfg.train.precision, PRECISIONS)]
 
 

@@ -24,9 +24,9 @@ writes), ``folder`` (``RunDir``), ``targets`` (which output folders ``--overwrit
 
 from __future__ import annotations
 
-from clmtune.run.files import (ADAPTER, BEST, CHECKPOINTS, CONFIG, CONFUSION_PNG, EVAL_INDEX, EVAL_JSON, EVALS, LOSS_PNG,
-                               MODEL, PREDICTIONS_CSV, PREDICTIONS_JSONL, PREDICTIONS_TEXT_CSV, REPORT_HTML, SUMMARY,
-                               TENSORBOARD, TOKENIZER, TRAIN_LOG, write_bytes_atomic, write_csv_atomic,
+from clmtune.run.files import (ADAPTER, BEST, CHECKPOINTS, CONFIG, CONFUSION_PNG, EVAL_INDEX, EVAL_JSON, EVALS,
+                               LOSS_PNG, MODEL, PREDICTIONS_CSV, PREDICTIONS_JSONL, PREDICTIONS_TEXT_CSV, REPORT_HTML,
+                               SUMMARY, TENSORBOARD, TOKENIZER, TRAIN_LOG, write_bytes_atomic, write_csv_atomic,
                                write_json_atomic, write_text_atomic)
 from clmtune.run.folder import RunDir
 from clmtune.run.targets import check_replace_target, enclosing_run
