@@ -37,7 +37,7 @@ from clmtune.config.task_rules import TASK_NAMES, TASK_RULES, TaskRules
 
 __all__ = ["ADAPTER_KEYS", "AUTO", "AUTO_KEYS", "DEFAULT_LEARNING_RATES", "DEVICE_PATTERN", "END_TOKENS",
            "EVAL_METHODS", "MERGEABLE_METHODS", "PADDING", "PEFT_CONFIG_CLASSES", "PEFT_METHODS", "PEFT_TABLE",
-           "PRECISIONS", "PeftMethod", "SECTIONS", "TASK_NAMES", "TASK_RULES", "TEXT_SAMPLE_BY", "TRUNCATION_SIDES", "DataConfig",
-           "EvalConfig", "GenerateConfig", "ModelConfig", "PeftSettings", "PreferenceConfig", "RawOverride",
-           "RunConfig", "TaskRules", "TrainConfig", "deepspeed_problems", "device_problem", "from_dict", "load_config",
-           "merge", "parse_overrides", "peft_problems", "save_config"]
+           "PRECISIONS", "PeftMethod", "SECTIONS", "TASK_NAMES", "TASK_RULES", "TEXT_SAMPLE_BY", "TRUNCATION_SIDES",
+           "DataConfig", "EvalConfig", "GenerateConfig", "ModelConfig", "PeftSettings", "PreferenceConfig",
+           "RawOverride", "RunConfig", "TaskRules", "TrainConfig", "deepspeed_problems", "device_problem", "from_dict",
+           "load_config", "merge", "parse_overrides", "peft_problems", "save_config"]
