@@ -64,6 +64,7 @@ class Resolved:
     auto: dict[str, Any]
     examples: TaskData | None = None
     task: Task | None = None
+    """The task shape of ``cfg.data.task`` (the registry's object), looked up once here."""
 
 
 def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True) -> tuple[RunConfig, dict[str, Any]]:
