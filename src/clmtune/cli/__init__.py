@@ -1,5 +1,9 @@
-"""Command line: a thin map from arguments to the stage functions. Only this module parses arguments and
-decides exit codes: 0 success, 2 a user error (one line on stderr; ``--debug`` shows the traceback)."""
+"""Command line: a thin map from arguments to the stage functions. Only this package parses arguments and
+decides exit codes: 0 success, 2 a user error (one line on stderr; ``--debug`` shows the traceback).
+
+Each subcommand is a ``Command`` (``command``): its name, a builder that adds its parser and arguments, and the
+function that runs it; ``training`` (train, prepare, eval), ``generation`` (generate, chat) and ``delivery``
+(export, serve, report, ui) hold them, and ``COMMANDS`` lists them in the order ``--help`` shows."""
 
 from __future__ import annotations
 
