@@ -102,7 +102,7 @@ def load_task(cfg: DataConfig) -> TaskData:
     source's own eval split (``dev.*``, ``validation``, ``data.eval_file``) is used when there is one; otherwise
     ``eval_fraction`` of train is held out.
     """
-    raw = load_raw(cfg)
+    raw = load_raw(cfg, get_task(cfg.task).nested_rows)
     for warning in get_task(cfg.task).config_warnings(cfg):
         log.warning(warning)
     classify = get_task(cfg.task).has_labels

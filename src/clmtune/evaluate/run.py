@@ -16,6 +16,7 @@ from typing import Sequence
 
 from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import Encoder, load_task, prepare_data, read_table, render_examples
+from clmtune.data.sources import read_options
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import check_writable, is_writable
 from clmtune.inference import for_inference, model_precision
@@ -134,7 +135,7 @@ def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: s
         path = Path(data_file)
         if not path.is_file():
             raise ClmtuneError(f"--data {data_file!r}: no such file")
-        rows = read_table(path, cfg.data.delimiter, cfg.data.encoding, cfg.data.text_sample_by)  # as in training
+        rows = read_table(path, read_options(cfg.data))  # as in training
         labelled = bool(rows) and cfg.data.label_column in rows[0]
         examples, _ = render_examples(rows, cfg.data, labels, str(path), labelled=labelled)
     else:

@@ -19,7 +19,7 @@ from typing import Any
 from clmtune.chat_templates import install_chat_template, reply_stops
 from clmtune.tasks.base import Task
 from clmtune.tasks.chat_encoding import TRAIN_ON, encode_conversation, tokens_and_mask
-from clmtune.tasks.conversations import DEFAULT_COLUMNS, FORMATS, to_conversations
+from clmtune.tasks.conversations import DEFAULT_COLUMNS, conversation_formats, to_conversations
 from clmtune.tasks.examples import Conversation, Example, is_missing
 
 log = logging.getLogger("clmtune")
@@ -32,8 +32,9 @@ class ChatTask(Task):
 
     def config_problems(self, d) -> list[str]:
         p = []
-        if d.format is not None and d.format not in FORMATS:
-            p.append(f"data.format={d.format!r} is not one of {', '.join(FORMATS)} (or null to detect it)")
+        if d.format is not None and d.format not in conversation_formats():
+            p.append(f"data.format={d.format!r} is not one of {', '.join(conversation_formats())} (or null to "
+                     "detect it)")
         if d.train_on not in TRAIN_ON:
             p.append(f"data.train_on={d.train_on!r} is not one of {', '.join(TRAIN_ON)}")
         unknown = sorted(set(d.columns or {}) - set(DEFAULT_COLUMNS))
