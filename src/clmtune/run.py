@@ -37,6 +37,7 @@ import torch
 from clmtune.config import RunConfig, load_config
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import FolderLock, atomic_write_bytes, clean_stale_tmp, is_writable, os_errors, tmp_sibling
+from clmtune.metrics import METRICS
 
 log = logging.getLogger("clmtune")
 
@@ -178,8 +179,7 @@ class RunDir:
             else str(folder)
         write_json_atomic(self.path / EVAL_JSON, {**result, "folder": where})
         index = json.loads(self.eval_index.read_text(encoding="utf-8")) if self.eval_index.is_file() else {}
-        headline = {k: result[k] for k in ("accuracy", "macro_f1", "perplexity", "invalid", "n", "truncated_prompts")
-                    if k in result}
+        headline = {k: result[k] for k in (*METRICS, "invalid", "n", "truncated_prompts") if k in result}
         index[where] = {"split": None if data_file is not None else split,
                         "data_file": None if data_file is None else str(data_file), "method": result.get("method"),
                         **headline, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -21,7 +21,7 @@ from clmtune.errors import ClmtuneError
 from clmtune.fsutil import check_writable, is_writable
 from clmtune.inference import for_inference, model_precision
 from clmtune.models import is_prompt_learning
-from clmtune.evaluate.metrics import classification_metrics, perplexity
+from clmtune.metrics import classification_metrics, perplexity
 from clmtune.evaluate.predict import (label_tree_nodes, predict_constrained, predict_generate, predict_rank,
                                       resolve_method)
 from clmtune.evaluate.preference import evaluate_preference_run
