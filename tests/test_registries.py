@@ -146,3 +146,34 @@ def test_a_new_metric_is_one_function_and_a_registration(trained, share_of_first
     page = write_report([run], tmp_path / "r.html").read_text(encoding="utf-8")
     assert f"<th>share predicted as the first label</th><td class=\"num\">{expected:.4f}</td>" in page
     assert any(f"share predicted as the first label {expected:.4f}" in line for line in evaluation_lines([run]))
+
+
+def count_reads(monkeypatch, name: str) -> list[Path]:
+    """Every file the registered reader ``name`` reads, in order."""
+    import dataclasses
+
+    reader, reads = READERS[name], []
+    monkeypatch.setitem(READERS, name, dataclasses.replace(
+        reader, read=lambda path, o: reads.append(Path(path)) or reader.read(path, o)))
+    return reads
+
+
+def test_evaluating_a_run_reads_its_data_once_or_not_at_all_when_handed_down(trained, monkeypatch, tmp_path):
+    import dataclasses
+
+    from clmtune.evaluate import evaluate_run
+    from clmtune.tasks import get_task
+
+    cfg, result = trained
+    run = shutil.copytree(result.output_dir, tmp_path / "run")
+    reads = count_reads(monkeypatch, "csv")
+    metrics, _ = evaluate_run(run, data_file=cfg.data.source, out_dir=tmp_path / "a", progress=False)
+    assert reads == [Path(cfg.data.source)] and metrics["n"] == 8
+    # the entry point resolved the task and read the examples: evaluation reads nothing, looks nothing up
+    data = load_task(cfg.data)
+    data = dataclasses.replace(data, eval=data.train)
+    reads.clear()
+    monkeypatch.setattr("clmtune.evaluate.run.get_task", lambda name: pytest.fail("task looked up again"))
+    again, _ = evaluate_run(run, out_dir=tmp_path / "b", progress=False, data=data)
+    assert reads == [] and again["n"] == 8 and again["accuracy"] == metrics["accuracy"]
+    assert data.shape is get_task("classify")
