@@ -11,7 +11,8 @@ Prompt and target are tokenized separately, without special tokens between them,
 same at training time and at evaluation time (evaluation feeds the prompt ids alone and scores/generates the
 target). Padding goes on the left, the decoder-only convention: the last position of every row is real text.
 
-Modules (this package file only re-exports them): ``sources`` reads files/folders/datasets into rows; ``load``
+Modules (this package file only re-exports them): ``readers`` is the registry of file formats by suffix (one
+module per format); ``sources`` reads files/folders/datasets into rows by the shape of the source; ``load``
 turns rows into examples (each task renders its rows, see ``clmtune.tasks``) and splits them; ``encoder`` applies
 the shared token-id pieces (``clmtune.tasks.encoding``: prompt truncation, row builders, left-padded batches) for
 one tokenizer; ``features`` is the one entry point the stages use (``prepare_data``: examples -> tokenized
