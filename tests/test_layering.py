@@ -31,7 +31,6 @@ RANK = {"entry": 3, "stage": 2, "foundation": 1, "base": 0}
 
 KNOWN = {
     # in-training evaluation and the server score with the evaluate stage's kernels (move them to a foundation)
-    "stage->stage: clmtune.train.watch -> clmtune.evaluate.metrics",
     "stage->stage: clmtune.train.watch -> clmtune.evaluate.predict",
     "stage->stage: clmtune.serve.engine -> clmtune.evaluate.scoring",
 }

@@ -15,8 +15,9 @@ from typing import Callable
 
 from clmtune.config.data import DataConfig
 
-CHAT_FORMATS = ("alpaca", "sharegpt", "openai")
-"""Values of ``data.format`` (``None``: detected from the columns)."""
+CHAT_FORMATS = ["alpaca", "sharegpt", "openai"]
+"""Values of ``data.format`` (``None``: detected from the columns). ``tasks.conversations.register_conversation_format``
+adds a new shape's name here, so the configuration accepts it without asking the registry above it."""
 TRAIN_ON = ("all", "last")
 """Values of ``data.train_on``."""
 CHAT_COLUMNS = {

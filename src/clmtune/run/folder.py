@@ -17,6 +17,7 @@ from clmtune.fsutil import FolderLock, clean_stale_tmp, is_writable, os_errors, 
 from clmtune.run.files import (ADAPTER, BEST, CHECKPOINTS, CONFIG, CONFUSION_PNG, EVAL_INDEX, EVAL_JSON, EVALS,
                                LOSS_PNG, MODEL, PREDICTIONS_CSV, PREDICTIONS_JSONL, REPORT_HTML, SUMMARY, TENSORBOARD,
                                TOKENIZER, TRAIN_LOG, write_json_atomic, write_text_atomic)
+from clmtune.metrics import METRICS
 
 log = logging.getLogger("clmtune")
 
@@ -111,8 +112,7 @@ class RunDir:
             else str(folder)
         write_json_atomic(self.path / EVAL_JSON, {**result, "folder": where})
         index = json.loads(self.eval_index.read_text(encoding="utf-8")) if self.eval_index.is_file() else {}
-        headline = {k: result[k] for k in ("accuracy", "macro_f1", "perplexity", "invalid", "n", "truncated_prompts")
-                    if k in result}
+        headline = {k: result[k] for k in (*METRICS, "invalid", "n", "truncated_prompts") if k in result}
         index[where] = {"split": None if data_file is not None else split,
                         "data_file": None if data_file is None else str(data_file), "method": result.get("method"),
                         **headline, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
