@@ -32,10 +32,8 @@ RANK = {"entry": 3, "stage": 2, "foundation": 1, "base": 0}
 KNOWN = {
     # config validates task-specific settings through the task registry (move the registry's names below config)
     "upward: clmtune.config.run_config -> clmtune.tasks",
-    # in-training evaluation and the server score with the evaluate stage's kernels (move them to a foundation)
+    # in-training evaluation computes the evaluate stage's metrics (moving to a foundation with the metric registry)
     "stage->stage: clmtune.train.watch -> clmtune.evaluate.metrics",
-    "stage->stage: clmtune.train.watch -> clmtune.evaluate.predict",
-    "stage->stage: clmtune.serve.engine -> clmtune.evaluate.scoring",
 }
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clmtune.errors import ClmtuneError
-from clmtune.evaluate.scoring import batches
+from clmtune.rank.scoring import batches
 from clmtune.models import forward_inputs, model_device
 from clmtune.tasks.encoding import collate
 from clmtune.tasks.examples import IGNORE_INDEX

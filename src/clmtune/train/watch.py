@@ -7,7 +7,7 @@ the same best and the same patience count), ``finish`` before the weights are sa
 
 Held-out loss: token-weighted mean NLL of the first ``train.eval_max_rows`` rows of the held-out split, tokenized as
 for training (``evaluate.metrics.perplexity``'s ``nll_per_token``); for classification also accuracy and macro-F1 of
-rank classification (``evaluate.predict.predict_rank``) on the same rows. Every process evaluates the same rows, so
+rank classification (``clmtune.rank.predict.predict_rank``) on the same rows. Every process evaluates the same rows, so
 all of them take the same decision (and ZeRO-3's gathered forward sees every process).
 """
 
@@ -130,7 +130,7 @@ class Watch:
     def evaluate(self) -> dict[str, float]:
         from clmtune.data import Encoder
         from clmtune.evaluate.metrics import classification_metrics, perplexity
-        from clmtune.evaluate.predict import predict_rank
+        from clmtune.rank.predict import predict_rank
 
         r = self.r
         model = r.accelerator.unwrap_model(r.model)
