@@ -88,7 +88,7 @@ def test_early_stopping(tmp_path, one_thread, monkeypatch):
 
     scripted = iter([5.0, 4.0, 4.5, 4.2, 3.0, 2.0])  # best at the 2nd evaluation, then 2 without improvement
 
-    def fake_evaluate(self):
+    def fake_evaluate(self, model):
         return {"eval_loss": next(scripted), "eval_rows": 1, "eval_seconds": 0.0}
 
     monkeypatch.setattr(Watch, "evaluate", fake_evaluate)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clmtune.config import ADAPTER_KEYS, AUTO, DEFAULT_LEARNING_RATES, PeftSettings, RunConfig
-from clmtune.tasks import get_task
+from clmtune.tasks import Task, get_task
 from clmtune.tasks.examples import TaskData
 
 log = logging.getLogger("clmtune")
@@ -62,6 +62,8 @@ class Resolved:
     cfg: RunConfig
     auto: dict[str, Any]
     examples: TaskData | None = None
+    task: Task | None = None
+    """The task shape of ``cfg.data.task`` (the registry's object), looked up once here."""
 
 
 def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True) -> tuple[RunConfig, dict[str, Any]]:
@@ -84,6 +86,7 @@ def resolve_run(cfg: RunConfig, announce: bool = True, choices: bool = True) -> 
     warn = log.warning if announce else log.debug
     chosen: dict[str, Any] = {}
     task = None
+    shape = get_task(cfg.data.task)
 
     if cfg.model.name_or_path == AUTO:
         task = load_task(cfg.data)
@@ -148,7 +151,7 @@ def resolve_run(cfg: RunConfig, announce: bool = True, choices: bool = True) -> 
             tokenizer = load_tokenizer(cfg.model)
         finally:
             log.setLevel(level)
-        get_task(d.task).prepare_tokenizer(tokenizer, d)  # chat: measure the rendered template, as trained
+        shape.prepare_tokenizer(tokenizer, d)  # chat: measure the rendered template, as trained
         lengths = sequence_lengths(tokenizer, d, task.train) if task.train else []
         if d.max_length is None and lengths:
             d.max_length, facts = auto_max_length(lengths, context)
@@ -167,4 +170,4 @@ def resolve_run(cfg: RunConfig, announce: bool = True, choices: bool = True) -> 
                      100 * cut / len(lengths), facts["p99_tokens"])
         elif d.max_length is None:
             d.max_length = 64  # no training rows: the data stage reports that with its own error
-    return Resolved(cfg, chosen, task)
+    return Resolved(cfg, chosen, task, shape)
