@@ -2,9 +2,9 @@
 
 LoRA on the shipped ``builtin:gpt2-zh-small`` (the resolved defaults: r 64 on every linear layer and ``wte``),
 ChnSentiCorp reviews (``max_train_rows`` training rows, ``max_eval_rows`` held-out rows, ``max_length`` 128), bf16,
-one torch thread. The training evaluates once, after its last step, on every held-out row (eval_loss + rank
-accuracy); then ``evaluate_run`` scores the saved run (rank accuracy). Writes
-``results/bench_watch_eval_<machine>.json``.
+one torch thread. The training evaluates every 2 steps and after its last step, on every held-out row (eval_loss +
+rank accuracy); then ``evaluate_run`` scores the saved run (rank accuracy) twice. The fastest of each is reported
+(the machine is shared). Writes ``results/bench_watch_eval_<machine>.json``.
 
     python bench/bench_watch_eval.py [--train-rows 64] [--eval-rows 200]
 """
@@ -38,7 +38,6 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="bench_watch_eval_"))
     try:
         batch = 16
-        steps = -(-args.train_rows // batch)
         cfg = load_config(overrides={
             "data": {"source": "builtin:chnsenticorp/ChnSentiCorp_htl_all.csv", "task": "classify",
                      "template": "评论：{review} 评价：", "label_column": "label", "labels": ["差评", "好评"],
@@ -46,16 +45,22 @@ def main() -> None:
                      "max_train_rows": args.train_rows, "max_eval_rows": args.eval_rows},
             "model": {"name_or_path": "builtin:gpt2-zh-small"}, "peft": {"method": "lora"},
             "train": {"output_dir": str(out / "run"), "epochs": 1, "batch_size": batch, "precision": "bf16",
-                      "eval_steps": steps, "eval_max_rows": args.eval_rows},
+                      "eval_steps": 2, "eval_max_rows": args.eval_rows},
             "eval": {"method": "rank"}})
         t0 = time.perf_counter()
         res = train(cfg, progress=False)
         train_s = time.perf_counter() - t0
         log = [json.loads(x) for x in (res.output_dir / "train_log.jsonl").read_text().splitlines()]
-        during = [r for r in log if "eval_rows" in r][-1]
-        t0 = time.perf_counter()
-        final, _ = evaluate_run(res.output_dir, progress=False)
-        final_s = time.perf_counter() - t0
+        evals = [r for r in log if "eval_rows" in r]
+        during = min(evals, key=lambda r: r["eval_seconds"])
+        during["eval_accuracy"] = evals[-1].get("eval_accuracy")  # the final weights' numbers
+        during["eval_loss"] = evals[-1].get("eval_loss")
+        finals = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            final, _ = evaluate_run(res.output_dir, progress=False)
+            finals.append((final["seconds"], time.perf_counter() - t0, final))
+        _, final_s, final = min(finals, key=lambda x: x[0])
         result = {
             "cpu": cpu_name(), "threads": 1, "train_rows": args.train_rows, "eval_rows": during["eval_rows"],
             "train_seconds_total": round(train_s, 2),

@@ -7,7 +7,8 @@ due; says whether to stop), ``state_dict`` into every checkpoint (so a resumed r
 patience count), ``finish`` before the weights are saved (loads the best weights back).
 
 Held-out loss: token-weighted mean NLL of the first ``train.eval_max_rows`` rows of the held-out split, tokenized as
-for training (``evaluate.metrics.perplexity``'s ``nll_per_token``); for classification also accuracy and macro-F1 of
+for training (``evaluate.metrics.perplexity``'s ``nll_per_token``; for classification with the LM head on the
+label positions only, ``supervised_nll``); for classification also accuracy and macro-F1 of
 rank classification (``clmtune.rank.predict.predict_rank``) on the same rows. Every process evaluates the same rows, so
 all of them take the same decision (and ZeRO-3's gathered forward sees every process).
 
@@ -37,7 +38,9 @@ from clmtune.config import DataConfig, EvalConfig, TrainConfig
 from clmtune.config.run_config import WATCH_METRICS
 from clmtune.errors import ClmtuneError
 from clmtune.run import RunDir
+from clmtune.tasks.examples import IGNORE_INDEX
 from clmtune.train.evalcopy import inference_copy
+from clmtune.train.loss import virtual_tokens
 
 log = logging.getLogger("clmtune")
 
@@ -105,7 +108,7 @@ class HeldOut:
 
     features: list[dict]
     pad_id: int
-    examples: list = None
+    examples: list | None = None
     labels: list[str] | None = None
     tokenizer: Any = None
 
@@ -183,7 +186,8 @@ class Watch:
         scorer.eval()
         batch = ctx.eval.batch_size
         with contextlib.nullcontext() if copy is not None else ctx.accelerator.autocast():
-            out = {"eval_loss": perplexity(scorer, held.features, held.pad_id, batch)["nll_per_token"]}
+            out = {"eval_loss": (supervised_nll(scorer, held.features, held.pad_id, batch) if held.examples else
+                                 perplexity(scorer, held.features, held.pad_id, batch)["nll_per_token"])}
             if held.examples:
                 preds = predict_rank(scorer, Encoder(held.tokenizer, ctx.data), held.examples, held.labels, batch,
                                      ctx.eval.normalize_by_length)
@@ -262,6 +266,37 @@ class Watch:
             shutil.rmtree(ctx.run.best, ignore_errors=True)
         return {"metric": self.keeper.metric, "mode": self.keeper.mode, "value": self.keeper.best,
                 "step": self.keeper.best_step}
+
+
+@torch.no_grad()
+def supervised_nll(model, features: list[dict], pad_id: int, batch_size: int) -> float:
+    """``evaluate.metrics.perplexity``'s ``nll_per_token`` of rows supervised on a few positions (a label and its
+    end token), with the LM head run on those positions only, as training runs it (``train.loss.head_positions``):
+    the full (rows x length x vocabulary) logits took three quarters of a classification run's evaluation time.
+    Models without a boolean ``logits_to_keep`` get the full logits."""
+    from clmtune.evaluate.metrics import perplexity
+    from clmtune.models import forward_inputs, model_device
+    from clmtune.rank.scoring import batches
+    from clmtune.tasks.encoding import collate
+    from clmtune.train.loss import causal_lm_loss, head_positions, head_trim_support, supervised_tokens
+
+    if head_trim_support(model)[0] != "mask" or virtual_tokens(model):
+        return perplexity(model, features, pad_id, batch_size)["nll_per_token"]
+    nll, tokens = 0.0, 0
+    for chunk in batches(features, batch_size):  # left-padded batches of similar length, as perplexity's
+        batch = {k: v.to(model_device(model)) for k, v in collate(chunk, pad_id).items()}
+        # a row's first real token follows padding and is never scored (perplexity's rule)
+        labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        labels[:, 1:] = labels[:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, IGNORE_INDEX)
+        if supervised_tokens(labels) == 0:
+            continue
+        inputs = forward_inputs(model, batch)
+        inputs["logits_to_keep"] = head_positions(labels, "mask", 0)
+        nll += float(causal_lm_loss(model(**inputs).logits, labels, reduction="sum"))
+        tokens += supervised_tokens(labels)
+    if tokens == 0:
+        raise ClmtuneError("no scored tokens for the held-out loss (every label is -100); check the data")
+    return nll / tokens
 
 
 def write_loss_png(run: RunDir, best_step: int | None = None) -> Path | None:
