@@ -74,6 +74,17 @@ def setup_folder(run: RunDir, cfg: RunConfig, resume: str | None, main: bool) ->
     if main:  # before minutes of loading: a folder that cannot be written, or that another run writes
         check_writable(run.path)
         folder.lock = run.lock().acquire()
+    try:
+        _check_folder(run, cfg, resume, main, folder)
+    except BaseException:
+        if folder.lock is not None:  # refused: the lock goes back with the error
+            folder.lock.release()
+        raise
+    return folder
+
+
+def _check_folder(run: RunDir, cfg: RunConfig, resume: str | None, main: bool, folder: Folder) -> None:
+    if main:
         run.clean_temporary()
     folder.finishing = (resume is not None and run.has_weights() and not run.is_finished()
                         and not list_checkpoints(run.path))
@@ -92,7 +103,6 @@ def setup_folder(run: RunDir, cfg: RunConfig, resume: str | None, main: bool) ->
                     raise ClmtuneError(f"train.output_dir {run.path} holds the data {src}; write the run into "
                                        "another folder")
         prepare_output_dir(run.path, cfg.train.overwrite, resume is not None)
-    return folder
 
 
 def setup_data(cfg: RunConfig, examples, objective, progress: bool):
