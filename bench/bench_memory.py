@@ -153,14 +153,14 @@ def run_clmtune(cfg_dict: dict, bf16: bool, gc: bool, max_steps: int | None) -> 
     cfg = from_dict(cfg_dict).validate()
     recipe = TrainRecipe(cfg, progress=False).setup()
     # CPU time of each optimizer step: stamp every optimizer.step() call (the step boundaries of the loop)
-    stamps, step = [time.process_time()], recipe.optimizer.step
+    stamps, step = [time.process_time()], recipe.opt.optimizer.step
 
     def stamped_step(*a, **kw):
         out = step(*a, **kw)
         stamps.append(time.process_time())
         return out
 
-    recipe.optimizer.step = stamped_step
+    recipe.opt.optimizer.step = stamped_step
     result = recipe.fit().save()
     log = [json.loads(line) for line in open(Path(cfg.train.output_dir) / "train_log.jsonl")]
     summary = json.loads((Path(cfg.train.output_dir) / "train_summary.json").read_text())

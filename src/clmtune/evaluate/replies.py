@@ -19,7 +19,7 @@ import torch
 
 from clmtune.chat_templates import reply_stops
 from clmtune.decoding import finish_text
-from clmtune.evaluate.scoring import batches, by_length
+from clmtune.rank.scoring import batches, by_length
 from clmtune.models import context_length, model_device
 from clmtune.run import PREDICTIONS_CSV, PREDICTIONS_JSONL, write_csv_atomic, write_text_atomic
 from clmtune.tasks.encoding import collate, cut_prompt, leading_special_ids, token_ids
