@@ -58,8 +58,8 @@ from clmtune.train.loss import (HeadMode, causal_lm_loss, check_finite, head_pos
 from clmtune.device import resolve_precision, training_device
 from clmtune.train.precision import (bf16_unsupported_reason, frozen_matmul_weights_to_bf16, one_op_tanh_gelu,
                                      restore_modules, restore_weights)
-from clmtune.memory import swapped_originals_bytes
-from clmtune.train.resources import (current_rss, estimate_run, make_accelerator, memory_summary, prepare_base,
+from clmtune.memory import runtime_rss, swapped_originals_bytes
+from clmtune.train.resources import (estimate_run, make_accelerator, memory_summary, prepare_base,
                                      reset_peak, restore_determinism, seed_everything)
 from clmtune.train.preference import PreferenceObjective
 from clmtune.train.stop import stop_after_step
@@ -232,7 +232,7 @@ class TrainRecipe:
         cfg = self.cfg
         self.is_peft = cfg.peft.method != "full"
         reset_peak(self.accelerator.device)  # the measured peak is this run's, from here on
-        self.runtime = current_rss()  # the process before the weights: Python, torch, tokenizer, data
+        self.runtime = runtime_rss()  # the process before the weights: Python, torch, peft, tokenizer, data
         base = load_model(cfg.model, model_dtype(cfg.model), quantize=True)
         check_tokenizer_fits(base, self.tokenizer, cfg.model.name_or_path)
         base = prepare_base(base, cfg)  # gradient checkpointing, quantized-base preparation
