@@ -145,8 +145,8 @@ class MemoryEstimate:
         rows.append(("estimated peak", self.peak))
         if measured_peak is not None:
             rows.append(("measured peak", measured_peak))
-        what = (f"memory estimate: {self.measures} (batch {self.batch_size} x {self.seq_len} tokens, gradient "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'})")
+        what = (f"memory estimate (batch {self.batch_size} x {self.seq_len} tokens, gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}): {self.measures}")
         return "\n".join([what] + [f"  {name:<20} {mib(v):>10}" for name, v in rows])
 
 
@@ -156,9 +156,10 @@ def mib(n: int) -> str:
 
 BACKWARD_WORKSPACE = 0.25
 """The backward pass's temporaries as a fraction of the activations: each op allocates its input gradients
-before autograd frees what it saved, and the allocator keeps freed blocks. Measured, not derived: the peak RSS
-above (weights + saved tensors) was 1.15-1.3x the saved tensors on the CPU matrix of ``bench/bench_memory.py
---matrix``; not measured on a GPU, where the caching allocator behaves differently."""
+before autograd frees what it saved, and the allocator keeps freed blocks. Measured, not derived: on the CPU
+matrix of ``bench/bench_memory.py --matrix`` the peak RSS above the weights and the saved tensors was 0.05-0.3x
+the saved tensors (adapters higher, full fine-tuning lower). With gradient checkpointing, one layer's set instead.
+Not measured on a GPU, where the caching allocator behaves differently: 0 there."""
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, seq_len: int, *, compute_bytes: int = 4,
@@ -222,11 +223,15 @@ def estimate(shape: ModelShape, *, total_params: int, trainable_params: int, wei
     else:
         acts = tokens * (shape.layers * per_layer + embed)
     frac = (BACKWARD_WORKSPACE if cpu else 0.0) if workspace is None else workspace
+    if gradient_checkpointing:  # the recomputed layer's backward temporaries: about one more layer's set (CPU)
+        space = tokens * per_layer if frac else 0
+    else:
+        space = frac * acts
     return MemoryEstimate(
         weights=weight_bytes if weight_bytes is not None else 4 * total_params,
         gradients=4 * trainable_params,
         optimizer=4 * optimizer_states * trainable_params,
-        activations=acts, workspace=int(frac * acts),
+        activations=acts, workspace=int(space),
         lm_head=2 * 4 * head_positions * shape.vocab,  # fp32 logits + their gradient
         runtime=runtime, gradient_checkpointing=gradient_checkpointing, batch_size=batch_size, seq_len=seq_len,
         device=device)
@@ -309,8 +314,11 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
     if d_cfg.padding == "max_length":
         seq = max(seq, d_cfg.max_length)
     seq += input_virtual_tokens(model)
-    batch = min(t_cfg.batch_size, max(len(lengths), 1)) * (2 if pairs else 1)
-    positions = batch * (max(label_counts, default=1) if head_mode else seq)
+    rows = min(t_cfg.batch_size, max(len(lengths), 1))
+    batch = rows * (2 if pairs else 1)
+    # the head's positions: at most the supervised tokens of the `rows` rows that have the most of them
+    supervised = sum(sorted(label_counts, reverse=True)[:rows]) * (2 if pairs else 1) or batch
+    positions = supervised if head_mode else batch * seq
     compute = torch.bfloat16 if precision == "bf16" else model_dtype(cfg.model)  # the activations' dtype
     one_op_gelu = (precision == "bf16" and cfg.peft.method != "full" and t_cfg.deepspeed is None
                    and device == "cpu")  # as TrainRecipe._setup_optimization decides
@@ -324,7 +332,11 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
     if pairs and cfg.peft.method == "full" and cfg.preference.loss in REFERENCE_LOSSES \
             and not cfg.preference.precompute_reference:  # the frozen copy of the starting weights
         est = replace(est, weights=est.weights + sum(p.numel() * p.element_size() for p in unwrap(model).parameters()))
-    return est if lm_head_bytes is None else replace(est, lm_head=lm_head_bytes(positions))
+    if lm_head_bytes is not None:
+        est = replace(est, lm_head=lm_head_bytes(positions))
+    elif pairs:  # the preference loss's per-token log-probabilities: a log-softmax of the logits and its gradient
+        est = replace(est, lm_head=2 * est.lm_head)
+    return est
 
 
 def swapped_originals_bytes(swapped, device: torch.device | str) -> int:
@@ -335,6 +347,20 @@ def swapped_originals_bytes(swapped, device: torch.device | str) -> int:
     counted and the GPU never held)."""
     kind = torch.device(device).type
     return sum(d.numel() * d.element_size() for _, d in swapped if d.device.type == kind)
+
+
+def frozen_fp32_matmul_params(model) -> int:
+    """Parameters of the frozen fp32 Linear/Conv1D weights: what bf16 adapter training stores a bf16 copy of
+    (``clmtune.train.precision.frozen_matmul_weights_to_bf16``), keeping the fp32 originals in host memory."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        w = module.weight
+        if not w.requires_grad and w.dtype == torch.float32 and id(w) not in seen:
+            seen.add(id(w))
+            total += w.numel()
+    return total
 
 
 def autocast_weight_copies_bytes(model) -> int:
@@ -370,7 +396,13 @@ def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) ->
 
     head = "mask" if cfg.train.logits_on_labels_only else None
     precision, _ = resolve_precision(cfg.train.precision, training_device())  # as training will resolve it
-    return estimate_run(model, lengths, label_counts, cfg, precision, head, runtime=current_rss())
+    est = estimate_run(model, lengths, label_counts, cfg, precision, head, runtime=current_rss())
+    if precision == "bf16" and cfg.peft.method != "full" and cfg.train.deepspeed is None:
+        # training stores the frozen matmul weights' bf16 copies: beside the fp32 originals on a CPU, instead of
+        # them on a GPU (the originals stay in host memory)
+        frozen = frozen_fp32_matmul_params(model)
+        est = replace(est, weights=est.weights + (2 if est.device == "cpu" else -2) * frozen)
+    return est
 
 
 def runtime_rss() -> int:
