@@ -16,6 +16,12 @@ Configurations (each in its own child process, one after another, so the peak RS
               enable_input_require_grads(), as peft's docs show
   clmtune_*   clmtune's train(): fp32 default; bf16 = model.dtype: bf16 + train.precision: bf16;
               gc = + train.gradient_checkpointing: true
+--matrix [CASES]: the memory estimate against the measured peak on small models instead (the shipped
+gpt2-zh-small with LoRA and full fine-tuning, fp32/bf16, checkpointing, classify/LM/chat/DPO; tiny OPT and BLOOM):
+each case is `clmtune train --no-eval` for 2 steps in its own child with one torch thread; prints estimate /
+measured ratios and writes them to bench/README.md with the date and the CPU (tests/test_memory_peak.py runs the
+same cases; ~7 min on a shared 2-core CPU).
+
 Reported: seconds per step (median over steps after the first), seconds per epoch, real (non-pad) tokens/s, peak
 RSS of the child, and clmtune's memory estimate for the same step (``clmtune.memory``; runtime + estimate
 compared with the peak RSS). Writes bench/results/memory_<model>_cpu.json and its section of

@@ -24,7 +24,7 @@ def test_hand_computed_lora_estimate():
     per_layer = (2 * 64 + 64 + 2 * 64 + 64) + (2 * 64 + 2 * 256)  # attention 384 + MLP 640
     assert per_layer == 1024
     assert e.activations == 16 * (2 * 1024 + 2 * 64) * 4
-    assert e.workspace == int(0.25 * e.activations)  # the CPU's backward temporaries
+    assert e.workspace == int(0.25 * e.activations) - 40  # the CPU's backward temporaries beyond the gradients
     assert (e.weights, e.gradients, e.optimizer) == (4000, 40, 80)
     assert e.lm_head == 2 * 4 * 3 * 100
     assert e.total == 4000 + 40 + 80 + e.activations + e.workspace + 2400
@@ -32,7 +32,7 @@ def test_hand_computed_lora_estimate():
     ck = estimate(shape, total_params=1000, trainable_params=10, batch_size=2, seq_len=8, head_positions=3,
                   gradient_checkpointing=True)
     assert ck.activations == 16 * (2 * 64 + 1024 + 2 * 64) * 4
-    assert ck.workspace == 16 * 1024 * 4  # the recomputed layer's backward: one more layer's set
+    assert ck.workspace == 16 * 1024 * 4 - 40  # the recomputed layer's backward: one more layer's set
     bf = estimate(shape, total_params=1000, trainable_params=10, batch_size=2, seq_len=8, head_positions=3,
                   compute_dtype=torch.bfloat16)
     assert bf.activations * 2 == e.activations

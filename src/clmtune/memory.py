@@ -94,7 +94,12 @@ class ModelShape:
         hidden_p = first("resid_pdrop", "hidden_dropout", "hidden_dropout_prob", "dropout", default=0.0)
         return cls(hidden=int(hidden), layers=int(layers), heads=int(heads), kv_heads=int(kv_heads),
                    intermediate=int(intermediate), vocab=int(config.vocab_size), mlp_saved=saved,
-                   attn_dropout=float(attn_p or 0.0), hidden_dropout=float(hidden_p or 0.0))
+                   attn_dropout=_probability(attn_p), hidden_dropout=_probability(hidden_p))
+
+
+def _probability(value) -> float:
+    """A config's dropout probability; anything else under the same name (a module, a flag) counts as none."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 @dataclass
@@ -158,7 +163,8 @@ BACKWARD_WORKSPACE = 0.25
 """The backward pass's temporaries as a fraction of the activations: each op allocates its input gradients
 before autograd frees what it saved, and the allocator keeps freed blocks. Measured, not derived: on the CPU
 matrix of ``bench/bench_memory.py --matrix`` the peak RSS above the weights and the saved tensors was 0.05-0.3x
-the saved tensors (adapters higher, full fine-tuning lower). With gradient checkpointing, one layer's set instead.
+the saved tensors (adapters higher, full fine-tuning lower: its weight gradients are allocated during the
+backward, counted here beyond them). With gradient checkpointing, one layer's set instead.
 Not measured on a GPU, where the caching allocator behaves differently: 0 there."""
 
 
@@ -227,6 +233,9 @@ def estimate(shape: ModelShape, *, total_params: int, trainable_params: int, wei
         space = tokens * per_layer if frac else 0
     else:
         space = frac * acts
+    # optimizer.zero_grad frees the weight gradients every step: the backward allocates them while it frees the
+    # saved tensors, so the temporaries count only above them (full fine-tuning; an adapter's are small)
+    space = max(0, space - 4 * trainable_params) if frac else space
     return MemoryEstimate(
         weights=weight_bytes if weight_bytes is not None else 4 * total_params,
         gradients=4 * trainable_params,
