@@ -82,7 +82,8 @@ def test_activation_estimate_close_to_what_autograd_saves(arch):
         if arch.endswith("lora"):
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=8, lora_dropout=0.1, target_modules=["c_attn", "c_proj", "c_fc"]))
+            lora = LoraConfig(r=8, lora_dropout=0.1, target_modules=["c_attn", "c_proj", "c_fc"])
+            model = get_peft_model(model, lora)
     else:
         cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=64, max_position_embeddings=256)

@@ -306,15 +306,16 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
     ``lengths``/``label_counts``: tokens and supervised tokens of each training row. The sequence length is the
     longest row (``padding: longest`` pads each batch to its longest row) or ``max_length``, plus virtual tokens;
     the LM head runs on the supervised positions of every row (``head_mode`` set) or at every position. A
-    preference batch runs its chosen and rejected rows in one forward pass (twice the rows; the rejected are
-    assumed as long as the chosen) and, for the reference, a forward without gradients (the same weights with
-    the adapter off, or with full fine-tuning a frozen copy of the weights).
+    preference batch runs its chosen and rejected rows in one forward pass (twice the rows, padded to one length:
+    a pair's length is the longer of its two sequences; training passes the chosen's) and, for the reference, a
+    forward without gradients (the same weights with the adapter off, or with full fine-tuning a frozen copy).
     ``lm_head_bytes``: positions -> the LM head's bytes, when training computes it otherwise than as (positions, V)
     fp32 logits and their gradient (the fused frozen-head loss: ``clmtune.train.fusedhead.fused_head_bytes``);
     ``clmtune prepare`` does not know whether training will fuse and counts full logits (an upper bound).
     """
     from clmtune.device import training_device
     from clmtune.models import input_virtual_tokens, model_dtype, unwrap
+    from clmtune.tasks.preference_loss import REFERENCE_LOSSES
 
     t_cfg, d_cfg = cfg.train, cfg.data
     device = training_device()
@@ -336,11 +337,10 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
                              runtime=runtime, one_op_gelu=one_op_gelu, device=device)
     if precision == "bf16":
         est = replace(est, weights=est.weights + autocast_weight_copies_bytes(unwrap(model)))
-    from clmtune.tasks.preference_loss import REFERENCE_LOSSES
-
     if pairs and cfg.peft.method == "full" and cfg.preference.loss in REFERENCE_LOSSES \
             and not cfg.preference.precompute_reference:  # the frozen copy of the starting weights
-        est = replace(est, weights=est.weights + sum(p.numel() * p.element_size() for p in unwrap(model).parameters()))
+        copy = sum(p.numel() * p.element_size() for p in unwrap(model).parameters())
+        est = replace(est, weights=est.weights + copy)
     if lm_head_bytes is not None:
         est = replace(est, lm_head=lm_head_bytes(positions))
     elif pairs:  # the preference loss's per-token log-probabilities: a log-softmax of the logits and its gradient
