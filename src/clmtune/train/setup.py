@@ -23,7 +23,7 @@ from clmtune.data import prepare_data
 from clmtune.device import resolve_precision, training_device
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import check_writable
-from clmtune.memory import swapped_originals_bytes
+from clmtune.memory import runtime_rss, swapped_originals_bytes
 from clmtune.models import (apply_peft, check_tokenizer_fits, context_length, load_model, load_tokenizer, model_dtype,
                             resolve_model_path, unwrap)
 from clmtune.run import RunDir
@@ -32,7 +32,7 @@ from clmtune.train.checkpoints import (STATE_FILE, check_same_config, list_check
 from clmtune.train.fusedhead import PackedHead, fused_head_bytes, fused_head_module, fused_head_reason
 from clmtune.train.loss import HeadMode, head_trim_support, virtual_tokens
 from clmtune.train.precision import bf16_unsupported_reason, frozen_matmul_weights_to_bf16, one_op_tanh_gelu
-from clmtune.train.resources import current_rss, estimate_run, prepare_base, reset_peak
+from clmtune.train.resources import estimate_run, prepare_base, reset_peak
 from clmtune.train.sampler import EpochSampler, RowCollator
 from clmtune.train.speed import (chunked_head_bytes, compile_forward, make_adamw, padding_free_reason,
                                  resolve_switch)
@@ -123,7 +123,7 @@ def setup_model(cfg: RunConfig, tokenizer, device, objective=None, features=None
     """(model with its adapter, parameter counts, the process's memory before the weights)."""
     is_peft = cfg.peft.method != "full"
     reset_peak(device)  # the measured peak is this run's, from here on
-    runtime = current_rss()  # the process before the weights: Python, torch, tokenizer, data
+    runtime = runtime_rss()  # the process before the weights: Python, torch, peft, tokenizer, data
     base = load_model(cfg.model, model_dtype(cfg.model), quantize=True)
     check_tokenizer_fits(base, tokenizer, cfg.model.name_or_path)
     base = prepare_base(base, cfg)  # gradient checkpointing, quantized-base preparation
@@ -291,7 +291,9 @@ def setup_estimate(cfg: RunConfig, opt: Optimization, features: list[dict], prec
     if head.fused is not None:
         lm_head_bytes = (functools.partial(chunked_head_bytes, weight=head.fused.weight) if head.chunked else
                          functools.partial(fused_head_bytes, weight=head.fused.weight, packed=head.packed is not None))
-    estimate = estimate_run(unwrap(opt.model), [len(f["input_ids"]) for f in features],
+    # a preference pair's chosen and rejected rows are padded to the longer of the two
+    lengths = [max(len(f["input_ids"]), len(f.get("rejected_input_ids", ()))) for f in features]
+    estimate = estimate_run(unwrap(opt.model), lengths,
                             [sum(1 for x in f["labels"] if x != -100) for f in features], cfg, precision, head.mode,
                             runtime, lm_head_bytes=lm_head_bytes)
     estimate.weights += swapped_originals_bytes(opt.swapped, device)  # the kept fp32 originals
