@@ -38,11 +38,13 @@ the measured peak RSS on the CPU matrix).
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
+
+from clmtune.memory.measure import current_rss
+from clmtune.memory.parts import (autocast_weight_copies_bytes, frozen_fp32_matmul_params, has_lora_dropout,
+                                   lora_inputs)
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -246,25 +248,6 @@ def estimate(shape: ModelShape, *, total_params: int, trainable_params: int, wei
         device=device)
 
 
-def lora_inputs(model) -> int:
-    """Input features of every LoRA-adapted linear layer (the sizes their dropout keeps)."""
-    total = 0
-    for _, module in model.named_modules():
-        if hasattr(module, "lora_dropout") and hasattr(module, "base_layer"):
-            base = module.base_layer
-            w = getattr(base, "weight", None)
-            if hasattr(base, "in_features"):
-                total += int(base.in_features)
-            elif w is not None and w.dim() == 2:  # GPT-2's Conv1D stores (in, out)
-                total += int(w.shape[0] if type(base).__name__ == "Conv1D" else w.shape[1])
-    return total
-
-
-def has_lora_dropout(model) -> bool:
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in model.named_modules()
-               if ".lora_dropout." in f".{n}." or n.endswith("lora_dropout"))
-
-
 def estimate_for_model(model, *, batch_size: int, seq_len: int, head_positions: int,
                        compute_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
                        runtime: int = 0, one_op_gelu: bool = False, device: str = "cpu",
@@ -348,45 +331,6 @@ def estimate_run(model, lengths: list[int], label_counts: list[int], cfg, precis
     return est
 
 
-def swapped_originals_bytes(swapped, device: torch.device | str) -> int:
-    """Bytes of the fp32 originals that bf16 training keeps of the frozen matmul weights
-    (``clmtune.train.precision.frozen_matmul_weights_to_bf16``: (parameter, fp32 data) pairs), counted only when they
-    live on the training device. On a GPU they do not: the swap happens before the model moves to the device, so
-    only the bf16 copies go there and the originals stay in host memory (BLOOM-560m: 2.2 GB the GPU estimate
-    counted and the GPU never held)."""
-    kind = torch.device(device).type
-    return sum(d.numel() * d.element_size() for _, d in swapped if d.device.type == kind)
-
-
-def frozen_fp32_matmul_params(model) -> int:
-    """Parameters of the frozen fp32 Linear/Conv1D weights: what bf16 adapter training stores a bf16 copy of
-    (``clmtune.train.precision.frozen_matmul_weights_to_bf16``), keeping the fp32 originals in host memory."""
-    seen, total = set(), 0
-    for module in model.modules():
-        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
-            continue
-        w = module.weight
-        if not w.requires_grad and w.dtype == torch.float32 and id(w) not in seen:
-            seen.add(id(w))
-            total += w.numel()
-    return total
-
-
-def autocast_weight_copies_bytes(model) -> int:
-    """bf16 autocast casts every trainable fp32 matmul weight to bf16 at the forward, and the matmul keeps the
-    cast for its backward: 2 bytes per such parameter until the backward frees them (full fine-tuning of
-    BLOOM-560m: 1.1 GB). Frozen weights are stored in bf16 already (no copy)."""
-    seen, total = set(), 0
-    for module in model.modules():
-        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
-            continue
-        w = module.weight
-        if w.requires_grad and w.dtype == torch.float32 and id(w) not in seen:
-            seen.add(id(w))
-            total += 2 * getattr(w, "ds_numel", w.numel())
-    return total
-
-
 def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) -> MemoryEstimate:
     """The run's estimate without reading any weights: the model and its adapter are built on the ``meta``
     device (shapes only) from the model's config.json (``clmtune prepare`` prints this)."""
@@ -414,56 +358,3 @@ def estimate_before_loading(cfg, lengths: list[int], label_counts: list[int]) ->
     return est
 
 
-def runtime_rss() -> int:
-    """Resident memory of this process before the weights load, with the libraries that loading brings in
-    (peft, accelerate: ~160 MiB of RSS that a measurement taken before their import would leave out)."""
-    import accelerate  # noqa: F401
-    import peft  # noqa: F401
-
-    return current_rss()
-
-
-def current_rss() -> int:
-    """Resident memory of this process now (bytes; Linux /proc, else the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return peak_rss()
-
-
-def peak_rss() -> int:
-    """The process's peak resident memory in bytes since the start or the last ``reset_peak`` (Linux: VmHWM of
-    /proc/self/status; elsewhere ru_maxrss: KiB on Linux, bytes on macOS, never reset)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_peak(device: torch.device | str | None = None) -> None:
-    """Measure the peak from now on: ``torch.cuda.reset_peak_memory_stats`` on a GPU; on Linux, writing 5 to
-    /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS, so a run in a notebook or test process
-    is not charged with what earlier work in the process used."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def measured_peak(device: torch.device | str | None = None) -> int:
-    """Peak memory of the training device: ``torch.cuda.max_memory_allocated`` on a GPU, peak RSS on the CPU."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(dev))
-    return peak_rss()
