@@ -154,13 +154,14 @@ class Decoder:
 
     def _step(self, batch: Batch) -> Batch | None:
         """Pick every row's next token, drop the rows that ended, run the forward of the next position."""
-        greedy = batch.logits.argmax(-1).tolist() if any(r.sampling.plain_greedy for r in batch.rows) else None
+        plain = [r.sampling.plain_greedy for r in batch.rows]
+        greedy = batch.logits.argmax(-1).tolist() if any(plain) else None  # one argmax on the device
+        host = batch.logits.cpu() if not all(plain) else None  # one copy for the rows that sample or penalize
         keep, tokens = [], []
         for k, row in enumerate(batch.rows):
             if self._cancelled(row):
                 continue
-            token = greedy[k] if row.sampling.plain_greedy else pick(batch.logits[k], row.sampling, row.generator,
-                                                                     row.seen())
+            token = greedy[k] if plain[k] else pick(host[k], row.sampling, row.generator, row.seen())
             if not row.push(token):
                 keep.append(k)
                 tokens.append(token)

@@ -59,7 +59,7 @@ def penalize(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Ten
 
 
 def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator, seen: list[int]) -> int:
-    """Next token of one row from its (vocab,) float32 logits: greedy at temperature 0, else a draw from the
+    """Next token of one row from its (vocab,) float32 CPU logits: greedy at temperature 0, else a draw from the
     distribution that ``transformers`` samples from (penalty, temperature, top-k, then top-p) with the row's own
     generator.
 
@@ -73,9 +73,11 @@ def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator, seen: li
         logits = penalize(logits, seen, s.repetition_penalty)
     if s.temperature == 0:
         return int(logits.argmax())
-    x = logits.double().cpu() / s.temperature
-    if 0 < s.top_k < x.numel():
-        x = x.masked_fill(x < torch.topk(x, s.top_k).values[-1], float("-inf"))
+    x = logits.double() / s.temperature
+    keep = None
+    if 0 < s.top_k < x.numel():  # only the top-k candidates (ties included), in vocabulary order
+        keep = (x >= torch.topk(x, s.top_k).values[-1]).nonzero()[:, 0]
+        x = x[keep]
     probs = torch.softmax(x, dim=-1)
     if s.top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
@@ -84,4 +86,5 @@ def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator, seen: li
         probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
     cdf = probs.cumsum(0)
     u = torch.rand((), dtype=torch.float64, generator=generator) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True).clamp(max=probs.numel() - 1))
+    i = torch.searchsorted(cdf, u, right=True).clamp(max=probs.numel() - 1)
+    return int(i if keep is None else keep[i])
