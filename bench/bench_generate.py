@@ -1,4 +1,5 @@
-"""Generation speed: clmtune's generate (transformers' generate, KV cache on) vs the tutorial's loop, same run.
+"""Generation speed: clmtune's generate (its own decoding loop, KV cache on) vs the tutorial's loop and
+transformers' ``generate``, same run.
 
     python bench/bench_generate.py             # 86 new tokens, 3 timed repeats each (about a minute on 2 cores)
     python bench/bench_generate.py --repeats 1
@@ -13,9 +14,10 @@ Model: GPT-2 architecture, 12 layers x 768 wide, 12 heads, 1,024 positions, voca
 character tokenizer shipped with clmtune), random weights (seed 0); batch 1; top-k 10 sampling, temperature 1.
 Both paths must produce all 86 tokens (counted with a forward hook); a run that stopped early at [SEP]/[PAD]
 would be unfairly short, so the seed is moved on until it does not.
-Paths: the tutorial's loop (fp32, as users ran it), clmtune's ``generate`` with fp32 weights and clmtune with the
+Paths: the tutorial's loop (fp32, as users ran it), clmtune's ``generate`` with fp32 weights, clmtune with the
 weights in the precision ``--dtype`` picks (``auto``: bf16 with oneDNN-packed matmuls where the CPU has native
-bf16 units, see ``clmtune.inference``). Timed repeats alternate between the paths (the machine is shared); the
+bf16 units, see ``clmtune.inference``), and ``transformers``' ``generate`` on those same weights (same sampling,
+``min_new_tokens`` so it writes all 86 tokens too): whether clmtune's hand-written loop costs anything. Timed repeats alternate between the paths (the machine is shared); the
 medians are compared, by wall-clock time and by the process's CPU time (on a machine where other jobs take the
 cores, CPU time is the steadier measure of the work done; both are printed).
 Also: greedy outputs of bf16 vs fp32 on 50 ChnSentiCorp prompts (32 new tokens; exact-match rate and the share of
@@ -80,15 +82,18 @@ def tutorial_loop(model, input_ids: torch.Tensor, n: int, k: int = 10) -> torch.
 
 
 class Calls:
-    """Counts forward passes of a model (one per new token in every path)."""
+    """Counts forward passes of a model (one per new token in every path) and the rows they ran (one new token
+    each: the row-tokens a batched run generated, whichever rows ended early)."""
 
     def __init__(self, *models):
-        self.n = 0
+        self.n = self.rows = 0
         for m in models:
-            m.register_forward_pre_hook(self)
+            m.register_forward_pre_hook(self, with_kwargs=True)
 
-    def __call__(self, module, args):
+    def __call__(self, module, args, kwargs):
         self.n += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.rows += 0 if ids is None else ids.shape[0]
 
 
 def clocks() -> tuple[float, float]:
@@ -124,7 +129,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for all paths")
     ap.add_argument("--dtype", default="auto", help="precision of the fast clmtune path (auto, bf16, fp32)")
-    ap.add_argument("--batch-sizes", default="8,32", help="batched throughput (clmtune only); empty: skip")
+    ap.add_argument("--batch-sizes", default="8,32", help="batched throughput; empty: skip")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = build_model()
@@ -136,9 +141,20 @@ def main() -> None:
 
     def run_clmtune(m, seed: int, prompts=(PROMPT,), batch: int = 1):
         s = GenerateConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=10, seed=seed, batch_size=batch)
-        calls.n = 0
+        calls.n = calls.rows = 0
         t = clocks()
         generate(m, tok, list(prompts), s)
+        return since(t)
+
+    def run_transformers(m, seed: int, prompts=(PROMPT,)):
+        batch = tok(list(prompts), add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left",
+                    return_token_type_ids=False)
+        torch.manual_seed(seed)
+        calls.n = calls.rows = 0
+        t = clocks()
+        with torch.no_grad():
+            m.generate(**batch, do_sample=True, top_k=10, temperature=1.0, max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, pad_token_id=tok.pad_token_id)
         return since(t)
 
     def run_tutorial(seed: int):
@@ -160,6 +176,7 @@ def main() -> None:
     paths = {"tutorial": run_tutorial, "clmtune_fp32": lambda s: run_clmtune(model, s)}
     if precision != "fp32":
         paths[label] = lambda s: run_clmtune(fast, s)
+    paths[f"transformers_{precision}"] = lambda s: run_transformers(fast, s)
     wall: dict[str, list[float]] = {k: [] for k in paths}
     cpu: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(args.repeats):
@@ -172,12 +189,16 @@ def main() -> None:
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     batched = {}
     prompts = review_prompts(50)
+    runs = {"clmtune_fp32": lambda b: run_clmtune(model, seed, prompts[:b], batch=b)}
+    if precision != "fp32":
+        runs[label] = lambda b: run_clmtune(fast, seed, prompts[:b], batch=b)
+    runs[f"transformers_{precision}"] = lambda b: run_transformers(fast, seed, prompts[:b])
     for b in [int(x) for x in args.batch_sizes.split(",") if x]:
-        for k, m in (("clmtune_fp32", model), (label, fast)) if precision != "fp32" else (("clmtune_fp32", model),):
-            w, c = run_clmtune(m, seed, prompts[:b], batch=b)
-            steps = calls.n
-            batched[f"{k} batch {b}"] = {"rows": b, "steps": steps, "wall_s": w, "cpu_s": c,
-                                         "row_tokens_per_s_wall": b * steps / w, "row_tokens_per_s_cpu": b * steps / c}
+        for k, f in runs.items():
+            w, c = f(b)
+            batched[f"{k} batch {b}"] = {"rows": b, "steps": calls.n, "row_tokens": calls.rows, "wall_s": w,
+                                         "cpu_s": c, "row_tokens_per_s_wall": calls.rows / w,
+                                         "row_tokens_per_s_cpu": calls.rows / c}
     agreement = greedy_agreement(model, fast, tok, prompts) if precision != "fp32" else None
     result = {
         "model": "GPT-2 12 layers x 768, vocab 21,128, random weights", "batch": 1, "prompt_tokens": len(ids),
@@ -197,13 +218,13 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"{describe_cpu()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'path':<14} {'wall s':>8} {'tokens/s':>9} {'x tut':>7} {'cpu s':>8} {'x tut (cpu)':>12}")
+    print(f"{'path':<18} {'wall s':>8} {'tokens/s':>9} {'x tut':>7} {'cpu s':>8} {'x tut (cpu)':>12}")
     for k in paths:
-        print(f"{k:<14} {med[k]:>8.2f} {NEW_TOKENS / med[k]:>9.1f} {med['tutorial'] / med[k]:>6.2f}x "
+        print(f"{k:<18} {med[k]:>8.2f} {NEW_TOKENS / med[k]:>9.1f} {med['tutorial'] / med[k]:>6.2f}x "
               f"{med_cpu[k]:>8.2f} {med_cpu['tutorial'] / med_cpu[k]:>11.2f}x")
     for k, r in batched.items():
-        print(f"{k:<24} {r['row_tokens_per_s_wall']:>7.1f} row-tokens/s wall, {r['row_tokens_per_s_cpu']:>7.1f} cpu "
-              f"({r['steps']} steps)")
+        print(f"{k:<30} {r['row_tokens_per_s_wall']:>7.1f} row-tokens/s wall, {r['row_tokens_per_s_cpu']:>7.1f} cpu "
+              f"({r['steps']} steps, {r['row_tokens']} row-tokens)")
     if agreement:
         print(f"greedy {precision} vs fp32 on {agreement['prompts']} prompts: {agreement['identical']} identical, "
               f"{100 * agreement['chars_before_first_difference_share']:.1f} % of characters before the first "
