@@ -158,3 +158,43 @@ def test_stop_tokens_end_a_row_and_are_never_written(one_thread):
     decoder.run([stopped])
     assert stopped.new_ids == first.new_ids[:first.new_ids.index(first.new_ids[2])]
     assert stopped.finish_reason == "stop" and first.finish_reason == "length"
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_learning_rows_follow_the_forward_training_sees(method, one_thread):
+    """Virtual tokens live inside peft's forward: such rows are run through it without a cache, and each greedy token
+    is the argmax of a plain forward over the row so far (what training and rank scoring compute)."""
+    import warnings
+
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from clmtune.models import forward_inputs
+
+    config = {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig}[method]
+    base, tok = _model("builtin:tiny-opt")
+    torch.manual_seed(0)
+    model = get_peft_model(base, config(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0)
+    decoder = Decoder(model, tok)
+    assert decoder.recompute
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "Position ids are not supported ..." for prompt methods
+        for prompt in _ids(tok, PROMPTS["builtin:tiny-opt"][:2]):
+            row = Row(decoder, prompt, Sampling(max_tokens=6, temperature=0))
+            decoder.run([row])
+            seq = list(prompt)
+            with torch.no_grad():
+                for _ in range(6):
+                    batch = collate([{"input_ids": seq}], tok.pad_token_id)
+                    seq.append(int(model(**forward_inputs(model, batch)).logits[0, -1].argmax()))
+                    if seq[-1] in decoder.stop_ids:
+                        break
+            expected = [t for t in seq[len(prompt):] if t not in decoder.stop_ids]
+            assert row.new_ids == expected and expected
+            plain_decoder = Decoder(base, tok)  # the base model alone (prompt learning leaves its weights as they are)
+            plain = Row(plain_decoder, prompt, Sampling(max_tokens=6, temperature=0))
+            plain_decoder.run([plain])
+            assert plain.new_ids != row.new_ids  # the virtual tokens change the text

@@ -16,7 +16,8 @@ the streaming and stop-string work runs only for rows that ask for it.
 
 peft prompt-learning models (prefix, prompt, p-tuning) keep virtual tokens that peft adds inside its own forward
 and ``generate``; their rows are run without a cache (the whole row again at every step, through peft's forward):
-O(tokens^2) work, acceptable for these small adapters, and exactly what their training and scoring see.
+O(tokens^2) work, acceptable for these small adapters, and exactly the forward their training and scoring see
+(peft's own ``generate`` can drift from that forward after the first token: tests/test_decoding.py).
 """
 
 from __future__ import annotations
