@@ -108,8 +108,9 @@ BUILTIN_MODELS = {
 # Pretrained models shipped inside the package (assets/models/NAME: safetensors + tokenizer + MODEL_CARD.md),
 # trained by clmtune itself; scripts/maint/pretrain_default.py reproduces them. Unlike BUILTIN_MODELS nothing is built.
 SHIPPED_MODELS = {
-    "gpt2-zh-small": "GPT-2, 4 layers x 256, cut BERT Chinese char vocab; pretrained on CLUECorpusSmall (sample) "
-                     "+ ChnSentiCorp train reviews. The default for the Chinese configs and `make demo`.",
+    "gpt2-zh-small": "GPT-2, 8 layers x 288 (10.4 M parameters), BERT Chinese char vocab cut to 7,996; pretrained "
+                     "on CLUECorpusSmall (sample) + ChnSentiCorp train reviews. The default for the Chinese configs "
+                     "and `make demo`.",
 }
 
 
