@@ -198,3 +198,26 @@ def test_prompt_learning_rows_follow_the_forward_training_sees(method, one_threa
             plain = Row(plain_decoder, prompt, Sampling(max_tokens=6, temperature=0))
             plain_decoder.run([plain])
             assert plain.new_ids != row.new_ids  # the virtual tokens change the text
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-opt", "builtin:tiny-gpt2-zh"])
+def test_eval_method_generate_writes_what_transformers_greedy_writes(name, one_thread):
+    """``eval.method: generate`` decodes through the core: the tokens of ``model.generate`` greedy, cut at the end
+    token and cleaned by the one text rule (``decoding.decode``: a continuation that starts inside a WordPiece word
+    loses the ``##`` it could only have glued to the prompt; before, label generation kept it)."""
+    from clmtune.config import DataConfig
+    from clmtune.data import ClassificationEncoder, Example
+    from clmtune.decoding import decode
+    from clmtune.evaluate.predict import predict_generate
+
+    model, tok = _model(name)
+    labels = ["complaint", "no complaint", "maybe"] if "opt" in name else ["好", "不好", "一般般"]
+    texts = PROMPTS["builtin:tiny-opt" if "opt" in name else "builtin:gpt2-zh-small"]
+    enc = ClassificationEncoder(tok, DataConfig(template="{t} label : ", max_length=64))
+    examples = [Example(id=str(i), prompt=f"{t} label : ", label=None, text=t) for i, t in enumerate(texts)]
+    got = predict_generate(model, enc, examples, labels, batch_size=3, map_invalid=False).predicted
+    prompts, _ = enc.encode_eval_prompts(examples, labels)
+    rows = _hf_greedy(model, tok, prompts, enc.eval_reserve(labels) + 1, [enc.end_id])
+    expected = [decode(tok, r, [], []) for r in rows]
+    assert got == expected and any(expected)
+    assert not any(t.startswith("##") for t in got)
