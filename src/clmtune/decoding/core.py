@@ -1,4 +1,5 @@
-"""The one decoding loop: ``generate``, ``chat``, the server and reply evaluation all write text through it.
+"""The one decoding loop: ``generate``, ``chat``, the server, reply evaluation and ``eval.method: generate`` all
+write text through it.
 
 Rows (one continuation of one prompt each) are left-padded and prefilled together, then decoded one token per step
 over ``transformers``' KV cache (``DynamicCache``). A row ends at an end token, at a stop string (matched on its
@@ -11,8 +12,8 @@ rows of one batch cannot each have their own seed (a seeded row would write othe
 and reseeding the global RNG is unsafe when the server's requests overlap); it cannot take new rows into a
 running batch; and its ``stop_strings`` match vocabulary strings, not the cleaned text (``text.stops_in``).
 Greedy rows still equal ``generate``'s greedy output token for token (tests/test_decoding.py). The plain batch
-stays fast: greedy rows are one argmax over the batch on the device, only sampled rows are moved to the CPU, and
-the streaming and stop-string work runs only for rows that ask for it.
+stays fast: greedy rows are one argmax over the batch on the device, the logits are copied to the CPU only when a
+row samples, and the streaming and stop-string work runs only for rows that ask for it.
 
 peft prompt-learning models (prefix, prompt, p-tuning) keep virtual tokens that peft adds inside its own forward
 and ``generate``; their rows are run without a cache (the whole row again at every step, through peft's forward):
