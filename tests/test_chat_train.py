@@ -89,18 +89,21 @@ def test_resumed_chat_run_equals_uninterrupted(tmp_path, monkeypatch):
 def test_evaluating_a_chat_run_reads_and_tokenizes_only_what_it_scores(chat_run, monkeypatch, tmp_path):
     """One pass: the source is read once, only the held-out split is tokenized (3 conversations, not the 9 of
     train as well), and ``eval.json`` is written once, with the perplexity and the reply scores together."""
-    import clmtune.data.sources as sources_mod
+    import dataclasses
+
     import clmtune.evaluate.report as report_mod
+    from clmtune.data.readers import READERS
     from clmtune.tasks.chat import ChatTask
 
     import shutil
 
     run = shutil.copytree(chat_run[0], tmp_path / "run")  # the session's run stays as other tests expect it
     encoded, reads, writes = [], [], []
-    encode, read, write = ChatTask.encode, sources_mod.read_records, report_mod.write_json_atomic
+    encode, json_reader, write = ChatTask.encode, READERS["json"], report_mod.write_json_atomic
     monkeypatch.setattr(ChatTask, "encode", lambda self, batch, *a, **k:
                         encoded.append(len(batch["messages"])) or encode(self, batch, *a, **k))
-    monkeypatch.setattr(sources_mod, "read_records", lambda path, *a: reads.append(path) or read(path, *a))
+    monkeypatch.setitem(READERS, "json", dataclasses.replace(
+        json_reader, read_nested=lambda path, o: reads.append(path) or json_reader.read_nested(path, o)))
     monkeypatch.setattr(report_mod, "write_json_atomic", lambda path, *a: writes.append(path) or write(path, *a))
     metrics, where = evaluate_run(run, out_dir=tmp_path / "ev", progress=False)
     assert metrics["n"] == 3 and metrics["replies"]["n"] == 3

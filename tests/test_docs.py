@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clmtune.config import RunConfig
-from clmtune.config.sections import DEFAULT_LEARNING_RATES
+from clmtune.config.choices import DEFAULT_LEARNING_RATES
 from clmtune.defaults import CHINESE_MODEL, MODEL_LORA
 
 REPO = Path(__file__).resolve().parents[1]

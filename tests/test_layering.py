@@ -30,10 +30,7 @@ BASE = {"config", "errors"}
 RANK = {"entry": 3, "stage": 2, "foundation": 1, "base": 0}
 
 KNOWN = {
-    # config validates task-specific settings through the task registry (move the registry's names below config)
-    "upward: clmtune.config.run_config -> clmtune.tasks",
     # in-training evaluation and the server score with the evaluate stage's kernels (move them to a foundation)
-    "stage->stage: clmtune.train.watch -> clmtune.evaluate.metrics",
     "stage->stage: clmtune.train.watch -> clmtune.evaluate.predict",
     "stage->stage: clmtune.serve.engine -> clmtune.evaluate.scoring",
 }
@@ -192,3 +189,28 @@ def test_the_rule_catches_each_kind_of_break():
 ])
 def test_the_rule_lets_downward_imports_pass(fine):
     assert violations(fine, "pkg") == set()
+
+
+def test_config_validates_tasks_with_the_registrys_own_facts():
+    """config sits below the task registry, so it validates with ``config.TASK_RULES``; the registry reads its
+    facts from the same rows, and a task without a row cannot be registered."""
+    from clmtune.config import TASK_RULES, from_dict
+    from clmtune.errors import ConfigError
+    from clmtune.tasks import Task, get_task, register_task, task_names
+
+    assert task_names() == tuple(TASK_RULES)
+    for name, rules in TASK_RULES.items():
+        task = get_task(name)
+        assert (task.evaluation, task.prompt_learning) == (rules.evaluation, rules.prompt_learning)
+
+    class Unlisted(Task):
+        name = "unlisted"
+
+    with pytest.raises(ValueError, match="no row in clmtune.config.TASK_RULES"):
+        register_task(Unlisted())
+    assert "unlisted" not in task_names()
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": {"task": "chat", "format": "chatgpt", "train_on": "first"},
+                   "peft": {"method": "p_tuning"}}).validate()
+    assert e.value.problems == ["data.format='chatgpt' is not one of alpaca, sharegpt, openai (or null to detect it)",
+                                "data.train_on='first' is not one of all, last"]

@@ -111,9 +111,9 @@ def test_token_in_the_url_sets_a_same_site_cookie_that_authenticates_the_page(cl
 
 
 def test_cli_binds_localhost_by_default():
-    from clmtune.cli import _parser
+    from clmtune.cli import build_parser
 
-    args = _parser().parse_args(["ui"])
+    args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1" and args.workspace == "."
 
 
@@ -392,7 +392,7 @@ def test_clmtune_ui_prints_a_tokened_localhost_url_and_refuses_requests_without_
 
 
 def test_progress_comes_from_the_progress_bar(tmp_path):
-    from clmtune.ui.app import progress_of
+    from clmtune.ui.routers.runs import progress_of
 
     log = tmp_path / "job.log"
     log.write_text("loading\rtrain:   0%|          | 0/40 [00:00<?, ?step/s]\rtrain:  12%|#2        | 5/40 "

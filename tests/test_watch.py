@@ -65,7 +65,7 @@ def test_eval_steps_log_best_weights_loss_png_and_tensorboard(tmp_path, one_thre
     assert (out / "loss.png").stat().st_size > 10_000
     # the held-out loss during training is the same number evaluation computes (10 rows, token-weighted)
     from clmtune.data import prepare_data
-    from clmtune.evaluate.metrics import perplexity
+    from clmtune.metrics import perplexity
     from clmtune.run import RunDir
 
     model, tok = RunDir(out).load_model()

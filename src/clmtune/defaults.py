@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clmtune.config import ADAPTER_KEYS, AUTO, DEFAULT_LEARNING_RATES, PeftSettings, RunConfig
-from clmtune.tasks import get_task
+from clmtune.tasks import Task, get_task
 from clmtune.tasks.examples import TaskData
 
 log = logging.getLogger("clmtune")
@@ -56,12 +56,15 @@ def ignored_adapter_keys(s: PeftSettings) -> list[str]:
 
 @dataclass
 class Resolved:
-    """A config with its ``auto`` values chosen, the record of each choice, and the examples read to choose them
-    (``None`` when no choice needed the data): the stages take these instead of reading the source again."""
+    """A config with its ``auto`` values chosen, the record of each choice, the task it names (looked up here once)
+    and the examples read to choose them (``None`` when no choice needed the data): the stages take these instead
+    of reading the source again."""
 
     cfg: RunConfig
     auto: dict[str, Any]
     examples: TaskData | None = None
+    task: Task | None = None
+    """The task shape of ``cfg.data.task`` (the registry's object), looked up once here."""
 
 
 def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True) -> tuple[RunConfig, dict[str, Any]]:
@@ -74,97 +77,154 @@ def resolve_defaults(cfg: RunConfig, announce: bool = True, choices: bool = True
     return r.cfg, r.auto
 
 
+class Resolution:
+    """One resolution's record of choices (``auto``), the examples once read, and where choices and warnings go."""
+
+    def __init__(self, cfg: RunConfig, announce: bool, choices: bool):
+        self.cfg, self.task = cfg, get_task(cfg.data.task)
+        self.say = log.info if announce and choices else log.debug
+        self.warn = log.warning if announce else log.debug
+        self.chosen: dict[str, Any] = {}
+        self.examples: TaskData | None = None
+
+    def read_examples(self) -> TaskData:
+        """The data source, read at most once per resolution."""
+        if self.examples is None:
+            from clmtune.data import load_task
+
+            self.examples = load_task(self.cfg.data)
+        return self.examples
+
+
 def resolve_run(cfg: RunConfig, announce: bool = True, choices: bool = True) -> Resolved:
-    """``resolve_defaults``, keeping the examples it read (``Resolved.examples``) for ``prepare_data``."""
-    from clmtune.data import load_task
-    from clmtune.data.profile import CJK_THRESHOLD, auto_max_length, cjk_share, sequence_lengths, text_sample
-
-    cfg = copy.deepcopy(cfg)
-    say = log.info if announce and choices else log.debug
-    warn = log.warning if announce else log.debug
-    chosen: dict[str, Any] = {}
-    task = None
-
-    if cfg.model.name_or_path == AUTO:
-        task = load_task(cfg.data)
-        share = cjk_share(text_sample(task.train, cfg.data.seed))
-        chinese = share >= CJK_THRESHOLD
-        cfg.model.name_or_path = CHINESE_MODEL if chinese else OTHER_MODEL
-        why = (f"{share:.0%} of the letters in a sample of the training text are Chinese characters (>= "
-               f"{CJK_THRESHOLD:.0%}): the shipped pretrained Chinese model" if chinese else
-               f"{share:.0%} of the letters in a sample of the training text are Chinese characters (< "
-               f"{CJK_THRESHOLD:.0%}) and clmtune ships no pretrained model for other languages: the tiny "
-               "random-weight model")
-        chosen["model.name_or_path"] = {"value": cfg.model.name_or_path, "why": why, "cjk_share": round(share, 4)}
-        say("model.name_or_path: auto -> %s (%s; set model.name_or_path to choose)", cfg.model.name_or_path, why)
-    if has_random_weights(cfg.model.name_or_path):
-        warn("*** %s has RANDOM weights: it knows no language and learns only from your rows, so its predictions "
-             "show that the pipeline works, not what fine-tuning can reach. For real results use a pretrained "
-             "model: --model.name_or_path FOLDER (or builtin:gpt2-zh-small for Chinese text) ***",
-             cfg.model.name_or_path)
-
-    tuned = MODEL_LORA.get(cfg.model.name_or_path)
-    if tuned and cfg.peft.method == "lora" and cfg.peft.target_modules is None:
-        cfg.peft.target_modules = list(tuned["target_modules"])
-        if cfg.peft.r == PeftSettings().r:
-            cfg.peft.r = tuned["r"]
-        why = (f"{cfg.model.name_or_path} learns through its character embedding: LoRA on every linear layer and "
-               "wte (peft's default, c_attn alone, stays at the majority class)")
-        chosen["peft.target_modules"] = {"value": cfg.peft.target_modules, "r": cfg.peft.r, "why": why}
-        say("peft.target_modules: unset -> %s, r %d (%s; set peft.target_modules to choose)",
-            cfg.peft.target_modules, cfg.peft.r, why)
-
-    if cfg.train.learning_rate is None:
-        method = cfg.peft.method
-        cfg.train.learning_rate = DEFAULT_LEARNING_RATES[method]
-        why = f"the default for peft.method={method}"
-        if method == "lora" and tuned and "learning_rate" in tuned:
-            cfg.train.learning_rate = tuned["learning_rate"]
-            why = f"LoRA's rate for {cfg.model.name_or_path} (its model card)"
-        chosen["train.learning_rate"] = {"value": cfg.train.learning_rate, "why": why}
-        say("train.learning_rate: auto -> %g (%s; set train.learning_rate to choose)", cfg.train.learning_rate, why)
-
-    ignored = ignored_adapter_keys(cfg.peft)
+    """``resolve_defaults``, keeping the examples it read (``Resolved.examples``) for ``prepare_data`` and the task
+    (``Resolved.task``)."""
+    r = Resolution(copy.deepcopy(cfg), announce, choices)
+    choose_model(r)
+    if has_random_weights(r.cfg.model.name_or_path):
+        r.warn("*** %s has RANDOM weights: it knows no language and learns only from your rows, so its predictions "
+               "show that the pipeline works, not what fine-tuning can reach. For real results use a pretrained "
+               "model: --model.name_or_path FOLDER (or builtin:gpt2-zh-small for Chinese text) ***",
+               r.cfg.model.name_or_path)
+    tuned = MODEL_LORA.get(r.cfg.model.name_or_path)
+    choose_lora_modules(r, tuned)
+    choose_learning_rate(r, tuned)
+    ignored = ignored_adapter_keys(r.cfg.peft)
     if ignored:
-        warn("peft.method=full trains every weight and uses no adapter: %s ignored; remove %s from the config",
-             ", ".join(f"peft.{k}={getattr(cfg.peft, k)!r}" for k in ignored),
-             "it" if len(ignored) == 1 else "them")
+        r.warn("peft.method=full trains every weight and uses no adapter: %s ignored; remove %s from the config",
+               ", ".join(f"peft.{k}={getattr(r.cfg.peft, k)!r}" for k in ignored),
+               "it" if len(ignored) == 1 else "them")
+    choose_max_length(r)
+    return Resolved(r.cfg, r.chosen, r.examples, r.task)
 
-    d = cfg.data
+
+def choose_model(r: Resolution) -> None:
+    """``model.name_or_path: auto``: the shipped Chinese model for Chinese text, else the tiny random one."""
+    from clmtune.data.profile import CJK_THRESHOLD, cjk_share, text_sample
+
+    cfg = r.cfg
+    if cfg.model.name_or_path != AUTO:
+        return
+    share = cjk_share(text_sample(r.read_examples().train, cfg.data.seed))
+    chinese = share >= CJK_THRESHOLD
+    cfg.model.name_or_path = CHINESE_MODEL if chinese else OTHER_MODEL
+    why = (f"{share:.0%} of the letters in a sample of the training text are Chinese characters (>= "
+           f"{CJK_THRESHOLD:.0%}): the shipped pretrained Chinese model" if chinese else
+           f"{share:.0%} of the letters in a sample of the training text are Chinese characters (< "
+           f"{CJK_THRESHOLD:.0%}) and clmtune ships no pretrained model for other languages: the tiny "
+           "random-weight model")
+    r.chosen["model.name_or_path"] = {"value": cfg.model.name_or_path, "why": why, "cjk_share": round(share, 4)}
+    r.say("model.name_or_path: auto -> %s (%s; set model.name_or_path to choose)", cfg.model.name_or_path, why)
+
+
+def choose_lora_modules(r: Resolution, tuned: dict | None) -> None:
+    """The LoRA modules (and rank) a shipped model needs, when ``peft.target_modules`` is unset."""
+    cfg = r.cfg
+    if not (tuned and cfg.peft.method == "lora" and cfg.peft.target_modules is None):
+        return
+    cfg.peft.target_modules = list(tuned["target_modules"])
+    if cfg.peft.r == PeftSettings().r:
+        cfg.peft.r = tuned["r"]
+    why = (f"{cfg.model.name_or_path} learns through its character embedding: LoRA on every linear layer and "
+           "wte (peft's default, c_attn alone, stays at the majority class)")
+    r.chosen["peft.target_modules"] = {"value": cfg.peft.target_modules, "r": cfg.peft.r, "why": why}
+    r.say("peft.target_modules: unset -> %s, r %d (%s; set peft.target_modules to choose)",
+          cfg.peft.target_modules, cfg.peft.r, why)
+
+
+def choose_learning_rate(r: Resolution, tuned: dict | None) -> None:
+    """``train.learning_rate: auto``: the method's default, or LoRA's rate for a shipped model."""
+    cfg = r.cfg
+    if cfg.train.learning_rate is not None:
+        return
+    method = cfg.peft.method
+    cfg.train.learning_rate = DEFAULT_LEARNING_RATES[method]
+    why = f"the default for peft.method={method}"
+    if method == "lora" and tuned and "learning_rate" in tuned:
+        cfg.train.learning_rate = tuned["learning_rate"]
+        why = f"LoRA's rate for {cfg.model.name_or_path} (its model card)"
+    r.chosen["train.learning_rate"] = {"value": cfg.train.learning_rate, "why": why}
+    r.say("train.learning_rate: auto -> %g (%s; set train.learning_rate to choose)", cfg.train.learning_rate, why)
+
+
+def choose_max_length(r: Resolution) -> None:
+    """``data.max_length: auto`` from the training rows' token lengths (measured as trained: chat renders its
+    template), or the length a prepared folder used; an explicit length that cuts many rows gets a warning."""
+    d = r.cfg.data
     lm_packed = d.task == "lm" and d.packing and d.block_size is not None  # max_length is not used then
     meta_file = Path(d.prepared or ".") / "clmtune_prepared.json"
     if d.max_length is None and d.prepared and meta_file.is_file():  # the saved splits were cut at a length already
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         d.max_length = meta["data"]["max_length"]
-        chosen["data.max_length"] = {"value": d.max_length, "why": f"the length data.prepared={d.prepared} used"}
+        r.chosen["data.max_length"] = {"value": d.max_length, "why": f"the length data.prepared={d.prepared} used"}
     elif not lm_packed:
-        from clmtune.models import context_length, load_tokenizer
-
-        task = task or load_task(d)
-        context = context_length(cfg.model)
-        level = log.level
-        log.setLevel(max(level, logging.WARNING))  # the stage loads the tokenizer again and logs its pad token
-        try:
-            tokenizer = load_tokenizer(cfg.model)
-        finally:
-            log.setLevel(level)
-        get_task(d.task).prepare_tokenizer(tokenizer, d)  # chat: measure the rendered template, as trained
-        lengths = sequence_lengths(tokenizer, d, task.train) if task.train else []
+        lengths, context = token_lengths(r)
         if d.max_length is None and lengths:
-            d.max_length, facts = auto_max_length(lengths, context)
-            why = (f"99th percentile of the {facts['rows']} training rows' token lengths ({facts['p99_tokens']}, "
-                   f"longest {facts['longest_tokens']}), rounded up to a multiple of 8"
-                   + (f", at most the model's context ({context})" if context else ""))
-            chosen["data.max_length"] = {**facts, "why": why}
-            say("data.max_length: auto -> %d (%s): %d of %d training rows will be cut (set data.max_length to "
-                "choose)", d.max_length, why, facts["rows_cut"], facts["rows"])
+            auto_length(r, lengths, context)
         elif lengths and d.max_length is not None:
-            cut = sum(1 for n in lengths if n > d.max_length)
-            if cut > CUT_WARNING_SHARE * len(lengths):
-                _, facts = auto_max_length(lengths, context)
-                warn("data.max_length=%d cuts %d of %d training rows (%.0f%%); their 99th percentile is %d tokens: "
-                     "raise data.max_length or set it to auto", d.max_length, cut, len(lengths),
-                     100 * cut / len(lengths), facts["p99_tokens"])
+            warn_cut(r, lengths, context)
         elif d.max_length is None:
             d.max_length = 64  # no training rows: the data stage reports that with its own error
-    return Resolved(cfg, chosen, task)
+
+
+def token_lengths(r: Resolution) -> tuple[list[int], int | None]:
+    """The training rows' token lengths, with the tokenizer set up as the task trains, and the model's context."""
+    from clmtune.data.profile import sequence_lengths
+    from clmtune.models import context_length, load_tokenizer
+
+    d = r.cfg.data
+    examples = r.read_examples()
+    context = context_length(r.cfg.model)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))  # the stage loads the tokenizer again and logs its pad token
+    try:
+        tokenizer = load_tokenizer(r.cfg.model)
+    finally:
+        log.setLevel(level)
+    r.task.prepare_tokenizer(tokenizer, d)  # chat: measure the rendered template, as trained
+    return (sequence_lengths(tokenizer, d, examples.train) if examples.train else []), context
+
+
+def auto_length(r: Resolution, lengths: list[int], context: int | None) -> None:
+    from clmtune.data.profile import auto_max_length
+
+    d = r.cfg.data
+    d.max_length, facts = auto_max_length(lengths, context)
+    why = (f"99th percentile of the {facts['rows']} training rows' token lengths ({facts['p99_tokens']}, "
+           f"longest {facts['longest_tokens']}), rounded up to a multiple of 8"
+           + (f", at most the model's context ({context})" if context else ""))
+    r.chosen["data.max_length"] = {**facts, "why": why}
+    r.say("data.max_length: auto -> %d (%s): %d of %d training rows will be cut (set data.max_length to "
+          "choose)", d.max_length, why, facts["rows_cut"], facts["rows"])
+
+
+def warn_cut(r: Resolution, lengths: list[int], context: int | None) -> None:
+    from clmtune.data.profile import auto_max_length
+
+    d = r.cfg.data
+    cut = sum(1 for n in lengths if n > d.max_length)
+    if cut > CUT_WARNING_SHARE * len(lengths):
+        _, facts = auto_max_length(lengths, context)
+        r.warn("data.max_length=%d cuts %d of %d training rows (%.0f%%); their 99th percentile is %d tokens: "
+               "raise data.max_length or set it to auto", d.max_length, cut, len(lengths),
+               100 * cut / len(lengths), facts["p99_tokens"])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from clmtune.config import GenerateConfig
-from clmtune.data import read_table
+from clmtune.data.readers import READERS, ReadOptions, find_reader
 from clmtune.decoding import Decoder, Row, Sampling, encode_prompts, load_for_generation  # noqa: F401
 from clmtune.errors import ClmtuneError
 from clmtune.models import context_length
@@ -86,30 +86,27 @@ def stream(model, tokenizer, prompt: str, settings: GenerateConfig,
 
 
 def read_prompts_file(path: str | Path, column: str | None = None) -> list[str]:
-    """Prompts from a text file (one per line; blank lines are skipped and counted) or a CSV/TSV/JSONL column."""
+    """Prompts from a file any data reader reads (``clmtune.data.readers``): a text file gives one prompt per line
+    (blank lines skipped and counted), a table the ``column`` named. A file no reader claims is read as text."""
     path = Path(path)
     if not path.is_file():
         raise ClmtuneError(f"--prompts-file {str(path)!r}: no such file")
+    reader = find_reader(path) or READERS["text"]
+    column = column or reader.text_column
     if column is None:
-        if path.suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
-            raise ClmtuneError(f"--prompts-file {path} is a table; name the prompt column with --column")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise ClmtuneError(f"{path} is not UTF-8 (byte offset {exc.start}); convert it, e.g. "
-                               "`iconv -f gbk -t utf-8`") from None
-        prompts = [line for line in lines if line.strip()]
-        if len(prompts) < len(lines):
-            log.info("%s: %d prompts, %d blank lines skipped", path, len(prompts), len(lines) - len(prompts))
-    else:
-        rows = read_table(path)
-        if rows and column not in rows[0]:
-            raise ClmtuneError(f"--column {column!r} is not a column of {path} (columns: {list(rows[0])})")
-        prompts = ["" if v is None else str(v) for v in (r[column] for r in rows)]
-        empty = [i for i, p in enumerate(prompts) if not p.strip()]
+        raise ClmtuneError(f"--prompts-file {path} is a table; name the prompt column with --column")
+    rows = reader.read(path, ReadOptions(sample_by="line", encoding_key=None))
+    if rows and column not in rows[0]:
+        raise ClmtuneError(f"--column {column!r} is not a column of {path} (columns: {list(rows[0])})")
+    prompts = ["" if v is None else str(v) for v in (r[column] for r in rows)]
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if reader.text_column == column:  # lines of text: a blank line separates prompts
+        prompts = [p for p in prompts if p.strip()]
         if empty:
-            raise ClmtuneError(f"{path} row {empty[0] + 2}: column {column!r} is empty ({len(empty)} empty rows); "
-                               "fill or remove them")
+            log.info("%s: %d prompts, %d blank lines skipped", path, len(prompts), len(empty))
+    elif empty:
+        raise ClmtuneError(f"{path} row {empty[0] + 2}: column {column!r} is empty ({len(empty)} empty rows); "
+                           "fill or remove them")
     if not prompts:
         raise ClmtuneError(f"{path} holds no prompts")
     return prompts

@@ -1,4 +1,5 @@
-"""Prompt templates: plain ``{column}`` placeholders only (a foundation beside ``config``).
+"""Prompt templates: plain ``{column}`` placeholders only (a foundation beside ``config``, which checks them:
+``config.task_rules.template_problem``).
 
 ``str.format`` would evaluate format specs, conversions and field access: ``{text:>99999999}`` builds gigabytes of
 padding, ``{text:{label}}`` and ``{review.text}`` crash. clmtune's templates only substitute columns, so they are
@@ -13,28 +14,7 @@ import functools
 import string
 from typing import Mapping
 
-
-def template_problem(template: str, key: str = "data.template") -> str | None:
-    """Why ``template`` is not a template of plain ``{column}`` placeholders, or None when it is one."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        return (f"{key}={template!r} is not a valid template ({exc}); write placeholders as {{column}}, and literal "
-                "braces as {{ }}")
-    for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        raw = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        if conversion or spec:
-            return (f"{key}={template!r}: placeholder {raw} has a format spec or conversion; only plain "
-                    f"{{column}} placeholders are allowed (write {{{name}}}, and literal braces as {{{{ }}}})")
-        if not name.strip():
-            return (f"{key}={template!r}: empty placeholder {{}}; name a column, e.g. {{text}} (literal braces: "
-                    "{{ }})")
-        if "{" in name or "}" in name:
-            return (f"{key}={template!r}: nested braces in placeholder {raw}; only plain {{column}} placeholders "
-                    "are allowed")
-    return None
+from clmtune.config.task_rules import template_problem  # noqa: F401  (checked where config is validated)
 
 
 def template_fields(template: str) -> list[str]:

@@ -16,23 +16,28 @@ the reason are logged and saved in ``train_summary.json`` under ``auto``):
 - ``data.max_length: auto``: the 99th percentile of the training rows' token lengths (prompt + target + end),
   at most the model's context; the number of rows that are cut is printed.
 
-Modules (this file only re-exports them): ``sections`` (the section dataclasses and allowed values),
-``run_config`` (``RunConfig`` and its validation; task names come from the ``clmtune.tasks`` registry), ``io``
-(YAML, dicts and overrides in, YAML out).
+Modules (this file only re-exports them): ``choices`` (the allowed values and ``PEFT_TABLE``), ``data`` (the
+``data`` section), ``sections`` (the other sections), ``task_rules`` (what config knows of each ``data.task``:
+``TASK_RULES``), ``checks`` (the rules ``validate()`` applies), ``run_config`` (``RunConfig``), ``io`` (YAML, dicts
+and overrides in, YAML out).
 """
 
 from __future__ import annotations
 
+from clmtune.config.choices import (ADAPTER_KEYS, AUTO, AUTO_KEYS, DEFAULT_LEARNING_RATES, DEVICE_PATTERN, END_TOKENS,
+                                    EVAL_METHODS, MERGEABLE_METHODS, PADDING, PEFT_CONFIG_CLASSES, PEFT_METHODS,
+                                    PEFT_TABLE, PRECISIONS, TEXT_SAMPLE_BY, TRUNCATION_SIDES, PeftMethod,
+                                    device_problem)
+from clmtune.config.data import DataConfig
 from clmtune.config.io import SECTIONS, RawOverride, from_dict, load_config, merge, parse_overrides, save_config
 from clmtune.config.run_config import RunConfig, deepspeed_problems, peft_problems
-from clmtune.config.sections import (ADAPTER_KEYS, AUTO, AUTO_KEYS, DEFAULT_LEARNING_RATES, DEVICE_PATTERN, END_TOKENS, EVAL_METHODS, MERGEABLE_METHODS, PADDING,
-                                     PEFT_CONFIG_CLASSES, PEFT_METHODS, PEFT_TABLE, PRECISIONS, TEXT_SAMPLE_BY,
-                                     TRUNCATION_SIDES, DataConfig, EvalConfig, GenerateConfig, ModelConfig, PeftMethod,
-                                     PeftSettings, PreferenceConfig, TrainConfig,
-                                     device_problem)
+from clmtune.config.sections import (EvalConfig, GenerateConfig, ModelConfig, PeftSettings, PreferenceConfig,
+                                     TrainConfig)
+from clmtune.config.task_rules import TASK_NAMES, TASK_RULES, TaskRules
 
-__all__ = ["ADAPTER_KEYS", "AUTO", "AUTO_KEYS", "DEFAULT_LEARNING_RATES", "DEVICE_PATTERN", "END_TOKENS", "EVAL_METHODS", "MERGEABLE_METHODS", "PADDING", "PEFT_CONFIG_CLASSES",
-           "PEFT_METHODS", "PEFT_TABLE", "PRECISIONS", "PeftMethod", "SECTIONS", "TEXT_SAMPLE_BY", "TRUNCATION_SIDES", "DataConfig", "EvalConfig",
-           "GenerateConfig", "ModelConfig", "PeftSettings", "PreferenceConfig", "RawOverride", "RunConfig", "TrainConfig",
-           "deepspeed_problems", "device_problem", "from_dict", "load_config", "merge", "parse_overrides",
-           "peft_problems", "save_config"]
+__all__ = ["ADAPTER_KEYS", "AUTO", "AUTO_KEYS", "DEFAULT_LEARNING_RATES", "DEVICE_PATTERN", "END_TOKENS",
+           "EVAL_METHODS", "MERGEABLE_METHODS", "PADDING", "PEFT_CONFIG_CLASSES", "PEFT_METHODS", "PEFT_TABLE",
+           "PRECISIONS", "PeftMethod", "SECTIONS", "TASK_NAMES", "TASK_RULES", "TEXT_SAMPLE_BY", "TRUNCATION_SIDES",
+           "DataConfig", "EvalConfig", "GenerateConfig", "ModelConfig", "PeftSettings", "PreferenceConfig",
+           "RawOverride", "RunConfig", "TaskRules", "TrainConfig", "deepspeed_problems", "device_problem", "from_dict",
+           "load_config", "merge", "parse_overrides", "peft_problems", "save_config"]

@@ -12,7 +12,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from clmtune.config.run_config import RunConfig
-from clmtune.config.sections import AUTO, AUTO_KEYS
+from clmtune.config.choices import AUTO, AUTO_KEYS
 from clmtune.errors import ConfigError
 
 

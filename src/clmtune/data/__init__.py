@@ -11,7 +11,8 @@ Prompt and target are tokenized separately, without special tokens between them,
 same at training time and at evaluation time (evaluation feeds the prompt ids alone and scores/generates the
 target). Padding goes on the left, the decoder-only convention: the last position of every row is real text.
 
-Modules (this package file only re-exports them): ``sources`` reads files/folders/datasets into rows; ``load``
+Modules (this package file only re-exports them): ``readers`` is the registry of file formats by suffix (one
+module per format); ``sources`` reads files/folders/datasets into rows by the shape of the source; ``load``
 turns rows into examples (each task renders its rows, see ``clmtune.tasks``) and splits them; ``encoder`` applies
 the shared token-id pieces (``clmtune.tasks.encoding``: prompt truncation, row builders, left-padded batches) for
 one tokenizer; ``features`` is the one entry point the stages use (``prepare_data``: examples -> tokenized
@@ -28,10 +29,11 @@ from clmtune.tasks.examples import (IGNORE_INDEX, SPLIT_ORDER, Example, TaskData
                                    template_fields)
 from clmtune.data.features import Prepared, context_check, load_prepared, prepare_data, save_prepared
 from clmtune.data.load import dedup_examples, label_set, load_task, render_examples, split_indices
-from clmtune.data.sources import BUILTIN_PREFIX, HF_PREFIX, RawData, assets_path, load_raw, read_table, resolve_source
+from clmtune.data.readers import ReadOptions, Reader, read_table, register_reader
+from clmtune.data.sources import BUILTIN_PREFIX, HF_PREFIX, RawData, assets_path, load_raw, resolve_source
 
 __all__ = ["BUILTIN_PREFIX", "HF_PREFIX", "IGNORE_INDEX", "SPLIT_ORDER", "ClassificationEncoder", "Encoder", "Example",
-           "Prepared", "RawData", "TaskData", "assets_path", "build_sft_example", "build_train_example", "collate",
+           "Prepared", "RawData", "ReadOptions", "Reader", "TaskData", "assets_path", "build_sft_example", "build_train_example", "collate",
            "context_check", "cut_prompt", "dedup_examples", "label_set", "leading_special_ids", "left_pad",
            "load_prepared", "load_raw", "load_task", "map_label", "normalize_label", "prepare_data", "read_table",
-           "render_examples", "resolve_source", "save_prepared", "split_indices", "template_fields", "token_ids"]
+           "register_reader", "render_examples", "resolve_source", "save_prepared", "split_indices", "template_fields", "token_ids"]

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clmtune.data.records import read_records
+from clmtune.data.readers import READERS, ReadOptions, read_records
 from clmtune.data.sources import resolve_source, split_files
 from clmtune.errors import ClmtuneError
 from clmtune.tasks.conversations import ConversationSet, to_conversations
-
-CONVERSATION_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 def load_conversations(path: str | Path, fmt: str | None = None, columns: dict[str, str] | None = None,
@@ -19,7 +17,7 @@ def load_conversations(path: str | Path, fmt: str | None = None, columns: dict[s
     path = Path(path)
     if not path.is_file():
         raise ClmtuneError(f"{path}: no such file; give a .json, .jsonl or .parquet file of conversations")
-    records, numbers = read_records(path, encoding)
+    records, numbers = read_records(path, ReadOptions(encoding=encoding, nested=True))
     return to_conversations(records, fmt, columns, numbers, where=str(path))
 
 
@@ -29,7 +27,10 @@ def conversation_files(source: str) -> dict[str, Path]:
     path = resolve_source(source)
     if path.is_file():
         return {"train": path}
-    found = split_files(path, CONVERSATION_SUFFIXES)
+    suffixes = tuple(s for r in READERS.values() if r.read_nested is not None for s in r.suffixes)
+    found = split_files(path, suffixes)
     if "train" not in found:
-        raise ClmtuneError(f"data.source={source!r}: the folder has no train.json, train.jsonl or train.parquet")
+        names = ", ".join("train" + s for s in suffixes)
+        raise ClmtuneError(f"data.source={source!r}: the folder has no train file ({names}); add one, or point "
+                           "data.source at the conversation file")
     return found

@@ -8,16 +8,18 @@ from clmtune.config import DataConfig
 from clmtune.tasks.encoding import cut_prompt, leading_special_ids, token_ids
 from clmtune.tasks.examples import Example
 from clmtune.errors import ClmtuneError
-from clmtune.tasks import get_task
+from clmtune.tasks import Task, get_task
 
 
 class Encoder:
     """Turns examples into token ids for training (prompt + target + end, built by the task) and for evaluation
     (prompt only, cut like in training); resolves the prefix (BOS), end and pad ids once."""
 
-    def __init__(self, tokenizer, cfg: DataConfig):
+    def __init__(self, tokenizer, cfg: DataConfig, shape: Task | None = None):
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.shape = shape
+        """The task resolved by the caller; ``encode_train`` looks it up from ``cfg.task`` when not given."""
         self.prefix = leading_special_ids(tokenizer)
         self.end_id = tokenizer.eos_token_id if cfg.end_token == "eos" else tokenizer.pad_token_id
         if self.end_id is None:
@@ -37,7 +39,7 @@ class Encoder:
 
         The same row builder as ``prepare_data`` (the task's ``encode``), without ``datasets``.
         """
-        task = get_task(self.cfg.task)
+        task = self.shape or get_task(self.cfg.task)
         out = task.encode(task.example_columns(examples), self.tokenizer, self.prefix, self.end_id, self.cfg)
         feats = [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
         return feats, sum(out["truncated"])

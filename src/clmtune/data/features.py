@@ -33,7 +33,7 @@ from clmtune.tasks.encoding import build_sft_example  # noqa: F401  (re-exported
 from clmtune.tasks.examples import SPLIT_ORDER, Example, TaskData
 from clmtune.data.load import load_task
 from clmtune.text import plural
-from clmtune.tasks import get_task
+from clmtune.tasks import Task, get_task
 from clmtune.errors import ClmtuneError
 
 log = logging.getLogger("clmtune")
@@ -77,11 +77,11 @@ class Prepared:
                 f"{plural(dups, 'duplicate')} dropped{sampled}; pad {r['pad_token']['token']!r} end {r['end_token']['token']!r}")
 
 
-def context_check(cfg: DataConfig, context_length: int | None) -> None:
+def context_check(cfg: DataConfig, context_length: int | None, shape: Task | None = None) -> None:
     """Sequences may not be longer than the model's position table (``None``: the model has no limit)."""
     if context_length is None:
         return
-    key, value = get_task(cfg.task).length_limit(cfg)
+    key, value = (shape or get_task(cfg.task)).length_limit(cfg)
     if value is not None and value > context_length:
         raise ClmtuneError(f"{key}={value} is larger than the model's context ({context_length} positions); "
                            f"set {key} to at most {context_length}")
@@ -95,10 +95,9 @@ def _lengths(values) -> dict[str, int]:
 
 
 def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[int], end_id: int,
-                  cfg: DataConfig) -> tuple[Any, dict[str, Any]]:
+                  cfg: DataConfig, task: Task) -> tuple[Any, dict[str, Any]]:
     import datasets
 
-    task = get_task(cfg.task)
     columns = task.example_columns(examples)
     ds = datasets.Dataset.from_dict(columns)
     # new_fingerprint: skip hashing the function (it would pickle the whole tokenizer); in-memory, nothing cached.
@@ -115,27 +114,29 @@ def _encode_split(examples: list[Example], split: str, tokenizer, prefix: list[i
 
 
 def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, context_length: int | None = None,
-                 progress: bool = False, splits: tuple[str, ...] = SPLIT_ORDER) -> Prepared:
+                 progress: bool = False, splits: tuple[str, ...] = SPLIT_ORDER, shape: Task | None = None) -> Prepared:
     """Tokenized train/eval/test features of ``cfg`` (or the folder ``cfg.prepared`` names), with a report.
 
     ``task``: examples already loaded with ``load_task(cfg)`` (loaded here when None). ``context_length``: the
     model's position limit, checked against ``max_length``/``block_size``. ``splits``: the splits to tokenize
-    (the others are ``None``; evaluation tokenizes only the split it scores).
+    (the others are ``None``; evaluation tokenizes only the split it scores). ``shape``: the task resolved by the
+    caller (else the one ``task`` was read for, else looked up from ``cfg.task``).
     """
     import datasets
 
-    context_check(cfg, context_length)
-    get_task(cfg.task).prepare_tokenizer(tokenizer, cfg)
+    shape = shape or (task.shape if task is not None else None) or get_task(cfg.task)
+    context_check(cfg, context_length, shape)
+    shape.prepare_tokenizer(tokenizer, cfg)
     if cfg.prepared:
         return load_prepared(cfg.prepared, tokenizer, cfg)
-    task = task if task is not None else load_task(cfg)
+    task = task if task is not None else load_task(cfg, shape)
     if cfg.max_length is None:  # `auto` not resolved by the caller (clmtune.defaults does it for train/prepare)
         from clmtune.data.profile import auto_max_length, sequence_lengths
 
-        lengths = sequence_lengths(tokenizer, cfg, task.train)
+        lengths = sequence_lengths(tokenizer, cfg, task.train, shape)
         cfg = dataclasses.replace(cfg, max_length=auto_max_length(lengths, context_length)[0] if lengths else 64)
-    enc = Encoder(tokenizer, cfg)  # resolves the prefix (BOS), the end and the pad token
-    if get_task(cfg.task).has_labels and task.labels:
+    enc = Encoder(tokenizer, cfg, shape)  # resolves the prefix (BOS), the end and the pad token
+    if shape.has_labels and task.labels:
         check_label_tokens(enc, task.labels)
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
@@ -146,7 +147,7 @@ def prepare_data(tokenizer, cfg: DataConfig, task: TaskData | None = None, conte
             if split not in splits or not examples or not all(e.learnable for e in examples):
                 feats[split] = None  # nothing to learn from (e.g. unlabelled test rows)
                 continue
-            feats[split], stats[split] = _encode_split(examples, split, tokenizer, enc.prefix, enc.end_id, cfg)
+            feats[split], stats[split] = _encode_split(examples, split, tokenizer, enc.prefix, enc.end_id, cfg, shape)
     finally:
         if not progress and was_enabled:
             datasets.enable_progress_bars()

@@ -11,19 +11,20 @@ from clmtune.config import DataConfig
 from clmtune.tasks.examples import Example, TaskData, is_missing, normalize_label
 from clmtune.data.sources import RawData, load_raw
 from clmtune.errors import ClmtuneError
-from clmtune.tasks import get_task
+from clmtune.tasks import Task, get_task
 
 log = logging.getLogger("clmtune")
 
 
 def render_examples(rows: list[dict[str, Any]], cfg: DataConfig, labels: list[str] | None, where: str,
-                    labelled: bool) -> tuple[list[Example], int]:
+                    labelled: bool, shape: Task | None = None) -> tuple[list[Example], int]:
     """Each row as an example of ``cfg.task``; rows with empty text dropped. Returns (examples, dropped).
 
     A row is empty when all its prompt placeholders are empty (classify, sft), its response is empty (sft), or
-    its ``text_column`` is empty (lm) -- the tutorial's ``filter(review is not None)``.
+    its ``text_column`` is empty (lm) -- the tutorial's ``filter(review is not None)``. ``shape``: the task
+    resolved by the caller (looked up from ``cfg.task`` when not given).
     """
-    return get_task(cfg.task).render_examples(rows, cfg, labels, where, labelled)
+    return (shape or get_task(cfg.task)).render_examples(rows, cfg, labels, where, labelled)
 
 
 def dedup_examples(examples: list[Example]) -> tuple[list[Example], int]:
@@ -95,22 +96,24 @@ def sample_rows(examples: list[Example], limit: int | None, seed: int) -> list[E
     return [examples[i] for i in keep]
 
 
-def load_task(cfg: DataConfig) -> TaskData:
+def load_task(cfg: DataConfig, shape: Task | None = None) -> TaskData:
     """Read the configured source into train/eval/test examples and the label set.
 
     Order, as in the tutorial: read -> drop empty texts (counted) -> optional dedup (counted) -> split. The
     source's own eval split (``dev.*``, ``validation``, ``data.eval_file``) is used when there is one; otherwise
-    ``eval_fraction`` of train is held out.
+    ``eval_fraction`` of train is held out. ``shape``: the task resolved by the caller (looked up from
+    ``cfg.task`` when not given); the examples carry it (``TaskData.shape``) to the stages.
     """
-    raw = load_raw(cfg)
-    for warning in get_task(cfg.task).config_warnings(cfg):
+    shape = shape or get_task(cfg.task)
+    raw = load_raw(cfg, shape.nested_rows)
+    for warning in shape.config_warnings(cfg):
         log.warning(warning)
-    classify = get_task(cfg.task).has_labels
+    classify = shape.has_labels
     labels = label_set(cfg, raw) if classify else []
     examples, read, dropped, dups = {}, {}, {}, {}
     for split, rows in raw.splits.items():
         labelled = classify and (split != "test" or _has_labels(rows, cfg.label_column))
-        examples[split], dropped[split] = render_examples(rows, cfg, labels, raw.where[split], labelled)
+        examples[split], dropped[split] = shape.render_examples(rows, cfg, labels, raw.where[split], labelled)
         read[split] = len(rows)
         dups[split] = 0
         if cfg.dedup:
@@ -154,4 +157,4 @@ def load_task(cfg: DataConfig) -> TaskData:
                         "and macro-F1 averages over %d label(s) never seen in training%s; add rows of the other "
                         "labels", only, seen[only], max(len(others), 1),
                         f" ({', '.join(map(repr, others[:5]))})" if others else "")
-    return TaskData(train=train, eval=evals, test=test, labels=labels, report=report)
+    return TaskData(train=train, eval=evals, test=test, labels=labels, report=report, shape=shape)

@@ -10,7 +10,7 @@ import random
 import re
 from typing import Sequence
 
-from clmtune.tasks import get_task
+from clmtune.tasks import Task, get_task
 from clmtune.tasks.examples import Example
 
 _CJK_IDEOGRAPH = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
@@ -38,11 +38,11 @@ def text_sample(examples: Sequence[Example], seed: int, n: int = SAMPLE_ROWS) ->
     return [e.text for e in rows]
 
 
-def sequence_lengths(tokenizer, cfg, examples: Sequence[Example]) -> list[int]:
+def sequence_lengths(tokenizer, cfg, examples: Sequence[Example], shape: Task | None = None) -> list[int]:
     """Tokens of each training row before any cut, measured as the task encodes it (``Task.sequence_lengths``:
     prompt + target + end token; a chat conversation rendered by its template). A chat tokenizer must have its
     template installed (``Task.prepare_tokenizer``) first."""
-    return get_task(cfg.task).sequence_lengths(tokenizer, cfg, list(examples))
+    return (shape or get_task(cfg.task)).sequence_lengths(tokenizer, cfg, list(examples))
 
 
 def percentile(values: Sequence[int], q: float) -> int:

@@ -11,6 +11,7 @@ from clmtune.config import RunConfig
 from clmtune.data import resolve_source
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import clean_stale_tmp, tmp_sibling
+from clmtune.metrics import label_metrics
 from clmtune.run import (CONFUSION_PNG, EVAL_JSON, PREDICTIONS_CSV, PREDICTIONS_TEXT_CSV, write_csv_atomic,
                          write_json_atomic)
 from clmtune.tasks.examples import Example, normalize_label
@@ -92,8 +93,8 @@ def write_label_report(result: dict, out_dir: Path, examples: list[Example], pre
         clean_stale_tmp(out_dir, name)  # left by an evaluation that was killed while writing
     files = {"predictions": PREDICTIONS_CSV}
     if "confusion_matrix" in result:
-        title = (f"{result['method']}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
-                 f"(n={result['n']})")
+        scores = ", ".join(f"{m.label} {result[m.name]:.3f}" for m in label_metrics() if m.name in result)
+        title = f"{result['method']}: {scores} (n={result['n']})"
         plot_confusion_matrix(result["confusion_matrix"], out_dir / CONFUSION_PNG, title)
         files["confusion_matrix_png"] = CONFUSION_PNG
         extra = ["output", "mapped"] if mapped is not None else ["output"] if generated else []

@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import time
 from pathlib import Path
 from typing import Sequence
 
 from clmtune.config import EVAL_METHODS, RunConfig
 from clmtune.data import Encoder, load_task, prepare_data, read_table, render_examples
+from clmtune.data.sources import read_options
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import check_writable, is_writable
 from clmtune.inference import for_inference, model_precision
 from clmtune.models import is_prompt_learning
-from clmtune.evaluate.metrics import classification_metrics, perplexity
+from clmtune.metrics import classification_metrics, perplexity
 from clmtune.evaluate.predict import (label_tree_nodes, predict_constrained, predict_generate, predict_rank,
                                       resolve_method)
 from clmtune.evaluate.preference import evaluate_preference_run
 from clmtune.evaluate.replies import predict_replies, reply_metrics, write_replies
 from clmtune.evaluate.report import write_label_report, write_result
 from clmtune.run import RunDir
-from clmtune.tasks import get_task
-from clmtune.tasks.examples import Example
+from clmtune.tasks import Task, get_task
+from clmtune.tasks.examples import Example, TaskData
 
 log = logging.getLogger("clmtune")
 
@@ -95,13 +97,16 @@ def evaluate_lm(model, features: Sequence[dict[str, list[int]]], pad_id: int, ou
 
 def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None = None, method: str | None = None,
                  out_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
-                 dtype: str | None = None, data_reading: dict | None = None) -> tuple[dict, Path]:
+                 dtype: str | None = None, data_reading: dict | None = None,
+                 data: TaskData | None = None) -> tuple[dict, Path]:
     """Evaluate a trained run on its held-out split (``eval``), its unlabelled ``test`` split, or ``data_file``.
 
     Returns (metrics, folder written to). Each evaluation has its own folder (``RunDir.eval_output_dir``:
     ``RUN/eval/<split or file-stem>-<method>/``) unless ``out_dir`` names one; ``RUN/eval.json`` is the latest
     evaluation and ``RUN/eval/index.json`` lists them all. ``device``/``dtype``: override the run's ``eval.device``/``eval.dtype``.
     ``data_reading``: how to read ``data_file`` where it differs from the run's data (``encoding``, ``delimiter``).
+    ``data``: the run's examples when the caller has them (the evaluation right after training): its splits are
+    not read again. The task is looked up here, once, and handed to everything below.
     """
     run = RunDir(run_dir)
     cfg = run.load_config()
@@ -113,41 +118,57 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", data_file: str | None
     elif not is_writable(run.path):  # before minutes of evaluating, not after
         raise ClmtuneError(f"cannot write to the run folder {run.path} (read-only); pass --out DIR to write the "
                            "evaluation elsewhere")
-    if method is not None and get_task(cfg.data.task).evaluation != "labels":
-        scored_by = SCORED_BY.get(get_task(cfg.data.task).evaluation, "its own measure")
+    shape = data.shape if data is not None and data.shape is not None else get_task(cfg.data.task)
+    if method is not None and shape.evaluation != "labels":
+        scored_by = SCORED_BY.get(shape.evaluation, "its own measure")
         raise ClmtuneError(f"--method {method}: a {cfg.data.task} run is scored by {scored_by}, not by predicting "
                            "labels; drop --method")
+    if data_file is None and split not in shape.eval_splits:
+        raise ClmtuneError(f"--split {split!r} is not one of {', '.join(shape.eval_splits)} for a {cfg.data.task} "
+                           "run; pick one of them or pass --data FILE")
     model, tokenizer = run.load_model(device=device or cfg.eval.device, cfg=cfg)
-    evaluation = get_task(cfg.data.task).evaluation
-    if evaluation not in REFERENCE_EVALUATIONS:
+    if shape.evaluation not in REFERENCE_EVALUATIONS:
         model, precision, why = for_inference(model, dtype or cfg.eval.dtype)
         log.info("eval in %s (%s)", precision, why)
-    evaluator = EVALUATORS[evaluation]
-    return evaluator(run, model, tokenizer, cfg, split, data_file, out_dir, progress, method)
+    if shape.evaluation == "preference":  # reads its pairs itself
+        return evaluate_preference_run(run, model, tokenizer, cfg, split, data_file, out_dir, progress, method)
+    target = EvalTarget(shape, split, data_file, data if data_file is None else None)
+    return EVALUATORS[shape.evaluation](run, model, tokenizer, cfg, target, out_dir, progress, method)
 
 
-def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+@dataclass(frozen=True)
+class EvalTarget:
+    """What an evaluation scores: the run's ``split`` or every row of ``data_file``, read for ``shape``;
+    ``data``: the run's examples when the caller already has them."""
+
+    shape: Task
+    split: str
+    data_file: str | None
+    data: TaskData | None = None
+
+
+def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, target: EvalTarget,
                          out_dir: str | Path | None, progress: bool, method: str | None) -> tuple[dict, Path]:
     """A label per example of the held-out split, the ``test`` split or ``data_file``."""
     labels = run.labels()
+    split, data_file = target.split, target.data_file
     if data_file is not None:
         path = Path(data_file)
         if not path.is_file():
-            raise ClmtuneError(f"--data {data_file!r}: no such file")
-        rows = read_table(path, cfg.data.delimiter, cfg.data.encoding, cfg.data.text_sample_by)  # as in training
+            raise ClmtuneError(f"--data {data_file!r}: no such file; give the path of a data file")
+        rows = read_table(path, read_options(cfg.data))  # as in training
         labelled = bool(rows) and cfg.data.label_column in rows[0]
-        examples, _ = render_examples(rows, cfg.data, labels, str(path), labelled=labelled)
+        examples, _ = render_examples(rows, cfg.data, labels, str(path), labelled, target.shape)
     else:
-        if split not in get_task(cfg.data.task).eval_splits:
-            raise ClmtuneError(f"--split {split!r} is not one of {', '.join(get_task(cfg.data.task).eval_splits)}")
-        task = load_task(cfg.data)
+        task = target.data or load_task(cfg.data, target.shape)
         examples = task.eval if split == "eval" else task.test
         if not examples:
             raise ClmtuneError(f"the run's {split!r} split is empty" + (
                 "; set data.eval_fraction > 0 or pass --data FILE" if split == "eval" else
                 "; set data.test_file or pass --data FILE"))
     method = method or cfg.eval.method
-    chosen = resolve_method(method, Encoder(tokenizer, cfg.data), labels)  # the folder names what runs, not "auto"
+    # the folder names what runs, not "auto"
+    chosen = resolve_method(method, Encoder(tokenizer, cfg.data, target.shape), labels)
     if chosen == "constrained" and is_prompt_learning(model):
         chosen = "rank"
     out = Path(out_dir) if out_dir else run.eval_output_dir(split, data_file, chosen)
@@ -156,22 +177,21 @@ def _evaluate_labels_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: s
     return result, out
 
 
-def _held_out(tokenizer, cfg: RunConfig, split: str, data_file: str | None):
-    """(tokenized features, their examples or None) of what a perplexity/replies evaluation scores: the run's
-    ``eval`` split or ``data_file`` (every row of it). The source is read once and only that split is tokenized;
-    a run trained from a ``data.prepared`` folder has its eval features there (examples: read on demand)."""
+def _held_out(tokenizer, cfg: RunConfig, target: EvalTarget):
+    """(tokenized features, their examples or None, the data settings) of what a perplexity/replies evaluation
+    scores: the run's ``eval`` split or ``target.data_file`` (every row of it). The source is read once and only
+    that split is tokenized; a run trained from a ``data.prepared`` folder has its eval features there (examples:
+    read on demand)."""
+    data_file = target.data_file
     if data_file is not None:
         if not Path(data_file).is_file():
-            raise ClmtuneError(f"--data {data_file!r}: no such file")
+            raise ClmtuneError(f"--data {data_file!r}: no such file; give the path of a data file")
         data_cfg = dataclasses.replace(cfg.data, source=str(data_file), eval_file=None, test_file=None,
                                        eval_fraction=0.0, prepared=None)
         name = "train"
     else:
-        if split not in get_task(cfg.data.task).eval_splits:
-            raise ClmtuneError(f"--split {split!r}: an {cfg.data.task} run is scored by perplexity on its held-out "
-                               "'eval' split or on --data FILE")
         data_cfg, name = cfg.data, "eval"
-    prep = prepare_data(tokenizer, data_cfg, splits=(name,))
+    prep = prepare_data(tokenizer, data_cfg, task=target.data, splits=(name,), shape=target.shape)
     features = getattr(prep, name)
     if data_file is None and (features is None or len(features) == 0):
         raise ClmtuneError("the run's 'eval' split is empty; set data.eval_fraction > 0 or pass --data FILE")
@@ -187,30 +207,32 @@ def _perplexity(model, tokenizer, cfg: RunConfig, features, progress: bool) -> d
     return {**result, "seconds": round(seconds, 3), "examples_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
 
 
-def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+def _evaluate_lm_run(run: RunDir, model, tokenizer, cfg: RunConfig, target: EvalTarget,
                      out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
     """Perplexity of an ``lm`` run on its held-out split or on ``data_file`` (tokenized like training)."""
-    features, _, _ = _held_out(tokenizer, cfg, split, data_file)
+    data_file = target.data_file
+    features, _, _ = _held_out(tokenizer, cfg, target)
     out = Path(out_dir) if out_dir else run.eval_output_dir("eval", data_file, method or "perplexity")
     result = write_result(_perplexity(model, tokenizer, cfg, features, progress), out)
     run.record_evaluation(out, result, "eval", data_file)
     return result, out
 
 
-def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: str, data_file: str | None,
+def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, target: EvalTarget,
                           out_dir: str | Path | None, progress: bool, method: str | None = None) -> tuple[dict, Path]:
     """Chat and sft runs: the perplexity of the held-out split on the supervised (assistant / response) tokens,
     then greedy replies to its prompts scored against the references; ``predictions.jsonl``/``.csv`` keep them.
     ``eval.json`` is written once, with both."""
-    features, examples, data_cfg = _held_out(tokenizer, cfg, split, data_file)
+    data_file = target.data_file
+    features, examples, data_cfg = _held_out(tokenizer, cfg, target)
     result = _perplexity(model, tokenizer, cfg, features, progress)
     out = Path(out_dir) if out_dir else run.eval_output_dir("eval", data_file, method or "replies")
     if examples is None:  # splits from a data.prepared folder: the rows are read here
-        task = load_task(data_cfg)
+        task = load_task(data_cfg, target.shape)
         examples = task.train if data_file is not None else task.eval
     t0 = time.perf_counter()
-    replies = predict_replies(model, tokenizer, examples, get_task(cfg.data.task).nested_rows,
-                              cfg.generate.max_new_tokens, Encoder(tokenizer, cfg.data).end_id,
+    replies = predict_replies(model, tokenizer, examples, target.shape.nested_rows,
+                              cfg.generate.max_new_tokens, Encoder(tokenizer, cfg.data, target.shape).end_id,
                               cfg.generate.repetition_penalty, cfg.eval.batch_size, progress)
     write_replies(replies, out)
     result = {**result, "method": "perplexity+replies", "loss": result["nll_per_token"],
@@ -223,9 +245,9 @@ def _evaluate_replies_run(run: RunDir, model, tokenizer, cfg: RunConfig, split: 
     return result, out
 
 
-EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run,
-              "preference": evaluate_preference_run}
-"""``Task.evaluation`` -> the function that evaluates a run of that task."""
+EVALUATORS = {"labels": _evaluate_labels_run, "perplexity": _evaluate_lm_run, "replies": _evaluate_replies_run}
+"""``Task.evaluation`` -> the function that evaluates a run of that task (``preference`` runs:
+``evaluate_preference_run``, which reads its pairs itself)."""
 SCORED_BY = {"perplexity": "perplexity", "replies": "perplexity and its replies",
              "preference": "reward accuracy on its held-out pairs"}
 """What a run that does not predict labels is scored by, for the refusal of ``--method``."""

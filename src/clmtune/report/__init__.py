@@ -8,6 +8,7 @@ from typing import Sequence
 
 from clmtune.errors import ClmtuneError
 from clmtune.fsutil import check_writable, is_writable
+from clmtune.metrics import METRICS
 
 
 def default_report_path(runs: Sequence[str | Path]) -> Path:
@@ -46,9 +47,8 @@ def evaluation_lines(runs: Sequence[str | Path]) -> list[str]:
         run = read_run(path)
         for folder, e in sorted(run.evals.items(), key=lambda kv: kv[1].get("written", "")):
             numbers = "  ".join(f"{label} {e[key]:.4f}" if isinstance(e[key], float) else f"{label} {e[key]}"
-                                for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
-                                                   ("perplexity", "perplexity"), ("n", "rows"),
-                                                   ("invalid", "invalid")) if e.get(key) is not None)
+                                for key, label in [*((m.name, m.label) for m in METRICS.values()), ("n", "rows"),
+                                                   ("invalid", "invalid")] if e.get(key) is not None)
             lines.append(f"{run.name}: {folder}  ({evaluated_on(e)}, {e.get('method')})  {numbers}")
     return lines
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from clmtune.curves import plot_loss, plot_runs
+from clmtune.metrics import METRICS, label_metrics
 from clmtune.report.runs import RunFiles, evaluated_on
 
 CSS = """
@@ -28,8 +29,12 @@ img{max-width:100%;height:auto;border:1px solid #ddd;margin:.3em 0}
  overflow:auto;font-size:.85em} details summary{cursor:pointer;color:#08519c}
 """
 
-METRIC_ROWS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("perplexity", "perplexity"),
-               ("reward_accuracy", "reward accuracy"), ("reward_margin", "reward margin"), ("n", "rows evaluated"), ("invalid", "invalid outputs"), ("method", "method"))
+COUNT_ROWS = (("n", "rows evaluated"), ("invalid", "invalid outputs"), ("method", "method"))
+
+
+def metric_rows() -> list[tuple[str, str]]:
+    """(key in eval.json, words) of every registered metric (``clmtune.metrics``), then the counts."""
+    return [(m.name, m.label) for m in METRICS.values()] + list(COUNT_ROWS)
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -118,7 +123,7 @@ def _data_section(run: RunFiles) -> str:
 
 def _metrics_rows(run: RunFiles) -> list[tuple[str, Any]]:
     e = run.eval or {}
-    rows = [(label, e[key]) for key, label in METRIC_ROWS if key in e]
+    rows = [(label, e[key]) for key, label in metric_rows() if key in e]
     if isinstance(e.get("loss"), (int, float)):
         rows.append(("held-out loss" if run.eval_on == "held-out" else "loss", e["loss"]))
     replies = e.get("replies") if isinstance(e.get("replies"), dict) else {}
@@ -126,8 +131,7 @@ def _metrics_rows(run: RunFiles) -> list[tuple[str, Any]]:
                                                     ("exact_match", "reply exact match")) if key in replies]
     mapped = e.get("mapped_to_nearest_label")
     if mapped:
-        rows += [("accuracy (invalid mapped to nearest label)", mapped.get("accuracy")),
-                 ("macro-F1 (invalid mapped to nearest label)", mapped.get("macro_f1"))]
+        rows += [(f"{m.label} (invalid mapped to nearest label)", mapped.get(m.name)) for m in label_metrics()]
     last = next((r for r in reversed(run.log) if "rewards/margins" in r), None)
     if last:  # a preference run: TRL's training metrics of the last logged step
         rows += [(f"{k} (training, step {last['step']})", last[k]) for k in ("rewards/chosen", "rewards/rejected",
@@ -199,11 +203,12 @@ def _evaluations(run: RunFiles) -> str:
     """Every evaluation of the run from ``eval/index.json``, by folder, with what it was computed on."""
     if not run.evals:
         return ""
-    rows = [(folder, evaluated_on(e), e.get("method"), e.get("accuracy"), e.get("macro_f1"), e.get("perplexity"),
-             e.get("n"), e.get("invalid"), e.get("written"))
+    shown = [m for m in METRICS.values() if any(m.name in e for e in run.evals.values())]
+    rows = [(folder, evaluated_on(e), e.get("method"), *(e.get(m.name) for m in shown), e.get("n"), e.get("invalid"),
+             e.get("written"))
             for folder, e in sorted(run.evals.items(), key=lambda kv: kv[1].get("written", ""))]
     return ("<h3>Evaluations</h3>" +
-            _table(("folder", "on", "method", "accuracy", "macro-F1", "perplexity", "rows", "invalid", "written"),
+            _table(("folder", "on", "method", *(m.label for m in shown), "rows", "invalid", "written"),
                    rows, cls="evaluations"))
 
 
@@ -254,11 +259,7 @@ def comparison(runs: Sequence[RunFiles]) -> str:
     keys = [("model", lambda r: _model(r)), ("method", lambda r: r.config.get("peft", {}).get("method")),
             ("steps", lambda r: r.summary.get("steps")), ("final training loss", lambda r: r.summary.get("final_loss")),
             ("kept weights from step", lambda r: (r.summary.get("best") or {}).get("step")),
-            ("accuracy", lambda r: (r.eval or {}).get("accuracy")),
-            ("macro-F1", lambda r: (r.eval or {}).get("macro_f1")),
-            ("perplexity", lambda r: (r.eval or {}).get("perplexity")),
-            ("reward accuracy", lambda r: (r.eval or {}).get("reward_accuracy")),
-            ("reward margin", lambda r: (r.eval or {}).get("reward_margin")),
+            *((m.label, lambda r, k=m.name: (r.eval or {}).get(k)) for m in METRICS.values()),
             ("rows evaluated", lambda r: (r.eval or {}).get("n")),
             ("training seconds", lambda r: r.summary.get("seconds")),
             ("trainable parameters", lambda r: r.summary.get("trainable_params"))]
@@ -269,11 +270,9 @@ def comparison(runs: Sequence[RunFiles]) -> str:
         if all(v is None for v in values):
             continue
         numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        best = None
-        if label in ("accuracy", "macro-F1", "reward accuracy") and numeric:
-            best = max(numeric)
-        elif label == "perplexity" and numeric:  # (training losses of different tasks do not compare)
-            best = min(numeric)
+        better = next((m.better for m in METRICS.values() if m.label == label), None)
+        # only metrics get a best (training losses of different tasks do not compare)
+        best = (max if better == "max" else min)(numeric) if better and numeric else None
         cells = "".join(
             f"<td class='num{' best' if best is not None and v == best and len(numeric) > 1 else ''}'>"
             f"{escape(_fmt(v))}</td>" if isinstance(v, (int, float)) and not isinstance(v, bool)

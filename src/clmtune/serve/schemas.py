@@ -55,7 +55,7 @@ class _Request(BaseModel):
         return self
 
 
-class _Sampling(_Request):
+class SamplingRequest(_Request):
     model: StrictStr
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -70,7 +70,7 @@ class _Sampling(_Request):
         return [s for s in stops if s]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: StrictStr | list[StrictStr] = Field(min_length=1)
 
 
@@ -87,7 +87,7 @@ class ChatMessage(_Request):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
 
 

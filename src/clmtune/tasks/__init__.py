@@ -5,6 +5,7 @@ Adding a shape: a module with a ``Task`` subclass, and one ``register_task(...)`
 
 from __future__ import annotations
 
+from clmtune.config.task_rules import TASK_RULES
 from clmtune.errors import ClmtuneError
 from clmtune.tasks.base import Task
 from clmtune.tasks.chat import ChatTask
@@ -19,6 +20,9 @@ _REGISTRY: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     if not task.name:
         raise ValueError(f"{type(task).__name__} has no name")
+    if task.name not in TASK_RULES:
+        raise ValueError(f"task {task.name!r} has no row in clmtune.config.TASK_RULES (its evaluation and the checks "
+                         "of its data settings); add one")
     _REGISTRY[task.name] = task
     return task
 

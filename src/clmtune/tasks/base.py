@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from clmtune.config.task_rules import TASK_RULES
 from clmtune.tasks.examples import Example, check_columns, is_missing, template_fields
 from clmtune.templates import template_problem
 
@@ -23,23 +24,30 @@ class Task:
     name: str = ""
     has_labels: bool = False
     """Rows carry a label from a closed set (classification): a label set, stratified splits, label metrics."""
-    evaluation: str = "perplexity"
-    """The default evaluation of a run: ``labels`` (predict a label per example, accuracy/F1) or ``perplexity``."""
     eval_splits: tuple[str, ...] = ("eval",)
     """Splits ``clmtune eval --split`` accepts for this task."""
     nested_rows: bool = False
     """Rows hold nested lists/objects (conversations): JSON/JSONL/Parquet files are read as records whose optional
     keys may differ from row to row, lists kept as lists."""
-    prompt_learning: bool = True
-    """peft's prompt-learning methods (prefix/prompt/p-tuning) can train this shape."""
     training: str = "next_token"
     """The training objective the train stage runs (``next_token``: cross-entropy on the supervised tokens;
     ``preference``: a loss on chosen/rejected pairs)."""
 
-    # -- configuration -----------------------------------------------------------------------------------------
+    # -- configuration: the facts config validates with are this task's row of ``config.TASK_RULES`` ------------
+    @property
+    def evaluation(self) -> str:
+        """The default evaluation of a run: ``labels`` (predict a label per example, accuracy/F1), ``replies``,
+        ``perplexity`` or ``preference``."""
+        return TASK_RULES[self.name].evaluation
+
+    @property
+    def prompt_learning(self) -> bool:
+        """peft's prompt-learning methods (prefix/prompt/p-tuning) can train this shape."""
+        return TASK_RULES[self.name].prompt_learning
+
     def config_problems(self, d: "DataConfig") -> list[str]:
         """Problems of the ``data`` settings that only this task has (``RunConfig.validate`` reports them)."""
-        return []
+        return TASK_RULES[self.name].data_problems(d)
 
     def config_warnings(self, d: "DataConfig") -> list[str]:
         """Settings that work but are probably not what was meant (logged once when the data is loaded)."""

@@ -18,8 +18,8 @@ from typing import Any
 
 from clmtune.chat_templates import install_chat_template, reply_stops
 from clmtune.tasks.base import Task
-from clmtune.tasks.chat_encoding import TRAIN_ON, encode_conversation, tokens_and_mask
-from clmtune.tasks.conversations import DEFAULT_COLUMNS, FORMATS, to_conversations
+from clmtune.tasks.chat_encoding import encode_conversation, tokens_and_mask
+from clmtune.tasks.conversations import to_conversations
 from clmtune.tasks.examples import Conversation, Example, is_missing
 
 log = logging.getLogger("clmtune")
@@ -27,20 +27,7 @@ log = logging.getLogger("clmtune")
 
 class ChatTask(Task):
     name = "chat"
-    evaluation = "replies"
     nested_rows = True
-
-    def config_problems(self, d) -> list[str]:
-        p = []
-        if d.format is not None and d.format not in FORMATS:
-            p.append(f"data.format={d.format!r} is not one of {', '.join(FORMATS)} (or null to detect it)")
-        if d.train_on not in TRAIN_ON:
-            p.append(f"data.train_on={d.train_on!r} is not one of {', '.join(TRAIN_ON)}")
-        unknown = sorted(set(d.columns or {}) - set(DEFAULT_COLUMNS))
-        if unknown:
-            p.append(f"data.columns has unknown field(s) {unknown}; map any of {sorted(DEFAULT_COLUMNS)} to your "
-                     "column names")
-        return p
 
     def prepare_tokenizer(self, tokenizer, d) -> None:
         source = install_chat_template(tokenizer, d.chat_template)

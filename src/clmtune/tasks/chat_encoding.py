@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from clmtune.chat_templates import has_generation_blocks
+from clmtune.config.task_rules import TRAIN_ON
 from clmtune.errors import ClmtuneError
 from clmtune.tasks.examples import IGNORE_INDEX, drop_oldest_turns
 
-TRAIN_ON = ("all", "last")
 
 
 def _spans_by_prefix(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:

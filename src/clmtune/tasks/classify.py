@@ -12,18 +12,13 @@ from clmtune.tasks.encoding import build_train_example, token_ids
 from clmtune.tasks.examples import Example, cell_text, is_missing, map_label, row_name
 from clmtune.errors import ClmtuneError
 from clmtune.tasks.base import Task, check_template_columns, fields, template_warnings
-from clmtune.templates import fill_template, template_problem
+from clmtune.templates import fill_template
 
 
 class ClassifyTask(Task):
     name = "classify"
     has_labels = True
-    evaluation = "labels"
     eval_splits = ("eval", "test")
-
-    def config_problems(self, d) -> list[str]:
-        problem = template_problem(d.template, "data.template") if d.template else None
-        return [problem] if problem else []
 
     def config_warnings(self, d) -> list[str]:
         return template_warnings(d)

@@ -14,24 +14,23 @@ the file's ``prompt`` column as the instruction. Broken rows are not skipped: ``
 ``ClmtuneError`` whose single line names the rows of each problem and the fix. The one thing dropped is a final
 user message with no reply (nothing to learn from it); those are counted in ``ConversationSet.dropped``.
 Reading files is ``clmtune.data.conversations``' job; this module only normalises records.
+
+The shapes are a registry (``CONVERSATION_FORMATS``): a new one is a ``convert(record, columns) -> messages``
+function plus one ``register_conversation_format(...)`` line naming the columns that identify it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from clmtune.config.task_rules import CHAT_COLUMNS, CHAT_FORMATS
 from clmtune.errors import ClmtuneError
 
-FORMATS = ("alpaca", "sharegpt", "openai")
 ROLES = ("system", "user", "assistant")
-DEFAULT_COLUMNS = {
-    "instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history",
-    "conversations": "conversations", "messages": "messages", "role": None, "content": None,
-}
-"""Our field -> the file's column. ``role``/``content`` name the keys inside each message (``None``: ``from``/
-``value`` or ``role``/``content``, whichever the message has)."""
+DEFAULT_COLUMNS = CHAT_COLUMNS
+"""Our field -> the file's column (``config.task_rules.CHAT_COLUMNS``, which ``data.columns`` is checked against)."""
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 """Role names accepted in ShareGPT (``human``, ``gpt``) and OpenAI (``user``, ``assistant``) messages."""
 _SHOW_ROWS = 5  # rows named per problem in an error message
@@ -60,20 +59,46 @@ def _columns(columns: dict[str, str] | None) -> dict[str, str | None]:
     return {**DEFAULT_COLUMNS, **(columns or {})}
 
 
+@dataclass(frozen=True)
+class ConversationFormat:
+    name: str
+    fields: tuple[str, ...]
+    """Our fields (``DEFAULT_COLUMNS`` keys) that must be columns of a row of this shape; they identify it."""
+    convert: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, str]] | None]
+    """(record, column map) -> messages (``None``: the messages are not a list)."""
+    title: str
+    """How users know the shape (messages name it)."""
+
+
+CONVERSATION_FORMATS: dict[str, ConversationFormat] = {}
+"""Name -> shape, in the order ``detect_format`` tries them (the first whose fields are all columns wins)."""
+
+
+def register_conversation_format(fmt: ConversationFormat) -> ConversationFormat:
+    unknown = sorted(set(fmt.fields) - set(DEFAULT_COLUMNS))
+    if unknown:
+        raise ValueError(f"conversation format {fmt.name!r}: fields {unknown} are not among {sorted(DEFAULT_COLUMNS)}")
+    CONVERSATION_FORMATS[fmt.name] = fmt
+    if fmt.name not in CHAT_FORMATS:
+        CHAT_FORMATS.append(fmt.name)  # data.format is checked in config, below this registry
+    return fmt
+
+
+def conversation_formats() -> tuple[str, ...]:
+    return tuple(CONVERSATION_FORMATS)
+
+
 def detect_format(records: list[dict[str, Any]], columns: dict[str, str] | None = None, where: str = "data") -> str:
-    """``openai`` / ``sharegpt`` / ``alpaca`` from the keys of the first record."""
+    """The first registered shape (``openai``, ``sharegpt``, ``alpaca``) whose columns the first record has."""
     cols = _columns(columns)
     keys = set(records[0]) if records else set()
-    if cols["messages"] in keys:
-        return "openai"
-    if cols["conversations"] in keys:
-        return "sharegpt"
-    if cols["instruction"] in keys and cols["output"] in keys:
-        return "alpaca"
+    for fmt in CONVERSATION_FORMATS.values():
+        if all(cols[f] in keys for f in fmt.fields):
+            return fmt.name
+    wanted = ", ".join(f"{' + '.join(repr(cols[f]) for f in fmt.fields)} ({fmt.title})"
+                       for fmt in CONVERSATION_FORMATS.values())
     raise ClmtuneError(f"{where}: cannot tell the conversation format from the columns {sorted(keys)}; give "
-                       f"{cols['messages']!r} (OpenAI), {cols['conversations']!r} (ShareGPT) or "
-                       f"{cols['instruction']!r} + {cols['output']!r} (Alpaca), map yours with data.columns, or set "
-                       "data.format")
+                       f"{wanted}, map yours with data.columns, or set data.format")
 
 
 def _plain(value: Any) -> Any:
@@ -112,6 +137,7 @@ def _from_alpaca(rec: dict[str, Any], cols: dict[str, Any]) -> list[dict[str, st
 
 
 def _from_messages(rec: dict[str, Any], key: str, cols: dict[str, Any]) -> list[dict[str, str]] | None:
+    """OpenAI/ShareGPT messages: role and content under ``role``/``content`` or ``from``/``value``."""
     raw = _plain(rec.get(key))
     if not isinstance(raw, (list, tuple)):
         return None
@@ -168,12 +194,11 @@ def to_conversations(records: list[dict[str, Any]], fmt: str | None = None, colu
     cols = _columns(columns)
     if fmt is None:
         fmt = detect_format(records, columns, where)
-    elif fmt not in FORMATS:
-        raise ClmtuneError(f"data.format={fmt!r} is not a conversation format; use one of {', '.join(FORMATS)}")
-    if fmt == "alpaca":
-        needed = [cols["instruction"], cols["output"]]
-    else:
-        needed = [cols["messages"] if fmt == "openai" else cols["conversations"]]
+    elif fmt not in CONVERSATION_FORMATS:
+        raise ClmtuneError(f"data.format={fmt!r} is not a conversation format; use one of "
+                           f"{', '.join(conversation_formats())}")
+    shape = CONVERSATION_FORMATS[fmt]
+    needed = [cols[f] for f in shape.fields]
     conversations, kept_numbers, problems = [], [], defaultdict(list)
     dropped = {"final_user_message": 0}
     for rec, n in zip(records, numbers):
@@ -181,7 +206,7 @@ def to_conversations(records: list[dict[str, Any]], fmt: str | None = None, colu
         if missing:
             raise ClmtuneError(f"{where} row {n} has no column {missing[0]!r} (it has {sorted(rec)}); data.format="
                                f"{fmt} needs {needed}: map your column names with data.columns or fix the row")
-        msgs = _from_alpaca(rec, cols) if fmt == "alpaca" else _from_messages(rec, needed[0], cols)
+        msgs = shape.convert(rec, cols)
         if msgs and msgs[-1]["role"] == "user" and len(msgs) > 1:
             msgs = msgs[:-1]  # a question nobody answered teaches nothing; dropped and counted
             dropped["final_user_message"] += 1
@@ -197,3 +222,11 @@ def to_conversations(records: list[dict[str, Any]], fmt: str | None = None, colu
     if not conversations:
         raise ClmtuneError(f"{where} has no conversations; give at least one row")
     return ConversationSet(conversations, fmt, len(records), kept_numbers, dropped)
+
+
+register_conversation_format(ConversationFormat("openai", ("messages",),
+                                                lambda rec, cols: _from_messages(rec, cols["messages"], cols), "OpenAI"))
+register_conversation_format(ConversationFormat("sharegpt", ("conversations",),
+                                                lambda rec, cols: _from_messages(rec, cols["conversations"], cols),
+                                                "ShareGPT"))
+register_conversation_format(ConversationFormat("alpaca", ("instruction", "output"), _from_alpaca, "Alpaca"))

@@ -4,11 +4,14 @@ the checks of template placeholders against a file's columns."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from clmtune.errors import ClmtuneError
 from clmtune.templates import template_fields as _template_fields
 from clmtune.templates import template_problem
+
+if TYPE_CHECKING:
+    from clmtune.tasks.base import Task
 
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.functional.cross_entropy`` skips."""
@@ -107,6 +110,9 @@ class TaskData:
     test: list[Example]
     labels: list[str]
     report: dict[str, Any] = field(default_factory=dict)
+    shape: "Task | None" = None
+    """The task shape (``data.task``) the rows were read and rendered for: the stages that receive these examples
+    ask it instead of looking the task up again."""
 
 
 def normalize_label(value: Any) -> str:

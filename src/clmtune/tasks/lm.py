@@ -15,16 +15,6 @@ from clmtune.tasks.base import Task
 class LmTask(Task):
     name = "lm"
 
-    def config_problems(self, d) -> list[str]:
-        p = []
-        if not d.text_column:
-            p.append("data.text_column is empty; give the column with the text to learn, e.g. 'text'")
-        if (d.packing and d.padding == "max_length" and d.block_size is not None and d.max_length is not None
-                and d.block_size > d.max_length):
-            p.append(f"data.block_size={d.block_size} is larger than data.max_length={d.max_length} with "
-                     "data.padding=max_length; make them equal or use data.padding: longest")
-        return p
-
     def length_limit(self, d) -> tuple[str, int]:
         if d.packing and d.block_size is not None:
             return "data.block_size", d.block_size

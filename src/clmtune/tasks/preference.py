@@ -77,17 +77,8 @@ def split_conversations(prompt: Messages, chosen: Messages, rejected: Messages, 
 
 class PreferenceTask(Task):
     name = "preference"
-    evaluation = "preference"
     training = "preference"
     nested_rows = True
-    prompt_learning = False
-
-    def config_problems(self, d) -> list[str]:
-        keys = ("prompt_column", "chosen_column", "rejected_column")
-        if len({getattr(d, k) for k in keys}) < 3:
-            return [f"data.prompt_column, data.chosen_column and data.rejected_column must be three different columns"
-                    f" ({', '.join(repr(getattr(d, k)) for k in keys)})"]
-        return []
 
     def prepare_tokenizer(self, tokenizer, d) -> None:
         if d.chat_template:  # conversation pairs; text pairs need no template

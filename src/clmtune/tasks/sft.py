@@ -11,20 +11,11 @@ from clmtune.tasks.encoding import build_sft_example
 from clmtune.tasks.examples import Example, cell_text
 from clmtune.tasks.base import Task, check_template_columns, fields, template_warnings
 from clmtune.tasks.classify import encode_pairs
-from clmtune.templates import fill_template, template_problem
+from clmtune.templates import fill_template
 
 
 class SftTask(Task):
     name = "sft"
-    evaluation = "replies"
-
-    def config_problems(self, d) -> list[str]:
-        p = [template_problem(d.template, "data.template") if d.template else None]
-        if not d.response_template:
-            p.append("data.response_template is empty; give the response column, e.g. '{response}'")
-        else:
-            p.append(template_problem(d.response_template, "data.response_template"))
-        return [x for x in p if x]
 
     def config_warnings(self, d) -> list[str]:
         return template_warnings(d)

@@ -129,7 +129,7 @@ class Watch:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         from clmtune.data import Encoder
-        from clmtune.evaluate.metrics import classification_metrics, perplexity
+        from clmtune.metrics import classification_metrics, perplexity
         from clmtune.evaluate.predict import predict_rank
 
         r = self.r

@@ -9,7 +9,9 @@ workspace folder; a run started in the browser is a CLI run.
 - ``workspace``: the folder the page may touch; every path a request names is checked against it.
 - ``jobs``: the queue of ``clmtune`` child processes (one at a time), their logs, stop (SIGINT, as Ctrl-C).
 - ``playground``: a ``clmtune serve`` child for the finished run being tried, reached through the ui server.
-- ``app``: the FastAPI routes (token, limits) and the page (``static/``: no CDN, everything served locally).
+- ``app``: the FastAPI app (token, limits, errors); ``routers``: its routes by group (page, data, jobs, runs,
+  playground), which reach the workspace, jobs and playground through ``common.Ui``; ``settings``: the form and the
+  YAML; the page is ``static/`` (no CDN, everything served locally).
 """
 
 from __future__ import annotations

@@ -1,94 +1,28 @@
-"""The run folder (a foundation): the one module that knows where each file of a run lives.
-
-A run folder is what ``clmtune train`` writes into ``train.output_dir``::
-
-    config.yaml          the resolved config the run was trained with
-    adapter/             peft adapter (adapter methods)        | model/   every weight (peft.method: full)
-    tokenizer/           the tokenizer, pad token included
-    train_log.jsonl      one line per logged optimizer step
-    train_summary.json   written last: steps, losses, label set, data report
-    checkpoints/         step-NNNNNN folders while (or after) training with train.save_steps
-    eval/<what>-<method>/  one folder per evaluation (``eval_output_dir``): eval.json, predictions.csv,
-                         confusion_matrix.png; <what> is the split (eval, test) or file-<stem> of ``eval --data``
-    eval/index.json      every evaluation of the run: folder, split or file, method, headline metrics, time
-    eval.json            the latest evaluation's results, with ``folder`` naming where its files are
-    best/                the best weights so far, while training with train.save_best (moved into the result)
-    loss.png             training curves, written at the end of training
-    tensorboard/         event files with train.report_to: [tensorboard]
-    report.html          ``clmtune report RUN``
-
-Stages ask a ``RunDir`` for paths, for loading (config, tokenizer, model: adapter or full) and for atomic writes;
-no other module spells these names.
-"""
+"""``RunDir``: one run folder, its paths, whether it finished, loading what it holds and writing into it."""
 
 from __future__ import annotations
 
-import csv
-import logging
-import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from clmtune.config import RunConfig, load_config
 from clmtune.errors import ClmtuneError
-from clmtune.fsutil import FolderLock, atomic_write_bytes, clean_stale_tmp, is_writable, os_errors, tmp_sibling
+from clmtune.fsutil import FolderLock, clean_stale_tmp, is_writable, os_errors, tmp_sibling
+from clmtune.run.files import (ADAPTER, BEST, CHECKPOINTS, CONFIG, CONFUSION_PNG, EVAL_INDEX, EVAL_JSON, EVALS,
+                               LOSS_PNG, MODEL, PREDICTIONS_CSV, PREDICTIONS_JSONL, REPORT_HTML, SUMMARY, TENSORBOARD,
+                               TOKENIZER, TRAIN_LOG, write_json_atomic, write_text_atomic)
+from clmtune.metrics import METRICS
 
 log = logging.getLogger("clmtune")
 
-ADAPTER = "adapter"
-MODEL = "model"
-TOKENIZER = "tokenizer"
-CONFIG = "config.yaml"
-SUMMARY = "train_summary.json"
-TRAIN_LOG = "train_log.jsonl"
-CHECKPOINTS = "checkpoints"
-BEST = "best"  # the best weights so far while training with train.save_best (checkpoint format)
-TENSORBOARD = "tensorboard"  # event files of train.report_to: [tensorboard]
-LOSS_PNG = "loss.png"
-REPORT_HTML = "report.html"
-# Evaluation outputs, inside ``RunDir.eval_output_dir(...)`` or a folder the user names (``eval --out``).
-EVAL_JSON = "eval.json"
-PREDICTIONS_CSV = "predictions.csv"
-PREDICTIONS_JSONL = "predictions.jsonl"
-PREDICTIONS_TEXT_CSV = "predictions_text.csv"  # unlabelled rows: id, text, predicted (predictions.csv: ID,Label)
-CONFUSION_PNG = "confusion_matrix.png"
-EVALS = "eval"
-EVAL_INDEX = "index.json"
-
 _ADAPTER_MARK = "adapter_config.json"  # written by peft's save_pretrained
 _MODEL_MARK = "config.json"  # written by transformers' save_pretrained
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic writes: a temporary sibling, then os.replace, so a reader never sees half a file (clmtune.fsutil: the
-# data is flushed to disk first, and a full disk is one line naming the file).
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, data)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-def write_csv_atomic(path: str | Path, header: list[str], rows: Iterable[Iterable[Any]]) -> Path:
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return write_text_atomic(path, buf.getvalue())
 
 
 class RunDir:
@@ -178,8 +112,7 @@ class RunDir:
             else str(folder)
         write_json_atomic(self.path / EVAL_JSON, {**result, "folder": where})
         index = json.loads(self.eval_index.read_text(encoding="utf-8")) if self.eval_index.is_file() else {}
-        headline = {k: result[k] for k in ("accuracy", "macro_f1", "perplexity", "invalid", "n", "truncated_prompts")
-                    if k in result}
+        headline = {k: result[k] for k in (*METRICS, "invalid", "n", "truncated_prompts") if k in result}
         index[where] = {"split": None if data_file is not None else split,
                         "data_file": None if data_file is None else str(data_file), "method": result.get("method"),
                         **headline, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -369,49 +302,3 @@ class RunDir:
         shutil.rmtree(self.tokenizer, ignore_errors=True)
         os.replace(tmp, self.tokenizer)
         return self.tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Output folders that --overwrite may replace. Rule: only a folder of the same kind that clmtune wrote (it carries
-# ``marker``), never a file, never a folder holding the data read, never a run folder or anything inside one. A
-# refusal names a new path as the fix, not --overwrite, unless the folder is one --overwrite may replace.
-
-
-def enclosing_run(path: str | Path) -> Path | None:
-    """The run folder that ``path`` is or lies in (a folder with ``config.yaml`` and a run's outputs), or None."""
-    p = Path(os.path.abspath(path))
-    for d in (p, *p.parents):
-        if (d / CONFIG).is_file() and any((d / n).exists() for n in (ADAPTER, MODEL, SUMMARY, TRAIN_LOG, CHECKPOINTS,
-                                                                      TOKENIZER)):
-            return d
-    return None
-
-
-def check_replace_target(dest: str | Path, overwrite: bool, *, option: str, marker: str, kind: str,
-                         sources: Iterable[str | Path] = ()) -> Path:
-    """Refuse ``dest`` as the output of ``option`` unless writing there loses nothing the user did not ask to.
-
-    ``marker``: the file every ``kind`` folder clmtune writes carries; ``sources``: paths read by the same command
-    (a folder holding one of them is never replaced)."""
-    dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise ClmtuneError(f"{option} {dest} is a file, not a folder; give a new folder path (a file is never "
-                           "replaced)")
-    run = enclosing_run(dest)
-    if run is not None and dest.exists() and any(dest.iterdir()):
-        where = "is the run folder" if run == Path(os.path.abspath(dest)) else f"lies inside the run folder {run}"
-        raise ClmtuneError(f"{option} {dest} {where}; give a new folder outside it (a run's files are never "
-                           "replaced from here)")
-    here = Path(os.path.abspath(dest))
-    for src in sources:
-        s = Path(os.path.abspath(src))
-        if s == here or here in s.parents:
-            raise ClmtuneError(f"{option} {dest} holds the data source {src}; give a new folder path")
-    if dest.is_dir() and any(dest.iterdir()):
-        if not (dest / marker).is_file():
-            raise ClmtuneError(f"{option} {dest} exists and was not written by {kind} (no {marker}); give a "
-                               "new folder path")
-        if not overwrite:
-            raise ClmtuneError(f"{option} {dest} holds an earlier {kind} output; give a new folder path, or "
-                               "pass --overwrite to replace it")
-    return dest
