@@ -18,7 +18,7 @@ report how often they predict the same label as fp32.
 Methods: ``tutorial`` (what users ran before clmtune: peft's causal-LM example, every prompt left-padded to
 ``max_length``, ``model.generate(max_new_tokens=10)`` in batches of 8 whatever ``--batch-sizes`` says, decoded and
 string-matched to the labels; the same prompt token ids as clmtune), ``rank`` (what ``eval.method: auto`` runs up to
-64 tree nodes: the exact best-first search over the label tree, ``clmtune.evaluate.search``, then, for rows it
+64 tree nodes: the exact best-first search over the label tree, ``clmtune.rank.search``, then, for rows it
 leaves open, prompt + label tree in one forward), ``rank_onepass`` (rank without the search: every tree node
 scored in one forward), ``constrained`` (greedy decoding on the label tree,
 ``auto`` above 64 nodes), ``rank_shared_cache`` (the previous
@@ -60,7 +60,7 @@ sys.path.insert(0, str(HERE))
 from common import result_path  # noqa: E402  (bench/common.py)
 
 import clmtune.evaluate as ev  # noqa: E402
-import clmtune.evaluate.scoring as scoring  # noqa: E402
+import clmtune.rank.scoring as scoring  # noqa: E402
 from clmtune.config import from_dict  # noqa: E402
 from clmtune.device import cpu_matrix_features, describe_cpu  # noqa: E402
 from clmtune.data import load_task, read_table, render_examples  # noqa: E402

@@ -16,6 +16,12 @@ Configurations (each in its own child process, one after another, so the peak RS
               enable_input_require_grads(), as peft's docs show
   clmtune_*   clmtune's train(): fp32 default; bf16 = model.dtype: bf16 + train.precision: bf16;
               gc = + train.gradient_checkpointing: true
+--matrix [CASES]: the memory estimate against the measured peak on small models instead (the shipped
+gpt2-zh-small with LoRA and full fine-tuning, fp32/bf16, checkpointing, classify/LM/chat/DPO; tiny OPT and BLOOM):
+each case is `clmtune train --no-eval` for 2 steps in its own child with one torch thread; prints estimate /
+measured ratios and writes them to bench/README.md with the date and the CPU (tests/test_memory_peak.py runs the
+same cases; ~7 min on a shared 2-core CPU).
+
 Reported: seconds per step (median over steps after the first), seconds per epoch, real (non-pad) tokens/s, peak
 RSS of the child, and clmtune's memory estimate for the same step (``clmtune.memory``; runtime + estimate
 compared with the peak RSS). Writes bench/results/memory_<model>_cpu.json and its section of
@@ -153,14 +159,14 @@ def run_clmtune(cfg_dict: dict, bf16: bool, gc: bool, max_steps: int | None) -> 
     cfg = from_dict(cfg_dict).validate()
     recipe = TrainRecipe(cfg, progress=False).setup()
     # CPU time of each optimizer step: stamp every optimizer.step() call (the step boundaries of the loop)
-    stamps, step = [time.process_time()], recipe.optimizer.step
+    stamps, step = [time.process_time()], recipe.opt.optimizer.step
 
     def stamped_step(*a, **kw):
         out = step(*a, **kw)
         stamps.append(time.process_time())
         return out
 
-    recipe.optimizer.step = stamped_step
+    recipe.opt.optimizer.step = stamped_step
     result = recipe.fit().save()
     log = [json.loads(line) for line in open(Path(cfg.train.output_dir) / "train_log.jsonl")]
     summary = json.loads((Path(cfg.train.output_dir) / "train_summary.json").read_text())
@@ -384,6 +390,114 @@ def write_markdown() -> Path:
     return readme
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# --matrix: the estimate against the measured peak on the shipped and built-in models (tests/test_memory_peak.py)
+
+CONFIGS_DIR = HERE.parent / "configs"
+CLASSIFY, CHAT, DPO, LM = (str(CONFIGS_DIR / f) for f in ("chnsenticorp_classify.yaml", "chat_zh.yaml",
+                                                          "chnsenticorp_dpo.yaml", "chnsenticorp_lm.yaml"))
+TINY = ["--peft.target_modules", "null", "--train.precision", "fp32"]
+MATRIX = {  # name: (config file, overrides); every case trains MATRIX_STEPS steps, the longest batch first
+    "gpt2zh_lora_bf16_b16_L256": (CLASSIFY, []),
+    "gpt2zh_lora_fp32_b16_L256": (CLASSIFY, ["--train.precision", "fp32"]),
+    "gpt2zh_lora_bf16_b8_L128": (CLASSIFY, ["--train.batch_size", "8", "--data.max_length", "128"]),
+    "gpt2zh_full_fp32_b16_L256": (CLASSIFY, ["--peft.method", "full", "--train.precision", "fp32"]),
+    "gpt2zh_full_bf16_b8_L128": (CLASSIFY, ["--peft.method", "full", "--train.batch_size", "8",
+                                            "--data.max_length", "128"]),
+    "gpt2zh_lora_bf16_gc_b16_L256": (CLASSIFY, ["--train.gradient_checkpointing", "true"]),
+    "gpt2zh_lm_lora_bf16_b8_L128": (LM, []),
+    "gpt2zh_chat_full_bf16_b16_L256": (CHAT, []),
+    "gpt2zh_chat_lora_fp32_b8_L256": (CHAT, ["--peft.method", "lora", "--train.batch_size", "8",
+                                             "--train.precision", "fp32"]),
+    "gpt2zh_dpo_lora_bf16_b8_L80": (DPO, []),
+    "gpt2zh_dpo_full_fp32_b8_L80": (DPO, ["--peft.method", "full", "--train.precision", "fp32",
+                                          "--train.learning_rate", "1e-4"]),
+    "tinyopt_lora_fp32_b16_L256": (CLASSIFY, ["--model.name_or_path", "builtin:tiny-opt", *TINY]),
+    "tinybloom_lora_fp32_b8_L256": (CLASSIFY, ["--model.name_or_path", "builtin:tiny-bloom", *TINY,
+                                               "--train.batch_size", "8"]),
+    "tinyopt_full_fp32_b16_L128": (CLASSIFY, ["--model.name_or_path", "builtin:tiny-opt", *TINY,
+                                              "--peft.method", "full", "--data.max_length", "128",
+                                              "--train.learning_rate", "1e-4"]),
+}
+FAST = ["tinyopt_lora_fp32_b16_L256", "gpt2zh_lora_bf16_b8_L128"]
+"""The cases tests/test_memory_peak.py runs without the slow marker (about 15 s each on an idle core)."""
+MATRIX_STEPS = 2
+
+
+def measure_case(name: str, work: Path) -> dict:
+    """Train one case with the real CLI (``clmtune train --no-eval``) in a child process with one torch thread,
+    and compare its estimate (train_summary.json) with the child's peak resident memory: ``ru_maxrss`` of that
+    child alone (``os.wait4``), from exec to exit, nothing subtracted."""
+    config, overrides = MATRIX[name]
+    out = work / name
+    cmd = [sys.executable, "-m", "clmtune", "train", "--config", config, *overrides, "--no-eval",
+           "--train.max_steps", str(MATRIX_STEPS), "--train.output_dir", str(out), "--train.overwrite", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{name} failed:\n{log.read().decode(errors='replace')[-3000:]}")
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    summary = json.loads((out / "train_summary.json").read_text())
+    est = summary["memory"]["estimate"]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"case": name, "estimate": est["total"] + est["runtime"], "runtime": est["runtime"],
+            "step": est["total"], "activations": est["activations"], "measured": peak,
+            "ratio": round((est["total"] + est["runtime"]) / peak, 3)}
+
+
+def matrix_table(rows: list[dict]) -> str:
+    out = ["| case | estimated peak MiB (runtime + step) | measured peak RSS MiB | estimate / measured |",
+           "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {r['runtime'] / MIB:,.0f} + {r['step'] / MIB:,.0f} = {r['estimate'] / MIB:,.0f} "
+                   f"| {r['measured'] / MIB:,.0f} | {r['ratio']:.2f} |")
+    return "\n".join(out)
+
+
+MIB = 2 ** 20
+MATRIX_BEGIN, MATRIX_END = "<!-- bench_memory.py --matrix: begin -->", "<!-- bench_memory.py --matrix: end -->"
+
+
+def run_matrix(names: list[str]) -> None:
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_matrix_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = []
+    for name in names:
+        r = measure_case(name, work)
+        rows.append(r)
+        print(f"{name:<34} estimate {r['estimate'] / MIB:7,.0f} MiB  measured {r['measured'] / MIB:7,.0f} MiB  "
+              f"ratio {r['ratio']:.2f}", flush=True)
+    machine = (f"{cpu_name()} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, torch "
+               f"{torch.__version__}, 1 torch thread)")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result_path("memory", "matrix").write_text(json.dumps({"when": when, "machine": machine, "rows": rows},
+                                                          indent=2))
+    body = (f"## The estimate against the measured peak (`bench/bench_memory.py --matrix`)\n\n"
+            f"Measured {when} on {machine}, load average {load_start}. Each case is `clmtune train --no-eval` for "
+            f"{MATRIX_STEPS} steps (the longest batch comes first) in its own child process; measured = that child's "
+            "peak resident memory (`ru_maxrss` from `os.wait4`: the whole process from exec to exit, Python and "
+            "imports included, nothing subtracted); estimated = `train_summary.json`'s estimate of that peak "
+            "(`runtime`, measured before the weights load, + the training step's parts). tests/test_memory_peak.py "
+            "holds every case within 0.75-1.25.\n\n" + matrix_table(rows) + "\n")
+    readme = HERE / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    section = f"{MATRIX_BEGIN}\n{body}{MATRIX_END}"
+    if MATRIX_BEGIN in text:
+        text = text[:text.index(MATRIX_BEGIN)] + section + text[text.index(MATRIX_END) + len(MATRIX_END):]
+    else:
+        text = text.replace(MEMORY_BEGIN, section + "\n\n" + MEMORY_BEGIN)
+    readme.write_text(text, encoding="utf-8")
+    print(matrix_table(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -393,8 +507,13 @@ def main() -> None:
                          "time is extrapolated from the median step)")
     ap.add_argument("--llama-steps", type=int, default=2, help="optimizer steps of each llama1b configuration")
     ap.add_argument("--llama-rows", type=int, default=64, help="ChnSentiCorp rows of the llama1b task")
+    ap.add_argument("--matrix", nargs="?", const="all", metavar="CASES",
+                    help="the estimate against the measured peak RSS on small models (comma-separated cases of "
+                         f"{', '.join(MATRIX)}; default all), written to bench/README.md")
     ap.add_argument("--child", nargs=3, metavar=("CONFIG", "CFG_JSON", "MAX_STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.matrix:
+        return run_matrix(list(MATRIX) if args.matrix == "all" else args.matrix.split(","))
     if args.child:
         config, cfg_path, steps = args.child
         return child(config, cfg_path, int(steps) if steps != "none" else None)

@@ -220,7 +220,7 @@ def run_clmtune(cfg_dict: dict, precision: str) -> dict:
         return out
 
     TrainRecipe.fit = timed_fit
-    import clmtune.train as train_mod
+    import clmtune.train.setup as train_mod  # where setup_model and setup_optimization look these up
 
     prep, to_bf16 = [], train_mod.frozen_matmul_weights_to_bf16
 

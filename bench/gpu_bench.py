@@ -187,9 +187,9 @@ def allow_bench_vocab() -> None:
     head's width is what costs; ids stay < 50,265), which clmtune refuses for users as another vocabulary."""
     import clmtune.models
     import clmtune.models.load
-    import clmtune.train
+    import clmtune.train.setup
 
-    for mod in (clmtune.models, clmtune.models.load, clmtune.train):
+    for mod in (clmtune.models, clmtune.models.load, clmtune.train.setup):
         if hasattr(mod, "check_tokenizer_fits"):
             mod.check_tokenizer_fits = lambda *a, **k: None
 
@@ -470,7 +470,7 @@ def sft_mfu(w: Path, s: dict, model_kind: str, res: dict, full: bool = False) ->
 
 
 def run_infer_rank(w: Path, s: dict) -> dict:
-    """Rank evaluation of the twitter rows (clmtune.evaluate.predict.predict_rank) vs peft's example evaluation
+    """Rank evaluation of the twitter rows (clmtune.rank.predict.predict_rank) vs peft's example evaluation
     (generate 10 tokens, match the text; bench/bench_eval.py's tutorial_eval) on the 1.1B LLaMA in bf16."""
     import torch
 
@@ -479,7 +479,7 @@ def run_infer_rank(w: Path, s: dict) -> dict:
 
     from clmtune.config import from_dict
     from clmtune.data import Encoder, load_task
-    from clmtune.evaluate.predict import predict_rank
+    from clmtune.rank.predict import predict_rank
     from clmtune.inference import for_inference
     from clmtune.models import load_model, load_tokenizer
 

@@ -110,7 +110,7 @@ def worker_resume(out: Path, deterministic: bool) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    import clmtune.train as train_mod
+    import clmtune.train.step as train_mod  # where train_window looks the loss up
     from clmtune.config import from_dict
     from clmtune.train import train
 

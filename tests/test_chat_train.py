@@ -10,7 +10,7 @@ import torch
 from chatrun import chat_cfg
 from safetensors.torch import load_file
 
-import clmtune.train as train_mod
+import clmtune.train.step as train_mod
 from clmtune.chat_templates import BUILTIN_TEMPLATES
 from clmtune.evaluate import evaluate_run
 from clmtune.run import RunDir

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 
 import clmtune.train as train_mod
+import clmtune.train.setup as setup_mod
 from clmtune.train import train
 from clmtune.inference import TanhGELU
 from clmtune.train.precision import (bf16_unsupported_reason, column_major_bf16, frozen_matmul_weights_to_bf16,
@@ -70,19 +71,19 @@ def test_training_with_the_column_major_head_writes_the_same_adapter(tmp_path, o
     import clmtune.train.fusedhead as fh
 
     monkeypatch.setattr(fh, "FUSED_PRECISIONS", frozenset())  # the logits path, whose head is column-major
-    real = train_mod.frozen_matmul_weights_to_bf16
+    real = setup_mod.frozen_matmul_weights_to_bf16
     seen = []
 
     def spy(model, column_major_head=False, keep=()):
         seen.append(column_major_head)
         return real(model, column_major_head, keep)
 
-    monkeypatch.setattr(train_mod, "frozen_matmul_weights_to_bf16", spy)
+    monkeypatch.setattr(setup_mod, "frozen_matmul_weights_to_bf16", spy)
     train(tiny_cfg(tmp_path, "lora", name="fp32", max_steps=1, precision="fp32"), progress=False)
     assert seen == []  # fp32 keeps its weights as they are
     col = train(tiny_cfg(tmp_path, "lora", model="builtin:tiny-gpt2", name="col", max_steps=3, precision="bf16"),
                 progress=False)
-    monkeypatch.setattr(train_mod, "frozen_matmul_weights_to_bf16", lambda m, c=False, keep=(): real(m, False, keep))
+    monkeypatch.setattr(setup_mod, "frozen_matmul_weights_to_bf16", lambda m, c=False, keep=(): real(m, False, keep))
     row = train(tiny_cfg(tmp_path, "lora", model="builtin:tiny-gpt2", name="row", max_steps=3, precision="bf16"),
                 progress=False)
     assert seen == [True]
@@ -132,7 +133,7 @@ def test_bf16_lora_training_runs_tanh_gelu_as_one_op(tmp_path, monkeypatch, one_
         seen.append(len(swaps))
         return swaps
 
-    monkeypatch.setattr(train_mod, "one_op_tanh_gelu", recording)
+    monkeypatch.setattr(setup_mod, "one_op_tanh_gelu", recording)
     result = train(tiny_cfg(tmp_path, model="builtin:tiny-gpt2", epochs=1, precision="bf16"), progress=False)
     assert seen and seen[0] >= 2  # one swap per layer's activation
     assert not any(isinstance(m, TanhGELU) for m in result.model.modules())

@@ -1,11 +1,11 @@
-"""``clmtune.evaluate.headscore``: token log-probabilities from hidden states, head run in vocabulary blocks."""
+"""``clmtune.rank.headscore``: token log-probabilities from hidden states, head run in vocabulary blocks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import clmtune.evaluate.headscore as headscore
+import clmtune.rank.headscore as headscore
 from clmtune.evaluate import label_scores
 from test_eval_methods import CASES, _load, _naive_scores, _prompts
 

@@ -29,11 +29,7 @@ STAGES = {"train", "evaluate", "generate", "chat", "serve", "export", "report", 
 BASE = {"config", "errors"}
 RANK = {"entry": 3, "stage": 2, "foundation": 1, "base": 0}
 
-KNOWN = {
-    # in-training evaluation and the server score with the evaluate stage's kernels (move them to a foundation)
-    "stage->stage: clmtune.train.watch -> clmtune.evaluate.predict",
-    "stage->stage: clmtune.serve.engine -> clmtune.evaluate.scoring",
-}
+KNOWN: set[str] = set()
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -9,7 +9,8 @@ from clmtune.memory import ModelShape, estimate, estimate_for_model, measured_pe
 
 def test_shape_from_gpt2_and_llama_configs():
     g = ModelShape.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100))
-    assert g == ModelShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=100, mlp_saved=5)
+    assert g == ModelShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=100, mlp_saved=5,
+                           attn_dropout=0.1, hidden_dropout=0.1)  # GPT-2's default attn_pdrop / resid_pdrop
     ll = ModelShape.from_config(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                             num_attention_heads=32, num_key_value_heads=4, vocab_size=32000))
     assert ll == ModelShape(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000,
@@ -17,21 +18,40 @@ def test_shape_from_gpt2_and_llama_configs():
 
 
 def test_hand_computed_lora_estimate():
-    # d=64, 2 layers, 4 heads (kv 4), f=256, V=100; batch 2 x 8 tokens, 3 head positions, fp32, sdpa
+    # d=64, 2 layers, 4 heads (kv 4), f=256, V=100; batch 2 x 8 tokens, 3 head positions, fp32, sdpa, no dropout
     shape = ModelShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=100, mlp_saved=2)
     e = estimate(shape, total_params=1000, trainable_params=10, batch_size=2, seq_len=8, head_positions=3)
     per_layer = (2 * 64 + 64 + 2 * 64 + 64) + (2 * 64 + 2 * 256)  # attention 384 + MLP 640
     assert per_layer == 1024
     assert e.activations == 16 * (2 * 1024 + 2 * 64) * 4
+    assert e.workspace == int(0.25 * e.activations) - 40  # the CPU's backward temporaries beyond the gradients
     assert (e.weights, e.gradients, e.optimizer) == (4000, 40, 80)
     assert e.lm_head == 2 * 4 * 3 * 100
-    assert e.total == 4000 + 40 + 80 + e.activations + 2400
+    assert e.total == 4000 + 40 + 80 + e.activations + e.workspace + 2400
+    assert e.peak == e.total + e.runtime and "resident" in e.measures and "estimated peak" in e.table()
     ck = estimate(shape, total_params=1000, trainable_params=10, batch_size=2, seq_len=8, head_positions=3,
                   gradient_checkpointing=True)
     assert ck.activations == 16 * (2 * 64 + 1024 + 2 * 64) * 4
+    assert ck.workspace == 16 * 1024 * 4 - 40  # the recomputed layer's backward: one more layer's set
     bf = estimate(shape, total_params=1000, trainable_params=10, batch_size=2, seq_len=8, head_positions=3,
                   compute_dtype=torch.bfloat16)
     assert bf.activations * 2 == e.activations
+    gpu = estimate(shape, total_params=1000, trainable_params=10, batch_size=2, seq_len=8, head_positions=3,
+                   device="cuda", runtime=123)
+    assert gpu.workspace == 0 and gpu.peak == gpu.total and "cuda" in gpu.measures
+
+
+def test_dropout_makes_cpu_attention_unfused():
+    # CPU: SDPA with dropout on the probabilities runs its math kernel: fp32 q, k, v and 3 x heads x L probabilities;
+    # each residual-branch dropout keeps a noise tensor. CUDA: fused attention, a bool mask per dropout.
+    plain = ModelShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=100, mlp_saved=2)
+    drop = ModelShape(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=100, mlp_saved=2,
+                      attn_dropout=0.1, hidden_dropout=0.1)
+    kw = dict(total_params=1000, trainable_params=10, batch_size=2, seq_len=8, head_positions=3)
+    base = estimate(plain, **kw).activations
+    extra_layer = 4 * (3 * 4 * 8 + 64 + 2 * 64) + 2 * 64 * 4
+    assert estimate(drop, **kw).activations == base + 16 * (2 * extra_layer + 64 * 4)
+    assert estimate(drop, device="cuda", **kw).activations == base + 16 * (2 * 2 * 64 + 64)
 
 
 def saved_tensor_bytes(model, batch) -> int:
@@ -51,13 +71,19 @@ def saved_tensor_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-one-op-gelu"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-one-op-gelu", "gpt2-dropout", "gpt2-dropout-lora"])
 def test_activation_estimate_close_to_what_autograd_saves(arch):
     torch.manual_seed(0)
     if arch.startswith("gpt2"):
-        cfg = GPT2Config(n_embd=128, n_layer=3, n_head=4, vocab_size=64, n_positions=256, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0)
+        p = 0.1 if "dropout" in arch else 0.0  # GPT-2's default dropout: SDPA's math kernel on the CPU
+        cfg = GPT2Config(n_embd=128, n_layer=3, n_head=4, vocab_size=64, n_positions=256, resid_pdrop=p,
+                         embd_pdrop=p, attn_pdrop=p)
         model = GPT2LMHeadModel(cfg)
+        if arch.endswith("lora"):
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=8, lora_dropout=0.1, target_modules=["c_attn", "c_proj", "c_fc"])
+            model = get_peft_model(model, lora)
     else:
         cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=64, max_position_embeddings=256)
@@ -75,7 +101,8 @@ def test_activation_estimate_close_to_what_autograd_saves(arch):
     # the LM head runs on 4 positions only here, so activations dominate; the model ignores kernel-internal buffers
     assert 0.75 < est.activations / measured < 1.25, (est.activations, measured)
     assert est.weights == sum(p.numel() * 4 for p in model.parameters())
-    assert est.gradients == est.weights and est.optimizer == 2 * est.weights
+    if not arch.endswith("lora"):
+        assert est.gradients == est.weights and est.optimizer == 2 * est.weights
 
 
 def test_checkpointing_estimate_is_lower_and_peak_is_measured():

@@ -143,7 +143,9 @@ def test_estimate_and_measured_peak_in_the_summary(tmp_path, one_thread):
     assert mem == result.memory and mem["measured"] == "peak resident memory (VmHWM)"
     est = mem["estimate"]
     assert est["gradient_checkpointing"] and est["batch_size"] == 9
-    assert est["total"] == est["weights"] + est["gradients"] + est["optimizer"] + est["activations"] + est["lm_head"]
+    assert est["total"] == (est["weights"] + est["gradients"] + est["optimizer"] + est["activations"]
+                            + est["workspace"] + est["lm_head"])
+    assert est["peak"] == est["total"] + est["runtime"] and est["measures"].startswith("peak resident memory")
     # LoRA: gradients = trainable fp32 params, AdamW two states each
     trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     assert (est["gradients"], est["optimizer"]) == (4 * trainable, 8 * trainable)
@@ -152,7 +154,7 @@ def test_estimate_and_measured_peak_in_the_summary(tmp_path, one_thread):
     from clmtune.prepare import prepare
 
     before = prepare(cfg, progress=False).memory.as_dict()
-    same = ("runtime", "lm_head", "total")
+    same = ("runtime", "lm_head", "total", "peak")
     assert {k: v for k, v in before.items() if k not in same} == {k: v for k, v in est.items() if k not in same}
     # training fused the head's loss (one vocabulary block, no (positions, V) logits); prepare counts full logits
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["lm_head_loss"] == "fused"

@@ -392,7 +392,8 @@ def test_a_prompt_that_just_fits_is_cut_by_neither_rank_nor_generate():
     for both methods (generate used to leave room for one more token and cut the 17-token prompt too)."""
     from clmtune.config import DataConfig, ModelConfig
     from clmtune.data import Encoder
-    from clmtune.evaluate.predict import predict_generate, predict_rank
+    from clmtune.evaluate.predict import predict_generate
+    from clmtune.rank.predict import predict_rank
     from clmtune.models import load_model, load_tokenizer
     from clmtune.tasks.examples import Example
 

@@ -1,4 +1,4 @@
-"""``rank`` by best-first search over the label tree (clmtune.evaluate.search) equals scoring every label."""
+"""``rank`` by best-first search over the label tree (clmtune.rank.search) equals scoring every label."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from clmtune.evaluate import LabelTree
-from clmtune.evaluate import predict
-from clmtune.evaluate.predict import predict_rank
-from clmtune.evaluate.search import search_batch
+from clmtune.rank import predict
+from clmtune.rank.predict import predict_rank
+from clmtune.rank.search import search_batch
 from clmtune.tasks.examples import Example
 from test_eval_methods import CASES, _load, _naive_scores, _prompts
 

@@ -491,15 +491,15 @@ def test_a_rising_held_out_loss_is_warned_about(caplog):
     from clmtune.train.watch import Watch
 
     train = SimpleNamespace(eval_steps=10, early_stopping_patience=None, save_best=None, report_to=[])
-    w = Watch(SimpleNamespace(cfg=SimpleNamespace(train=train), main=True))
+    w = Watch(SimpleNamespace(train=train, main=True))
     w.losses = [(10, 2.61), (20, 2.50), (30, 4.16)]
     with caplog.at_level("WARNING"):
-        assert w.finish() is None
+        assert w.finish(None) is None
     assert "the held-out loss rose to 4.1600 at step 30 from 2.5000 at step 20" in caplog.text
     caplog.clear()
     w.losses = [(10, 2.61), (20, 2.50), (30, 2.55)]  # within 10 % of the best: no warning
     with caplog.at_level("WARNING"):
-        w.finish()
+        w.finish(None)
     assert "rose" not in caplog.text
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tinyrun import LABELS, one_thread, tiny_cfg  # noqa: F401  (fixture)
 
-import clmtune.train as train_mod
+import clmtune.train.setup as setup_mod
 from clmtune.config import DataConfig, ModelConfig, PeftSettings, load_config
 from clmtune.data import IGNORE_INDEX, collate, prepare_data
 from clmtune.errors import ConfigError
@@ -179,7 +179,7 @@ def test_fast_path_trains_to_the_same_losses_as_full_logits(tmp_path, one_thread
 
 
 def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_with_a_warning(tmp_path, one_thread, monkeypatch, caplog):
-    monkeypatch.setattr(train_mod, "bf16_unsupported_reason", lambda: "this CPU (DEFAULT) has no fast bf16 matmuls")
+    monkeypatch.setattr(setup_mod, "bf16_unsupported_reason", lambda: "this CPU (DEFAULT) has no fast bf16 matmuls")
     cfg = tiny_cfg(tmp_path, name="nobf16", precision="bf16", max_steps=1)
     with caplog.at_level(logging.WARNING, logger="clmtune"):
         train(cfg, progress=False)

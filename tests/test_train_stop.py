@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tinyrun import one_thread, tiny_cfg  # noqa: F401  (fixture)
 
-import clmtune.train as train_mod
+import clmtune.train.step as train_mod
 from clmtune.train import list_checkpoints, train
 
 

@@ -42,10 +42,11 @@ def test_eval_steps_log_best_weights_loss_png_and_tensorboard(tmp_path, one_thre
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # 36 training rows / batch 9 = 4 steps per epoch, 3 epochs = 12 steps; evaluations at 3, 6, 9, 12
-    # fp32: the held-out loss below is compared with an fp32 evaluation of the saved weights (precision auto is
-    # bf16 autocast on CPUs with bf16 units, whose losses differ in the 4th decimal)
+    # fp32: the held-out loss below is compared with an fp32 evaluation of the saved weights (bf16 losses differ
+    # in the 4th decimal)
     cfg = _cfg(tmp_path, "run", eval_steps=3, eval_max_rows=10, save_best={"metric": "eval_loss"},
                save_steps=3, save_total_limit=None, report_to=["tensorboard"], precision="fp32")
+    cfg.eval.dtype = "fp32"  # the evaluation during training runs in eval.dtype, as clmtune eval does
     res = train(cfg, progress=False)
     out = res.output_dir
     log = _log(out)
@@ -88,7 +89,7 @@ def test_early_stopping(tmp_path, one_thread, monkeypatch):
 
     scripted = iter([5.0, 4.0, 4.5, 4.2, 3.0, 2.0])  # best at the 2nd evaluation, then 2 without improvement
 
-    def fake_evaluate(self):
+    def fake_evaluate(self, model):
         return {"eval_loss": next(scripted), "eval_rows": 1, "eval_seconds": 0.0}
 
     monkeypatch.setattr(Watch, "evaluate", fake_evaluate)

@@ -51,7 +51,7 @@ def one_thread():
 def crash_training_at(monkeypatch, batch: int, cfg, train) -> None:
     """Run ``train(cfg)`` with a crash in its ``batch``-th loss computation (whichever loss path the run takes:
     ``causal_lm_loss`` or the fused ``frozen_head_loss``), then put the real loss functions back."""
-    import clmtune.train as train_mod
+    import clmtune.train.step as train_mod  # where train_window looks the loss functions up
 
     calls = {"n": 0}
     real = {name: getattr(train_mod, name) for name in ("causal_lm_loss", "frozen_head_loss")}

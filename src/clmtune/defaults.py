@@ -92,7 +92,7 @@ class Resolution:
         if self.examples is None:
             from clmtune.data import load_task
 
-            self.examples = load_task(self.cfg.data)
+            self.examples = load_task(self.cfg.data, self.task)
         return self.examples
 
 
@@ -202,7 +202,7 @@ def token_lengths(r: Resolution) -> tuple[list[int], int | None]:
     finally:
         log.setLevel(level)
     r.task.prepare_tokenizer(tokenizer, d)  # chat: measure the rendered template, as trained
-    return (sequence_lengths(tokenizer, d, examples.train) if examples.train else []), context
+    return (sequence_lengths(tokenizer, d, examples.train, r.task) if examples.train else []), context
 
 
 def auto_length(r: Resolution, lengths: list[int], context: int | None) -> None:

@@ -60,8 +60,13 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
     memory, note = None, None
     if prep.train is not None and len(prep.train):
         try:
-            memory = estimate_before_loading(cfg, [len(x) for x in prep.train["input_ids"]],
-                                             [sum(1 for t in x if t != -100) for x in prep.train["labels"]])
+            pairs = "rejected_input_ids" in prep.train.column_names  # a preference pair: its longer sequence
+            ids = zip(prep.train["input_ids"], prep.train["rejected_input_ids"]) if pairs else \
+                ((x,) for x in prep.train["input_ids"])
+            labels = zip(prep.train["labels"], prep.train["rejected_labels"]) if pairs else \
+                ((x,) for x in prep.train["labels"])
+            memory = estimate_before_loading(cfg, [max(len(x) for x in row) for row in ids],
+                                             [max(sum(1 for t in x if t != -100) for x in row) for row in labels])
         except Exception as exc:  # noqa: BLE001 - the estimate is advice; the data report must still come out
             note = f"no memory estimate ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     else:

@@ -22,8 +22,8 @@ import inspect
 
 import torch
 
-from clmtune.evaluate.headscore import head_returns_hidden, linear_head
-from clmtune.evaluate.labeltree import Trie
+from clmtune.rank.headscore import head_returns_hidden, linear_head
+from clmtune.rank.labeltree import Trie
 from clmtune.models import cache_kwarg, output_cache
 from clmtune.tasks.encoding import left_pad
 

@@ -23,9 +23,10 @@ from clmtune.fsutil import check_writable, is_writable
 from clmtune.inference import for_inference, model_precision
 from clmtune.models import is_prompt_learning
 from clmtune.metrics import classification_metrics, perplexity
-from clmtune.evaluate.predict import (label_tree_nodes, predict_constrained, predict_generate, predict_rank,
+from clmtune.evaluate.predict import (label_tree_nodes, predict_constrained, predict_generate,
                                       resolve_method)
 from clmtune.evaluate.preference import evaluate_preference_run
+from clmtune.rank.predict import predict_rank
 from clmtune.evaluate.replies import predict_replies, reply_metrics, write_replies
 from clmtune.evaluate.report import write_label_report, write_result
 from clmtune.run import RunDir

@@ -116,7 +116,7 @@ def self_attending_mask(mask: torch.Tensor) -> torch.Tensor:
     of 32 (bench/results/gpu_pretrain_sweep_h200.json); on an H100 ``bench/gpu_check.py`` (``padding``) reproduced
     it at head dim 64, length 192, bf16, and not at head dim 36 or lengths 191/256.
     Letting each pad position attend to itself changes nothing for the real positions (they never attend to pads)
-    and leaves no row fully masked. The same trick as ``evaluate.scoring``'s packed mask.
+    and leaves no row fully masked. The same trick as ``rank.scoring``'s packed mask.
     """
     t = mask.shape[1]
     allowed = torch.ones((t, t), dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]  # (B, T, T)

@@ -170,7 +170,7 @@ class Engine(Decoder):
         """Worker thread: per-label probabilities of each prompt, a softmax over the labels' rank scores (the
         scoring ``clmtune eval`` uses)."""
         from clmtune.data import Encoder
-        from clmtune.evaluate.scoring import label_scores
+        from clmtune.rank.scoring import label_scores
 
         encoder = Encoder(self.tokenizer, self.run_cfg.data)
         scores = label_scores(self.model, encoder, prompts, self.labels, self.run_cfg.eval.batch_size,

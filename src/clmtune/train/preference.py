@@ -50,9 +50,8 @@ class PairCollator:
 class PreferenceObjective:
     """Held by ``TrainRecipe`` as ``objective`` when the task trains on pairs."""
 
-    def __init__(self, recipe):
-        self.r = recipe
-        self.p = recipe.cfg.preference
+    def __init__(self, settings, progress: bool = False):
+        self.p, self.progress = settings, progress
         self.ref_model = None
         self.needs_reference = self.p.loss in REFERENCE_LOSSES
         self.head_mask = False  # the model takes a boolean logits_to_keep (set once the model is built)
@@ -70,13 +69,13 @@ class PreferenceObjective:
     def collator(self, pad_id: int, length: int | None, multiple: int | None) -> PairCollator:
         return PairCollator(pad_id, length, multiple)
 
-    def setup_reference(self, model, features: list[dict], device, is_peft: bool) -> None:
+    def setup_reference(self, model, features: list[dict], device, is_peft: bool, pad_id: int) -> None:
         """After the model is built and before training: the reference (see the module docstring)."""
         if not self.needs_reference:
             return
         self.head_mask = takes_head_mask(model)
         if self.p.precompute_reference:
-            self.precompute(model, features, device)
+            self.precompute(model, features, device, pad_id)
         elif not is_peft:
             self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
             log.info("preference: reference model = a frozen copy of the starting weights")
@@ -84,16 +83,16 @@ class PreferenceObjective:
             log.info("preference: reference model = the same weights with the adapter switched off")
 
     @torch.no_grad()
-    def precompute(self, model, features: list[dict], device, batch_size: int = 16) -> None:
+    def precompute(self, model, features: list[dict], device, pad_id: int, batch_size: int = 16) -> None:
         from tqdm.auto import tqdm
 
         was_training = model.training
         model.eval()
         model.to(device)
         order = sorted(range(len(features)), key=lambda i: -self.lengths([features[i]])[0])  # little padding
-        collator = PairCollator(self.r.data.pad_id, None)
+        collator = PairCollator(pad_id, None)
         for start in tqdm(range(0, len(order), batch_size), desc="reference log-probabilities",
-                          disable=not (self.r.progress and self.r.main)):
+                          disable=not self.progress):
             rows = [features[i] for i in order[start:start + batch_size]]
             batch = {k: v.to(device) for k, v in collator(rows).items() if k != "rows"}
             with reference_context(model):
@@ -131,7 +130,7 @@ class PreferenceObjective:
             if rows_seen is not None:
                 rows_seen.extend(rows.tolist())
             last = k == len(window) - 1
-            accelerator.gradient_state._set_sync_gradients(last)  # as train._train_window: the window is fetched ahead
+            accelerator.gradient_state._set_sync_gradients(last)  # as step.train_window: the window is fetched ahead
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 if self.needs_reference and ref is None:
                     ref = self.reference_logps(model, batch, head.mode == "mask")

@@ -30,8 +30,8 @@ import heapq
 
 import torch
 
-from clmtune.evaluate.labeltree import Trie
-from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
+from clmtune.rank.labeltree import Trie
+from clmtune.rank.headscore import head_returns_hidden, linear_head, logprobs
 from clmtune.models import cache_kwarg, model_device, output_cache
 from clmtune.tasks.encoding import left_pad
 
@@ -173,7 +173,7 @@ def _tree_scores(model, cache, conts, rows, pmask, plen, width, first, additive,
     after the prompt; ``first``: per row, log p(first token) at the prompt's last position, by token."""
     import copy
 
-    from clmtune.evaluate.scoring import LabelTree
+    from clmtune.rank.scoring import LabelTree
 
     tree = LabelTree.build(conts)
     m = len(tree.token)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from clmtune.evaluate.headscore import head_returns_hidden, linear_head, logprobs
-from clmtune.evaluate.labeltree import Trie
+from clmtune.rank.headscore import head_returns_hidden, linear_head, logprobs
+from clmtune.rank.labeltree import Trie
 from clmtune.models import (CUSTOM_MASK_MODEL_TYPES, cache_kwarg, forward_inputs, is_prompt_learning, model_device,
                             output_cache)
 from clmtune.tasks.encoding import collate
