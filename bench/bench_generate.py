@@ -1,4 +1,5 @@
-"""Generation speed: clmtune's generate (transformers' generate, KV cache on) vs the tutorial's loop, same run.
+"""Generation speed: clmtune's generate (its own decoding loop, KV cache on) vs the tutorial's loop and
+transformers' ``generate``, same run.
 
     python bench/bench_generate.py             # 86 new tokens, 3 timed repeats each (about a minute on 2 cores)
     python bench/bench_generate.py --repeats 1
@@ -13,9 +14,10 @@ Model: GPT-2 architecture, 12 layers x 768 wide, 12 heads, 1,024 positions, voca
 character tokenizer shipped with clmtune), random weights (seed 0); batch 1; top-k 10 sampling, temperature 1.
 Both paths must produce all 86 tokens (counted with a forward hook); a run that stopped early at [SEP]/[PAD]
 would be unfairly short, so the seed is moved on until it does not.
-Paths: the tutorial's loop (fp32, as users ran it), clmtune's ``generate`` with fp32 weights and clmtune with the
+Paths: the tutorial's loop (fp32, as users ran it), clmtune's ``generate`` with fp32 weights, clmtune with the
 weights in the precision ``--dtype`` picks (``auto``: bf16 with oneDNN-packed matmuls where the CPU has native
-bf16 units, see ``clmtune.inference``). Timed repeats alternate between the paths (the machine is shared); the
+bf16 units, see ``clmtune.inference``), and ``transformers``' ``generate`` on those same weights (same sampling,
+``min_new_tokens`` so it writes all 86 tokens too): whether clmtune's hand-written loop costs anything. Timed repeats alternate between the paths (the machine is shared); the
 medians are compared, by wall-clock time and by the process's CPU time (on a machine where other jobs take the
 cores, CPU time is the steadier measure of the work done; both are printed).
 Also: greedy outputs of bf16 vs fp32 on 50 ChnSentiCorp prompts (32 new tokens; exact-match rate and the share of
@@ -80,15 +82,18 @@ def tutorial_loop(model, input_ids: torch.Tensor, n: int, k: int = 10) -> torch.
 
 
 class Calls:
-    """Counts forward passes of a model (one per new token in every path)."""
+    """Counts forward passes of a model (one per new token in every path) and the rows they ran (one new token
+    each: the row-tokens a batched run generated, whichever rows ended early)."""
 
     def __init__(self, *models):
-        self.n = 0
+        self.n = self.rows = 0
         for m in models:
-            m.register_forward_pre_hook(self)
+            m.register_forward_pre_hook(self, with_kwargs=True)
 
-    def __call__(self, module, args):
+    def __call__(self, module, args, kwargs):
         self.n += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.rows += 0 if ids is None else ids.shape[0]
 
 
 def clocks() -> tuple[float, float]:
@@ -119,71 +124,124 @@ def greedy_agreement(m32, m16, tok, prompts: list[str], new: int = 32) -> dict:
             "chars_before_first_difference_share": prefix / max(1, sum(len(x) for x in a))}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for all paths")
-    ap.add_argument("--dtype", default="auto", help="precision of the fast clmtune path (auto, bf16, fp32)")
-    ap.add_argument("--batch-sizes", default="8,32", help="batched throughput (clmtune only); empty: skip")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = build_model()
-    fast, precision, why = for_inference(copy.deepcopy(model), args.dtype)
-    calls = Calls(model, fast)
-    ids = tok(PROMPT, add_special_tokens=False).input_ids
-    input_ids = torch.tensor([ids])
-    label = f"clmtune_{precision}"
+class Paths:
+    """The timed ways to write NEW_TOKENS tokens; each returns (wall, cpu) seconds and leaves ``calls`` counted."""
 
-    def run_clmtune(m, seed: int, prompts=(PROMPT,), batch: int = 1):
+    def __init__(self, model, fast, tok, calls: Calls):
+        self.model, self.fast, self.tok, self.calls = model, fast, tok, calls
+        self.input_ids = torch.tensor([tok(PROMPT, add_special_tokens=False).input_ids])
+
+    def clmtune(self, m, seed: int, prompts=(PROMPT,), batch: int = 1):
         s = GenerateConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=10, seed=seed, batch_size=batch)
-        calls.n = 0
+        self.calls.n = self.calls.rows = 0
         t = clocks()
-        generate(m, tok, list(prompts), s)
+        generate(m, self.tok, list(prompts), s)
         return since(t)
 
-    def run_tutorial(seed: int):
+    def transformers(self, m, seed: int, prompts=(PROMPT,)):
+        batch = self.tok(list(prompts), add_special_tokens=False, return_tensors="pt", padding=True,
+                         padding_side="left", return_token_type_ids=False)
         torch.manual_seed(seed)
-        calls.n = 0
+        self.calls.n = self.calls.rows = 0
         t = clocks()
-        tutorial_loop(model, input_ids, NEW_TOKENS)
+        with torch.no_grad():
+            m.generate(**batch, do_sample=True, top_k=10, temperature=1.0, max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, pad_token_id=self.tok.pad_token_id)
         return since(t)
 
-    seed = 0  # find a seed whose sample does not end early on an end/pad token, in both clmtune paths
-    while True:
-        run_clmtune(model, seed)
-        ok = calls.n == NEW_TOKENS
-        run_clmtune(fast, seed)
-        if ok and calls.n == NEW_TOKENS:
-            break
-        seed += 1
-    run_tutorial(seed)  # warm-up of the long shapes
-    paths = {"tutorial": run_tutorial, "clmtune_fp32": lambda s: run_clmtune(model, s)}
-    if precision != "fp32":
-        paths[label] = lambda s: run_clmtune(fast, s)
+    def tutorial(self, seed: int):
+        torch.manual_seed(seed)
+        self.calls.n = 0
+        t = clocks()
+        tutorial_loop(self.model, self.input_ids, NEW_TOKENS)
+        return since(t)
+
+    def full_length_seed(self) -> int:
+        """A seed whose sample does not end early on an end/pad token, in both clmtune paths."""
+        seed = 0
+        while True:
+            self.clmtune(self.model, seed)
+            ok = self.calls.n == NEW_TOKENS
+            self.clmtune(self.fast, seed)
+            if ok and self.calls.n == NEW_TOKENS:
+                return seed
+            seed += 1
+
+
+def timed(paths: dict, calls: Calls, seed: int, repeats: int) -> tuple[dict, dict]:
+    """(wall, cpu) seconds of every path, ``repeats`` times, the paths alternating."""
     wall: dict[str, list[float]] = {k: [] for k in paths}
     cpu: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for k, f in paths.items():
             w, c = f(seed)
             assert calls.n == NEW_TOKENS, (k, calls.n)
             wall[k].append(w)
             cpu[k].append(c)
+    return wall, cpu
+
+
+def batched_rows(runs: dict, calls: Calls, sizes: list[int]) -> dict:
+    batched = {}
+    for b in sizes:
+        for k, f in runs.items():
+            w, c = f(b)
+            batched[f"{k} batch {b}"] = {"rows": b, "steps": calls.n, "row_tokens": calls.rows, "wall_s": w,
+                                         "cpu_s": c, "row_tokens_per_s_wall": calls.rows / w,
+                                         "row_tokens_per_s_cpu": calls.rows / c}
+    return batched
+
+
+def show(result: dict, out: Path) -> None:
+    med, med_cpu, agreement = result["median_seconds"], result["median_cpu_seconds"], result["greedy_bf16_vs_fp32"]
+    print(f"{describe_cpu()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'path':<18} {'wall s':>8} {'tokens/s':>9} {'x tut':>7} {'cpu s':>8} {'x tut (cpu)':>12}")
+    for k in med:
+        print(f"{k:<18} {med[k]:>8.2f} {NEW_TOKENS / med[k]:>9.1f} {med['tutorial'] / med[k]:>6.2f}x "
+              f"{med_cpu[k]:>8.2f} {med_cpu['tutorial'] / med_cpu[k]:>11.2f}x")
+    for k, r in result["batched"].items():
+        print(f"{k:<30} {r['row_tokens_per_s_wall']:>7.1f} row-tokens/s wall, {r['row_tokens_per_s_cpu']:>7.1f} cpu "
+              f"({r['steps']} steps, {r['row_tokens']} row-tokens)")
+    if agreement:
+        print(f"greedy {result['fast_precision']} vs fp32 on {agreement['prompts']} prompts: {agreement['identical']} "
+              f"identical, {100 * agreement['chars_before_first_difference_share']:.1f} % of characters before the "
+              "first difference")
+    print(f"written to {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for all paths")
+    ap.add_argument("--dtype", default="auto", help="precision of the fast clmtune path (auto, bf16, fp32)")
+    ap.add_argument("--batch-sizes", default="8,32", help="batched throughput; empty: skip")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = build_model()
+    fast, precision, why = for_inference(copy.deepcopy(model), args.dtype)
+    calls = Calls(model, fast)
+    run = Paths(model, fast, tok, calls)
+    seed = run.full_length_seed()
+    run.tutorial(seed)  # warm-up of the long shapes
+    paths = {"tutorial": run.tutorial, "clmtune_fp32": lambda s: run.clmtune(model, s)}
+    if precision != "fp32":
+        paths[f"clmtune_{precision}"] = lambda s: run.clmtune(fast, s)
+    paths[f"transformers_{precision}"] = lambda s: run.transformers(fast, s)
+    wall, cpu = timed(paths, calls, seed, args.repeats)
     med = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    batched = {}
     prompts = review_prompts(50)
-    for b in [int(x) for x in args.batch_sizes.split(",") if x]:
-        for k, m in (("clmtune_fp32", model), (label, fast)) if precision != "fp32" else (("clmtune_fp32", model),):
-            w, c = run_clmtune(m, seed, prompts[:b], batch=b)
-            steps = calls.n
-            batched[f"{k} batch {b}"] = {"rows": b, "steps": steps, "wall_s": w, "cpu_s": c,
-                                         "row_tokens_per_s_wall": b * steps / w, "row_tokens_per_s_cpu": b * steps / c}
+    runs = {"clmtune_fp32": lambda b: run.clmtune(model, seed, prompts[:b], batch=b)}
+    if precision != "fp32":
+        runs[f"clmtune_{precision}"] = lambda b: run.clmtune(fast, seed, prompts[:b], batch=b)
+    runs[f"transformers_{precision}"] = lambda b: run.transformers(fast, seed, prompts[:b])
+    batched = batched_rows(runs, calls, [int(x) for x in args.batch_sizes.split(",") if x])
     agreement = greedy_agreement(model, fast, tok, prompts) if precision != "fp32" else None
     result = {
-        "model": "GPT-2 12 layers x 768, vocab 21,128, random weights", "batch": 1, "prompt_tokens": len(ids),
-        "new_tokens": NEW_TOKENS, "sampling": "top-k 10, temperature 1", "seed": seed, "repeats": args.repeats,
-        "dtype": args.dtype, "fast_precision": precision, "fast_precision_reason": why,
-        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "model": "GPT-2 12 layers x 768, vocab 21,128, random weights", "batch": 1,
+        "prompt_tokens": run.input_ids.shape[1], "new_tokens": NEW_TOKENS, "sampling": "top-k 10, temperature 1",
+        "seed": seed, "repeats": args.repeats, "dtype": args.dtype, "fast_precision": precision,
+        "fast_precision_reason": why, "when": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**cpu_matrix_features(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__,
                     "load_average": os.getloadavg()},
@@ -196,19 +254,7 @@ def main() -> None:
     out = result_path("generate", "gpt2zh")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"{describe_cpu()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'path':<14} {'wall s':>8} {'tokens/s':>9} {'x tut':>7} {'cpu s':>8} {'x tut (cpu)':>12}")
-    for k in paths:
-        print(f"{k:<14} {med[k]:>8.2f} {NEW_TOKENS / med[k]:>9.1f} {med['tutorial'] / med[k]:>6.2f}x "
-              f"{med_cpu[k]:>8.2f} {med_cpu['tutorial'] / med_cpu[k]:>11.2f}x")
-    for k, r in batched.items():
-        print(f"{k:<24} {r['row_tokens_per_s_wall']:>7.1f} row-tokens/s wall, {r['row_tokens_per_s_cpu']:>7.1f} cpu "
-              f"({r['steps']} steps)")
-    if agreement:
-        print(f"greedy {precision} vs fp32 on {agreement['prompts']} prompts: {agreement['identical']} identical, "
-              f"{100 * agreement['chars_before_first_difference_share']:.1f} % of characters before the first "
-              "difference")
-    print(f"written to {out}")
+    show(result, out)
 
 
 if __name__ == "__main__":

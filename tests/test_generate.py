@@ -12,7 +12,8 @@ import torch
 from clmtune import cli
 from clmtune.config import GenerateConfig, ModelConfig
 from clmtune.errors import ClmtuneError
-from clmtune.generate import (decode, encode_prompts, generate, read_prompts_file, stop_token_ids, stream)
+from clmtune.decoding import decode, encode_prompts, stop_token_ids
+from clmtune.generate import generate, read_prompts_file, stream
 from clmtune.models import bert_chinese_tokenizer, load_model, load_tokenizer
 from clmtune.text import clean_text, edit_distance, nearest_label
 
@@ -95,7 +96,7 @@ def test_repetition_penalty_changes_greedy_output(opt):
     assert pen[0].outputs[0] != plain[0].outputs[0]
 
 
-SAMPLED = dict(max_new_tokens=12, temperature=1.0, top_k=10, seed=5)  # varied text (greedy repeats one token)
+SAMPLED = dict(max_new_tokens=12, temperature=1.0, top_k=10, seed=3)  # varied text (greedy repeats one token)
 
 
 def _stop_inside(text: str) -> str:

@@ -15,10 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
-ALLOWED = {
-    # being split by other work on issue 25 (the train recipe, data readers, the serving engine's decoding loop)
-    "clmtune/serve/engine.py",
-}
+ALLOWED: set[str] = set()  # every module is within the limits now; an entry here must name a split under way
 
 
 def oversized(source: str, name: str) -> list[str]:

@@ -7,8 +7,8 @@ as it is generated. History is kept within the model's context: when system + hi
 as training truncates conversations. Commands: ``/reset`` (forget the history), ``/system TEXT`` (set the system
 prompt; ``/system`` alone removes it), ``/history`` (show what the model sees), ``/exit`` (or Ctrl-D).
 
-Decoding uses the pieces the generate stage uses (``clmtune.decoding``: sampling settings, stop tokens and
-strings, the cleaning streamer), so a chat reply is decoded exactly like ``clmtune generate`` output.
+Decoding is the one loop of ``clmtune.decoding`` (sampling settings, stop tokens and strings, the cleaning
+streamer), so a chat reply is decoded exactly like ``clmtune generate`` output and a ``clmtune serve`` reply.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-import torch
-
 from clmtune.chat_templates import reply_stops
 from clmtune.config import GenerateConfig
+from clmtune.decoding import Decoder, Row, Sampling
 from clmtune.errors import ClmtuneError
-from clmtune.decoding import CleanStreamer, decode, generation_config, stop_token_ids, stopping_criteria
-from clmtune.models import context_length, model_device
+from clmtune.models import context_length
 from clmtune.tasks.examples import drop_oldest_turns
 from clmtune.text import plural
 
@@ -41,8 +39,9 @@ class ChatSession:
         self.system = system or None
         self.history: list[dict[str, str]] = []
         self.left_out = 0  # pairs of the last prompt that did not fit the context
-        stop_ids, self.stops = reply_stops(tokenizer)
-        self.stop_ids = sorted(set(stop_token_ids(tokenizer, model)) | set(stop_ids))
+        marker_ids, marker_texts = reply_stops(tokenizer)  # the template's end of a reply, as an id or as text
+        self.sampling = Sampling.of(self.settings, stop=list(self.settings.stop) + marker_texts, stop_ids=marker_ids)
+        self.decoder = Decoder(model, tokenizer)
         ctx = context_length(model)
         self.room = None if ctx is None else ctx - self.settings.max_new_tokens
         if self.room is not None and self.room < 1:
@@ -73,24 +72,23 @@ class ChatSession:
                                "--max-new-tokens")
         return ids
 
-    @torch.no_grad()
     def send(self, user: str, write: Callable[[str], object] | None = None,
              flush: Callable[[], object] | None = None) -> str:
         """The assistant's reply to ``user`` (streamed to ``write`` as it comes); both join the history."""
         if not user.strip():
             raise ClmtuneError("the message is empty; type some text")
         ids = self.prompt_ids(user)
-        input_ids = torch.tensor([ids], device=model_device(self.model))  # (1, T)
-        streamer = None
+
+        def on_text(row, text: str) -> None:
+            write(text)
+            if flush:
+                flush()
+
+        row = Row(self.decoder, ids, self.sampling, on_text=None if write is None else on_text)
+        self.decoder.run([row])
         if write is not None:
-            streamer = CleanStreamer(self.tokenizer, write, self.stop_ids, self.stops, flush=flush)
-        torch.manual_seed(self.settings.seed)
-        gen_cfg = generation_config(self.settings, self.stop_ids, self.tokenizer.pad_token_id)
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  generation_config=gen_cfg,
-                                  stopping_criteria=stopping_criteria(self.tokenizer, self.stops, input_ids.shape[1]),
-                                  streamer=streamer)
-        reply = decode(self.tokenizer, out[0, input_ids.shape[1]:].tolist(), self.stop_ids, self.stops)
+            write("\n")
+        reply = row.text
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply or "…"}]
         return reply
 

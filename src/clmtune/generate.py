@@ -1,4 +1,5 @@
-"""Generate stage: continue prompts with ``transformers``' ``generate`` (KV cache on), cleanly decoded.
+"""Generate stage: continue prompts through the one decoding loop (``clmtune.decoding``: KV cache on, cleanly
+decoded).
 
 Prompts are left-padded into batches (the decoder-only convention: every row's last position is real text, so the
 next token of every row is predicted at the same position). Output text never contains special tokens
@@ -15,15 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 from clmtune.config import GenerateConfig
 from clmtune.data.readers import READERS, ReadOptions, find_reader
-from clmtune.decoding import (CleanStreamer, decode, encode_prompts, finish_text, generation_config,  # noqa: F401
-                              load_for_generation, raw_text, stop_token_ids, stopping_criteria)
+from clmtune.decoding import Decoder, Row, Sampling, encode_prompts, load_for_generation  # noqa: F401
 from clmtune.errors import ClmtuneError
-from clmtune.models import context_length, model_device
-from clmtune.tasks.encoding import collate
+from clmtune.models import context_length
 
 log = logging.getLogger("clmtune")
 
@@ -49,58 +46,43 @@ def _prepare(model, tokenizer, prompts: Sequence[str], settings: GenerateConfig)
     if room is not None and room < 1:
         raise ClmtuneError(f"max_new_tokens={settings.max_new_tokens} leaves no room for the prompt in the model's "
                            f"context of {ctx} tokens; lower it below {ctx}")
-    ids, cut = encode_prompts(tokenizer, prompts, room, settings.truncate)
-    return ids, cut, stop_token_ids(tokenizer, model)
+    return encode_prompts(tokenizer, prompts, room, settings.truncate)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], settings: GenerateConfig, progress: bool = False,
              ) -> list[Generation]:
     """``num_return_sequences`` continuations of each prompt (the prompt itself not included), in prompt order.
 
     Prompts are grouped ``settings.batch_size`` at a time, longest first, so rows of similar length share a batch
-    (less padding); ``settings.seed`` seeds sampling once, so the same call gives the same output.
+    (less padding). Continuation j of every prompt is sampled with its own generator seeded from
+    ``settings.seed`` and j, so a prompt's text does not depend on the other prompts or the batch size.
     """
-    from tqdm.auto import tqdm
-
-    ids, cut, stop_ids = _prepare(model, tokenizer, prompts, settings)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    gen_cfg = generation_config(settings, stop_ids, tokenizer.pad_token_id)
-    k = settings.num_return_sequences
-    outputs: list[list[str]] = [[] for _ in prompts]
-    torch.manual_seed(settings.seed)
-    groups = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    for group in tqdm(groups, desc="generate", disable=not progress or len(groups) < 2, unit="batch"):
-        batch = collate([{"input_ids": ids[i]} for i in group], tokenizer.pad_token_id)  # left-padded (B, T)
-        input_ids = batch["input_ids"].to(model_device(model))
-        attention_mask = batch["attention_mask"].to(input_ids.device)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
-                             stopping_criteria=stopping_criteria(tokenizer, settings.stop, input_ids.shape[1]))
-        new = out[:, input_ids.shape[1]:].tolist()  # (B * k, new tokens); row r is prompt group[r // k]
-        for r, row in enumerate(new):
-            outputs[group[r // k]].append(decode(tokenizer, row, stop_ids, settings.stop))
+    ids, cut = _prepare(model, tokenizer, prompts, settings)
+    outputs = Decoder(model, tokenizer).texts(ids, Sampling.of(settings), settings.num_return_sequences,
+                                              settings.batch_size, progress)
     return [Generation(prompt=p, outputs=o, prompt_tokens=len(x), truncated=c)
             for p, o, x, c in zip(prompts, outputs, ids, cut)]
 
 
-@torch.no_grad()
 def stream(model, tokenizer, prompt: str, settings: GenerateConfig,
            write: Callable[[str], object] | None = None) -> Generation:
     """Generate one continuation of one prompt, writing text as tokens arrive (to stdout unless ``write`` is given)
     and a newline at the end; returns the same as ``generate``."""
     if settings.num_return_sequences != 1:
         raise ClmtuneError("--stream prints one continuation; drop --num-return-sequences or --stream")
-    ids, cut, stop_ids = _prepare(model, tokenizer, [prompt], settings)
-    input_ids = torch.tensor(ids, device=model_device(model))  # (1, T)
-    streamer = CleanStreamer(tokenizer, write or sys.stdout.write, stop_ids, settings.stop,
-                             flush=None if write else sys.stdout.flush)
-    torch.manual_seed(settings.seed)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         generation_config=generation_config(settings, stop_ids, tokenizer.pad_token_id),
-                         stopping_criteria=stopping_criteria(tokenizer, settings.stop, input_ids.shape[1]),
-                         streamer=streamer)
-    text = decode(tokenizer, out[0, input_ids.shape[1]:].tolist(), stop_ids, settings.stop)
-    return Generation(prompt=prompt, outputs=[text], prompt_tokens=len(ids[0]), truncated=cut[0])
+    ids, cut = _prepare(model, tokenizer, [prompt], settings)
+    out = write or sys.stdout.write
+
+    def on_text(row, text: str) -> None:
+        out(text)
+        if write is None:
+            sys.stdout.flush()
+
+    decoder = Decoder(model, tokenizer)
+    row = Row(decoder, ids[0], Sampling.of(settings), on_text=on_text)
+    decoder.run([row])
+    out("\n")
+    return Generation(prompt=prompt, outputs=[row.text], prompt_tokens=len(ids[0]), truncated=cut[0])
 
 
 def read_prompts_file(path: str | Path, column: str | None = None) -> list[str]:

@@ -18,7 +18,6 @@ from clmtune.data import SPLIT_ORDER, prepare_data
 from clmtune.data.features import check_save_target, save_prepared
 from clmtune.data import Encoder, load_task
 from clmtune.defaults import resolve_run
-from clmtune.tasks import get_task
 from clmtune.memory import estimate_before_loading
 from clmtune.models import context_length, load_tokenizer
 from clmtune.text import format_table, plural
@@ -46,11 +45,12 @@ def prepare(cfg: RunConfig, save: str | Path | None = None, overwrite: bool = Fa
     cfg, auto = resolved.cfg, resolved.auto
     data_cfg = cfg.data
     tokenizer = load_tokenizer(cfg.model)
-    task = resolved.examples or load_task(data_cfg)
-    prep = prepare_data(tokenizer, data_cfg, task=task, context_length=context_length(cfg.model), progress=progress)
-    if get_task(data_cfg.task).evaluation == "labels" and task.eval:
+    task = resolved.examples or load_task(data_cfg, resolved.task)
+    prep = prepare_data(tokenizer, data_cfg, task=task, context_length=context_length(cfg.model), progress=progress,
+                        shape=resolved.task)
+    if resolved.task.evaluation == "labels" and task.eval:
         # what `clmtune eval` (rank and generate) will report: room for the longest label, not each row's own
-        _, cut = Encoder(tokenizer, data_cfg).encode_eval_prompts(task.eval, prep.labels)
+        _, cut = Encoder(tokenizer, data_cfg, resolved.task).encode_eval_prompts(task.eval, prep.labels)
         prep.report["eval_prompts_truncated"] = {"rows": len(task.eval), "truncated": cut}
     prep.report["auto"] = auto
     prep.report["model"] = cfg.model.name_or_path

@@ -52,5 +52,6 @@ def train_and_evaluate(cfg: RunConfig, evaluate: bool = True, progress: bool = T
     if not (evaluate and result.has_eval_split and is_main_process()):
         return TrainEvalResult(train=result, metrics=None, eval_dir=None)
     release_model(result)
-    metrics, where = evaluate_run(result.output_dir, "eval", progress=progress)
+    # the examples training read: the held-out split is not read from the source again
+    metrics, where = evaluate_run(result.output_dir, "eval", progress=progress, data=result.examples)
     return TrainEvalResult(train=result, metrics=metrics, eval_dir=where)

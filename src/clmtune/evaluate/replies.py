@@ -3,8 +3,8 @@
 A chat conversation is cut before its last assistant reply; the rest (system prompt, earlier turns, the last user
 message) is rendered with the run's chat template plus the assistant's generation prompt. An sft example's prompt
 is its rendered ``data.template``. The model writes a reply (greedy, ``generate.max_new_tokens``,
-``generate.repetition_penalty``; batched with left padding, KV cache on), stopped by the end token or the
-template's end marker, and the reply is compared with the reference by character ROUGE-L, BLEU-4 and exact match
+``generate.repetition_penalty``; the one decoding loop of ``clmtune.decoding``, batched with left padding, KV cache
+on), stopped by the end token or the template's end marker (as a token, or as text cut like every stop string), and the reply is compared with the reference by character ROUGE-L, BLEU-4 and exact match
 (``clmtune.textmetrics``). Every prompt, reference and reply goes to ``predictions.jsonl`` and ``predictions.csv``.
 """
 
@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from clmtune.chat_templates import reply_stops
-from clmtune.decoding import finish_text
-from clmtune.rank.scoring import batches, by_length
-from clmtune.models import context_length, model_device
+from clmtune.decoding import Decoder, Sampling
+from clmtune.models import context_length
 from clmtune.run import PREDICTIONS_CSV, PREDICTIONS_JSONL, write_csv_atomic, write_text_atomic
-from clmtune.tasks.encoding import collate, cut_prompt, leading_special_ids, token_ids
+from clmtune.tasks.encoding import cut_prompt, leading_special_ids, token_ids
 from clmtune.tasks.examples import Example, drop_oldest_turns
 from clmtune.textmetrics import score_texts
 
@@ -47,30 +44,15 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], room: int | None)
     return (ids[-room:] if room is not None and len(ids) > room else ids), (body - 1) // 2 - dropped
 
 
-@torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, end_id: int,
                      repetition_penalty: float = 1.0, batch_size: int = 16, progress: bool = False) -> list[str]:
     """Greedy continuation of each prompt (token ids), cleaned, cut at the template's end marker."""
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
-
     extra_ids, stops = reply_stops(tokenizer)
-    eos = sorted({end_id, *extra_ids})
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                               pad_token_id=tokenizer.pad_token_id, repetition_penalty=repetition_penalty,
-                               stop_strings=stops or None)
-    kwargs = {"tokenizer": tokenizer} if stops else {}
-    outputs = [""] * len(prompts)
-    for group in tqdm(list(batches(by_length(prompts), batch_size)), desc="eval (replies)", disable=not progress,
-                      unit="batch"):
-        batch = collate([{"input_ids": prompts[i]} for i in group], tokenizer.pad_token_id)  # (B, T) left-padded
-        ids = batch["input_ids"].to(model_device(model))
-        out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].to(ids.device),
-                             generation_config=gen_cfg, **kwargs)
-        for i, row in zip(group, out[:, ids.shape[1]:].tolist()):  # (B, <= max_new_tokens) new tokens
-            cut = [row.index(e) for e in eos if e in row]
-            outputs[i] = finish_text(tokenizer.decode(row[:min(cut)] if cut else row, skip_special_tokens=True), stops)
-    return outputs
+    sampling = Sampling(max_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty,
+                        stop=stops, stop_ids=[end_id, *extra_ids])
+    texts = Decoder(model, tokenizer).texts(prompts, sampling, batch_size=batch_size, progress=progress,
+                                            desc="eval (replies)")
+    return [t[0] for t in texts]
 
 
 def predict_replies(model, tokenizer, examples: list[Example], chat: bool, max_new_tokens: int, end_id: int,

@@ -19,7 +19,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from clmtune.serve.engine import Engine, Row, Sampling
+from clmtune.decoding import Row, Sampling
+from clmtune.serve.engine import Engine
 
 log = logging.getLogger("clmtune")
 

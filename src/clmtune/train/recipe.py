@@ -48,6 +48,9 @@ class TrainResult:
     """``train_summary.json``'s ``memory``: the estimate's parts and the measured peak (bytes)."""
     model: object = None
     """The trained (unwrapped) model, for callers that go on in the same process."""
+    examples: object = None
+    """The task's examples the run was trained from (``TaskData``; ``None`` for a ``data.prepared`` folder): the
+    evaluation right after training takes them instead of reading the source again."""
 
 
 class TrainRecipe:
@@ -80,7 +83,7 @@ class TrainRecipe:
         acc.wait_for_everyone()  # no process reads the folder before rank 0 has checked/cleaned it
         self.determinism = seed_everything(cfg)  # deterministic kernels too, with train.deterministic
         self.tokenizer, self.data, self.features = setup_data(cfg, self.examples, self.objective,
-                                                              self.progress and self.main)
+                                                              self.progress and self.main, self.task)
         self.examples = None  # kept by self.data
         self.is_peft = cfg.peft.method != "full"
         model, self.params, runtime = setup_model(cfg, self.tokenizer, acc.device, self.objective, self.features,
@@ -316,7 +319,7 @@ class TrainRecipe:
                            final_loss=self.final_loss, seconds=self.seconds,
                            has_eval_split=self.data.eval is not None and len(self.data.eval) > 0,
                            resumed_from=self.folder.checkpoint, memory=summary["memory"],
-                           model=acc.unwrap_model(self.model, keep_fp32_wrapper=False))
+                           model=acc.unwrap_model(self.model, keep_fp32_wrapper=False), examples=self.data.examples)
 
     def _summary(self, best: dict | None, per_rank: list) -> dict:
         """``train_summary.json``."""

@@ -105,13 +105,13 @@ def _check_folder(run: RunDir, cfg: RunConfig, resume: str | None, main: bool, f
         prepare_output_dir(run.path, cfg.train.overwrite, resume is not None)
 
 
-def setup_data(cfg: RunConfig, examples, objective, progress: bool):
+def setup_data(cfg: RunConfig, examples, objective, progress: bool, shape=None):
     """(tokenizer, prepared data, training rows): ``examples`` are the task's records the entry point read
     (``defaults.resolve_run``; None: read here). The rows are plain dicts with their index: the sampler and the
     collator report which rows each process saw."""
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(tokenizer, cfg.data, task=examples, context_length=context_length(cfg.model),
-                        progress=progress)
+                        progress=progress, shape=shape)
     features = (objective.features(data.train) if objective else
                 [{"input_ids": ids, "labels": lab, "row": i}
                  for i, (ids, lab) in enumerate(zip(data.train["input_ids"], data.train["labels"]))])

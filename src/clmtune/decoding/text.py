@@ -1,7 +1,5 @@
-"""Decoding pieces every stage that writes text shares (a foundation): loading a model for inference, the stop
-tokens and stop strings, the ``GenerationConfig`` of a ``GenerateConfig``, prompt encoding with truncation, and
-the cleaning of generated ids into text (also while streaming). ``generate``, ``chat`` and ``serve`` use them, so
-their outputs are decoded alike; they live below the stages because a stage may not import another one.
+"""Text in and out of decoding: the stop tokens of a model, prompt encoding with truncation, and the cleaning of
+generated ids into text, also while streaming (``CleanStreamer``), so every stage's output is decoded alike.
 """
 
 from __future__ import annotations
@@ -9,43 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-import torch
-
-from clmtune.config import GenerateConfig, ModelConfig
-from clmtune.models import resolve_device
 from clmtune.errors import ClmtuneError
-from clmtune.inference import for_inference
-from clmtune.models import check_tokenizer_fits, load_model, load_tokenizer
-from clmtune.run import RunDir
 from clmtune.tasks.encoding import cut_prompt, leading_special_ids, token_ids
 from clmtune.text import clean_text
 
 log = logging.getLogger("clmtune")
-
-
-def load_for_generation(run: str | None = None, model: str | None = None, device: str = "auto",
-                        dtype: str = "fp32"):
-    """(model, tokenizer) from a run folder (base + adapter) or a plain/merged model folder, hub id or builtin name,
-    on ``device`` (``auto``: the GPU when there is one), in ``dtype`` (``auto``/``fp32``/``bf16``, see
-    ``clmtune.inference.for_inference``; the CLI passes ``generate.dtype``, whose default is ``auto``).
-
-    ``model`` may also name a run folder (adapter or full fine-tuning, see ``RunDir.is_run``).
-    """
-    if (run is None) == (model is None):
-        raise ClmtuneError("give exactly one of --run RUN_DIR or --model MODEL")
-    if model is not None and RunDir(model).config_file.is_file():  # a run folder, finished or not (then: why)
-        run, model = model, None
-    dev = resolve_device(device)
-    if run is not None:
-        m, tok = RunDir(run).load_model(device=dev)
-    else:
-        cfg = ModelConfig(name_or_path=model)
-        m = load_model(cfg).eval().to(dev)
-        tok = load_tokenizer(cfg)
-        check_tokenizer_fits(m, tok, model)
-    m, precision, why = for_inference(m, dtype)
-    log.info("generation in %s (%s)", precision, why)
-    return m, tok
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -95,37 +61,6 @@ def finish_text(text: str, stops: Sequence[str]) -> str:
     return text[:min(ends)].rstrip() if ends else text
 
 
-def stopping_criteria(tokenizer, stops: Sequence[str], start: int):
-    """Stop a row once its decoded, cleaned continuation contains a stop string.
-
-    Hand-written: ``generate(stop_strings=...)`` matches raw vocabulary strings, which for a BERT character
-    tokenizer (``##`` pieces, spaces inserted between characters) is not the text the user sees.
-    Hidden cost: every step decodes each row's new tokens again, O(new_tokens^2) characters per row; negligible
-    next to a forward pass for a few hundred tokens.
-    """
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StopOnStrings(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            rows = input_ids[:, start:].tolist()
-            hit = [any(s in clean_text(tokenizer.decode(r, skip_special_tokens=True)) for s in stops) for r in rows]
-            return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([StopOnStrings()]) if stops else None
-
-
-def generation_config(settings: GenerateConfig, stop_ids: list[int], pad_id: int):
-    from transformers import GenerationConfig
-
-    sample = settings.temperature > 0
-    return GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=sample,
-        temperature=settings.temperature if sample else None,
-        top_k=(settings.top_k or None) if sample else None, top_p=settings.top_p if sample else None,
-        repetition_penalty=settings.repetition_penalty, num_return_sequences=settings.num_return_sequences,
-        eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
-
-
 def raw_text(tokenizer, ids: list[int]) -> str:
     """Decoded new tokens without special tokens. A continuation may start inside a word: WordPiece then writes
     ``##piece``, which only makes sense glued to the prompt, so the ``##`` goes."""
@@ -141,9 +76,20 @@ def decode(tokenizer, row: list[int], stop_ids: list[int], stops: Sequence[str])
     return finish_text(raw_text(tokenizer, row), stops)
 
 
+def stops_in(tokenizer, ids: list[int], stops: Sequence[str]) -> bool:
+    """Whether the cleaned text of ``ids`` contains a stop string.
+
+    The decoded, cleaned text is matched rather than vocabulary strings (what ``generate(stop_strings=...)`` does):
+    for a BERT character tokenizer (``##`` pieces, spaces between characters) those are not the text the user sees.
+    Hidden cost: the row's new tokens are decoded again at every step, O(new_tokens^2) characters per row;
+    negligible next to a forward pass for a few hundred tokens.
+    """
+    return bool(stops) and any(s in clean_text(tokenizer.decode(ids, skip_special_tokens=True)) for s in stops)
+
+
 class CleanStreamer:
-    """A ``generate`` streamer that writes the continuation of one prompt as it is produced, cleaned exactly like
-    the final text (so the streamed text equals what ``generate`` returns).
+    """Writes the continuation of one row as it is produced (``add`` each new token, ``close`` at the end), cleaned
+    exactly like the final text (so the streamed text equals what ``decode`` returns).
 
     Text is written only once it cannot change: trailing whitespace (removed if a CJK character follows), an
     incomplete UTF-8 character (U+FFFD from a partial byte-level BPE token), and a tail that may begin a stop
@@ -151,29 +97,20 @@ class CleanStreamer:
     Hidden cost: decodes all new tokens at every step (O(n^2) characters); fine for hundreds of tokens.
     """
 
-    def __init__(self, tokenizer, write: Callable[[str], object], stop_ids: Sequence[int], stops: Sequence[str],
+    def __init__(self, tokenizer, write: Callable[[str], object], stops: Sequence[str],
                  flush: Callable[[], object] | None = None):
-        self.tokenizer, self.write, self.stop_ids, self.stops = tokenizer, write, set(stop_ids), list(stops)
-        self.flush = flush
+        self.tokenizer, self.write, self.stops, self.flush = tokenizer, write, list(stops), flush
         self.ids: list[int] = []
         self.printed = ""
-        self.seen_prompt = False
-        self.done = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.seen_prompt:  # generate first hands over the prompt ids (1, T)
-            self.seen_prompt = True
-            return
-        for t in value.reshape(-1).tolist():  # (1,) per step for one prompt
-            if self.done or t in self.stop_ids:
-                self.done = True
-                break
-            self.ids.append(t)
+    def add(self, token: int) -> None:
+        """The next token of the row (never an end token: the row ends before it)."""
+        self.ids.append(token)
         self._emit(final=False)
 
-    def end(self) -> None:
+    def close(self) -> None:
+        """The row ended: what was held back goes out."""
         self._emit(final=True)
-        self.write("\n")
 
     def _emit(self, final: bool) -> None:
         text = clean_text(raw_text(self.tokenizer, self.ids), strip=False).lstrip()
