@@ -271,3 +271,15 @@ def test_a_preference_run_generates_serves_and_exports(tmp_path, one_thread):
     ids = torch.tensor([tok("How was the room?").input_ids])
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_dedup_keeps_pairs_that_differ_only_in_the_rejected_answer(tmp_path):
+    from clmtune.data import load_task
+
+    rows = [{"prompt": "写一条酒店评论：", "chosen": "很好", "rejected": "很差"},
+            {"prompt": "写一条酒店评论：", "chosen": "很好", "rejected": "太吵"},  # another pair to learn from
+            {"prompt": "写一条酒店评论：", "chosen": "很好", "rejected": "很差"}]  # a duplicate
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    task = load_task(DataConfig(task="preference", source=str(src), eval_fraction=0, dedup=True))
+    assert [e.rejected for e in task.train] == ["很差", "太吵"]

@@ -28,10 +28,11 @@ def render_examples(rows: list[dict[str, Any]], cfg: DataConfig, labels: list[st
 
 
 def dedup_examples(examples: list[Example]) -> tuple[list[Example], int]:
-    """Keep the first of rows with the same (prompt, target, conversation); returns (kept, removed)."""
+    """Keep the first of rows with the same ``Example.dedup_key`` (prompt, target, conversation; a preference pair's
+    rejected answer too); returns (kept, removed)."""
     seen, out = set(), []
     for e in examples:
-        key = (e.prompt, e.target, e.conversation)
+        key = e.dedup_key
         if key not in seen:
             seen.add(key)
             out.append(e)

@@ -75,6 +75,11 @@ class Example:
     """The whole conversation (chat); ``prompt`` and ``text`` are then its last user message."""
 
     @property
+    def dedup_key(self) -> tuple:
+        """Rows with equal keys are duplicates (``data.dedup`` keeps the first)."""
+        return self.prompt, self.target, self.conversation
+
+    @property
     def learnable(self) -> bool:
         """Has something to learn from: a target, a label or a conversation (unlabelled test rows have none)."""
         return self.target is not None or self.label is not None or self.conversation is not None

@@ -44,6 +44,13 @@ class PreferencePair(Example):
     def chosen(self) -> str:
         return self.target or ""
 
+    @property
+    def dedup_key(self) -> tuple:
+        """Equal only when the rejected answer is equal too: one prompt and chosen answer against two different
+        rejected answers are two pairs to learn from."""
+        return (*super().dedup_key, self.rejected, repr(self.messages), repr(self.chosen_messages),
+                repr(self.rejected_messages))
+
 
 def _as_messages(value: Any, key: str, where: str) -> Messages | None:
     """An OpenAI message list as ``[{role, content}]`` (other keys dropped), or None when ``value`` is text."""
