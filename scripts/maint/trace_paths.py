@@ -43,6 +43,7 @@ def child(stage: str, data: str, run: str, out: str) -> None:
             opens.append(where())
     sys.addaudithook(audit)
     modules: dict[str, int] = {}
+    lookups: dict[str, int] = {}
 
     def importing(frame) -> bool:  # run by a clmtune module's import (class bodies, registrations), not by the path
         while frame is not None:
@@ -57,6 +58,10 @@ def child(stage: str, data: str, run: str, out: str) -> None:
             if f.startswith(src) and not importing(frame):
                 name = "clmtune." + os.path.relpath(f, src)[:-3].replace(os.sep, ".").removesuffix(".__init__")
                 modules.setdefault(name, len(modules))
+                if frame.f_code.co_name in ("get_task", "load_task"):  # the task looked up, the data loaded
+                    caller = frame.f_back
+                    key = f"{frame.f_code.co_name} <- {os.path.relpath(caller.f_code.co_filename, src)}:{caller.f_code.co_name}"
+                    lookups[key] = lookups.get(key, 0) + 1
 
     texts = {"calls": 0, "texts": 0, "by": {}}
     depth = [0]
@@ -91,7 +96,7 @@ def child(stage: str, data: str, run: str, out: str) -> None:
     finally:
         sys.setprofile(None)
     Path(out).write_text(json.dumps({"rc": rc, "modules": sorted(modules, key=modules.get),
-                                     "data_opens": len(opens), "opened_by": opens, "tokenizer": texts}, indent=1))
+                                     "data_opens": len(opens), "opened_by": opens, "tokenizer": texts, "lookups": lookups}, indent=1))
 
 
 def main() -> None:
