@@ -427,12 +427,19 @@ MATRIX_STEPS = 2
 
 def measure_case(name: str, work: Path) -> dict:
     """Train one case with the real CLI (``clmtune train --no-eval``) in a child process with one torch thread,
-    and compare its estimate (train_summary.json) with the child's peak resident memory: ``ru_maxrss`` of that
-    child alone (``os.wait4``), from exec to exit, nothing subtracted."""
+    and compare its estimate (train_summary.json) with the child's peak resident memory: its VmHWM at exit (Linux;
+    elsewhere ``ru_maxrss`` from ``os.wait4``), from exec to exit, nothing subtracted."""
     config, overrides = MATRIX[name]
     out = work / name
-    cmd = [sys.executable, "-m", "clmtune", "train", "--config", config, *overrides, "--no-eval",
-           "--train.max_steps", str(MATRIX_STEPS), "--train.output_dir", str(out), "--train.overwrite", "true"]
+    hwm = work / f"{name}.vmhwm"
+    args = ["clmtune", "train", "--config", config, *overrides, "--no-eval", "--train.max_steps", str(MATRIX_STEPS),
+            "--train.output_dir", str(out), "--train.overwrite", "true"]
+    # On Linux a child's ru_maxrss also counts the parent's resident memory at the fork (exec keeps the forked
+    # copy's high-water mark): from a large parent such as a long pytest session every case measured the parent.
+    # The child's own VmHWM, read at its exit, starts at its exec.
+    cmd = [sys.executable, "-c", f"import atexit, runpy, sys; sys.argv = {args!r}; atexit.register(lambda: "
+           f"open({str(hwm)!r}, 'w').write(open('/proc/self/status').read())); "
+           "runpy.run_module('clmtune', run_name='__main__')"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -441,7 +448,9 @@ def measure_case(name: str, work: Path) -> dict:
         if proc.returncode != 0:
             log.seek(0)
             raise RuntimeError(f"{name} failed:\n{log.read().decode(errors='replace')[-3000:]}")
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    lines = hwm.read_text().splitlines() if hwm.is_file() else []
+    vmhwm = [int(x.split()[1]) * 1024 for x in lines if x.startswith("VmHWM:")]
+    peak = vmhwm[0] if vmhwm else usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     summary = json.loads((out / "train_summary.json").read_text())
     est = summary["memory"]["estimate"]
     shutil.rmtree(out, ignore_errors=True)
@@ -483,7 +492,7 @@ def run_matrix(names: list[str]) -> None:
     body = (f"## The estimate against the measured peak (`bench/bench_memory.py --matrix`)\n\n"
             f"Measured {when} on {machine}, load average {load_start}. Each case is `clmtune train --no-eval` for "
             f"{MATRIX_STEPS} steps (the longest batch comes first) in its own child process; measured = that child's "
-            "peak resident memory (`ru_maxrss` from `os.wait4`: the whole process from exec to exit, Python and "
+            "peak resident memory (its VmHWM at exit: the whole process from exec to exit, Python and "
             "imports included, nothing subtracted); estimated = `train_summary.json`'s estimate of that peak "
             "(`runtime`, measured before the weights load, + the training step's parts). tests/test_memory_peak.py "
             "holds every case within 0.75-1.25.\n\n" + matrix_table(rows) + "\n")

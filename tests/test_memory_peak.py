@@ -1,7 +1,7 @@
 """The memory estimate against the real peak: each case trains with the real CLI in a child process (one torch
 thread) and its estimate of the peak resident memory (train_summary.json: runtime + the training step) must be
-within 25 % of that child's measured peak RSS, both ways. The measured peak is ``ru_maxrss`` of the child alone
-(``os.wait4``): the whole process from exec to exit, Python and the imports included, nothing subtracted. Other
+within 25 % of that child's measured peak RSS, both ways. The measured peak is the child's own VmHWM at its
+exit (``ru_maxrss`` would also count this test process's memory at the fork): the whole process from exec to exit, Python and the imports included, nothing subtracted. Other
 processes on the machine do not change a process's RSS, so the bounds hold on a busy machine; only time does.
 
 The cases and the measurement are bench/bench_memory.py's ``--matrix`` (bench/README.md has the table)."""
